@@ -1,0 +1,157 @@
+"""m3-convert: the command line (thin: parse, check OUT_DIR, plan, execute, report)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+
+import click
+
+from .errors import EXIT_USAGE, M3Error, UsageError
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.I)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size (examples: 5GB, 500MB, 1GiB, 1048576)")
+    num = float(m.group(1))
+    unit = (m.group(2) or "").upper()
+    mult = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}.get(unit)
+    if mult is None:
+        raise click.BadParameter(f"unknown unit in {text!r}")
+    n = int(num * mult)
+    if n <= 0:
+        raise click.BadParameter("size must be positive")
+    return n
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def check_dirs(in_dir: str, out_dir: str, force: bool, resume: bool, dry_run: bool):
+    from .execute import STATE_DIR
+    if not os.path.isdir(in_dir):
+        raise UsageError(f"IN_DIR {in_dir} is not a directory")
+    rin, rout = os.path.realpath(in_dir), os.path.realpath(out_dir)
+    if rin == rout:
+        raise UsageError("OUT_DIR is IN_DIR: refusing to convert in place")
+    if rout.startswith(rin + os.sep):
+        raise UsageError(f"OUT_DIR {out_dir} is inside IN_DIR {in_dir}: refusing (the output would be read as input)")
+    if rin.startswith(rout + os.sep):
+        raise UsageError(f"IN_DIR {in_dir} is inside OUT_DIR {out_dir}: refusing")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"OUT_DIR {out_dir} exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not dry_run:
+        has_state = os.path.isdir(os.path.join(out_dir, STATE_DIR))
+        if resume and has_state:
+            return
+        if not force:
+            hint = " (an interrupted run: use --resume)" if has_state else ""
+            raise UsageError(f"OUT_DIR {out_dir} is not empty{hint}; use --force to write into it "
+                             "(files m3-convert writes are replaced, other files are left alone)")
+
+
+def summary_text(plan, result, elapsed):
+    s = plan.stats
+    lines = [
+        f"input : {s['input_files']} files, {s['input_tensors']} tensors, {human(s['input_bytes'])}",
+        f"output: {s['output_shards']} shards, {s['output_tensors']} tensors, {human(s['output_bytes'])}",
+        "modules: " + ", ".join(f"{k} {v}" for k, v in s["modules"].items()),
+        "bits   : " + (", ".join(f"{k}-bit x{v}" if "->" not in k else f"{k} x{v}" for k, v in s["bits_histogram"].items()) or "none"),
+    ]
+    for cat, d in s["dropped"].items():
+        lines.append(f"left out ({cat}, not part of the text model): {d['tensors']} tensors, {human(d['bytes'])}")
+    for note, n in s["notes"].items():
+        lines.append(f"note: {note}: {n}")
+    if s["copied_files"]:
+        lines.append("copied : " + ", ".join(s["copied_files"]))
+    if s.get("ignored_files"):
+        lines.append("ignored: " + ", ".join(s["ignored_files"]))
+    if result is not None:
+        lines.append(f"wrote {len(result['written_shards'])} shards, reused {len(result['reused_shards'])} (--resume, re-hashed), "
+                     f"{result['files']} files in SHA256SUMS, {elapsed:.1f} s")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("in_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Write into a non-empty OUT_DIR (only files m3-convert writes are replaced).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run: shards already written are re-hashed and kept "
+              "if their inputs are unchanged (size and mtime) and their bytes match the journal; everything else is redone.")
+@click.option("--dry-run", is_flag=True, help="Read headers only and print the plan (copied / split / de-quantized / left-out "
+              "tensors, bytes in and out, bit-width histogram); write nothing.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MB, 1GiB, bytes).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Shards written in parallel.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (errors still go to stderr).")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary on stdout.")
+def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, quiet, as_json):
+    """Convert an AutoRound (GPTQ) MiniMax-M3 checkpoint in IN_DIR into vLLM's native
+    MiniMaxM3SparseForCausalLM layout in OUT_DIR.
+
+    \b
+    What it does, exactly and offline:
+      * renames every tensor to vLLM's official names (one declarative table);
+      * splits fused GPTQ gate_up into gate/up shards, still quantized (lossless);
+      * de-quantizes q/k/v of sparse-attention layers to bf16 (exact GPTQ v1 decode,
+        rounded once), because vLLM fuses them with the bf16 indexer;
+      * copies everything else as the source bytes;
+      * leaves out vision tower, projector and mtp.* (counted in the summary);
+      * writes a config.json that vLLM serves with no overrides, a per-module
+        quantization_config, the index, and SHA256SUMS last.
+
+    \b
+    Exit codes: 0 done; 2 bad usage / OUT_DIR refused; 3 invalid input checkpoint
+    (the message names the file and tensor); 4 write failure (e.g. disk full).
+    Check the result with: m3-verify OUT_DIR --against IN_DIR
+    """
+    from . import execute, plan as planmod
+    t0 = time.time()
+    try:
+        shard_size = parse_size(max_shard_size)
+        check_dirs(in_dir, out_dir, force, resume, dry_run)
+        plan = planmod.make_plan(in_dir, shard_size)
+        t_plan = time.time() - t0
+        if dry_run:
+            if as_json:
+                click.echo(json.dumps({"dry_run": True, "plan_seconds": round(t_plan, 3), **plan.stats,
+                                       "shards": [{"file": f, "tensors": len(ts), "bytes": sum(o.nbytes for o in ts)} for f, ts in plan.shards]}, indent=2))
+            elif not quiet:
+                click.echo(summary_text(plan, None, 0))
+                click.echo(f"planned in {t_plan:.2f} s (dry run: nothing written)")
+            return
+        bar = None
+        if not quiet and not as_json:
+            from tqdm import tqdm
+            bar = tqdm(total=plan.stats["output_bytes"], unit="B", unit_scale=True, unit_divisor=1024, desc="converting", file=sys.stderr)
+        try:
+            result = execute.run(plan, out_dir, workers=workers, resume=resume, bar=bar, log=lambda m: click.echo(m, err=True))
+        finally:
+            if bar is not None:
+                bar.close()
+        elapsed = time.time() - t0
+        if as_json:
+            click.echo(json.dumps({"dry_run": False, "seconds": round(elapsed, 3), "plan_seconds": round(t_plan, 3), **plan.stats, **result}, indent=2))
+        elif not quiet:
+            click.echo(summary_text(plan, result, elapsed))
+    except click.BadParameter as e:
+        click.echo(f"m3-convert: error: {e.message}", err=True)
+        sys.exit(EXIT_USAGE)
+    except M3Error as e:
+        click.echo(f"m3-convert: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("m3-convert: interrupted (use --resume to continue)", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""config.json: transformers' MiniMaxM3VLConfig -> the form vLLM serves with no overrides.
+
+vLLM 0.32's ``MiniMaxM3Config`` (``vllm/transformers_utils/configs/minimax_m3.py``)
+builds ``MiniMaxM3TextConfig`` from ``text_config`` and fills every missing field
+with the *real M3's* default (moe_layer_freq [0]*3+[1]*57, 128 experts, ...), so
+a field we forget is silently wrong for any other model.  Therefore every
+field the text model reads is written explicitly, each derived from the source:
+
+* ``hidden_act`` "swigluoai" (transformers forces "silu" but computes SwiGLU-OAI
+  inline from swiglu_alpha/limit); ``swiglu_beta`` 1.0 when absent (the (up + 1)
+  term of the reference activation);
+* ``rope_theta`` and ``partial_rotary_factor`` from ``rope_parameters``
+  (transformers rotates ``head_dim * partial_rotary_factor`` channels);
+* ``moe_layer_freq`` from ``mlp_layer_types`` ("sparse" -> 1);
+* ``sparse_attention_config`` from ``layer_types`` ("minimax_m3_sparse" -> 1) and
+  the ``index_*`` fields;
+* ``n_shared_experts`` from the source, else ``shared_intermediate_size /
+  intermediate_size`` (vLLM sizes the shared expert as intermediate_size * n);
+* fixed properties of the transformers architecture: Gemma-style norms
+  (x*(1+w)), per-head q/k norm, no attention output gate, sigmoid routing
+  with a correction bias.
+Values the source does not carry and the architecture does not fix
+(``sparse_init_block`` 0, ``sparse_score_type`` "max") get the released M3 values.
+"""
+from __future__ import annotations
+
+import copy
+
+from . import names
+from .errors import CheckpointError
+
+F = "config.json"
+
+
+def _need(tc, key, where="text_config"):
+    if key not in tc:
+        raise CheckpointError(F, f"{where}.{key}", "missing")
+    return tc[key]
+
+
+def layout_from_text_config(tc: dict) -> names.Layout:
+    """Layer kinds from an *official* text_config (moe_layer_freq, sparse_attention_config)."""
+    n = _need(tc, "num_hidden_layers")
+    moe = tc.get("moe_layer_freq")
+    sac = tc.get("sparse_attention_config")
+    if not isinstance(moe, list) or len(moe) != n or any(v not in (0, 1) for v in moe):
+        raise CheckpointError(F, "text_config.moe_layer_freq", f"must be a list of {n} 0/1 values, got {moe!r}")
+    if not isinstance(sac, dict) or not isinstance(sac.get("sparse_attention_freq"), list) or len(sac["sparse_attention_freq"]) != n \
+            or any(v not in (0, 1) for v in sac["sparse_attention_freq"]):
+        raise CheckpointError(F, "text_config.sparse_attention_config.sparse_attention_freq", f"must be a list of {n} 0/1 values")
+    nse = tc.get("n_shared_experts")
+    if not isinstance(nse, int) or nse < 0:
+        raise CheckpointError(F, "text_config.n_shared_experts", f"must be a non-negative integer, got {nse!r}")
+    return names.Layout(n, tuple(bool(v) for v in sac["sparse_attention_freq"]), tuple(bool(v) for v in moe),
+                        _need(tc, "num_local_experts"), nse)
+
+
+def convert_config(src: dict):
+    """Source config.json (dict) -> (output config.json dict without quantization_config, Layout)."""
+    if src.get("model_type") == "minimax_m3_vl" and isinstance(src.get("text_config"), dict):
+        tc_src = src["text_config"]
+    elif src.get("model_type") in ("minimax_m3_vl_text", "minimax_m3_text", "minimax_m3"):
+        tc_src = src
+    else:
+        raise CheckpointError(F, "model_type", f"expected 'minimax_m3_vl' with a text_config, got {src.get('model_type')!r}")
+    tc = {k: copy.deepcopy(v) for k, v in tc_src.items() if k not in ("quantization_config", "model_type", "architectures",
+                                                                     "layer_types", "mlp_layer_types")}
+    n = _need(tc_src, "num_hidden_layers")
+    if not isinstance(n, int) or n <= 0:
+        raise CheckpointError(F, "text_config.num_hidden_layers", f"bad value {n!r}")
+
+    # layer layout
+    if "mlp_layer_types" in tc_src and tc_src["mlp_layer_types"] is not None:
+        mlt = tc_src["mlp_layer_types"]
+        if not isinstance(mlt, list) or len(mlt) != n or any(v not in ("dense", "sparse") for v in mlt):
+            raise CheckpointError(F, "text_config.mlp_layer_types", f"must list 'dense'/'sparse' for {n} layers")
+        tc["moe_layer_freq"] = [1 if v == "sparse" else 0 for v in mlt]
+    elif "moe_layer_freq" not in tc:
+        raise CheckpointError(F, "text_config.mlp_layer_types", "missing (and no moe_layer_freq): cannot tell MoE layers from dense ones")
+    sac = dict(tc_src.get("sparse_attention_config") or {})
+    if tc_src.get("layer_types") is not None:
+        lt = tc_src["layer_types"]
+        if not isinstance(lt, list) or len(lt) != n or any(v not in ("full_attention", "minimax_m3_sparse") for v in lt):
+            raise CheckpointError(F, "text_config.layer_types", f"must list 'full_attention'/'minimax_m3_sparse' for {n} layers")
+        sac["sparse_attention_freq"] = [1 if v == "minimax_m3_sparse" else 0 for v in lt]
+    elif "sparse_attention_freq" not in sac:
+        raise CheckpointError(F, "text_config.layer_types", "missing (and no sparse_attention_config): cannot tell sparse layers")
+    for flat, legacy in (("index_n_heads", "sparse_num_index_heads"), ("index_head_dim", "sparse_index_dim"),
+                         ("index_block_size", "sparse_block_size"), ("index_topk_blocks", "sparse_topk_blocks"),
+                         ("index_local_blocks", "sparse_local_block")):
+        if flat in tc_src:
+            sac[legacy] = tc_src[flat]
+        elif legacy not in sac and any(sac["sparse_attention_freq"]):
+            raise CheckpointError(F, f"text_config.{flat}", "missing on a model with sparse-attention layers")
+    sac.setdefault("use_sparse_attention", bool(any(sac["sparse_attention_freq"])))
+    sac.setdefault("sparse_disable_index_value", list(sac["sparse_attention_freq"]))
+    sac.setdefault("sparse_init_block", 0)
+    sac.setdefault("sparse_score_type", "max")
+    tc["sparse_attention_config"] = sac
+
+    # activation
+    tc["hidden_act"] = "swigluoai"
+    for k in ("swiglu_alpha", "swiglu_limit"):
+        _need(tc_src, k)
+    tc.setdefault("swiglu_beta", 1.0)
+
+    # rope
+    rp = tc_src.get("rope_parameters") or {}
+    theta = rp.get("rope_theta", tc_src.get("rope_theta"))
+    if theta is None:
+        raise CheckpointError(F, "text_config.rope_parameters.rope_theta", "missing (vLLM would silently fall back to its default)")
+    if "rope_theta" in tc_src and tc_src["rope_theta"] != theta:
+        raise CheckpointError(F, "text_config.rope_theta", f"{tc_src['rope_theta']} disagrees with rope_parameters.rope_theta {theta}")
+    tc["rope_theta"] = theta
+    head_dim = _need(tc_src, "head_dim")
+    prf = rp.get("partial_rotary_factor", tc_src.get("partial_rotary_factor", 1.0))
+    rot = int(head_dim * prf)
+    if "rotary_dim" in tc_src and tc_src["rotary_dim"] != rot:
+        raise CheckpointError(F, "text_config.rotary_dim", f"{tc_src['rotary_dim']} disagrees with head_dim*partial_rotary_factor = {rot}")
+    tc["partial_rotary_factor"] = prf
+    tc["rotary_dim"] = rot
+
+    # MoE
+    inter = _need(tc_src, "intermediate_size")
+    if "n_shared_experts" in tc_src:
+        nse = tc_src["n_shared_experts"]
+    else:
+        sis = tc_src.get("shared_intermediate_size", inter)
+        if sis % inter:
+            raise CheckpointError(F, "text_config.shared_intermediate_size", f"{sis} is not a multiple of intermediate_size {inter}: vLLM cannot build it")
+        nse = sis // inter
+    tc["n_shared_experts"] = nse
+    tc.setdefault("shared_intermediate_size", inter * nse)
+    if "dense_intermediate_size" not in tc and any(v == 0 for v in tc["moe_layer_freq"]):
+        raise CheckpointError(F, "text_config.dense_intermediate_size", "missing on a model with dense-MLP layers")
+    tc.setdefault("scoring_func", "sigmoid")
+    tc.setdefault("use_routing_bias", True)
+    _need(tc_src, "routed_scaling_factor")
+    _need(tc_src, "num_local_experts")
+    _need(tc_src, "num_experts_per_tok")
+    tc.setdefault("use_gemma_norm", True)
+    tc.setdefault("use_qk_norm", True)
+    tc.setdefault("qk_norm_type", "per_head")
+    tc.setdefault("attention_output_gate", False)
+    tc["model_type"] = "minimax_m3_text"
+    tc["architectures"] = ["MiniMaxM3SparseForCausalLM"]
+    tc["torch_dtype"] = "bfloat16"
+    tc.pop("dtype", None)
+
+    out = {
+        "architectures": ["MiniMaxM3SparseForCausalLM"],
+        "model_type": "minimax_m3_vl",
+        "torch_dtype": "bfloat16",
+        "text_config": tc,
+    }
+    for k in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"):
+        if k in src:
+            out[k] = src[k]
+    return out, layout_from_text_config(tc)

@@ -1,0 +1,325 @@
+"""Execution: write each planned output shard, streaming, hashing while writing.
+
+* copies are raw byte ranges (adjacent source ranges are coalesced into one
+  large read), through one reusable buffer per worker;
+* splits read the source in row blocks and write the column slice;
+* de-quantization reads the packed triple once and decodes by output-row block;
+* every file is written to ``.NAME.partial`` and renamed when complete; the
+  resume journal (``.m3-convert/state.json``) is updated after each shard;
+  ``SHA256SUMS`` is written last and is the only completeness marker.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import gptq, st
+from .errors import CheckpointError, OutputError
+from .plan import COPY, DEQUANT, INDEX_FILE, SLICE, Plan
+
+CHUNK = 16 * 1024 * 1024
+STATE_DIR = ".m3-convert"
+STATE_FILE = "state.json"
+TOOL_VERSION = "m3-convert/1"
+
+
+class HashingWriter:
+    """Sequential writer that hashes exactly the bytes it writes."""
+
+    def __init__(self, path):
+        self.path = path
+        self.f = open(path, "wb", buffering=0)
+        self.h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data):
+        mv = memoryview(data)
+        self.h.update(mv)
+        while len(mv):
+            n = self.f.write(mv)
+            mv = mv[n:]
+            self.size += n
+
+    def close(self, sync=True):
+        if sync:
+            os.fsync(self.f.fileno())
+        self.f.close()
+        return self.h.hexdigest()
+
+
+class Progress:
+    def __init__(self, bar):
+        self.bar = bar
+        self.lock = threading.Lock()
+
+    def __call__(self, n):
+        if self.bar is not None:
+            with self.lock:
+                self.bar.update(n)
+
+
+def _fd_cache():
+    fds = {}
+
+    def get(path):
+        fd = fds.get(path)
+        if fd is None:
+            fd = fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def close():
+        for fd in fds.values():
+            os.close(fd)
+    return get, close
+
+
+def _pread_into(fd, buf, offset, info):
+    got = 0
+    mv = memoryview(buf)
+    while got < len(mv):
+        n = os.preadv(fd, [mv[got:]], offset + got)
+        if n <= 0:
+            raise CheckpointError(os.path.basename(info.file), info.name, f"short read at offset {offset + got}: file truncated or changed during conversion")
+        got += n
+
+
+def _copy_range(fd, w, begin, end, buf, info, progress):
+    off = begin
+    while off < end:
+        n = min(len(buf), end - off)
+        view = memoryview(buf)[:n]
+        _pread_into(fd, view, off, info)
+        w.write(view)
+        progress(n)
+        off += n
+
+
+def _write_slice(fd, w, o, buf, progress):
+    (t,) = o.srcs
+    item = st.DTYPES[t.dtype][0]
+    if o.rows is not None:  # contiguous rows: a byte range
+        row_bytes = item * int(np.prod(t.shape[1:]))
+        _copy_range(fd, w, t.begin + o.rows[0] * row_bytes, t.begin + o.rows[1] * row_bytes, buf, t, progress)
+        return
+    rows, cols = t.shape
+    a, b = o.cols
+    row_bytes = cols * item
+    block = max(1, len(buf) // row_bytes)
+    for r0 in range(0, rows, block):
+        r1 = min(rows, r0 + block)
+        view = memoryview(buf)[: (r1 - r0) * row_bytes]
+        _pread_into(fd, view, t.begin + r0 * row_bytes, t)
+        arr = np.frombuffer(view, dtype=st.DTYPES[t.dtype][1]).reshape(r1 - r0, cols)
+        part = np.ascontiguousarray(arr[:, a:b])
+        w.write(part)
+        progress(part.nbytes)
+
+
+def _write_dequant(get_fd, w, o, progress, rows_per_block=1024):
+    arrays = []
+    for t in o.srcs:
+        arrays.append(st.read_array(get_fd(t.file), t))
+    qw, qz, sc = arrays[:3]
+    gi = arrays[3] if len(arrays) > 3 else None
+    shape = gptq.infer_shape(qw.shape, qz.shape, sc.shape)
+    per_word = 32 if shape.bits == 3 else 32 // shape.bits   # outputs per qzeros word (3-bit: 32 per 3 words)
+    zw = 3 if shape.bits == 3 else 1
+    step = max(per_word, rows_per_block - rows_per_block % per_word)
+    for o0 in range(0, shape.out_features, step):
+        o1 = min(shape.out_features, o0 + step)   # out_features is a whole number of qzeros words
+        z0, z1 = o0 // per_word * zw, o1 // per_word * zw
+        data = gptq.to_bf16(gptq.dequantize(qw[:, o0:o1], qz[:, z0:z1], sc[:, o0:o1], gi))
+        w.write(data)
+        progress(data.nbytes)
+
+
+def write_shard(path_tmp, tensors, progress):
+    """Write one output shard; returns (size, sha256)."""
+    header = st.build_header([(o.name, o.dtype, o.shape, o.nbytes) for o in tensors])
+    get_fd, close_fds = _fd_cache()
+    buf = bytearray(CHUNK)
+    w = HashingWriter(path_tmp)
+    try:
+        w.write(header)
+        i = 0
+        while i < len(tensors):
+            o = tensors[i]
+            if o.op == COPY:
+                t = o.srcs[0]
+                begin, end = t.begin, t.end
+                j = i + 1  # coalesce adjacent source ranges of the same file
+                while j < len(tensors) and tensors[j].op == COPY and tensors[j].srcs[0].file == t.file and tensors[j].srcs[0].begin == end:
+                    end = tensors[j].srcs[0].end
+                    j += 1
+                _copy_range(get_fd(t.file), w, begin, end, buf, t, progress)
+                i = j
+                continue
+            if o.op == SLICE:
+                _write_slice(get_fd(o.srcs[0].file), w, o, buf, progress)
+            elif o.op == DEQUANT:
+                _write_dequant(get_fd, w, o, progress)
+            else:
+                raise AssertionError(o.op)
+            i += 1
+        expected = len(header) + sum(o.nbytes for o in tensors)
+        if w.size != expected:
+            raise OutputError(f"{os.path.basename(path_tmp)}: wrote {w.size} bytes, planned {expected}")
+        digest = w.close()
+    except BaseException:
+        try:
+            w.f.close()
+        finally:
+            if os.path.exists(path_tmp):
+                os.unlink(path_tmp)
+        raise
+    finally:
+        close_fds()
+    return w.size, digest
+
+
+# ---------------------------------------------------------------- whole run
+def file_fingerprint(path):
+    s = os.stat(path)
+    return [s.st_size, s.st_mtime_ns]
+
+
+def shard_recipe(plan: Plan, fname, tensors) -> str:
+    """What a shard is made of: its layout and the fingerprints of the inputs it reads."""
+    h = hashlib.sha256(TOOL_VERSION.encode())
+    srcs = sorted({t.file for o in tensors for t in o.srcs})
+    h.update(json.dumps([fname, [(o.name, o.dtype, list(o.shape), o.op, [(os.path.basename(t.file), t.name, t.begin, t.end) for t in o.srcs],
+                                 o.cols, o.rows) for o in tensors],
+                         [(os.path.basename(p), file_fingerprint(p)) for p in srcs]]).encode())
+    return h.hexdigest()
+
+
+def sha256_file(path, bufsize=CHUNK):
+    h = hashlib.sha256()
+    buf = bytearray(bufsize)
+    mv = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(mv[:n])
+    return h.hexdigest()
+
+
+def _atomic_write(path, data: bytes):
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _copy_file(src, dst):
+    tmp = os.path.join(os.path.dirname(dst), "." + os.path.basename(dst) + ".partial")
+    h = hashlib.sha256()
+    with open(src, "rb") as fi, open(tmp, "wb") as fo:
+        while True:
+            b = fi.read(CHUNK)
+            if not b:
+                break
+            h.update(b)
+            fo.write(b)
+        fo.flush()
+        os.fsync(fo.fileno())
+    os.replace(tmp, dst)
+    return h.hexdigest()
+
+
+def json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=None, log=print):
+    """Execute ``plan`` into ``out_dir`` (already checked by the CLI). Returns a summary dict."""
+    os.makedirs(out_dir, exist_ok=True)
+    sums_path = os.path.join(out_dir, "SHA256SUMS")
+    if os.path.exists(sums_path):
+        os.unlink(sums_path)   # nothing may claim completeness while we work
+    state_dir = os.path.join(out_dir, STATE_DIR)
+    os.makedirs(state_dir, exist_ok=True)
+    state_path = os.path.join(state_dir, STATE_FILE)
+    state = {"tool": TOOL_VERSION, "shards": {}}
+    if resume and os.path.exists(state_path):
+        try:
+            with open(state_path) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            log("resume: journal unreadable, starting over")
+            state = {"tool": TOOL_VERSION, "shards": {}}
+    state_lock = threading.Lock()
+    progress = Progress(bar)
+    digests = {}
+    reused = []
+
+    todo = []
+    for fname, tensors in plan.shards:
+        recipe = shard_recipe(plan, fname, tensors)
+        rec = state["shards"].get(fname)
+        path = os.path.join(out_dir, fname)
+        if resume and rec and rec.get("recipe") == recipe and os.path.isfile(path) and os.path.getsize(path) == rec.get("size"):
+            if sha256_file(path) == rec.get("sha256"):     # re-checked, never trusted blindly
+                digests[fname] = rec["sha256"]
+                reused.append(fname)
+                progress(sum(o.nbytes for o in tensors))
+                continue
+            log(f"resume: {fname} changed since it was written, redoing it")
+        todo.append((fname, tensors, recipe))
+
+    def one(item):
+        fname, tensors, recipe = item
+        tmp = os.path.join(out_dir, "." + fname + ".partial")
+        size, digest = write_shard(tmp, tensors, progress)
+        os.replace(tmp, os.path.join(out_dir, fname))
+        with state_lock:
+            state["shards"][fname] = {"recipe": recipe, "size": size, "sha256": digest}
+            _atomic_write(state_path, json_bytes(state))
+        return fname, digest
+
+    try:
+        if workers > 1 and len(todo) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as ex:
+                for fname, digest in ex.map(one, todo):
+                    digests[fname] = digest
+        else:
+            for item in todo:
+                fname, digest = one(item)
+                digests[fname] = digest
+    except OSError as e:
+        raise OutputError(f"writing into {out_dir} failed: {e.strerror or e} ({getattr(e, 'filename', '') or ''})") from None
+
+    try:
+        # metadata files, then the manifest last
+        files = dict(digests)
+        files["config.json"] = _atomic_write(os.path.join(out_dir, "config.json"), json_bytes(plan.out_config))
+        if plan.write_quant_config_json:
+            files["quantization_config.json"] = _atomic_write(os.path.join(out_dir, "quantization_config.json"), json_bytes(plan.quant_config))
+        for f in plan.copied_files:
+            files[f] = _copy_file(os.path.join(plan.in_dir, f), os.path.join(out_dir, f))
+        if len(plan.shards) > 1:
+            index = {"metadata": {"total_size": sum(o.nbytes for _, ts in plan.shards for o in ts)},
+                     "weight_map": {o.name: fname for fname, ts in plan.shards for o in ts}}
+            index["weight_map"] = dict(sorted(index["weight_map"].items()))
+            files[INDEX_FILE] = _atomic_write(os.path.join(out_dir, INDEX_FILE), json_bytes(index))
+        else:
+            stale = os.path.join(out_dir, INDEX_FILE)
+            if os.path.exists(stale):
+                os.unlink(stale)
+        sums = "".join(f"{files[f]}  {f}\n" for f in sorted(files))
+        _atomic_write(sums_path, sums.encode())
+    except OSError as e:
+        raise OutputError(f"writing into {out_dir} failed: {e.strerror or e}") from None
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return {"written_shards": [f for f, _, _ in todo], "reused_shards": reused, "files": len(files)}

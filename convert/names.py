@@ -1,0 +1,230 @@
+"""THE name table: the one source of truth for every name rule.
+
+Read by the planner (what each source tensor becomes), the quant-config
+rewrite (which official module a setting belongs to) and m3-verify (the exact
+key set vLLM expects for a config).  Nothing else in the project spells a
+checkpoint name.
+
+Two stages, both declarative:
+
+1. ``ALIASES``: spellings seen in the wild -> the *canonical source name*, the
+   transformers "model naming" that AutoRound's ``extra_config`` keys use
+   (``model.language_model.layers.N.mlp.experts.E.gate_proj``).  auto-round 0.16.1
+   writes a partly reverted naming (``language_model.model.layers.N.block_sparse_moe...``);
+   it is undone here before anything else.
+2. ``MODULES``: canonical source module -> official vLLM module(s)
+   (``MiniMaxM3SparseForCausalLM``'s own names), with the layer kinds the module
+   exists on and its role (which decides copy / split / de-quantize).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+# ---------------------------------------------------------------- stage 1: aliases
+#: (regex, replacement), applied in order with re.sub to a tensor name.
+ALIASES: tuple[tuple[str, str], ...] = (
+    # lm_head: all three spellings
+    (r"^(?:model\.)?language_model\.lm_head\.", "lm_head."),
+    # auto-round 0.16.1 reverted naming (inverse of transformers' conversion_mapping for minimax_m3_vl)
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"\.block_sparse_moe\.e_score_correction_bias$", ".mlp.gate.e_score_correction_bias"),
+    (r"\.block_sparse_moe\.", ".mlp."),
+    (r"\.self_attn\.index_([qk])_(proj|norm)\.", r".self_attn.indexer.\1_\2."),
+    (r"\.mlp\.experts\.(\d+)\.w1\.", r".mlp.experts.\1.gate_proj."),
+    (r"\.mlp\.experts\.(\d+)\.w3\.", r".mlp.experts.\1.up_proj."),
+    (r"\.mlp\.experts\.(\d+)\.w2\.", r".mlp.experts.\1.down_proj."),
+    # vision, both namings -> one prefix
+    (r"^vision_tower\.", "model.vision_tower."),
+    (r"^(multi_modal_projector|patch_merge_mlp)\.", r"model.multi_modal_projector.\1."),
+)
+
+#: canonical prefixes that are not part of the text model: left out, counted, reported.
+EXCLUDED = (
+    ("vision", r"^model\.(vision_tower|multi_modal_projector)\."),
+    ("mtp", r"^(model\.language_model\.)?mtp\.|^model\.mtp\."),
+)
+
+LEAVES_QUANT = ("qweight", "qzeros", "scales", "g_idx")
+LEAVES = LEAVES_QUANT + ("weight", "e_score_correction_bias")
+
+TEXT_PREFIX = "model.language_model."
+LAYER_PREFIX = TEXT_PREFIX + "layers.{L}."
+OUT_LAYER_PREFIX = "model.layers.{L}."
+
+
+def canonical(name: str) -> str:
+    """Any accepted spelling of a tensor or module name -> canonical source name."""
+    for pat, rep in _ALIASES_RE:
+        name = pat.sub(rep, name)
+    return name
+
+
+_ALIASES_RE = tuple((re.compile(p), r) for p, r in ALIASES)
+
+
+def excluded_category(canon: str) -> str | None:
+    for cat, pat in EXCLUDED:
+        if re.search(pat, canon):
+            return cat
+    return None
+
+
+# ---------------------------------------------------------------- stage 2: modules
+# roles
+NORM = "norm"            # 1-D weight, copied
+EMBED = "embed"          # plain 2-D weight, copied
+LINEAR = "linear"        # GPTQ or bf16, copied as is
+QKV = "qkv"              # q/k/v: de-quantized on sparse layers (fused with the bf16 indexer); see plan.py
+INDEX = "index"          # indexer projections: bf16 (part of the sparse qkv GEMM)
+GATE_UP = "gate_up"      # fused [gate; up]: split by outputs into two official modules
+ROUTER = "router"        # router weight (+ e_score_correction_bias, which moves out of .gate)
+EXPERT = "expert"        # routed expert Linear, copied as is
+
+# where a module exists
+ALL, DENSE_ATTN, SPARSE_ATTN, DENSE_MLP, MOE, SHARED = "all", "dense_attn", "sparse_attn", "dense_mlp", "moe", "shared"
+
+
+@dataclass(frozen=True)
+class Module:
+    src: str                 # canonical source module, relative to the layer prefix (or absolute if global)
+    dst: tuple               # official module name(s), same convention; two for a split
+    where: str
+    role: str
+    vllm_fused: str | None = None   # the vLLM parameter this module is a shard of (for verify --vllm)
+
+
+MODULES: tuple[Module, ...] = (
+    Module("input_layernorm", ("input_layernorm",), ALL, NORM),
+    Module("post_attention_layernorm", ("post_attention_layernorm",), ALL, NORM),
+    Module("self_attn.q_proj", ("self_attn.q_proj",), ALL, QKV, "self_attn.qkv_proj"),
+    Module("self_attn.k_proj", ("self_attn.k_proj",), ALL, QKV, "self_attn.qkv_proj"),
+    Module("self_attn.v_proj", ("self_attn.v_proj",), ALL, QKV, "self_attn.qkv_proj"),
+    Module("self_attn.o_proj", ("self_attn.o_proj",), ALL, LINEAR),
+    Module("self_attn.q_norm", ("self_attn.q_norm",), ALL, NORM),
+    Module("self_attn.k_norm", ("self_attn.k_norm",), ALL, NORM),
+    Module("self_attn.indexer.q_proj", ("self_attn.index_q_proj",), SPARSE_ATTN, INDEX, "self_attn.qkv_proj"),
+    Module("self_attn.indexer.k_proj", ("self_attn.index_k_proj",), SPARSE_ATTN, INDEX, "self_attn.qkv_proj"),
+    Module("self_attn.indexer.q_norm", ("self_attn.index_q_norm",), SPARSE_ATTN, NORM),
+    Module("self_attn.indexer.k_norm", ("self_attn.index_k_norm",), SPARSE_ATTN, NORM),
+    Module("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"), DENSE_MLP, GATE_UP, "mlp.gate_up_proj"),
+    Module("mlp.down_proj", ("mlp.down_proj",), DENSE_MLP, LINEAR),
+    Module("mlp.gate", ("block_sparse_moe.gate",), MOE, ROUTER),
+    Module("mlp.experts.{E}.gate_proj", ("block_sparse_moe.experts.{E}.w1",), MOE, EXPERT, "block_sparse_moe.experts.w13"),
+    Module("mlp.experts.{E}.up_proj", ("block_sparse_moe.experts.{E}.w3",), MOE, EXPERT, "block_sparse_moe.experts.w13"),
+    Module("mlp.experts.{E}.down_proj", ("block_sparse_moe.experts.{E}.w2",), MOE, EXPERT, "block_sparse_moe.experts.w2"),
+    Module("mlp.shared_experts.gate_up_proj", ("block_sparse_moe.shared_experts.gate_proj", "block_sparse_moe.shared_experts.up_proj"),
+           SHARED, GATE_UP, "block_sparse_moe.shared_experts.gate_up_proj"),
+    Module("mlp.shared_experts.down_proj", ("block_sparse_moe.shared_experts.down_proj",), SHARED, LINEAR),
+)
+
+#: modules outside the decoder layers (absolute names)
+GLOBAL_MODULES: tuple[Module, ...] = (
+    Module("model.language_model.embed_tokens", ("model.embed_tokens",), ALL, EMBED),
+    Module("model.language_model.norm", ("model.norm",), ALL, NORM),
+    Module("lm_head", ("lm_head",), ALL, EMBED),
+)
+
+#: tensor-level exceptions: (canonical source leaf of a module, official tensor name relative to the layer)
+LEAF_MOVES = {("mlp.gate", "e_score_correction_bias"): "block_sparse_moe.e_score_correction_bias"}
+
+
+def _template_regex(t: str) -> str:
+    return re.escape(t).replace(re.escape("{L}"), r"(?P<L>\d+)").replace(re.escape("{E}"), r"(?P<E>\d+)")
+
+
+@dataclass(frozen=True)
+class Match:
+    module: Module
+    src_module: str          # canonical source module name, absolute
+    leaf: str
+    layer: int | None
+    expert: int | None
+
+    def dst_modules(self) -> tuple:
+        return tuple(_fill(OUT_LAYER_PREFIX + d if self.layer is not None else d, self.layer, self.expert) for d in self.module.dst)
+
+    def dst_tensor(self, index: int = 0) -> str:
+        moved = LEAF_MOVES.get((self.module.src, self.leaf))
+        if moved:
+            return _fill(OUT_LAYER_PREFIX + moved, self.layer, self.expert)
+        return f"{self.dst_modules()[index]}.{self.leaf}"
+
+
+def _fill(t: str, layer, expert) -> str:
+    return t.replace("{L}", str(layer)).replace("{E}", str(expert))
+
+
+@lru_cache(maxsize=1)
+def _compiled():
+    leaf = "(?P<leaf>" + "|".join(LEAVES) + ")"
+    out = []
+    for m in MODULES:
+        out.append((re.compile("^" + _template_regex(LAYER_PREFIX + m.src) + r"\." + leaf + "$"), m))
+    for m in GLOBAL_MODULES:
+        out.append((re.compile("^" + _template_regex(m.src) + r"\." + leaf + "$"), m))
+    return tuple(out)
+
+
+def match(canon: str) -> Match | None:
+    """Canonical tensor name -> its module rule, or None if no rule knows it."""
+    for rx, m in _compiled():
+        mt = rx.match(canon)
+        if mt:
+            gd = mt.groupdict()
+            layer = int(gd["L"]) if gd.get("L") is not None else None
+            expert = int(gd["E"]) if gd.get("E") is not None else None
+            src_mod = canon[: -len(gd["leaf"]) - 1]
+            return Match(m, src_mod, gd["leaf"], layer, expert)
+    return None
+
+
+def source_module(module: Module, layer: int | None, expert: int | None = None) -> str:
+    t = LAYER_PREFIX + module.src if module in MODULES else module.src
+    return _fill(t, layer, expert)
+
+
+# ---------------------------------------------------------------- layout from a config
+@dataclass(frozen=True)
+class Layout:
+    num_layers: int
+    sparse_attn: tuple       # bool per layer
+    moe: tuple               # bool per layer
+    num_experts: int
+    n_shared_experts: int
+
+    def applies(self, where: str, layer: int) -> bool:
+        return {
+            ALL: True,
+            DENSE_ATTN: not self.sparse_attn[layer],
+            SPARSE_ATTN: self.sparse_attn[layer],
+            DENSE_MLP: not self.moe[layer],
+            MOE: self.moe[layer],
+            SHARED: self.moe[layer] and self.n_shared_experts > 0,
+        }[where]
+
+
+def expected_modules(layout: Layout):
+    """Every (Module, layer, expert) the text model has for this layout, in a stable order."""
+    for m in GLOBAL_MODULES[:1]:
+        yield m, None, None
+    for L in range(layout.num_layers):
+        for m in MODULES:
+            if not layout.applies(m.where, L):
+                continue
+            if "{E}" in m.src:
+                for e in range(layout.num_experts):
+                    yield m, L, e
+            else:
+                yield m, L, None
+    for m in GLOBAL_MODULES[1:]:
+        yield m, None, None
+
+
+def official_modules(module: Module, layer, expert) -> tuple:
+    return Match(module, source_module(module, layer, expert), "weight", layer, expert).dst_modules()
+
+
+def official_tensor(module: Module, layer, expert, leaf: str, index: int = 0) -> str:
+    return Match(module, source_module(module, layer, expert), leaf, layer, expert).dst_tensor(index)

@@ -1,0 +1,420 @@
+"""Planning: headers only -> every output tensor with the operation that makes it.
+
+read headers -> canonicalise names (names.ALIASES) -> match modules (names.MODULES)
+-> check bits (tensor shapes vs quantization_config) -> decide copy / split /
+de-quantize -> lay out output shards.  No tensor data is read here except the
+tiny ``g_idx`` vectors of auto_gptq exports (to prove they are trivial).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import config as cfgmod
+from . import gptq, names, st
+from .errors import CheckpointError
+from .quantcfg import Scheme, SourceQuantConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+EXTRA_FILE = "model_extra_tensors.safetensors"
+#: files the converter writes itself; never copied from the input
+GENERATED = {"config.json", "quantization_config.json", INDEX_FILE, "SHA256SUMS"}
+
+COPY, SLICE, DEQUANT = "copy", "slice", "dequant"
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple
+    op: str                          # copy | slice | dequant
+    srcs: tuple                      # TensorInfo(s): copy/slice: (t,), dequant: (qweight, qzeros, scales[, g_idx])
+    cols: tuple | None = None        # slice: (start, stop) along the last axis of a 2-D tensor
+    rows: tuple | None = None        # slice: (start, stop) along the first axis (contiguous bytes)
+    order: tuple = ()
+
+    @property
+    def nbytes(self) -> int:
+        n = st.DTYPES[self.dtype][0]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Plan:
+    in_dir: str
+    source_config: dict
+    out_config: dict
+    quant_config: dict
+    write_quant_config_json: bool
+    layout: names.Layout
+    tensors: list                    # OutTensor, in output order
+    shards: list = field(default_factory=list)   # [(filename, [OutTensor])]
+    copied_files: list = field(default_factory=list)
+    inputs: dict = field(default_factory=dict)   # shard path -> Header
+    stats: dict = field(default_factory=dict)
+
+
+def _load_json(path, what):
+    fname = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise CheckpointError(fname, None, f"cannot read {what}: {e.strerror}") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(fname, None, f"{what} is not valid JSON: {e}") from None
+
+
+def _safe_name(fname, where):
+    if (not isinstance(fname, str) or not fname or fname in (".", "..") or "/" in fname or "\\" in fname
+            or "\x00" in fname or os.path.isabs(fname)):
+        raise CheckpointError(where, None, f"file name {fname!r} is not a plain file name inside IN_DIR")
+    return fname
+
+
+def input_files(in_dir: str):
+    """Shard files from the index (never a glob), plus model_extra_tensors.safetensors."""
+    idx_path = os.path.join(in_dir, INDEX_FILE)
+    weight_map = None
+    if os.path.exists(idx_path):
+        idx = _load_json(idx_path, "index")
+        if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
+            raise CheckpointError(INDEX_FILE, None, "no weight_map object")
+        weight_map = idx["weight_map"]
+        files = []
+        for tname, fname in weight_map.items():
+            _safe_name(fname, INDEX_FILE)
+            if fname not in files:
+                files.append(fname)
+        files.sort()
+    elif os.path.exists(os.path.join(in_dir, SINGLE_FILE)):
+        files = [SINGLE_FILE]
+    else:
+        raise CheckpointError(os.path.basename(in_dir.rstrip("/")) or in_dir, None, f"no {INDEX_FILE} and no {SINGLE_FILE}")
+    if os.path.exists(os.path.join(in_dir, EXTRA_FILE)) and EXTRA_FILE not in files:
+        files.append(EXTRA_FILE)
+    for fname in files:
+        if not os.path.isfile(os.path.join(in_dir, fname)):
+            raise CheckpointError(fname, None, f"listed in {INDEX_FILE} but absent from IN_DIR")
+    others = sorted(f for f in os.listdir(in_dir) if f.endswith(".safetensors") and f not in files)
+    if others:
+        raise CheckpointError(others[0], None, f"safetensors file not referenced by {INDEX_FILE}: refusing to guess whether it is part of the checkpoint")
+    return files, weight_map
+
+
+def load_configs(in_dir: str):
+    cfg_path = os.path.join(in_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise CheckpointError("config.json", None, "missing")
+    cfg = _load_json(cfg_path, "config")
+    if not isinstance(cfg, dict):
+        raise CheckpointError("config.json", None, "not a JSON object")
+    qc = cfg.get("quantization_config")
+    qpath = os.path.join(in_dir, "quantization_config.json")
+    has_qjson = os.path.exists(qpath)
+    if has_qjson:
+        qj = _load_json(qpath, "quantization_config.json")
+        if qc is None:
+            qc = qj
+        elif qj != qc:
+            raise CheckpointError("quantization_config.json", None, "differs from config.json's quantization_config: refusing to choose")
+    if qc is None:
+        raise CheckpointError("config.json", "quantization_config", "missing (not an AutoRound/GPTQ checkpoint?)")
+    return cfg, SourceQuantConfig(qc, "quantization_config.json" if has_qjson and "quantization_config" not in cfg else "config.json"), has_qjson
+
+
+def read_sources(in_dir: str):
+    files, weight_map = input_files(in_dir)
+    headers = {}
+    seen = {}
+    for fname in files:
+        h = st.read_header(os.path.join(in_dir, fname))
+        headers[fname] = h
+        for tname in h.tensors:
+            if tname in seen:
+                raise CheckpointError(fname, tname, f"same tensor also in {seen[tname]}")
+            seen[tname] = fname
+            if weight_map is not None and fname != EXTRA_FILE and weight_map.get(tname) != fname:
+                raise CheckpointError(fname, tname, f"{INDEX_FILE} places it in {weight_map.get(tname)!r}")
+    if weight_map is not None:
+        for tname, fname in weight_map.items():
+            if tname not in headers[fname].tensors:
+                raise CheckpointError(fname, tname, f"listed in {INDEX_FILE} but not in the file's header")
+    return files, headers
+
+
+def _fname(t: st.TensorInfo) -> str:
+    return os.path.basename(t.file)
+
+
+def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9) -> Plan:
+    src_cfg, qcfg, has_qjson = load_configs(in_dir)
+    out_cfg, layout = cfgmod.convert_config(src_cfg)
+    files, headers = read_sources(in_dir)
+
+    file_rank = {f: i for i, f in enumerate(files)}
+    groups: dict = defaultdict(dict)         # (Module, src_module, layer, expert) -> leaf -> TensorInfo
+    dropped = Counter()
+    dropped_bytes = Counter()
+    for fname in files:
+        for t in headers[fname].tensors.values():
+            canon = names.canonical(t.name)
+            cat = names.excluded_category(canon)
+            if cat:
+                dropped[cat] += 1
+                dropped_bytes[cat] += t.nbytes
+                continue
+            m = names.match(canon)
+            if m is None:
+                raise CheckpointError(fname, t.name, "unknown tensor: no rule in the name table maps it (refusing to drop it silently)")
+            if m.layer is not None:
+                if m.layer >= layout.num_layers:
+                    raise CheckpointError(fname, t.name, f"layer {m.layer} but config has {layout.num_layers} layers")
+                if not layout.applies(m.module.where, m.layer):
+                    raise CheckpointError(fname, t.name, f"config says layer {m.layer} has no {m.module.src} "
+                                          f"(sparse_attention={layout.sparse_attn[m.layer]}, moe={layout.moe[m.layer]})")
+            if m.expert is not None and m.expert >= layout.num_experts:
+                raise CheckpointError(fname, t.name, f"expert {m.expert} but config has {layout.num_experts} experts")
+            key = (m.module, m.src_module, m.layer, m.expert)
+            if m.leaf in groups[key]:
+                raise CheckpointError(fname, t.name, f"two spellings of the same tensor ({groups[key][m.leaf].name})")
+            groups[key][m.leaf] = t
+
+    # per-module decisions --------------------------------------------------
+    out: list[OutTensor] = []
+    modules_q: dict[str, dict] = {}          # official module -> {"bits": b|None, "group_size": g}
+    bits_hist = Counter()
+    ops = Counter()
+    notes = Counter()
+    gptq_info = {}                           # key -> (GPTQShape, Scheme) for quantized linears
+    for key, leaves in groups.items():
+        module, src_mod, layer, expert = key
+        info = _classify(module, src_mod, leaves, qcfg)
+        if info is not None:
+            gptq_info[key] = info
+
+    # dense-attention q/k/v stay quantized only when the fused qkv can use one scheme
+    def qkv_keys(layer):
+        return [k for k in groups if k[2] == layer and k[0].role == names.QKV]
+
+    dequant_keys = set()
+    for layer in range(layout.num_layers):
+        ks = qkv_keys(layer)
+        quant = [gptq_info.get(k) for k in ks]
+        if layout.sparse_attn[layer]:
+            dequant_keys.update(k for k, q in zip(ks, quant) if q is not None)
+        else:
+            schemes = {(q[0].bits, q[0].group_size) if q else None for q in quant}
+            if len(schemes) > 1:
+                dequant_keys.update(k for k, q in zip(ks, quant) if q is not None)
+                notes["dense-attention layers with mixed q/k/v schemes (de-quantized)"] += 1
+    for key, q in gptq_info.items():
+        if key[0].role == names.INDEX:
+            dequant_keys.add(key)
+
+    for key, leaves in groups.items():
+        module, src_mod, layer, expert = key
+        m = names.Match(module, src_mod, "weight", layer, expert)
+        first = min(leaves.values(), key=lambda t: (file_rank[_fname(t)], t.begin))
+        order = (file_rank[_fname(first)], first.begin)
+        q = gptq_info.get(key)
+        linear = module.role in (names.LINEAR, names.EXPERT, names.QKV, names.INDEX, names.GATE_UP)
+        if module.role == names.ROUTER:
+            for leaf, t in leaves.items():
+                out.append(OutTensor(names.Match(module, src_mod, leaf, layer, expert).dst_tensor(), t.dtype, t.shape, COPY, (t,), order=order + (t.begin,)))
+                ops[COPY] += 1
+            continue
+        if q is None:
+            t = leaves["weight"]
+            if module.role == names.GATE_UP:
+                if len(t.shape) != 2 or t.shape[0] % 2:
+                    raise CheckpointError(_fname(t), t.name, f"fused gate_up weight shape {list(t.shape)} cannot be split in two")
+                half = t.shape[0] // 2
+                for i, (a, b) in enumerate(((0, half), (half, t.shape[0]))):
+                    out.append(OutTensor(m.dst_tensor(i).rsplit(".", 1)[0] + ".weight", t.dtype, (half, t.shape[1]), SLICE, (t,), rows=(a, b), order=order + (i,)))
+                    modules_q[m.dst_modules()[i]] = {"bits": None}
+                ops["split"] += 1
+            else:
+                out.append(OutTensor(m.dst_modules()[0] + ".weight", t.dtype, t.shape, COPY, (t,), order=order))
+                ops[COPY] += 1
+                if linear:
+                    modules_q[m.dst_modules()[0]] = {"bits": None}
+            continue
+        shape, scheme = q
+        qw, qz, sc = leaves["qweight"], leaves["qzeros"], leaves["scales"]
+        gi = leaves.get("g_idx")
+        if gi is not None:
+            notes["trivial g_idx tensors left out (== arange(in)//group_size)"] += 1
+        srcs = (qw, qz, sc) + ((gi,) if gi is not None else ())
+        if key in dequant_keys:
+            dst = m.dst_modules()[0]
+            out.append(OutTensor(dst + ".weight", "BF16", (shape.out_features, shape.in_features), DEQUANT, srcs, order=order))
+            modules_q[dst] = {"bits": None}
+            ops["dequant"] += 1
+            bits_hist[f"{shape.bits}->bf16"] += 1
+            continue
+        if module.role == names.GATE_UP:
+            if shape.out_features % 2:
+                raise CheckpointError(_fname(qw), qw.name, f"fused gate_up has an odd number of outputs ({shape.out_features})")
+            half = shape.out_features // 2
+            if not gptq.split_point_ok(half, shape.bits):
+                raise CheckpointError(_fname(qz), qz.name, f"cannot split {shape.bits}-bit gate_up at output {half}: "
+                                      f"{half}*{shape.bits}/32 is not a whole qzeros word (lossless split impossible)")
+            zhalf = half * shape.bits // 32
+            for i, (a, b, za, zb) in enumerate(((0, half, 0, zhalf), (half, shape.out_features, zhalf, qz.shape[1]))):
+                dst = m.dst_modules()[i]
+                out.append(OutTensor(dst + ".qweight", qw.dtype, (qw.shape[0], b - a), SLICE, (qw,), cols=(a, b), order=order + (i, 0)))
+                out.append(OutTensor(dst + ".qzeros", qz.dtype, (qz.shape[0], zb - za), SLICE, (qz,), cols=(za, zb), order=order + (i, 1)))
+                out.append(OutTensor(dst + ".scales", sc.dtype, (sc.shape[0], b - a), SLICE, (sc,), cols=(a, b), order=order + (i, 2)))
+                modules_q[dst] = {"bits": shape.bits, "group_size": shape.group_size}
+                bits_hist[str(shape.bits)] += 1
+            ops["split"] += 1
+            continue
+        dst = m.dst_modules()[0]
+        for j, leaf in enumerate(("qweight", "qzeros", "scales")):
+            t = leaves[leaf]
+            out.append(OutTensor(f"{dst}.{leaf}", t.dtype, t.shape, COPY, (t,), order=order + (j,)))
+        modules_q[dst] = {"bits": shape.bits, "group_size": shape.group_size}
+        bits_hist[str(shape.bits)] += 1
+        ops["copy_gptq"] += 1
+
+    out.sort(key=lambda o: o.order)
+    _check_router_and_shared(groups, layout, out_cfg)
+
+    group_sizes = Counter(v["group_size"] for v in modules_q.values() if v["bits"])
+    g_default = group_sizes.most_common(1)[0][0] if group_sizes else qcfg.default.group_size
+    from .quantcfg import output_config
+    qout = output_config(modules_q, g_default, qcfg.default.sym, qcfg.source_summary())
+    out_cfg["quantization_config"] = qout
+
+    plan = Plan(in_dir, src_cfg, out_cfg, qout, has_qjson, layout, out)
+    plan.inputs = headers
+    plan.shards = shard(out, max_shard_size)
+    plan.copied_files = other_files(in_dir, files)
+    bytes_in = sum(t.nbytes for h in headers.values() for t in h.tensors.values())
+    plan.stats = {
+        "input_files": len(files),
+        "input_tensors": sum(len(h.tensors) for h in headers.values()),
+        "input_bytes": bytes_in,
+        "output_tensors": len(out),
+        "output_bytes": sum(o.nbytes for o in out),
+        "output_shards": len(plan.shards),
+        "modules": dict(sorted(ops.items())),
+        "tensors_by_op": dict(Counter(o.op for o in out)),
+        "bits_histogram": dict(sorted(bits_hist.items())),
+        "dropped": {c: {"tensors": dropped[c], "bytes": dropped_bytes[c]} for c in sorted(dropped)},
+        "notes": dict(notes),
+        "copied_files": list(plan.copied_files),
+    }
+    return plan
+
+
+def _classify(module, src_mod, leaves, qcfg: SourceQuantConfig):
+    """Validate one module's tensor set against its role and the config. Returns (GPTQShape, Scheme) or None."""
+    leafset = set(leaves)
+    any_t = next(iter(leaves.values()))
+    where = _fname(any_t)
+    if module.role in (names.NORM, names.EMBED):
+        if leafset != {"weight"}:
+            raise CheckpointError(where, any_t.name, f"{module.src} must be a plain weight, found {sorted(leafset)}")
+        return None
+    if module.role == names.ROUTER:
+        if leafset - {"weight", "e_score_correction_bias"} or "weight" not in leafset:
+            raise CheckpointError(where, any_t.name, f"router must be an unquantized weight (+ e_score_correction_bias), found {sorted(leafset)}")
+        return None
+    scheme = qcfg.lookup(src_mod)
+    if "weight" in leafset:
+        if leafset != {"weight"}:
+            raise CheckpointError(where, any_t.name, f"module has both a plain weight and GPTQ tensors: {sorted(leafset)}")
+        t = leaves["weight"]
+        if scheme.quantized:
+            raise CheckpointError(where, t.name, f"quantization_config says {scheme.bits}-bit GPTQ but the module is a plain {t.dtype} weight")
+        return None
+    for need in ("qweight", "qzeros", "scales"):
+        if need not in leafset:
+            have = leaves.get("qweight") or any_t
+            raise CheckpointError(_fname(have), f"{src_mod}.{need}", f"missing partner tensor (module has {sorted(leafset)})")
+    qw, qz, sc = leaves["qweight"], leaves["qzeros"], leaves["scales"]
+    for t, dt in ((qw, "I32"), (qz, "I32"), (sc, "F16")):
+        if t.dtype != dt:
+            raise CheckpointError(_fname(t), t.name, f"expected {dt}, found {t.dtype}")
+    try:
+        shape = gptq.infer_shape(qw.shape, qz.shape, sc.shape)
+    except gptq.GPTQError as e:
+        raise CheckpointError(_fname(qw), qw.name, str(e)) from None
+    if not scheme.quantized:
+        raise CheckpointError(_fname(qw), qw.name, f"tensors are {shape.bits}-bit GPTQ but quantization_config says unquantized")
+    if scheme.bits != shape.bits:
+        raise CheckpointError(_fname(qw), qw.name, f"quantization_config says {scheme.bits} bits, tensors say {shape.bits} bits")
+    if scheme.group_size != shape.group_size:
+        raise CheckpointError(_fname(qw), qw.name, f"quantization_config says group_size {scheme.group_size}, tensors say {shape.group_size}")
+    if not scheme.sym:
+        raise CheckpointError(_fname(qw), qw.name, "asymmetric (sym=false) GPTQ is not supported")
+    gi = leaves.get("g_idx")
+    if gi is not None:
+        if gi.dtype != "I32" or gi.shape != (shape.in_features,):
+            raise CheckpointError(_fname(gi), gi.name, f"g_idx must be I32 [{shape.in_features}], found {gi.dtype} {list(gi.shape)}")
+        fd = os.open(gi.file, os.O_RDONLY)
+        try:
+            arr = st.read_array(fd, gi)
+        finally:
+            os.close(fd)
+        if not gptq.is_trivial_g_idx(arr, shape):
+            raise CheckpointError(_fname(gi), gi.name, "non-trivial g_idx (act-order) is not supported: vLLM's GPTQ path drops g_idx")
+    return shape, scheme
+
+
+def _check_router_and_shared(groups, layout, out_cfg):
+    """Cross-check config-derived sizes the model would silently get wrong."""
+    tc = out_cfg["text_config"]
+    for (module, src_mod, layer, expert), leaves in groups.items():
+        if module.src == "mlp.shared_experts.gate_up_proj":
+            t = leaves.get("scales") or leaves.get("weight")
+            outs = t.shape[-1] if "scales" in leaves else t.shape[0]
+            want = 2 * tc["intermediate_size"] * tc["n_shared_experts"]
+            if outs != want:
+                raise CheckpointError(_fname(t), t.name, f"shared expert has {outs // 2} intermediate units; config gives "
+                                      f"intermediate_size*n_shared_experts = {want // 2}")
+
+
+def shard(tensors, max_size):
+    """Greedy, order-preserving sharding (a tensor larger than max_size gets a shard of its own)."""
+    groups, cur, size = [], [], 0
+    for t in tensors:
+        if cur and size + t.nbytes > max_size:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(t)
+        size += t.nbytes
+    if cur:
+        groups.append(cur)
+    n = len(groups)
+    if n == 1:
+        return [("model.safetensors", groups[0])]
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def other_files(in_dir, shard_files):
+    """Non-weight files copied byte for byte (tokenizer, templates, LICENSE, ...)."""
+    skip = set(shard_files) | GENERATED
+    out = []
+    for f in sorted(os.listdir(in_dir)):
+        p = os.path.join(in_dir, f)
+        if f in skip or f.startswith("."):
+            continue
+        if os.path.isfile(p):
+            out.append(f)
+        else:
+            raise CheckpointError(f, None, "sub-directories in IN_DIR are not supported (not copied); move or remove it")
+    return out

@@ -1,0 +1,152 @@
+"""AutoRound's quantization_config (input) and m3-convert's per-module schema (output).
+
+Input lookup mirrors auto-round's own loader (``auto_round/inference/utils.py``
+``_expand_regex_config``): a key that is a module name is exact; every other key
+is a regex matched with ``re.search``; exact keys win, then the first matching
+regex in file order.  Differences, on purpose: an invalid regex or a bits value
+outside {2,3,4,8} / >= 16 is an error here (auto-round skips it silently), and
+keys in auto-round's reverted naming are canonicalised first.
+
+Output schema (the contract between converter, m3-verify and the vLLM shim)::
+
+    {
+      "quant_method": "m3_gptq",                 # registered by m3_convert.vllm_plugin
+      "format": "m3-convert/1",
+      "packing_format": "auto_round:auto_gptq",  # GPTQ v1 packing (SPEC §1.2)
+      "zero_point": "gptq_v1",                   # stored qzeros = zero - 1
+      "group_size": 128, "sym": true, "desc_act": false,
+      "modules": {                               # EVERY Linear of the text model, official names
+        "model.layers.0.self_attn.q_proj": {"bits": 4},      # GPTQ, this many bits
+        "model.layers.3.self_attn.q_proj": {"bits": null},   # bf16 (unquantized / de-quantized)
+        ...
+      },
+      "source": {...}                            # provenance: the AutoRound settings it came from
+    }
+
+There is no top-level ``bits``: the per-module map is the only authority.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from . import names
+from .errors import CheckpointError
+
+QUANT_METHOD = "m3_gptq"
+FORMAT = "m3-convert/1"
+QUANT_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    bits: int | None        # None: not quantized
+    group_size: int
+    sym: bool
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+
+def _bits(value, where_file, where_key):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CheckpointError(where_file, where_key, f"bits must be an integer, got {value!r}")
+    if value in QUANT_BITS:
+        return value
+    if value >= 16:
+        return None
+    raise CheckpointError(where_file, where_key, f"bits {value} not supported (allowed: 2, 3, 4, 8; >= 16 means unquantized)")
+
+
+class SourceQuantConfig:
+    """AutoRound's quantization_config, validated, with per-module lookup by canonical name."""
+
+    def __init__(self, qc: dict, file: str = "config.json"):
+        if not isinstance(qc, dict):
+            raise CheckpointError(file, "quantization_config", "must be a JSON object")
+        self.raw = qc
+        self.file = file
+        method = qc.get("quant_method")
+        if method not in ("auto-round", "auto_round", "gptq"):
+            raise CheckpointError(file, "quantization_config.quant_method", f"expected 'auto-round' (or 'gptq'), got {method!r}")
+        pf = qc.get("packing_format", "auto_round:auto_gptq" if method != "gptq" else "auto_gptq")
+        if pf not in ("auto_round:auto_gptq", "auto_gptq", "auto_round:gptq"):
+            raise CheckpointError(file, "quantization_config.packing_format", f"unsupported packing format {pf!r} (GPTQ v1 packing expected)")
+        if qc.get("desc_act"):
+            raise CheckpointError(file, "quantization_config.desc_act", "act-order (desc_act) checkpoints are not supported")
+        self.default = self._scheme(qc, file, "quantization_config", None)
+        base = {k: qc[k] for k in ("bits", "group_size", "sym", "data_type") if k in qc}
+        self.exact: dict[str, Scheme] = {}
+        self.regex: list[tuple[re.Pattern, str, Scheme]] = []
+        extra = qc.get("extra_config") or {}
+        dyn = qc.get("dynamic") or {}
+        if not isinstance(extra, dict) or not isinstance(dyn, dict):
+            raise CheckpointError(file, "quantization_config.extra_config", "must be a JSON object")
+        for key, cfg in list(extra.items()) + [(k.lstrip("+:"), v) for k, v in dyn.items()]:
+            if not isinstance(cfg, dict):
+                raise CheckpointError(file, f"extra_config[{key!r}]", "entry must be a JSON object")
+            scheme = self._scheme(cfg, file, f"extra_config[{key!r}]", base)
+            canon = names.canonical(key)
+            if names.match(canon + ".weight") is not None:
+                self.exact[canon] = scheme
+            else:
+                try:
+                    rx = re.compile(key)
+                except re.error as e:
+                    raise CheckpointError(file, f"extra_config[{key!r}]", f"neither a module name nor a valid regex ({e})") from None
+                self.regex.append((rx, key, scheme))
+
+    @staticmethod
+    def _scheme(cfg, file, key, base):
+        """Interpret one entry merged over the global scheme (``base``: the raw global dict, or None)."""
+        merged = {"bits": 16, "group_size": 128, "sym": True, "data_type": "int"}
+        if base is not None:
+            merged.update({k: base[k] for k in ("bits", "group_size", "sym", "data_type") if k in base})
+        merged.update(cfg)
+        dt = merged["data_type"]
+        bits = _bits(merged["bits"], file, key + ".bits")
+        if not isinstance(dt, str):
+            raise CheckpointError(file, key + ".data_type", f"bad data_type {dt!r}")
+        if "float" in dt or dt.startswith("fp") or dt in ("bf16", "fp16"):
+            bits = None
+        elif bits is not None and not dt.startswith("int"):
+            raise CheckpointError(file, key + ".data_type", f"data_type {dt!r} is not a GPTQ integer scheme")
+        g, sym = merged["group_size"], merged["sym"]
+        if not isinstance(g, int) or isinstance(g, bool) or g <= 0:
+            raise CheckpointError(file, key + ".group_size", f"bad group_size {g!r}")
+        if not isinstance(sym, bool):
+            raise CheckpointError(file, key + ".sym", f"bad sym {sym!r}")
+        return Scheme(bits, g, sym)
+
+    def lookup(self, canon_module: str) -> Scheme:
+        s = self.exact.get(canon_module)
+        if s is not None:
+            return s
+        for rx, _key, scheme in self.regex:
+            if rx.search(canon_module):
+                return scheme
+        return self.default
+
+    def source_summary(self) -> dict:
+        keep = ("quant_method", "packing_format", "bits", "group_size", "sym", "data_type", "autoround_version", "iters")
+        return {k: self.raw[k] for k in keep if k in self.raw}
+
+
+def output_config(modules: dict, group_size: int, sym: bool, source: dict) -> dict:
+    """The converted quantization_config. ``modules``: official module -> {"bits": b, "group_size": g} or {"bits": None} (bf16)."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT,
+        "packing_format": "auto_round:auto_gptq",
+        "zero_point": "gptq_v1",
+        "group_size": group_size,
+        "sym": sym,
+        "desc_act": False,
+        "modules": {k: dict(modules[k]) for k in sorted(modules, key=natural_key)},
+        "source": source,
+    }
+
+
+def natural_key(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]

@@ -1,0 +1,394 @@
+"""The checks behind m3-verify.  Each check yields Findings (one line each).
+
+* integrity: SHA256SUMS (``sha256sum -c`` format) against the files;
+* structure: headers, index, and the exact key set / shapes / dtypes / bits
+  that vLLM's MiniMaxM3SparseForCausalLM expects for OUT_DIR/config.json,
+  computed from the converter's own name table (m3_convert.names);
+* against: every output tensor equal to its source (re-planned from IN_DIR
+  with the converter's planner, so the rules are never written twice).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from m3_convert import config as cfgmod
+from m3_convert import gptq, names, st
+from m3_convert.errors import CheckpointError
+from m3_convert.execute import CHUNK
+from m3_convert.plan import COPY, DEQUANT, INDEX_FILE, SINGLE_FILE, SLICE
+from m3_convert.quantcfg import FORMAT, QUANT_METHOD
+
+
+@dataclass
+class Finding:
+    check: str
+    file: str
+    tensor: str | None
+    message: str
+
+    def line(self) -> str:
+        return f"{self.check}: {self.file}" + (f": {self.tensor}" if self.tensor else "") + f": {self.message}"
+
+
+# ---------------------------------------------------------------- integrity
+SUMS = "SHA256SUMS"
+_SUM_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
+
+
+def parse_sums(out_dir):
+    path = os.path.join(out_dir, SUMS)
+    entries = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            m = _SUM_LINE.match(line)
+            if not m:
+                raise CheckpointError(SUMS, None, f"line {n} is not '<sha256>  <file>'")
+            entries[m.group(2)] = m.group(1).lower()
+    return entries
+
+
+def sha256_file(path, progress=None):
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    mv = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(mv[:n])
+            if progress:
+                progress(n)
+    return h.hexdigest()
+
+
+def check_integrity(out_dir, progress=None, workers=2):
+    if not os.path.exists(os.path.join(out_dir, SUMS)):
+        yield Finding("integrity", SUMS, None, "missing: the conversion did not finish (or this is not an m3-convert output)")
+        return
+    try:
+        entries = parse_sums(out_dir)
+    except (CheckpointError, UnicodeDecodeError) as e:
+        yield Finding("integrity", SUMS, None, str(e))
+        return
+    present = set()
+    for root, dirs, files in os.walk(out_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if root == out_dir else dirs
+        for f in files:
+            rel = os.path.relpath(os.path.join(root, f), out_dir)
+            present.add(rel)
+    for name in sorted(present - set(entries) - {SUMS}):
+        yield Finding("integrity", name, None, "present but not listed in SHA256SUMS")
+    todo = []
+    for name in sorted(entries):
+        if name not in present:
+            yield Finding("integrity", name, None, "listed in SHA256SUMS but absent")
+        else:
+            todo.append(name)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
+        for name, got in zip(todo, ex.map(lambda n: sha256_file(os.path.join(out_dir, n), progress), todo)):
+            if got != entries[name]:
+                yield Finding("integrity", name, None, f"sha256 mismatch (expected {entries[name][:16]}..., got {got[:16]}...)")
+
+
+# ---------------------------------------------------------------- structure
+def _load_json(out_dir, name):
+    with open(os.path.join(out_dir, name), "rb") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def output_headers(out_dir):
+    """(headers by file, findings) for the output's safetensors, via the index if any."""
+    findings = []
+    idx_path = os.path.join(out_dir, INDEX_FILE)
+    if os.path.exists(idx_path):
+        idx = _load_json(out_dir, INDEX_FILE)
+        wm = idx.get("weight_map", {})
+        files = sorted(set(wm.values()))
+    else:
+        wm, idx = None, None
+        files = [SINGLE_FILE] if os.path.exists(os.path.join(out_dir, SINGLE_FILE)) else []
+    if not files:
+        findings.append(Finding("structure", out_dir, None, "no safetensors files (no index and no model.safetensors)"))
+    headers = {}
+    for f in files:
+        p = os.path.join(out_dir, f)
+        if not os.path.exists(p):
+            findings.append(Finding("structure", f, None, f"named in {INDEX_FILE} but absent"))
+            continue
+        try:
+            headers[f] = st.read_header(p)
+        except CheckpointError as e:
+            findings.append(Finding("structure", e.file, e.tensor, e.msg))
+    stray = sorted(x for x in os.listdir(out_dir) if x.endswith(".safetensors") and x not in files)
+    for x in stray:
+        findings.append(Finding("structure", x, None, "safetensors file not referenced by the index"))
+    if wm is not None:
+        total = 0
+        for f, h in headers.items():
+            for t in h.tensors.values():
+                total += t.nbytes
+                if wm.get(t.name) != f:
+                    findings.append(Finding("structure", f, t.name, f"index places it in {wm.get(t.name)!r}"))
+        for t, f in wm.items():
+            if f in headers and t not in headers[f].tensors:
+                findings.append(Finding("structure", f, t, "listed in the index but not in the file"))
+        if idx.get("metadata", {}).get("total_size") != total:
+            findings.append(Finding("structure", INDEX_FILE, None, f"metadata.total_size {idx.get('metadata', {}).get('total_size')} != {total} bytes of tensors"))
+    return headers, findings
+
+
+def check_config(cfg):
+    """Config fields that silently change what vLLM builds."""
+    F = "config.json"
+    if cfg.get("model_type") != "minimax_m3_vl":
+        yield Finding("structure", F, "model_type", f"must be 'minimax_m3_vl', got {cfg.get('model_type')!r}")
+    if cfg.get("architectures") != ["MiniMaxM3SparseForCausalLM"]:
+        yield Finding("structure", F, "architectures", f"must be ['MiniMaxM3SparseForCausalLM'], got {cfg.get('architectures')!r}")
+    tc = cfg.get("text_config")
+    if not isinstance(tc, dict):
+        yield Finding("structure", F, "text_config", "missing")
+        return
+    if tc.get("hidden_act") != "swigluoai":
+        yield Finding("structure", F, "text_config.hidden_act", f"must be 'swigluoai', got {tc.get('hidden_act')!r}")
+    th = tc.get("rope_theta")
+    if not isinstance(th, (int, float)) or th <= 0:
+        yield Finding("structure", F, "text_config.rope_theta", f"missing or not positive ({th!r}): vLLM would use its default")
+    for k in ("swiglu_alpha", "swiglu_beta", "swiglu_limit", "routed_scaling_factor", "partial_rotary_factor"):
+        if not isinstance(tc.get(k), (int, float)):
+            yield Finding("structure", F, f"text_config.{k}", f"missing or not a number ({tc.get(k)!r})")
+    for k in ("intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size"):
+        if not isinstance(tc.get(k), int) or tc.get(k) <= 0:
+            yield Finding("structure", F, f"text_config.{k}", f"missing or not a positive integer ({tc.get(k)!r})")
+    if "n_shared_experts" not in tc:
+        yield Finding("structure", F, "text_config.n_shared_experts", "missing: vLLM would use its default")
+    if "moe_layer_freq" not in tc:
+        yield Finding("structure", F, "text_config.moe_layer_freq", "missing: vLLM would use the real M3's layout")
+    sac = tc.get("sparse_attention_config")
+    if not isinstance(sac, dict):
+        yield Finding("structure", F, "text_config.sparse_attention_config", "missing")
+    else:
+        for k in ("sparse_attention_freq", "sparse_num_index_heads", "sparse_index_dim", "sparse_topk_blocks", "sparse_block_size",
+                  "sparse_init_block", "sparse_local_block", "sparse_score_type"):
+            if k not in sac:
+                yield Finding("structure", F, f"text_config.sparse_attention_config.{k}", "missing")
+    qc = cfg.get("quantization_config")
+    if not isinstance(qc, dict):
+        yield Finding("structure", F, "quantization_config", "missing")
+    else:
+        if qc.get("quant_method") != QUANT_METHOD or qc.get("format") != FORMAT:
+            yield Finding("structure", F, "quantization_config", f"quant_method/format must be {QUANT_METHOD!r}/{FORMAT!r}")
+        if isinstance(qc.get("bits"), int) and qc["bits"] > 8:
+            yield Finding("structure", F, "quantization_config.bits", f"top-level bits {qc['bits']} > 8")
+
+
+def expected_shapes(tc, module: names.Module):
+    """[out, in] (or [n] for 1-D) of each official module of this Module rule."""
+    H, V, hd = tc["hidden_size"], tc["vocab_size"], tc["head_dim"]
+    nH, nKV = tc["num_attention_heads"], tc["num_key_value_heads"]
+    sac = tc.get("sparse_attention_config", {})
+    nI, dI = sac.get("sparse_num_index_heads"), sac.get("sparse_index_dim")
+    I, Id = tc["intermediate_size"], tc.get("dense_intermediate_size")
+    Is = I * tc.get("n_shared_experts", 0)
+    E = tc["num_local_experts"]
+    table = {
+        "model.language_model.embed_tokens": [(V, H)], "model.language_model.norm": [(H,)], "lm_head": [(V, H)],
+        "input_layernorm": [(H,)], "post_attention_layernorm": [(H,)],
+        "self_attn.q_proj": [(nH * hd, H)], "self_attn.k_proj": [(nKV * hd, H)], "self_attn.v_proj": [(nKV * hd, H)],
+        "self_attn.o_proj": [(H, nH * hd)], "self_attn.q_norm": [(hd,)], "self_attn.k_norm": [(hd,)],
+        "self_attn.indexer.q_proj": [((nI or 0) * (dI or 0), H)], "self_attn.indexer.k_proj": [(dI, H)],
+        "self_attn.indexer.q_norm": [(dI,)], "self_attn.indexer.k_norm": [(dI,)],
+        "mlp.gate_up_proj": [(Id, H), (Id, H)], "mlp.down_proj": [(H, Id)],
+        "mlp.gate": [(E, H)],
+        "mlp.experts.{E}.gate_proj": [(I, H)], "mlp.experts.{E}.up_proj": [(I, H)], "mlp.experts.{E}.down_proj": [(H, I)],
+        "mlp.shared_experts.gate_up_proj": [(Is, H), (Is, H)], "mlp.shared_experts.down_proj": [(H, Is)],
+    }
+    return table[module.src]
+
+
+LINEAR_ROLES = (names.LINEAR, names.EXPERT, names.QKV, names.INDEX, names.GATE_UP)
+PLAIN_DTYPES = {names.NORM: ("BF16",), names.EMBED: ("BF16",), names.ROUTER: ("BF16", "F32")}
+
+
+def expected_tensors(cfg):
+    """Official tensor name -> (dtype options, shape) for this config and its per-module quant map.
+
+    Returns (expected, findings): quant-map problems are findings, not exceptions.
+    """
+    tc = cfg["text_config"]
+    layout = cfgmod.layout_from_text_config(tc)
+    qmods = (cfg.get("quantization_config") or {}).get("modules", {})
+    exp, findings, seen_mods = {}, [], set()
+    for module, layer, expert in names.expected_modules(layout):
+        shapes = expected_shapes(tc, module)
+        for i, dst in enumerate(names.official_modules(module, layer, expert)):
+            shape = shapes[i]
+            if module.role in LINEAR_ROLES:
+                seen_mods.add(dst)
+                if dst not in qmods:
+                    findings.append(Finding("structure", "config.json", f"quantization_config.modules[{dst!r}]", "missing: no scheme for this module"))
+                    continue
+                entry = qmods[dst]
+                bits = entry.get("bits") if isinstance(entry, dict) else "?"
+                if bits is None:
+                    exp[f"{dst}.weight"] = (("BF16",), shape)
+                elif bits in gptq.VALID_BITS:
+                    g = entry.get("group_size", cfg["quantization_config"].get("group_size", 128))
+                    out_f, in_f = shape
+                    exp[f"{dst}.qweight"] = (("I32",), (in_f * bits // 32, out_f))
+                    exp[f"{dst}.qzeros"] = (("I32",), (in_f // g, out_f * bits // 32))
+                    exp[f"{dst}.scales"] = (("F16",), (in_f // g, out_f))
+                else:
+                    findings.append(Finding("structure", "config.json", f"quantization_config.modules[{dst!r}]", f"bad bits {bits!r}"))
+            elif module.role == names.ROUTER:
+                exp[f"{dst}.weight"] = (PLAIN_DTYPES[names.ROUTER], shape)
+                exp[names.official_tensor(module, layer, expert, "e_score_correction_bias")] = (PLAIN_DTYPES[names.ROUTER], (shape[0],))
+            else:
+                exp[f"{dst}.weight"] = (PLAIN_DTYPES[module.role], shape)
+    for extra in sorted(set(qmods) - seen_mods):
+        findings.append(Finding("structure", "config.json", f"quantization_config.modules[{extra!r}]", "names no module of this model"))
+    # fused modules must share one scheme (vLLM builds one quant method per fused parameter)
+    fused = {}
+    for module, layer, expert in names.expected_modules(layout):
+        if module.vllm_fused and module.role != names.EXPERT:
+            key = names.OUT_LAYER_PREFIX.replace("{L}", str(layer)) + module.vllm_fused
+            for dst in names.official_modules(module, layer, expert):
+                if dst in qmods:
+                    fused.setdefault(key, {})[dst] = (qmods[dst].get("bits"), qmods[dst].get("group_size"))
+    for key, members in fused.items():
+        if len(set(members.values())) > 1:
+            findings.append(Finding("structure", "config.json", key, f"fused module mixes schemes {members}"))
+    return exp, findings
+
+
+def check_structure(out_dir):
+    try:
+        cfg = _load_json(out_dir, "config.json")
+    except (OSError, ValueError) as e:
+        yield Finding("structure", "config.json", None, f"unreadable: {e}")
+        return
+    findings = list(check_config(cfg))
+    yield from findings
+    if any(f.tensor in ("text_config", "text_config.moe_layer_freq", "text_config.n_shared_experts") for f in findings):
+        return
+    try:
+        exp, qfind = expected_tensors(cfg)
+    except (CheckpointError, KeyError, TypeError) as e:
+        yield Finding("structure", "config.json", None, f"cannot derive the expected key set: {e}")
+        return
+    yield from qfind
+    headers, hfind = output_headers(out_dir)
+    yield from hfind
+    actual = {}
+    for f, h in headers.items():
+        for t in h.tensors.values():
+            actual[t.name] = (f, t)
+    for name in sorted(set(actual) - set(exp), key=_nat):
+        f, t = actual[name]
+        yield Finding("structure", f, name, "unexpected tensor: vLLM would skip it silently")
+    for name in sorted(set(exp) - set(actual), key=_nat):
+        yield Finding("structure", "(all shards)", name, "missing: vLLM would leave this parameter uninitialised")
+    for name in sorted(set(exp) & set(actual), key=_nat):
+        f, t = actual[name]
+        dtypes, shape = exp[name]
+        if t.dtype not in dtypes:
+            yield Finding("structure", f, name, f"dtype {t.dtype}, expected {'/'.join(dtypes)}")
+        if tuple(t.shape) != tuple(shape):
+            yield Finding("structure", f, name, f"shape {list(t.shape)}, expected {list(shape)}")
+
+
+def _nat(s):
+    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", s)]
+
+
+# ---------------------------------------------------------------- against the source
+def _ranges_equal(fd_a, a0, fd_b, b0, n):
+    off = 0
+    while off < n:
+        k = min(CHUNK, n - off)
+        if os.pread(fd_a, k, a0 + off) != os.pread(fd_b, k, b0 + off):
+            return False
+        off += k
+    return True
+
+
+def check_against(out_dir, in_dir, progress=None):
+    from m3_convert.plan import make_plan
+    try:
+        plan = make_plan(in_dir)
+    except CheckpointError as e:
+        yield Finding("against", e.file, e.tensor, f"source cannot be planned: {e.msg}")
+        return
+    cfg = _load_json(out_dir, "config.json")
+    if cfg != json.loads(json.dumps(plan.out_config)):
+        diff = sorted(k for k in set(cfg) | set(plan.out_config) if cfg.get(k) != plan.out_config.get(k))
+        yield Finding("against", "config.json", None, f"differs from the config derived from the source (keys: {', '.join(diff)})")
+    headers, hfind = output_headers(out_dir)
+    yield from (Finding("against", f.file, f.tensor, f.message) for f in hfind)
+    actual = {t.name: t for h in headers.values() for t in h.tensors.values()}
+    planned = {o.name: o for o in plan.tensors}
+    for name in sorted(set(actual) - set(planned), key=_nat):
+        yield Finding("against", os.path.basename(actual[name].file), name, "has no source tensor")
+    for name in sorted(set(planned) - set(actual), key=_nat):
+        yield Finding("against", "(all shards)", name, "source tensor missing from the output")
+    fds = {}
+
+    def fd(path):
+        if path not in fds:
+            fds[path] = os.open(path, os.O_RDONLY)
+        return fds[path]
+    try:
+        for name in sorted(set(planned) & set(actual), key=_nat):
+            o, t = planned[name], actual[name]
+            fname = os.path.basename(t.file)
+            if t.dtype != o.dtype or tuple(t.shape) != tuple(o.shape):
+                yield Finding("against", fname, name, f"{t.dtype} {list(t.shape)} but the source gives {o.dtype} {list(o.shape)}")
+                continue
+            if o.op == COPY:
+                s = o.srcs[0]
+                ok = _ranges_equal(fd(s.file), s.begin, fd(t.file), t.begin, t.nbytes)
+                msg = "bytes differ from the source tensor " + s.name
+            elif o.op == SLICE:
+                s = o.srcs[0]
+                src = st.read_array(fd(s.file), s)
+                src = src[o.rows[0]:o.rows[1]] if o.rows else src[:, o.cols[0]:o.cols[1]]
+                ok = np.array_equal(src, st.read_array(fd(t.file), t))
+                msg = f"differs from its half of {s.name}"
+                if ok and name.endswith(".qweight"):   # prove the split half de-quantizes to the source rows
+                    ok = _split_decodes_equal(planned, name, fd)
+                    msg = f"split half does not de-quantize to the source rows of {s.name}"
+            elif o.op == DEQUANT:
+                arrs = [st.read_array(fd(s.file), s) for s in o.srcs]
+                ref = gptq.to_bf16(gptq.dequantize(arrs[0], arrs[1], arrs[2], arrs[3] if len(arrs) > 3 else None))
+                ok = np.array_equal(ref, st.read_array(fd(t.file), t))
+                msg = f"is not the exact bf16 decode of {o.srcs[0].name}"
+            else:
+                ok, msg = False, f"unknown op {o.op}"
+            if progress:
+                progress(t.nbytes)
+            if not ok:
+                yield Finding("against", fname, name, msg)
+    finally:
+        for x in fds.values():
+            os.close(x)
+
+
+def _split_decodes_equal(planned, qweight_name, fd):
+    """Decode the output half (from the planned source slices) and the fused source; compare rows."""
+    base = qweight_name[: -len(".qweight")]
+    parts = [planned[f"{base}.{leaf}"] for leaf in ("qweight", "qzeros", "scales")]
+    src = [st.read_array(fd(p.srcs[0].file), p.srcs[0]) for p in parts]
+    full = gptq.dequantize(*src)
+    a, b = parts[0].cols
+    half = gptq.dequantize(*[s[:, p.cols[0]:p.cols[1]] for s, p in zip(src, parts)])
+    return np.array_equal(half, full[a:b])
