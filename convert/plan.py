@@ -270,7 +270,7 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9) -> Plan:
             half = shape.out_features // 2
             if not gptq.split_point_ok(half, shape.bits):
                 raise CheckpointError(_fname(qz), qz.name, f"cannot split {shape.bits}-bit gate_up at output {half}: "
-                                      f"{half}*{shape.bits}/32 is not a whole qzeros word (lossless split impossible)")
+                                      f"{half}*{shape.bits}/32 is not a whole qzeros word, the split is not on a packing-word boundary (lossless split impossible)")
             zhalf = half * shape.bits // 32
             for i, (a, b, za, zb) in enumerate(((0, half, 0, zhalf), (half, shape.out_features, zhalf, qz.shape[1]))):
                 dst = m.dst_modules()[i]
