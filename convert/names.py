@@ -228,3 +228,43 @@ def official_modules(module: Module, layer, expert) -> tuple:
 
 def official_tensor(module: Module, layer, expert, leaf: str, index: int = 0) -> str:
     return Match(module, source_module(module, layer, expert), leaf, layer, expert).dst_tensor(index)
+
+
+# ---------------------------------------------------------------- where vLLM puts each official tensor
+@lru_cache(maxsize=1)
+def _vllm_targets():
+    """(regex over official tensor names, fused param template, shard position) from MODULES' vllm_fused."""
+    order: dict[str, list] = {}
+    for m in MODULES:
+        if m.vllm_fused:
+            for i, d in enumerate(m.dst):
+                order.setdefault(m.vllm_fused, []).append(d)
+    out = []
+    leaf = "(?P<leaf>" + "|".join(LEAVES) + ")"
+    for fused, members in order.items():
+        for pos, d in enumerate(members):
+            rx = re.compile("^" + _template_regex(OUT_LAYER_PREFIX + d) + r"\." + leaf + "$")
+            # experts: w1 and w3 share w13 (positions 0, 1); w2 is alone
+            if "{E}" in d:
+                same = [x for x in members if x.rsplit(".", 1)[-1] in ("w1", "w3")] if d.endswith(("w1", "w3")) else [d]
+                pos = same.index(d)
+                fused_name = fused if d.endswith(("w1", "w3")) else fused.rsplit(".", 1)[0] + ".w2"
+            else:
+                fused_name = fused
+            out.append((rx, OUT_LAYER_PREFIX + fused_name, pos))
+    return tuple(out)
+
+
+def vllm_target(official: str):
+    """Official tensor name -> (fused vLLM parameter base, shard position, expert id, leaf), or None if not fused.
+
+    For experts the base is ``model.layers.L.block_sparse_moe.experts.w13`` / ``.w2``; the vLLM
+    parameter is then ``<experts module>.<routed_experts.>w13_<leaf>`` depending on the vLLM version.
+    """
+    for rx, fused, pos in _vllm_targets():
+        mt = rx.match(official)
+        if mt:
+            gd = mt.groupdict()
+            expert = int(gd["E"]) if gd.get("E") is not None else None
+            return _fill(fused, gd.get("L"), expert), pos, expert, gd["leaf"]
+    return None

