@@ -7,7 +7,7 @@ FULL   := $(VENV)/.m3-vllm
 EXAMPLE ?= tests/fixtures/data/ar_model_naming
 OUT    ?= example-out
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean golden
 
 $(BASE): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,3 +35,10 @@ bench: $(BASE)
 
 clean:
 	rm -rf $(VENV) $(OUT)
+
+# Regenerate the golden checksums CI compares against (only when an output change is intended).
+golden: $(BASE)
+	rm -rf .golden-tmp
+	$(BIN)/m3-convert $(EXAMPLE) .golden-tmp --max-shard-size 1MB --quiet
+	cp .golden-tmp/SHA256SUMS tests/golden/ar_model_naming.SHA256SUMS
+	rm -rf .golden-tmp
