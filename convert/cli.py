@@ -53,6 +53,8 @@ def check_dirs(in_dir: str, out_dir: str, force: bool, resume: bool, dry_run: bo
         has_state = os.path.isdir(os.path.join(out_dir, STATE_DIR))
         if resume and has_state:
             return
+        if resume and not force:
+            return "check-own-files"   # decided after planning: only files m3-convert would write
         if not force:
             hint = " (an interrupted run: use --resume)" if has_state else ""
             raise UsageError(f"OUT_DIR {out_dir} is not empty{hint}; use --force to write into it "
@@ -117,8 +119,18 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, quiet
     t0 = time.time()
     try:
         shard_size = parse_size(max_shard_size)
-        check_dirs(in_dir, out_dir, force, resume, dry_run)
+        pending = check_dirs(in_dir, out_dir, force, resume, dry_run)
         plan = planmod.make_plan(in_dir, shard_size)
+        if pending == "check-own-files":
+            own = {f for f, _ in plan.shards} | set(plan.copied_files) | {"config.json", "quantization_config.json",
+                                                                         planmod.INDEX_FILE, "SHA256SUMS", execute.STATE_DIR}
+            foreign = sorted(f for f in os.listdir(out_dir) if f not in own and not (f.startswith(".") and f.endswith(".partial")))
+            if foreign:
+                raise UsageError(f"--resume: OUT_DIR {out_dir} has no m3-convert journal and holds files m3-convert "
+                                 f"would not write ({', '.join(foreign[:3])}); use --force to write into it anyway")
+            if not quiet:
+                click.echo("resume: no journal in OUT_DIR (the last run finished or never started a shard); "
+                           "every shard is rewritten", err=True)
         t_plan = time.time() - t0
         if dry_run:
             if as_json:

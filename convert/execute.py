@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -29,28 +30,85 @@ STATE_FILE = "state.json"
 TOOL_VERSION = "m3-convert/1"
 
 
+class FaultHook:
+    """Test-only fault injection, off unless its environment variables are set.
+
+    M3_CONVERT_KILL_AT_BYTES=N   SIGKILL this process once N output bytes (all files) are written;
+    M3_CONVERT_ENOSPC_AT_BYTES=N raise ENOSPC ("No space left on device") at that point instead.
+    Used by tests/test_faults.py for crash trials and disk-full simulation.
+    """
+
+    def __init__(self):
+        self.kill_at = int(os.environ.get("M3_CONVERT_KILL_AT_BYTES", "0") or 0)
+        self.enospc_at = int(os.environ.get("M3_CONVERT_ENOSPC_AT_BYTES", "0") or 0)
+        self.written = 0
+
+    def tick(self, n):
+        if not (self.kill_at or self.enospc_at):
+            return
+        self.written += n
+        if self.kill_at and self.written >= self.kill_at:
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.enospc_at and self.written >= self.enospc_at:
+            import errno
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+FAULT = FaultHook()
+
+
 class HashingWriter:
-    """Sequential writer that hashes exactly the bytes it writes."""
+    """Sequential writer that hashes exactly the bytes it writes, on a second thread.
+
+    ``write(data, done)`` returns once the bytes are written; hashing runs behind it
+    (hashlib releases the GIL), and ``done`` (an Event) is set when ``data`` may be reused.
+    """
 
     def __init__(self, path):
         self.path = path
         self.f = open(path, "wb", buffering=0)
         self.h = hashlib.sha256()
         self.size = 0
+        self._q = queue.Queue(maxsize=8)
+        self._t = threading.Thread(target=self._hash_loop, name="m3-hash", daemon=True)
+        self._t.start()
 
-    def write(self, data):
-        mv = memoryview(data)
-        self.h.update(mv)
-        while len(mv):
-            n = self.f.write(mv)
-            mv = mv[n:]
+    def _hash_loop(self):
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            data, done = item
+            self.h.update(data)
+            if done is not None:
+                done.set()
+
+    def write(self, data, done=None):
+        mv = memoryview(data).cast("B")
+        rest = mv
+        while len(rest):
+            n = self.f.write(rest)
+            rest = rest[n:]
             self.size += n
+            FAULT.tick(n)
+        self._q.put((mv, done))
+
+    def _stop(self):
+        if self._t.is_alive():
+            self._q.put(None)
+            self._t.join()
 
     def close(self, sync=True):
+        self._stop()
         if sync:
             os.fsync(self.f.fileno())
         self.f.close()
         return self.h.hexdigest()
+
+    def abort(self):
+        self._stop()
+        self.f.close()
 
 
 class Progress:
@@ -71,6 +129,8 @@ def _fd_cache():
         fd = fds.get(path)
         if fd is None:
             fd = fds[path] = os.open(path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return fd
 
     def close():
@@ -89,30 +149,50 @@ def _pread_into(fd, buf, offset, info):
         got += n
 
 
-def _copy_range(fd, w, begin, end, buf, info, progress):
+class BufferRing:
+    """A few large reusable buffers: one is filled while the hash thread still reads the others."""
+
+    def __init__(self, n=3, size=CHUNK):
+        self.bufs = [bytearray(size) for _ in range(n)]
+        self.done = [None] * n
+        self.i = 0
+
+    def next(self):
+        i = self.i
+        self.i = (i + 1) % len(self.bufs)
+        if self.done[i] is not None:
+            self.done[i].wait()
+        self.done[i] = threading.Event()
+        return self.bufs[i], self.done[i]
+
+
+def _copy_range(fd, w, begin, end, ring, info, progress):
     off = begin
     while off < end:
+        buf, done = ring.next()
         n = min(len(buf), end - off)
         view = memoryview(buf)[:n]
         _pread_into(fd, view, off, info)
-        w.write(view)
+        w.write(view, done)
         progress(n)
         off += n
 
 
-def _write_slice(fd, w, o, buf, progress):
+def _write_slice(fd, w, o, ring, progress):
     (t,) = o.srcs
     item = st.DTYPES[t.dtype][0]
     if o.rows is not None:  # contiguous rows: a byte range
         row_bytes = item * int(np.prod(t.shape[1:]))
-        _copy_range(fd, w, t.begin + o.rows[0] * row_bytes, t.begin + o.rows[1] * row_bytes, buf, t, progress)
+        _copy_range(fd, w, t.begin + o.rows[0] * row_bytes, t.begin + o.rows[1] * row_bytes, ring, t, progress)
         return
     rows, cols = t.shape
     a, b = o.cols
     row_bytes = cols * item
-    block = max(1, len(buf) // row_bytes)
+    block = max(1, CHUNK // row_bytes)
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
+        buf, done = ring.next()
+        done.set()   # the slice below is a copy; the buffer itself is never queued for hashing
         view = memoryview(buf)[: (r1 - r0) * row_bytes]
         _pread_into(fd, view, t.begin + r0 * row_bytes, t)
         arr = np.frombuffer(view, dtype=st.DTYPES[t.dtype][1]).reshape(r1 - r0, cols)
@@ -143,7 +223,7 @@ def write_shard(path_tmp, tensors, progress):
     """Write one output shard; returns (size, sha256)."""
     header = st.build_header([(o.name, o.dtype, o.shape, o.nbytes) for o in tensors])
     get_fd, close_fds = _fd_cache()
-    buf = bytearray(CHUNK)
+    ring = BufferRing()
     w = HashingWriter(path_tmp)
     try:
         w.write(header)
@@ -157,11 +237,11 @@ def write_shard(path_tmp, tensors, progress):
                 while j < len(tensors) and tensors[j].op == COPY and tensors[j].srcs[0].file == t.file and tensors[j].srcs[0].begin == end:
                     end = tensors[j].srcs[0].end
                     j += 1
-                _copy_range(get_fd(t.file), w, begin, end, buf, t, progress)
+                _copy_range(get_fd(t.file), w, begin, end, ring, t, progress)
                 i = j
                 continue
             if o.op == SLICE:
-                _write_slice(get_fd(o.srcs[0].file), w, o, buf, progress)
+                _write_slice(get_fd(o.srcs[0].file), w, o, ring, progress)
             elif o.op == DEQUANT:
                 _write_dequant(get_fd, w, o, progress)
             else:
@@ -173,7 +253,7 @@ def write_shard(path_tmp, tensors, progress):
         digest = w.close()
     except BaseException:
         try:
-            w.f.close()
+            w.abort()
         finally:
             if os.path.exists(path_tmp):
                 os.unlink(path_tmp)
@@ -214,28 +294,45 @@ def sha256_file(path, bufsize=CHUNK):
 
 def _atomic_write(path, data: bytes):
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            FAULT.tick(len(data))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
     return hashlib.sha256(data).hexdigest()
 
 
 def _copy_file(src, dst):
     tmp = os.path.join(os.path.dirname(dst), "." + os.path.basename(dst) + ".partial")
     h = hashlib.sha256()
-    with open(src, "rb") as fi, open(tmp, "wb") as fo:
-        while True:
-            b = fi.read(CHUNK)
-            if not b:
-                break
-            h.update(b)
-            fo.write(b)
-        fo.flush()
-        os.fsync(fo.fileno())
-    os.replace(tmp, dst)
+    try:
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            while True:
+                b = fi.read(CHUNK)
+                if not b:
+                    break
+                h.update(b)
+                fo.write(b)
+                FAULT.tick(len(b))
+            fo.flush()
+            os.fsync(fo.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
     return h.hexdigest()
+
+
+def _unlink_quiet(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def json_bytes(obj) -> bytes:

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Benchmark m3-convert and m3-verify against cp / sha256sum, at the real model's topology.
+
+    python bench/bench.py [--sizes 1,5] [--work bench/out] [--workers 1,2] [--keep]
+
+Generates (seeded) AutoRound-style checkpoints with the real MiniMax-M3 topology: 60 layers
+(0-2 dense attention + dense MLP, 3-59 sparse attention + MoE), 128 experts with mixed 2/3/4/8-bit
+GPTQ per module, fused gate_up, the real checkpoint's "model naming" and GPTQ v1 packing, ~90k
+tensors, at reduced width so that the checkpoint is about 1 GiB or about 5 GiB.  Then, in one run
+and on the same disk, it measures:
+
+* ``cp -r IN OUT && sync`` vs ``m3-convert IN OUT`` (which fsyncs every file), each after
+  ``echo 3 > /proc/sys/vm/drop_caches`` (cold cache for both; if dropping caches is not permitted,
+  both run warm after one full read of the input, and the table says so);
+* peak RSS of m3-convert (``/usr/bin/time -v``) for each ``--workers`` value;
+* planning time of the full topology (``m3-convert --dry-run --json``'s plan_seconds);
+* ``m3-verify --integrity-only`` vs ``sha256sum -c SHA256SUMS`` over the same files (cold cache both).
+
+Prints a markdown table and writes bench/out/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from m3_convert import gptq  # noqa: E402
+from m3_convert.st import build_header  # noqa: E402
+
+P = "model.language_model"
+SIZES = {  # name -> (hidden, expert/shared intermediate, dense intermediate, shard bytes)
+    1: (384, 256, 1024, 128 << 20),
+    5: (896, 512, 2048, 512 << 20),
+}
+LAYERS, E, HEADS, KV, HD, VOCAB = 60, 128, 4, 1, 128, 8192
+
+
+def module_bits(layer, name, e=None):
+    if e is not None:
+        return (2, 3, 4, 8)[(layer * 7 + e * 3 + {"gate_proj": 0, "up_proj": 1, "down_proj": 2}[name]) % 4]
+    return 8 if name in ("o_proj", "down_proj") else 4
+
+
+def gptq_tensors(rng, prefix, n_in, n_out, bits):
+    g = n_in // 128
+    qw = rng.integers(-2**31, 2**31, size=(n_in * bits // 32, n_out), dtype=np.int64).astype(np.int32)
+    qz = gptq.pack_qzeros(np.full((g, n_out), (1 << (bits - 1)) - 1), bits)
+    sc = (rng.standard_normal((g, n_out)) * 0.01).astype(np.float16)
+    return {f"{prefix}.qweight": ("I32", qw), f"{prefix}.qzeros": ("I32", qz), f"{prefix}.scales": ("F16", sc)}
+
+
+def bf16(rng, shape):
+    return ("BF16", rng.integers(0, 1 << 16, size=shape, dtype=np.uint16))
+
+
+def layer_tensors(rng, L, H, I, Id):
+    p = f"{P}.layers.{L}"
+    sparse = moe = L >= 3
+    t, extra = {}, {}
+    t[f"{p}.input_layernorm.weight"] = bf16(rng, (H,))
+    t[f"{p}.post_attention_layernorm.weight"] = bf16(rng, (H,))
+    for n, o in (("q_proj", HEADS * HD), ("k_proj", KV * HD), ("v_proj", KV * HD)):
+        t.update(gptq_tensors(rng, f"{p}.self_attn.{n}", H, o, 4))
+        extra[f"{p}.self_attn.{n}"] = {"bits": 4}
+    t.update(gptq_tensors(rng, f"{p}.self_attn.o_proj", HEADS * HD, H, 8))
+    extra[f"{p}.self_attn.o_proj"] = {"bits": 8}
+    t[f"{p}.self_attn.q_norm.weight"] = bf16(rng, (HD,))
+    t[f"{p}.self_attn.k_norm.weight"] = bf16(rng, (HD,))
+    if sparse:
+        t[f"{p}.self_attn.indexer.q_proj.weight"] = bf16(rng, (KV * HD, H))
+        t[f"{p}.self_attn.indexer.k_proj.weight"] = bf16(rng, (HD, H))
+        t[f"{p}.self_attn.indexer.q_norm.weight"] = bf16(rng, (HD,))
+        t[f"{p}.self_attn.indexer.k_norm.weight"] = bf16(rng, (HD,))
+    if moe:
+        t[f"{p}.mlp.gate.weight"] = bf16(rng, (E, H))
+        t[f"{p}.mlp.gate.e_score_correction_bias"] = bf16(rng, (E,))
+        for e in range(E):
+            for n, (i, o) in (("gate_proj", (H, I)), ("up_proj", (H, I)), ("down_proj", (I, H))):
+                b = module_bits(L, n, e)
+                t.update(gptq_tensors(rng, f"{p}.mlp.experts.{e}.{n}", i, o, b))
+                extra[f"{p}.mlp.experts.{e}.{n}"] = {"bits": b}
+        t.update(gptq_tensors(rng, f"{p}.mlp.shared_experts.gate_up_proj", H, 2 * I, 4))
+        t.update(gptq_tensors(rng, f"{p}.mlp.shared_experts.down_proj", I, H, 8))
+        extra[f"{p}.mlp.shared_experts.gate_up_proj"] = {"bits": 4}
+        extra[f"{p}.mlp.shared_experts.down_proj"] = {"bits": 8}
+        extra[f".*{re.escape(p)}\\.mlp\\.gate.*"] = {"data_type": "float"}
+    else:
+        t.update(gptq_tensors(rng, f"{p}.mlp.gate_up_proj", H, 2 * Id, 4))
+        t.update(gptq_tensors(rng, f"{p}.mlp.down_proj", Id, H, 8))
+        extra[f"{p}.mlp.gate_up_proj"] = {"bits": 4}
+        extra[f"{p}.mlp.down_proj"] = {"bits": 8}
+    return t, extra
+
+
+def write_shard(path, tensors):
+    names = sorted(tensors)   # safetensors' writer orders by name within a shard
+    entries = [(n, tensors[n][0], tensors[n][1].shape, tensors[n][1].nbytes) for n in names]
+    with open(path, "wb") as f:
+        f.write(build_header(entries))
+        for n in names:
+            f.write(np.ascontiguousarray(tensors[n][1]).tobytes())
+
+
+def generate(size, out, seed=0):
+    H, I, Id, shard_bytes = SIZES[size]
+    rng = np.random.default_rng(seed)
+    os.makedirs(out)
+    extra, wm, shards, cur, cur_bytes = {}, {}, [], {}, 0
+
+    def flush():
+        nonlocal cur, cur_bytes
+        if cur:
+            shards.append(cur)
+            cur, cur_bytes = {}, 0
+    glob = {f"{P}.embed_tokens.weight": bf16(rng, (VOCAB, H)), f"{P}.norm.weight": bf16(rng, (H,)),
+            "language_model.lm_head.weight": bf16(rng, (VOCAB, H))}
+    cur.update(glob)
+    cur_bytes = sum(v[1].nbytes for v in glob.values())
+    for L in range(LAYERS):
+        t, x = layer_tensors(rng, L, H, I, Id)
+        extra.update(x)
+        for k, v in t.items():
+            if cur_bytes + v[1].nbytes > shard_bytes:
+                flush()
+            cur[k] = v
+            cur_bytes += v[1].nbytes
+    flush()
+    n = len(shards)
+    for i, s in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        write_shard(os.path.join(out, fname), s)
+        wm.update({k: fname for k in s})
+    # mtp, as auto-round copies it
+    write_shard(os.path.join(out, "model_extra_tensors.safetensors"), {"mtp.0.enorm.weight": bf16(rng, (H,)), "mtp.0.eh_proj.weight": bf16(rng, (H, 2 * H))})
+    qc = {"bits": 16, "group_size": 128, "sym": True, "data_type": "int", "quant_method": "auto-round",
+          "packing_format": "auto_round:auto_gptq", "autoround_version": "0.16.1", "extra_config": extra}
+    tc = {"model_type": "minimax_m3_vl_text", "hidden_size": H, "intermediate_size": I, "dense_intermediate_size": Id,
+          "shared_intermediate_size": I, "n_shared_experts": 1, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+          "num_key_value_heads": KV, "head_dim": HD, "vocab_size": VOCAB, "num_local_experts": E, "num_experts_per_tok": 4,
+          "layer_types": ["full_attention"] * 3 + ["minimax_m3_sparse"] * (LAYERS - 3),
+          "mlp_layer_types": ["dense"] * 3 + ["sparse"] * (LAYERS - 3), "index_n_heads": KV, "index_head_dim": HD,
+          "index_block_size": 128, "index_topk_blocks": 16, "index_local_blocks": 1, "hidden_act": "silu",
+          "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "routed_scaling_factor": 2.0, "rotary_dim": 64,
+          "rope_parameters": {"rope_theta": 5000000.0, "partial_rotary_factor": 0.5, "rope_type": "default"},
+          "rms_norm_eps": 1e-6, "max_position_embeddings": 524288}
+    cfg = {"architectures": ["MiniMaxM3SparseForConditionalGeneration"], "model_type": "minimax_m3_vl", "text_config": tc,
+           "quantization_config": qc}
+    json.dump(cfg, open(os.path.join(out, "config.json"), "w"), indent=1)
+    json.dump(qc, open(os.path.join(out, "quantization_config.json"), "w"), indent=1)
+    total = sum(v[1].nbytes for s in shards for v in s.values())
+    json.dump({"metadata": {"total_size": total}, "weight_map": wm}, open(os.path.join(out, "model.safetensors.index.json"), "w"))
+    open(os.path.join(out, "LICENSE"), "w").write("bench\n")
+    return len(wm)
+
+
+def drop_caches():
+    try:
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def warm(path):
+    subprocess.run(f"cat {path}/* > /dev/null", shell=True, check=True)
+
+
+def timed(cmd, cold, warm_dir):
+    """Run a shell command under /usr/bin/time -v: (wall s, peak RSS MiB, stdout)."""
+    if not (cold and drop_caches()):
+        warm(warm_dir)
+    t0 = time.time()
+    p = subprocess.run(["/usr/bin/time", "-v", "bash", "-c", cmd], capture_output=True, text=True)
+    wall = time.time() - t0
+    if p.returncode:
+        raise SystemExit(f"failed: {cmd}\n{p.stderr[-3000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) / 1024
+    return wall, rss, p.stdout
+
+
+def du(path):
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1,5")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--work", default=os.path.join(HERE, "out"))
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    bindir = os.path.dirname(sys.executable)
+    conv, ver = os.path.join(bindir, "m3-convert"), os.path.join(bindir, "m3-verify")
+    cold = drop_caches()
+    shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(args.work)
+    results = {"cache": "cold (drop_caches before each command)" if cold else "warm (input read once before each command)",
+               "cpus": os.cpu_count(), "runs": []}
+    for size in (int(s) for s in args.sizes.split(",")):
+        src = os.path.join(args.work, f"in{size}")
+        t0 = time.time()
+        n_tensors = generate(size, src)
+        gen_s = time.time() - t0
+        nbytes = du(src)
+        shard = SIZES[size][3]
+        row = {"size_gib": round(nbytes / 2**30, 2), "tensors": n_tensors, "generate_s": round(gen_s, 1)}
+        out = os.path.join(args.work, "cp")
+        row["cp_s"], _, _ = timed(f"cp -r {src} {out} && sync", cold, src)
+        shutil.rmtree(out)
+        _, _, js = timed(f"{conv} {src} {args.work}/dry --dry-run --json", False, src)
+        row["plan_s"] = json.loads(js)["plan_seconds"]
+        for w in (int(x) for x in args.workers.split(",")):
+            out = os.path.join(args.work, f"conv{w}")
+            wall, rss, _ = timed(f"{conv} {src} {out} --quiet --workers {w} --max-shard-size {shard} && sync", cold, src)
+            row[f"convert_w{w}_s"], row[f"convert_w{w}_rss_mib"] = round(wall, 2), round(rss)
+            row[f"ratio_w{w}"] = round(wall / row["cp_s"], 2)
+            if w != int(args.workers.split(",")[-1]):
+                shutil.rmtree(out)
+        out = os.path.join(args.work, f"conv{args.workers.split(',')[-1]}")
+        row["sha256sum_s"], _, _ = timed(f"cd {out} && sha256sum -c --quiet SHA256SUMS", cold, out)
+        row["verify_integrity_s"], row["verify_rss_mib"], _ = timed(f"{ver} {out} --integrity-only --quiet", cold, out)
+        row["verify_ratio"] = round(row["verify_integrity_s"] / row["sha256sum_s"], 2)
+        row["cp_s"] = round(row["cp_s"], 2)
+        row["sha256sum_s"] = round(row["sha256sum_s"], 2)
+        row["verify_integrity_s"] = round(row["verify_integrity_s"], 2)
+        results["runs"].append(row)
+        print(json.dumps(row), flush=True)
+        if not args.keep:
+            shutil.rmtree(src)
+            shutil.rmtree(out)
+    json.dump(results, open(os.path.join(args.work, "results.json"), "w"), indent=1)
+    ws = args.workers.split(",")
+    print(f"\ncache: {results['cache']}; {results['cpus']} CPUs\n")
+    print("| input | tensors | cp -r | " + " | ".join(f"m3-convert --workers {w} (ratio, peak RSS)" for w in ws)
+          + " | plan (--dry-run) | sha256sum -c | m3-verify --integrity-only (ratio) |")
+    print("|---" * (6 + len(ws)) + "|")
+    for r in results["runs"]:
+        print(f"| {r['size_gib']} GiB | {r['tensors']} | {r['cp_s']} s | "
+              + " | ".join(f"{r[f'convert_w{w}_s']} s ({r[f'ratio_w{w}']}x, {r[f'convert_w{w}_rss_mib']} MiB)" for w in ws)
+              + f" | {r['plan_s']:.2f} s | {r['sha256sum_s']} s | {r['verify_integrity_s']} s ({r['verify_ratio']}x) |")
+
+
+if __name__ == "__main__":
+    main()

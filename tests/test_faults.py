@@ -1,0 +1,235 @@
+"""Crashes, hostile input and hostile output directories.
+
+Kill trials use real SIGKILLs: 20 at byte positions spread over the whole run (the test-only
+M3_CONVERT_KILL_AT_BYTES hook, so every phase is hit, the manifest included) and 5 at random
+wall-clock times from outside (kill -9).  After each: nothing claims completeness, and
+--resume finishes with output byte-identical to an uninterrupted run, leaving no temporary files.
+"""
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES, copy_fixture, edit_quant_config, run_convert, run_verify
+from test_errors import EXIT_INPUT, EXIT_USAGE, convert_fails
+
+SRC = FIXTURES / "ar_model_naming"
+ARGS = ["--max-shard-size", "200KB", "--quiet"]
+CLI = [sys.executable, "-m", "m3_convert.cli"]
+SHARD = "model-00006-of-00006.safetensors"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    p = subprocess.run(CLI + [str(SRC), str(out)] + ARGS, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    total = sum(os.path.getsize(out / f) for f in os.listdir(out))
+    return out, (out / "SHA256SUMS").read_text(), total
+
+
+def leftovers(out: Path):
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name.endswith(".partial") or ".m3-convert" in p.parts)
+
+
+def assert_not_complete(out: Path):
+    if not (out / "SHA256SUMS").exists():
+        return
+    # a manifest may exist only if the run had actually finished: then it must verify
+    r = run_verify(out, "--quiet")
+    assert r.exit_code == 0, r.output
+
+
+def resume_and_compare(out: Path, ref_sums: str):
+    p = subprocess.run(CLI + [str(SRC), str(out), "--resume"] + ARGS, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert (out / "SHA256SUMS").read_text() == ref_sums
+    assert leftovers(out) == []
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=out).returncode == 0
+
+
+def test_kill_trials_at_every_phase(reference_run, tmp_path):
+    _, ref_sums, total = reference_run
+    killed = 0
+    for i in range(20):
+        out = tmp_path / f"t{i}"
+        at = max(1, int(total * (i + 0.5) / 20))
+        env = dict(os.environ, M3_CONVERT_KILL_AT_BYTES=str(at))
+        p = subprocess.run(CLI + [str(SRC), str(out)] + ARGS, capture_output=True, text=True, env=env)
+        assert p.returncode == -signal.SIGKILL, (at, p.returncode, p.stderr)
+        killed += 1
+        assert_not_complete(out)
+        r = run_verify(out, "--quiet")
+        assert r.exit_code != 0 or (out / "SHA256SUMS").exists()
+        resume_and_compare(out, ref_sums)
+    assert killed == 20
+
+
+def test_kill_trials_at_random_times(reference_run, tmp_path):
+    _, ref_sums, _ = reference_run
+    t0 = time.time()
+    subprocess.run(CLI + [str(SRC), str(tmp_path / "timing")] + ARGS, check=True)
+    duration = time.time() - t0
+    rng = random.Random(1234)
+    for i in range(5):
+        out = tmp_path / f"r{i}"
+        p = subprocess.Popen(CLI + [str(SRC), str(out)] + ARGS, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 1.0) * duration)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert_not_complete(out)
+        if out.exists() and os.listdir(out):
+            resume_and_compare(out, ref_sums)
+
+
+def test_resume_redoes_a_shard_that_changed(reference_run, tmp_path):
+    _, ref_sums, total = reference_run
+    out = tmp_path / "o"
+    env = dict(os.environ, M3_CONVERT_KILL_AT_BYTES=str(int(total * 0.8)))
+    subprocess.run(CLI + [str(SRC), str(out)] + ARGS, env=env)
+    shards = sorted(f for f in os.listdir(out) if f.startswith("model-"))
+    assert shards, "the kill point should leave finished shards"
+    with open(out / shards[0], "r+b") as f:     # damage a finished shard behind the journal's back
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    p = subprocess.run(CLI + [str(SRC), str(out), "--resume"] + ARGS[:-1], capture_output=True, text=True)
+    assert p.returncode == 0 and f"{shards[0]} changed since it was written, redoing it" in p.stderr
+    assert (out / "SHA256SUMS").read_text() == ref_sums
+
+
+def test_disk_full_real_small_filesystem(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode == 0
+    try:
+        out = mnt / "out"
+        env = dict(os.environ)
+        if not mounted:   # no mount permission: the same OSError(ENOSPC), raised by the fault hook
+            env["M3_CONVERT_ENOSPC_AT_BYTES"] = str(1 << 20)
+        p = subprocess.run(CLI + [str(SRC), str(out)], capture_output=True, text=True, env=env)
+        assert p.returncode == 4, p.stderr
+        assert "No space left on device" in p.stderr and "Traceback" not in p.stderr
+        assert not (out / "SHA256SUMS").exists()
+        assert not [f for f in os.listdir(out) if f.endswith(".partial")]
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mnt)])
+
+
+def test_disk_full_in_the_metadata_phase(reference_run, tmp_path):
+    _, _, total = reference_run
+    out = tmp_path / "o"
+    env = dict(os.environ, M3_CONVERT_ENOSPC_AT_BYTES=str(total - 500))   # inside config/README/index/manifest
+    p = subprocess.run(CLI + [str(SRC), str(out)] + ARGS, capture_output=True, text=True, env=env)
+    assert p.returncode == 4 and "No space left on device" in p.stderr
+    assert not (out / "SHA256SUMS").exists() and not [f for f in os.listdir(out) if f.endswith(".partial")]
+
+
+# ---------------------------------------------------------------- hostile input
+def raw_shard(path, header_bytes, data=b"", length=None):
+    n = len(header_bytes) if length is None else length
+    path.write_bytes(struct.pack("<Q", n) + header_bytes + data)
+
+
+def test_header_length_larger_than_file(tmp_path):
+    d = copy_fixture(tmp_path)
+    raw_shard(d / SHARD, b'{"a":1}', length=10**6)
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, SHARD, "larger than the file")
+
+
+def test_huge_header_refused_before_reading(tmp_path):
+    d = copy_fixture(tmp_path)
+    raw_shard(d / SHARD, b"{}", length=2**40)
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, SHARD, "exceeds the")
+
+
+def test_non_utf8_header(tmp_path):
+    d = copy_fixture(tmp_path)
+    raw_shard(d / SHARD, b'{"\xff\xfe":1}      ')
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, SHARD, "not valid UTF-8")
+
+
+def _hdr(obj):
+    js = json.dumps(obj).encode()
+    return js + b" " * (-len(js) % 8)
+
+
+def test_offsets_out_of_range(tmp_path):
+    d = copy_fixture(tmp_path)
+    raw_shard(d / SHARD, _hdr({"x.weight": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 8]}}), b"\0" * 4)
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, SHARD, "x.weight", "beyond the end")
+
+
+def test_overlapping_offsets(tmp_path):
+    d = copy_fixture(tmp_path)
+    raw_shard(d / SHARD, _hdr({"a.weight": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 8]},
+                               "b.weight": {"dtype": "BF16", "shape": [4], "data_offsets": [4, 12]}}), b"\0" * 12)
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, SHARD, "b.weight", "overlaps a.weight")
+
+
+def test_dtype_shape_disagree_with_byte_range(tmp_path):
+    d = copy_fixture(tmp_path)
+    raw_shard(d / SHARD, _hdr({"a.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}), b"\0" * 8)
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, SHARD, "a.weight", "needs 16 bytes but data_offsets span 8")
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "sub/model.safetensors", "..", "..\\x.safetensors"])
+def test_index_names_leaving_in_dir(tmp_path, bad):
+    d = copy_fixture(tmp_path)
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    idx["weight_map"][next(iter(idx["weight_map"]))] = bad
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, "model.safetensors.index.json", "not a plain file name")
+
+
+def test_invalid_json_index(tmp_path):
+    d = copy_fixture(tmp_path)
+    (d / "model.safetensors.index.json").write_text('{"weight_map": ')
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, "model.safetensors.index.json", "not valid JSON")
+
+
+def test_bits_16_means_unquantized_and_disagrees_with_gptq_tensors(tmp_path):
+    d = copy_fixture(tmp_path)
+    m = "model.language_model.layers.0.self_attn.o_proj"
+    edit_quant_config(d, lambda q: q["extra_config"][m].update(bits=16))
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, m + ".qweight", "8-bit GPTQ but quantization_config says unquantized")
+
+
+def test_qweight_without_scales(tmp_path):
+    from conftest import edit_checkpoint
+    d = copy_fixture(tmp_path)
+    t = "model.language_model.layers.1.mlp.experts.3.down_proj.scales"
+    edit_checkpoint(d, remove=[t])
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, t, "missing partner tensor")
+
+
+# ---------------------------------------------------------------- hostile output directory
+def test_in_dir_inside_out_dir(tmp_path):
+    d = copy_fixture(tmp_path)
+    convert_fails(d, tmp_path, EXIT_USAGE, "inside OUT_DIR")
+
+
+def test_symlink_in_out_dir_is_replaced_not_followed(tmp_path):
+    outside = tmp_path / "precious.json"
+    outside.write_text("keep me")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "config.json").symlink_to(outside)
+    r = run_convert(SRC, out, "--force", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert outside.read_text() == "keep me" and not (out / "config.json").is_symlink()
+
+
+def test_no_pickle_anywhere():
+    root = Path(__file__).parent.parent
+    for sub in ("convert", "verify"):
+        for f in (root / sub).rglob("*.py"):
+            text = f.read_text()
+            assert "torch.load(" not in text and "pickle" not in text, f
