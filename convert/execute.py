@@ -10,8 +10,10 @@
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import mmap
 import os
 import queue
 import shutil
@@ -82,7 +84,24 @@ class HashingWriter:
             data, done = item
             self.h.update(data)
             if done is not None:
-                done.set()
+                done()
+
+    def copy_range(self, fd_in, offset, n, view, done=None):
+        """Copy ``n`` source bytes in the kernel (copy_file_range: no user-space copy), hash ``view`` of them."""
+        copied = 0
+        while copied < n:
+            try:
+                k = os.copy_file_range(fd_in, self.f.fileno(), n - copied, offset + copied)
+            except OSError as e:
+                if copied == 0 and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    return self.write(view, done)          # filesystem without it: a plain write
+                raise
+            if k == 0:
+                raise OSError(errno.EIO, f"source ended early at offset {offset + copied} (truncated during conversion?)")
+            copied += k
+            self.size += k
+            FAULT.tick(k)
+        self._q.put((view, done))
 
     def write(self, data, done=None):
         mv = memoryview(data).cast("B")
@@ -122,21 +141,43 @@ class Progress:
                 self.bar.update(n)
 
 
-def _fd_cache():
-    fds = {}
+class SourceFiles:
+    """Open input files (fd + read-only mmap), for one shard writer."""
 
-    def get(path):
-        fd = fds.get(path)
+    def __init__(self):
+        self.fds, self.maps = {}, {}
+
+    def fd(self, path):
+        fd = self.fds.get(path)
         if fd is None:
-            fd = fds[path] = os.open(path, os.O_RDONLY)
+            fd = self.fds[path] = os.open(path, os.O_RDONLY)
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return fd
 
-    def close():
-        for fd in fds.values():
+    def view(self, path, offset, n):
+        """A zero-copy view of source bytes, and a callback that drops those pages from our mapping
+        once hashed (they stay in the page cache; RSS stays flat)."""
+        mm = self.maps.get(path)
+        if mm is None:
+            mm = self.maps[path] = mmap.mmap(self.fd(path), 0, access=mmap.ACCESS_READ)
+            if hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_SEQUENTIAL)
+        start = offset - offset % mmap.PAGESIZE
+
+        def release():
+            if hasattr(mm, "madvise") and not mm.closed:
+                mm.madvise(mmap.MADV_DONTNEED, start, offset + n - start)
+        return memoryview(mm)[offset:offset + n], release
+
+    def close(self):
+        for mm in self.maps.values():
+            try:
+                mm.close()
+            except BufferError:
+                pass
+        for fd in self.fds.values():
             os.close(fd)
-    return get, close
 
 
 def _pread_into(fd, buf, offset, info):
@@ -163,27 +204,28 @@ class BufferRing:
         if self.done[i] is not None:
             self.done[i].wait()
         self.done[i] = threading.Event()
-        return self.bufs[i], self.done[i]
+        return self.bufs[i], self.done[i].set
 
 
-def _copy_range(fd, w, begin, end, ring, info, progress):
+def _copy_range(src, path, w, begin, end, progress):
+    fd = src.fd(path)
     off = begin
     while off < end:
-        buf, done = ring.next()
-        n = min(len(buf), end - off)
-        view = memoryview(buf)[:n]
-        _pread_into(fd, view, off, info)
-        w.write(view, done)
+        n = min(CHUNK, end - off)
+        view, release = src.view(path, off, n)
+        w.copy_range(fd, off, n, view, release)
+        del view
         progress(n)
         off += n
 
 
-def _write_slice(fd, w, o, ring, progress):
+def _write_slice(src, w, o, ring, progress):
     (t,) = o.srcs
     item = st.DTYPES[t.dtype][0]
+    fd = src.fd(t.file)
     if o.rows is not None:  # contiguous rows: a byte range
         row_bytes = item * int(np.prod(t.shape[1:]))
-        _copy_range(fd, w, t.begin + o.rows[0] * row_bytes, t.begin + o.rows[1] * row_bytes, ring, t, progress)
+        _copy_range(src, t.file, w, t.begin + o.rows[0] * row_bytes, t.begin + o.rows[1] * row_bytes, progress)
         return
     rows, cols = t.shape
     a, b = o.cols
@@ -192,7 +234,7 @@ def _write_slice(fd, w, o, ring, progress):
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
         buf, done = ring.next()
-        done.set()   # the slice below is a copy; the buffer itself is never queued for hashing
+        done()   # the slice below is a copy; the buffer itself is never queued for hashing
         view = memoryview(buf)[: (r1 - r0) * row_bytes]
         _pread_into(fd, view, t.begin + r0 * row_bytes, t)
         arr = np.frombuffer(view, dtype=st.DTYPES[t.dtype][1]).reshape(r1 - r0, cols)
@@ -201,10 +243,10 @@ def _write_slice(fd, w, o, ring, progress):
         progress(part.nbytes)
 
 
-def _write_dequant(get_fd, w, o, progress, rows_per_block=1024):
+def _write_dequant(src, w, o, progress, rows_per_block=1024):
     arrays = []
     for t in o.srcs:
-        arrays.append(st.read_array(get_fd(t.file), t))
+        arrays.append(st.read_array(src.fd(t.file), t))
     qw, qz, sc = arrays[:3]
     gi = arrays[3] if len(arrays) > 3 else None
     shape = gptq.infer_shape(qw.shape, qz.shape, sc.shape)
@@ -222,8 +264,8 @@ def _write_dequant(get_fd, w, o, progress, rows_per_block=1024):
 def write_shard(path_tmp, tensors, progress):
     """Write one output shard; returns (size, sha256)."""
     header = st.build_header([(o.name, o.dtype, o.shape, o.nbytes) for o in tensors])
-    get_fd, close_fds = _fd_cache()
-    ring = BufferRing()
+    src = SourceFiles()
+    ring = BufferRing(n=1)   # row blocks for column slices (copies go through the kernel)
     w = HashingWriter(path_tmp)
     try:
         w.write(header)
@@ -237,13 +279,13 @@ def write_shard(path_tmp, tensors, progress):
                 while j < len(tensors) and tensors[j].op == COPY and tensors[j].srcs[0].file == t.file and tensors[j].srcs[0].begin == end:
                     end = tensors[j].srcs[0].end
                     j += 1
-                _copy_range(get_fd(t.file), w, begin, end, ring, t, progress)
+                _copy_range(src, t.file, w, begin, end, progress)
                 i = j
                 continue
             if o.op == SLICE:
-                _write_slice(get_fd(o.srcs[0].file), w, o, ring, progress)
+                _write_slice(src, w, o, ring, progress)
             elif o.op == DEQUANT:
-                _write_dequant(get_fd, w, o, progress)
+                _write_dequant(src, w, o, progress)
             else:
                 raise AssertionError(o.op)
             i += 1
@@ -259,7 +301,7 @@ def write_shard(path_tmp, tensors, progress):
                 os.unlink(path_tmp)
         raise
     finally:
-        close_fds()
+        src.close()
     return w.size, digest
 
 
@@ -271,11 +313,12 @@ def file_fingerprint(path):
 
 def shard_recipe(plan: Plan, fname, tensors) -> str:
     """What a shard is made of: its layout and the fingerprints of the inputs it reads."""
-    h = hashlib.sha256(TOOL_VERSION.encode())
+    h = hashlib.sha256(f"{TOOL_VERSION}\n{fname}\n".encode())
     srcs = sorted({t.file for o in tensors for t in o.srcs})
-    h.update(json.dumps([fname, [(o.name, o.dtype, list(o.shape), o.op, [(os.path.basename(t.file), t.name, t.begin, t.end) for t in o.srcs],
-                                 o.cols, o.rows) for o in tensors],
-                         [(os.path.basename(p), file_fingerprint(p)) for p in srcs]]).encode())
+    for p in srcs:
+        h.update(f"{os.path.basename(p)} {file_fingerprint(p)}\n".encode())
+    h.update("\n".join(f"{o.name} {o.dtype} {o.shape} {o.op} {o.cols} {o.rows} "
+                       + " ".join(f"{t.name}@{t.begin}:{t.end}" for t in o.srcs) for o in tensors).encode())
     return h.hexdigest()
 
 
@@ -336,7 +379,24 @@ def _unlink_quiet(path):
 
 
 def json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode("utf-8")
+    """Indented JSON, deterministic; large flat maps (index weight_map, per-module quant map) one
+    entry per line through the C encoder (json's indent mode is pure Python and slow at 90k entries)."""
+    return (_dump(obj, 0) + "\n").encode("utf-8")
+
+
+def _dump(obj, level):
+    if isinstance(obj, dict) and obj:
+        pad = "  " * (level + 1)
+        if len(obj) > 64:
+            enc = json.encoder.encode_basestring
+            items = [f"{pad}{enc(k)}: {enc(v) if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}" for k, v in obj.items()]
+        else:
+            items = [f"{pad}{json.dumps(k, ensure_ascii=False)}: {_dump(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * level + "}"
+    if isinstance(obj, list) and obj and any(isinstance(v, (dict, list)) for v in obj):
+        pad = "  " * (level + 1)
+        return "[\n" + ",\n".join(pad + _dump(v, level + 1) for v in obj) + "\n" + "  " * level + "]"
+    return json.dumps(obj, ensure_ascii=False)
 
 
 def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=None, log=print):

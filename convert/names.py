@@ -56,12 +56,15 @@ OUT_LAYER_PREFIX = "model.layers.{L}."
 
 def canonical(name: str) -> str:
     """Any accepted spelling of a tensor or module name -> canonical source name."""
+    if not _ANY_ALIAS.search(name):      # fast path: already canonical (the real checkpoint's naming)
+        return name
     for pat, rep in _ALIASES_RE:
         name = pat.sub(rep, name)
     return name
 
 
 _ALIASES_RE = tuple((re.compile(p), r) for p, r in ALIASES)
+_ANY_ALIAS = re.compile("|".join(f"(?:{p})" for p, _ in ALIASES))
 
 
 def excluded_category(canon: str) -> str | None:
@@ -156,27 +159,38 @@ def _fill(t: str, layer, expert) -> str:
     return t.replace("{L}", str(layer)).replace("{E}", str(expert))
 
 
+_LAYER_RX = re.compile(r"^" + re.escape(TEXT_PREFIX) + r"layers\.(\d+)\.(.+)\.(" + "|".join(LEAVES) + r")$")
+_EXPERT_RX = re.compile(r"^mlp\.experts\.(\d+)\.")
+_GLOBAL_RX = re.compile(r"^(.+)\.(" + "|".join(LEAVES) + r")$")
+
+
 @lru_cache(maxsize=1)
-def _compiled():
-    leaf = "(?P<leaf>" + "|".join(LEAVES) + ")"
-    out = []
-    for m in MODULES:
-        out.append((re.compile("^" + _template_regex(LAYER_PREFIX + m.src) + r"\." + leaf + "$"), m))
-    for m in GLOBAL_MODULES:
-        out.append((re.compile("^" + _template_regex(m.src) + r"\." + leaf + "$"), m))
-    return tuple(out)
+def _by_template():
+    """Module rules keyed by their (relative) source template: matching is one regex and a dict lookup."""
+    layer = {m.src: m for m in MODULES}
+    glob = {m.src: m for m in GLOBAL_MODULES}
+    return layer, glob
 
 
 def match(canon: str) -> Match | None:
     """Canonical tensor name -> its module rule, or None if no rule knows it."""
-    for rx, m in _compiled():
-        mt = rx.match(canon)
-        if mt:
-            gd = mt.groupdict()
-            layer = int(gd["L"]) if gd.get("L") is not None else None
-            expert = int(gd["E"]) if gd.get("E") is not None else None
-            src_mod = canon[: -len(gd["leaf"]) - 1]
-            return Match(m, src_mod, gd["leaf"], layer, expert)
+    layer_rules, global_rules = _by_template()
+    mt = _LAYER_RX.match(canon)
+    if mt:
+        rel = mt.group(2)
+        expert = None
+        me = _EXPERT_RX.match(rel)
+        if me:
+            expert = int(me.group(1))
+            rel = "mlp.experts.{E}." + rel[me.end():]
+        m = layer_rules.get(rel)
+        if m is None:
+            return None
+        leaf = mt.group(3)
+        return Match(m, canon[: -len(leaf) - 1], leaf, int(mt.group(1)), expert)
+    mg = _GLOBAL_RX.match(canon)
+    if mg and mg.group(1) in global_rules:
+        return Match(global_rules[mg.group(1)], mg.group(1), mg.group(2), None, None)
     return None
 
 

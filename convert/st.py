@@ -130,13 +130,16 @@ def read_range(fd: int, offset: int, length: int, info: TensorInfo | None = None
 def build_header(entries) -> bytes:
     """Header bytes for ``entries`` = [(name, dtype, shape, nbytes)] laid out in order.
 
-    Deterministic: fixed key order, compact JSON, padded with spaces to 8 bytes.
+    Deterministic: fixed key order, compact JSON (byte-identical to ``json.dumps(obj,
+    separators=(",", ":"), ensure_ascii=False)``), padded with spaces to 8 bytes.
     """
-    obj = {"__metadata__": {"format": "pt"}}
+    enc = json.encoder.encode_basestring
+    parts = ['{"__metadata__":{"format":"pt"}']
     off = 0
     for name, dtype, shape, nbytes in entries:
-        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        parts.append(f'{enc(name)}:{{"dtype":"{dtype}","shape":[{",".join(str(int(d)) for d in shape)}],'
+                     f'"data_offsets":[{off},{off + nbytes}]}}')
         off += nbytes
-    js = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    js = (",".join(parts) + "}").encode("utf-8")
     js += b" " * (-len(js) % 8)
     return struct.pack("<Q", len(js)) + js

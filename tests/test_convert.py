@@ -238,3 +238,69 @@ def test_summary_names_what_was_left_out(tmp_path):
     assert r.exit_code == 0
     assert "left out (mtp, not part of the text model): 3 tensors" in r.output
     assert "SHA256SUMS" in r.output
+
+
+def _tensors_equal(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("lm_head", ["model.language_model.lm_head.weight", "lm_head.weight"])
+def test_all_lm_head_spellings(converted, tmp_path, lm_head):
+    from conftest import copy_fixture, edit_checkpoint
+    d = copy_fixture(tmp_path)
+    edit_checkpoint(d, rename={"language_model.lm_head.weight": lm_head})
+    r = run_convert(d, tmp_path / "o", "--quiet")
+    assert r.exit_code == 0, r.output
+    _tensors_equal(all_tensors(tmp_path / "o"), all_tensors(converted["ar_model_naming"]))
+
+
+def test_single_file_checkpoint_without_index(converted, tmp_path):
+    from safetensors.torch import save_file
+    from conftest import copy_fixture
+    d = copy_fixture(tmp_path)
+    merged = {}
+    for f in sorted(d.glob("model-*.safetensors")):
+        merged.update(all_tensors_of(f))
+        f.unlink()
+    (d / "model.safetensors.index.json").unlink()
+    save_file(merged, str(d / "model.safetensors"), metadata={"format": "pt"})
+    r = run_convert(d, tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    assert s["input_files"] == 2 and s["dropped"]["mtp"]["tensors"] == 3   # model.safetensors + model_extra_tensors
+    _tensors_equal(all_tensors(tmp_path / "o"), all_tensors(converted["ar_model_naming"]))
+    assert not (tmp_path / "o" / "model.safetensors.index.json").exists()   # one output file: no index
+
+
+def all_tensors_of(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def test_regex_extra_config_keys(converted, tmp_path):
+    """A module's bits given by a regex (re.search, as auto-round does) instead of an exact key."""
+    from conftest import copy_fixture, edit_quant_config
+    d = copy_fixture(tmp_path)
+
+    def to_regex(q):
+        ec = q["extra_config"]
+        for e in range(4):
+            k = f"model.language_model.layers.2.mlp.experts.{e}.down_proj"
+            ec[f".*layers\\.2\\.mlp\\.experts\\.{e}\\.down_proj$"] = ec.pop(k)
+    edit_quant_config(d, to_regex)
+    r = run_convert(d, tmp_path / "o", "--quiet")
+    assert r.exit_code == 0, r.output
+    _tensors_equal(all_tensors(tmp_path / "o"), all_tensors(converted["ar_model_naming"]))
+
+
+def test_quantization_config_only_in_its_own_file(converted, tmp_path):
+    from conftest import copy_fixture
+    d = copy_fixture(tmp_path)
+    c = json.loads((d / "config.json").read_text())
+    c.pop("quantization_config")
+    (d / "config.json").write_text(json.dumps(c))
+    r = run_convert(d, tmp_path / "o", "--quiet")
+    assert r.exit_code == 0, r.output
+    _tensors_equal(all_tensors(tmp_path / "o"), all_tensors(converted["ar_model_naming"]))
