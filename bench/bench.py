@@ -177,7 +177,18 @@ def warm(path):
     subprocess.run(f"cat {path}/* > /dev/null", shell=True, check=True)
 
 
-def timed(cmd, cold, warm_dir):
+def timed(cmd, cold, warm_dir, repeat=1, cleanup=None):
+    """Median wall time of ``repeat`` runs (cleanup between), max peak RSS, last stdout."""
+    runs = []
+    for i in range(repeat):
+        if cleanup and i:
+            cleanup()
+        runs.append(_timed_once(cmd, cold, warm_dir))
+    walls = sorted(r[0] for r in runs)
+    return walls[len(walls) // 2], max(r[1] for r in runs), runs[-1][2]
+
+
+def _timed_once(cmd, cold, warm_dir):
     """Run a shell command under /usr/bin/time -v: (wall s, peak RSS MiB, stdout)."""
     if not (cold and drop_caches()):
         warm(warm_dir)
@@ -200,6 +211,7 @@ def main():
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--work", default=os.path.join(HERE, "out"))
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each timed command; the median is reported")
     args = ap.parse_args()
     bindir = os.path.dirname(sys.executable)
     conv, ver = os.path.join(bindir, "m3-convert"), os.path.join(bindir, "m3-verify")
@@ -207,6 +219,7 @@ def main():
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
     results = {"cache": "cold (drop_caches before each command)" if cold else "warm (input read once before each command)",
+               "repeat": args.repeat,
                "cpus": os.cpu_count(), "runs": []}
     for size in (int(s) for s in args.sizes.split(",")):
         src = os.path.join(args.work, f"in{size}")
@@ -217,20 +230,22 @@ def main():
         shard = SIZES[size][3]
         row = {"size_gib": round(nbytes / 2**30, 2), "tensors": n_tensors, "generate_s": round(gen_s, 1)}
         out = os.path.join(args.work, "cp")
-        row["cp_s"], _, _ = timed(f"cp -r {src} {out} && sync", cold, src)
+        R = args.repeat
+        row["cp_s"], _, _ = timed(f"cp -r {src} {out} && sync", cold, src, R, lambda: shutil.rmtree(out))
         shutil.rmtree(out)
         _, _, js = timed(f"{conv} {src} {args.work}/dry --dry-run --json", False, src)
         row["plan_s"] = json.loads(js)["plan_seconds"]
         for w in (int(x) for x in args.workers.split(",")):
             out = os.path.join(args.work, f"conv{w}")
-            wall, rss, _ = timed(f"{conv} {src} {out} --quiet --workers {w} --max-shard-size {shard} && sync", cold, src)
+            wall, rss, _ = timed(f"{conv} {src} {out} --quiet --workers {w} --max-shard-size {shard} && sync", cold, src, R,
+                                 lambda: shutil.rmtree(out))
             row[f"convert_w{w}_s"], row[f"convert_w{w}_rss_mib"] = round(wall, 2), round(rss)
             row[f"ratio_w{w}"] = round(wall / row["cp_s"], 2)
             if w != int(args.workers.split(",")[-1]):
                 shutil.rmtree(out)
         out = os.path.join(args.work, f"conv{args.workers.split(',')[-1]}")
-        row["sha256sum_s"], _, _ = timed(f"cd {out} && sha256sum -c --quiet SHA256SUMS", cold, out)
-        row["verify_integrity_s"], row["verify_rss_mib"], _ = timed(f"{ver} {out} --integrity-only --quiet", cold, out)
+        row["sha256sum_s"], _, _ = timed(f"cd {out} && sha256sum -c --quiet SHA256SUMS", cold, out, R)
+        row["verify_integrity_s"], row["verify_rss_mib"], _ = timed(f"{ver} {out} --integrity-only --quiet", cold, out, R)
         row["verify_ratio"] = round(row["verify_integrity_s"] / row["sha256sum_s"], 2)
         row["cp_s"] = round(row["cp_s"], 2)
         row["sha256sum_s"] = round(row["sha256sum_s"], 2)
@@ -242,7 +257,7 @@ def main():
             shutil.rmtree(out)
     json.dump(results, open(os.path.join(args.work, "results.json"), "w"), indent=1)
     ws = args.workers.split(",")
-    print(f"\ncache: {results['cache']}; {results['cpus']} CPUs\n")
+    print(f"\ncache: {results['cache']}; median of {args.repeat} runs each; {results['cpus']} CPUs\n")
     print("| input | tensors | cp -r | " + " | ".join(f"m3-convert --workers {w} (ratio, peak RSS)" for w in ws)
           + " | plan (--dry-run) | sha256sum -c | m3-verify --integrity-only (ratio) |")
     print("|---" * (6 + len(ws)) + "|")
