@@ -292,7 +292,7 @@ def write_shard(path_tmp, tensors, progress):
         expected = len(header) + sum(o.nbytes for o in tensors)
         if w.size != expected:
             raise OutputError(f"{os.path.basename(path_tmp)}: wrote {w.size} bytes, planned {expected}")
-        digest = w.close()
+        digest = w.close(sync=False)   # flushed to disk once, for all shards, before the manifest
     except BaseException:
         try:
             w.abort()
@@ -369,6 +369,14 @@ def _copy_file(src, dst):
         _unlink_quiet(tmp)
         raise
     return h.hexdigest()
+
+
+def _fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _unlink_quiet(path):
@@ -458,6 +466,11 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
         raise OutputError(f"writing into {out_dir} failed: {e.strerror or e} ({getattr(e, 'filename', '') or ''})") from None
 
     try:
+        # durability: every shard reaches the disk before anything claims completeness (one pass at the
+        # end lets the kernel write back while we work; a shard torn by a power loss before this point
+        # is caught by --resume, which re-hashes every shard against the journal)
+        for fname, _ in plan.shards:
+            _fsync_path(os.path.join(out_dir, fname))
         # metadata files, then the manifest last
         files = dict(digests)
         files["config.json"] = _atomic_write(os.path.join(out_dir, "config.json"), json_bytes(plan.out_config))
@@ -475,7 +488,9 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
             if os.path.exists(stale):
                 os.unlink(stale)
         sums = "".join(f"{files[f]}  {f}\n" for f in sorted(files))
+        _fsync_path(out_dir)
         _atomic_write(sums_path, sums.encode())
+        _fsync_path(out_dir)
     except OSError as e:
         raise OutputError(f"writing into {out_dir} failed: {e.strerror or e}") from None
     shutil.rmtree(state_dir, ignore_errors=True)

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""GPU check (issue 8): serve converted checkpoints with vLLM's offline LLM and compare logits.
+
+Runs ON the lent GPU machine (see gpu/README.md for the device calls):
+
+    python3 gpu/serve_check.py vllm DIR TAG OUT      # greedy tokens + prompt logprobs from vLLM (+ shim)
+    python3 gpu/serve_check.py hf   SRC TAG OUT      # the same from transformers' MiniMax-M3-VL on the
+                                                     # unconverted AutoRound checkpoint, de-quantized
+    python3 gpu/serve_check.py compare OUT           # the table
+
+Prompts are fixed token-id lists (no tokenizer), one longer than the sparse layers' top-k window.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+N_NEW = 32
+
+
+def prompts(vocab=512):
+    import random
+    rng = random.Random(7)
+    lens = [24, 64, 200, 700]            # 700 > (topk 2 + local 1) blocks of 128: the indexer must select
+    return [[rng.randrange(3, vocab - 16) for _ in range(n)] for n in lens]
+
+
+def run_vllm(model_dir, tag, out):
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # the engine runs here: the shim is in-process
+    from m3_convert import vllm_plugin
+    vllm_plugin.register()
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    t0 = time.time()
+    llm = LLM(model=model_dir, dtype="bfloat16", block_size=128, enforce_eager=True, max_model_len=1024,
+              gpu_memory_utilization=0.3, skip_tokenizer_init=True, seed=0)
+    t_load = time.time() - t0
+    sp = SamplingParams(temperature=0.0, max_tokens=N_NEW, prompt_logprobs=0, detokenize=False, ignore_eos=True)
+    res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts()], sp)
+    rows = []
+    for r, p in zip(res, prompts()):
+        plp = []
+        for pos, d in enumerate(r.prompt_logprobs or []):
+            if d is None:
+                continue
+            plp.append(d[p[pos]].logprob)
+        rows.append({"tokens": list(r.outputs[0].token_ids), "prompt_logprobs": plp})
+    kernels = {}
+    try:
+        def probe(model):
+            found = {}
+            for name, mod in model.named_modules():
+                qm = getattr(mod, "quant_method", None)
+                if qm is None:
+                    continue
+                k = getattr(qm, "kernel", None)
+                kind = type(qm).__name__ + (f"/{type(k).__name__}" if k is not None else "")
+                ek = getattr(qm, "experts_cls", None) or getattr(qm, "fused_experts", None)
+                if ek is not None:
+                    kind += f"/{getattr(ek, '__name__', type(ek).__name__)}"
+                found[name] = kind
+            return found
+        for part in llm.apply_model(probe):
+            kernels.update(part)
+    except Exception as e:   # older/newer API: record why
+        kernels = {"error": f"{type(e).__name__}: {e}"}
+    json.dump({"tag": tag, "model": model_dir, "load_s": round(t_load, 1), "rows": rows, "kernels": kernels,
+               "shim": dict(getattr(vllm_plugin, "LAST_CHOICES", {}))}, open(os.path.join(out, f"{tag}.json"), "w"), indent=1)
+    print(f"{tag}: loaded in {t_load:.0f} s; first tokens {[r['tokens'][:8] for r in rows]}", flush=True)
+
+
+def run_hf(src, tag, out):
+    """transformers' MiniMaxM3SparseForConditionalGeneration with the source's GPTQ modules de-quantized."""
+    import torch
+    from safetensors.numpy import load_file as np_load
+    from safetensors.torch import load_file
+    from transformers import MiniMaxM3VLConfig, MiniMaxM3SparseForConditionalGeneration
+
+    from m3_convert import gptq
+    cfg_json = json.load(open(os.path.join(src, "config.json")))
+    cfg_json.pop("quantization_config", None)
+    config = MiniMaxM3VLConfig(**{k: v for k, v in cfg_json.items() if k not in ("architectures", "model_type")})
+    torch.manual_seed(0)
+    model = MiniMaxM3SparseForConditionalGeneration(config).to(torch.bfloat16)
+    tensors = {}
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(src, f)))
+    sd = {}
+    for k in list(tensors):
+        if k.endswith(".qweight"):
+            b = k[: -len(".qweight")]
+            w = gptq.dequantize(tensors[b + ".qweight"].numpy(), tensors[b + ".qzeros"].numpy(), tensors[b + ".scales"].numpy())
+            sd[b + ".weight"] = torch.from_numpy(gptq.to_bf16(w).view("int16")).view(torch.bfloat16)
+        elif not k.endswith((".qzeros", ".scales", ".g_idx")) and not k.startswith("mtp."):
+            sd[k] = tensors[k]
+    if "language_model.lm_head.weight" in sd:
+        sd["lm_head.weight"] = sd.pop("language_model.lm_head.weight")
+    # transformers keeps routed experts fused: experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]
+    msd = model.state_dict()
+    for k in list(msd):
+        if k.endswith("mlp.experts.gate_up_proj"):
+            p = k[: -len("gate_up_proj")]
+            E = msd[k].shape[0]
+            sd[k] = torch.stack([torch.cat([sd.pop(f"{p}{e}.gate_proj.weight"), sd.pop(f"{p}{e}.up_proj.weight")]) for e in range(E)])
+        elif k.endswith("mlp.experts.down_proj"):
+            p = k[: -len("down_proj")]
+            sd[k] = torch.stack([sd.pop(f"{p}{e}.down_proj.weight") for e in range(msd[k].shape[0])])
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if "inv_freq" not in m]
+    assert not missing and not unexpected, (missing[:5], unexpected[:5])
+    model = model.cuda().eval()
+    rows = []
+    with torch.no_grad():
+        for p in prompts(config.text_config.vocab_size):
+            ids = torch.tensor([p], device="cuda")
+            logits = model(input_ids=ids).logits[0].float()
+            lp = torch.log_softmax(logits, -1)
+            plp = [lp[i, p[i + 1]].item() for i in range(len(p) - 1)]
+            gen = model.generate(input_ids=ids, max_new_tokens=N_NEW, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, len(p):].tolist()
+            rows.append({"tokens": gen, "prompt_logprobs": plp})
+    json.dump({"tag": tag, "model": src, "rows": rows}, open(os.path.join(out, f"{tag}.json"), "w"), indent=1)
+    print(f"{tag}: first tokens {[r['tokens'][:8] for r in rows]}", flush=True)
+
+
+def compare(out):
+    runs = {f[:-5]: json.load(open(os.path.join(out, f))) for f in os.listdir(out) if f.endswith(".json") and f != "summary.json"}
+    base = runs.get("quant")
+    summary = {}
+    for tag, r in runs.items():
+        if tag == "quant" or base is None:
+            continue
+        agree, total, maxdiff = 0, 0, 0.0
+        for a, b in zip(base["rows"], r["rows"]):
+            n = min(len(a["tokens"]), len(b["tokens"]))
+            same = 0
+            for x, y in zip(a["tokens"][:n], b["tokens"][:n]):
+                if x != y:
+                    break
+                same += 1
+            agree += same
+            total += n
+            m = min(len(a["prompt_logprobs"]), len(b["prompt_logprobs"]))
+            for x, y in zip(a["prompt_logprobs"][-m:], b["prompt_logprobs"][-m:]):
+                maxdiff = max(maxdiff, abs(x - y))
+        summary[tag] = {"greedy_prefix_agreement": f"{agree}/{total}", "max_abs_prompt_logprob_diff": round(maxdiff, 4)}
+    json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "vllm":
+        run_vllm(*sys.argv[2:5])
+    elif mode == "hf":
+        run_hf(*sys.argv[2:5])
+    elif mode == "compare":
+        compare(sys.argv[2])
+    else:
+        raise SystemExit(__doc__)
