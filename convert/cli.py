@@ -66,7 +66,9 @@ def summary_text(plan, result, elapsed):
     lines = [
         f"input : {s['input_files']} files, {s['input_tensors']} tensors, {human(s['input_bytes'])}",
         f"output: {s['output_shards']} shards, {s['output_tensors']} tensors, {human(s['output_bytes'])}",
-        "modules: " + ", ".join(f"{k} {v}" for k, v in s["modules"].items()),
+        "modules: " + ", ".join(f"{s['modules'][k]} {label}" for k, label in (
+            ("copy_gptq", "GPTQ copied"), ("split", "fused gate_up split (still GPTQ)"),
+            ("dequant", "q/k/v de-quantized to bf16"), ("copy", "plain tensors copied")) if s["modules"].get(k)),
         "bits   : " + (", ".join(f"{k}-bit x{v}" if "->" not in k else f"{k} x{v}" for k, v in s["bits_histogram"].items()) or "none"),
     ]
     for cat, d in s["dropped"].items():

@@ -33,6 +33,7 @@ log = logging.getLogger("m3_convert.vllm_plugin")
 
 QUANT_METHOD = "m3_gptq"
 _registered = False
+CHOICES: dict[str, str] = {}   # layer prefix -> method class chosen in this process (logs, GPU check)
 
 QKV_SHARDS = ("q_proj", "k_proj", "v_proj", "index_q_proj", "index_k_proj")
 GATE_UP_SHARDS = ("gate_proj", "up_proj")
@@ -182,7 +183,7 @@ def _build_config_class():
         def get_quant_method(self, layer, prefix):
             method = self._choose(layer, prefix)
             if method is not None:
-                self.chosen[prefix] = type(method).__name__
+                self.chosen[prefix] = CHOICES[prefix] = type(method).__name__
             return method
 
         def _choose(self, layer, prefix):
@@ -221,9 +222,9 @@ def _gptq_config(bits, group):
 
 def _humming_linear(bits, group):
     from vllm.model_executor.layers.quantization.humming import HummingLayerQuantizationConfig, HummingLinearMethod
-    from vllm.model_executor.layers.quantization.utils.humming import BaseWeightSchema
-    schema = BaseWeightSchema.from_config({"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False, "sym": True})
-    return HummingLinearMethod(HummingLayerQuantizationConfig(weight_schema=schema))
+    cfg = HummingLayerQuantizationConfig.from_config({"quant_method": "gptq", "bits": bits, "group_size": group,
+                                                      "desc_act": False, "sym": True})
+    return HummingLinearMethod(cfg)
 
 
 _REF_LINEAR = None
@@ -291,6 +292,18 @@ def _moe_method(width, group, per_expert_bits, prefix, moe_config):
         base = _reference_moe_class()
 
     class _Promoting(base):
+        def get_fused_moe_quant_config(self, layer):
+            # vLLM 0.26's GPTQ MoE method hands no SwiGLU parameters to the Marlin experts, which then
+            # stop on "SWIGLUOAI_UNINTERLEAVE requires clamp_limit" (and would use alpha 1, beta 0);
+            # 0.32+ fall back to the MoE config themselves. Supply M3's swiglu_limit/alpha/beta here.
+            qc = super().get_fused_moe_quant_config(layer)
+            if qc is not None:
+                for attr, src in (("gemm1_clamp_limit", "swiglu_limit"), ("gemm1_alpha", "swiglu_alpha"),
+                                  ("gemm1_beta", "swiglu_beta")):
+                    if getattr(qc, attr, None) is None and getattr(self.moe, src, None) is not None:
+                        setattr(qc, attr, getattr(self.moe, src))
+            return qc
+
         def create_weights(self, layer, *args, **kwargs):
             super().create_weights(layer, *args, **kwargs)
             for pname in ("w13_qweight", "w13_qzeros", "w2_qweight", "w2_qzeros"):

@@ -70,7 +70,7 @@ def run_vllm(model_dir, tag, out):
     except Exception as e:   # older/newer API: record why
         kernels = {"error": f"{type(e).__name__}: {e}"}
     json.dump({"tag": tag, "model": model_dir, "load_s": round(t_load, 1), "rows": rows, "kernels": kernels,
-               "shim": dict(getattr(vllm_plugin, "LAST_CHOICES", {}))}, open(os.path.join(out, f"{tag}.json"), "w"), indent=1)
+               "shim": dict(vllm_plugin.CHOICES)}, open(os.path.join(out, f"{tag}.json"), "w"), indent=1)
     print(f"{tag}: loaded in {t_load:.0f} s; first tokens {[r['tokens'][:8] for r in rows]}", flush=True)
 
 
