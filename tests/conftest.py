@@ -8,7 +8,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
-NAMINGS = ["ar_model_naming", "ar_reverted_naming", "ar_gptq_gidx"]
+NAMINGS = ["ar_model_naming", "ar_reverted_naming", "ar_gptq_gidx"]   # one tiny model, three export namings
+OTHERS = ["ar_alt", "gpu_tiny"]   # other topologies (5 layers / n_shared_experts 2; GPU-sized sparse blocks)
+ALL = NAMINGS + OTHERS
 
 
 def run_convert(*args):
@@ -25,7 +27,7 @@ def run_verify(*args):
 def converted(tmp_path_factory):
     """Each committed fixture converted once (small shards so the index path is used)."""
     out = {}
-    for name in NAMINGS:
+    for name in ALL:
         dst = tmp_path_factory.mktemp("conv") / name
         r = run_convert(FIXTURES / name, dst, "--max-shard-size", "1MB", "--quiet")
         assert r.exit_code == 0, r.output
