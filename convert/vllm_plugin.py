@@ -97,8 +97,10 @@ def decide(kind: str, prefix: str, modules: dict, *, gpu: bool, humming: bool, n
             return "UnquantizedLinearMethod", None, None
         if gpu and bits in (4, 8):
             return "AutoGPTQLinearMethod", bits, group
-        if gpu and humming:
-            return "HummingLinearMethod", bits, group
+        if gpu:
+            # 2/3-bit: promoted to 4 bits at load (exact) and served by Marlin/Machete. vLLM 0.26's humming
+            # linear path gave wrong logits on the GPU check (gpu/README.md), so it is not used.
+            return "AutoGPTQLinearMethod", 4, group
         return "M3ReferenceGPTQLinearMethod", bits, group
     width, group, _ = resolve_moe(prefix, modules, num_experts)
     if width is None:
@@ -194,8 +196,11 @@ def _build_config_class():
                 if name == "UnquantizedLinearMethod":
                     return UnquantizedLinearMethod()
                 if name == "AutoGPTQLinearMethod":
-                    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQLinearMethod
-                    return AutoGPTQLinearMethod(_gptq_config(bits, group))
+                    src_bits, _ = resolve_linear(prefix, self.modules)
+                    if src_bits != bits:
+                        log.warning("m3_gptq: %s: %d-bit codes promoted to %d bits at load (exact; %.2fx the memory)",
+                                    prefix, src_bits, bits, bits / src_bits)
+                    return _promoting_linear_class()(_gptq_config(bits, group), src_bits)
                 if name == "HummingLinearMethod":
                     return _humming_linear(bits, group)
                 if gpu:
@@ -225,6 +230,45 @@ def _humming_linear(bits, group):
     cfg = HummingLayerQuantizationConfig.from_config({"quant_method": "gptq", "bits": bits, "group_size": group,
                                                       "desc_act": False, "sym": True})
     return HummingLinearMethod(cfg)
+
+
+_PROMO_LINEAR = None
+
+
+def _promoting_linear_class():
+    """vLLM's AutoGPTQLinearMethod, with checkpoint codes of fewer bits promoted while loading."""
+    global _PROMO_LINEAR
+    if _PROMO_LINEAR is not None:
+        return _PROMO_LINEAR
+    import torch
+    from vllm.model_executor.layers.linear import register_weight_loader_v2_supported_method
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQLinearMethod
+
+    @register_weight_loader_v2_supported_method
+    class M3PromotingGPTQLinearMethod(AutoGPTQLinearMethod):
+        def __init__(self, quant_config, src_bits):
+            super().__init__(quant_config)
+            self.src_bits = src_bits
+
+        def create_weights(self, layer, *args, **kwargs):
+            width, bits = self.quant_config.weight_bits, self.src_bits
+            orig = kwargs.get("weight_loader")
+            if bits != width and orig is not None:
+                def loader(param, loaded_weight, *a, **k):
+                    from m3_convert import gptq
+                    delta = (1 << (width - 1)) - (1 << (bits - 1))
+                    if param is getattr(layer, "qweight", None):
+                        codes = gptq.unpack_qweight(loaded_weight.numpy(), bits).astype("int64") + delta
+                        loaded_weight = torch.from_numpy(gptq.pack_qweight(codes, width))
+                    elif param is getattr(layer, "qzeros", None):
+                        codes = gptq.unpack_qzeros(loaded_weight.numpy(), bits).astype("int64") + delta
+                        loaded_weight = torch.from_numpy(gptq.pack_qzeros(codes, width))
+                    return orig(param, loaded_weight, *a, **k)
+                kwargs["weight_loader"] = loader
+            super().create_weights(layer, *args, **kwargs)
+
+    _PROMO_LINEAR = M3PromotingGPTQLinearMethod
+    return _PROMO_LINEAR
 
 
 _REF_LINEAR = None
@@ -288,6 +332,8 @@ def _moe_method(width, group, per_expert_bits, prefix, moe_config):
 
     if _has_gpu_kernels():
         base = AutoGPTQMoEMethod
+        log.warning("m3_gptq: %s: quantized MoE through AutoGPTQMoEMethod/Marlin is NOT yet verified: on vLLM "
+                    "0.26 the project's GPU check gave wrong logits for this path (gpu/README.md)", prefix)
     else:
         base = _reference_moe_class()
 

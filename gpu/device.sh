@@ -25,6 +25,10 @@ case "$1" in
     python3 -c "import vllm; print('vllm', vllm.__version__)"
     python3 gpu/serve_check.py vllm .gpuwork/quant quant "$RES" 2>&1 | grep -v "^\s*$" | tail -60
     ;;
+  install-and-run)   # diagnostic variants: bash gpu/device.sh install-and-run DIR TAG
+    install
+    python3 gpu/serve_check.py vllm "$2" "$3" "$RES" 2>&1 | grep -v "^\s*$" | tail -40
+    ;;
   refs)
     python3 gpu/serve_check.py vllm .gpuwork/bf16 bf16 "$RES" 2>&1 | tail -15
     python3 gpu/serve_check.py vllm .gpuwork/bug bug "$RES" 2>&1 | tail -15

@@ -69,9 +69,54 @@ def run_vllm(model_dir, tag, out):
             kernels.update(part)
     except Exception as e:   # older/newer API: record why
         kernels = {"error": f"{type(e).__name__}: {e}"}
+    layer_err = {}
+    try:
+        layer_err = {}
+        for part in llm.apply_model(lambda model: linear_errors(model, model_dir)):
+            layer_err.update(part)
+    except Exception as e:
+        layer_err = {"error": f"{type(e).__name__}: {e}"}
+    print("per-layer max relative error vs exact decode:", json.dumps(layer_err, indent=0), flush=True)
     json.dump({"tag": tag, "model": model_dir, "load_s": round(t_load, 1), "rows": rows, "kernels": kernels,
+               "linear_rel_err": layer_err,
                "shim": dict(vllm_plugin.CHOICES)}, open(os.path.join(out, f"{tag}.json"), "w"), indent=1)
     print(f"{tag}: loaded in {t_load:.0f} s; first tokens {[r['tokens'][:8] for r in rows]}", flush=True)
+
+
+def linear_errors(model, model_dir):
+    """Each quantized linear layer, through vLLM's kernel, vs x @ W^T with W the exact decode of its shards."""
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    from m3_convert import gptq
+    from m3_convert.vllm_plugin import fused_members
+    idx = os.path.join(model_dir, "model.safetensors.index.json")
+    wm = json.load(open(idx))["weight_map"] if os.path.exists(idx) else None
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    modules = cfg.get("quantization_config", {}).get("modules", {})
+
+    def tensor(name):
+        f = wm[name] if wm else "model.safetensors"
+        with safe_open(os.path.join(model_dir, f), "np") as h:
+            return h.get_tensor(name)
+    out = {}
+    torch.manual_seed(0)
+    for name, mod in model.named_modules():
+        qm = getattr(mod, "quant_method", None)
+        if qm is None or type(qm).__name__ == "UnquantizedLinearMethod" or not hasattr(mod, "input_size"):
+            continue
+        members = fused_members(name, modules)
+        if not all(m in modules and modules[m].get("bits") for m in members):
+            continue
+        w = np.concatenate([gptq.dequantize(tensor(m + ".qweight"), tensor(m + ".qzeros"), tensor(m + ".scales")) for m in members])
+        x = torch.randn(4, w.shape[1], dtype=torch.bfloat16, device="cuda")
+        with torch.no_grad():
+            y = mod(x)
+            y = (y[0] if isinstance(y, tuple) else y).float()
+        ref = x.float() @ torch.from_numpy(w).cuda().T
+        out[name] = round(float((y - ref).abs().max() / ref.abs().max()), 5)
+    return out
 
 
 def run_hf(src, tag, out):

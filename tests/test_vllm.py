@@ -72,8 +72,9 @@ def test_shim_decision_on_gpu_builds(converted):
     d = lambda p, **k: decide("linear", p, qc, gpu=True, **k)[0]
     assert d("model.layers.0.self_attn.qkv_proj", humming=True) == "AutoGPTQLinearMethod"        # 4-bit q/k/v
     assert d("model.layers.0.self_attn.o_proj", humming=True) == "AutoGPTQLinearMethod"          # 8-bit
-    assert d("model.layers.0.mlp.gate_up_proj", humming=True) == "HummingLinearMethod"           # 3-bit
-    assert d("model.layers.0.mlp.gate_up_proj", humming=False) == "M3ReferenceGPTQLinearMethod"  # no humming
+    assert decide("linear", "model.layers.0.mlp.gate_up_proj", qc, gpu=True, humming=True) == \
+        ("AutoGPTQLinearMethod", 4, 128)                                                           # 3-bit -> 4 (promoted)
+    assert decide("linear", "model.layers.0.mlp.gate_up_proj", qc, gpu=False, humming=False)[0] == "M3ReferenceGPTQLinearMethod"
     assert d("model.layers.2.self_attn.qkv_proj", humming=True) == "UnquantizedLinearMethod"     # sparse: bf16
     assert decide("moe", "model.layers.1.block_sparse_moe.experts", qc, gpu=True, humming=True, num_experts=4) == \
         ("AutoGPTQMoEMethod", 8, 128)                                                               # mixed 2/3/4/8 -> 8
