@@ -11,8 +11,9 @@ official module names) and hands each vLLM layer one of vLLM's own methods:
   every shard of a fused module must carry the same scheme (m3-convert guarantees
   it; a checkpoint that violates it is refused with the module named).
   bf16 -> ``UnquantizedLinearMethod``; 4/8-bit -> ``AutoGPTQLinearMethod``
-  (Machete/Marlin kernels); 2/3-bit -> ``HummingLinearMethod`` where the installed
-  vLLM has humming (0.26+ CUDA), else the reference method below.
+  (Machete/Marlin kernels); 2/3-bit -> the same at 4 bits, codes promoted while
+  loading (exact). vLLM's humming path is not used: on the project's GPU check
+  (vLLM 0.26, gpu/README.md) the promoted Machete path matched the exact decode.
 * MoE (``block_sparse_moe.experts``): all experts bf16 -> ``UnquantizedFusedMoEMethod``;
   otherwise vLLM's ``AutoGPTQMoEMethod`` at the layer's widest bit width W
   (2/3-bit layers: W = 4).  Experts stored with fewer bits are promoted while
@@ -86,7 +87,7 @@ def resolve_moe(prefix: str, modules: dict, num_experts: int):
     return width, groups.pop(), {k: b for k, (b, _) in per.items()}
 
 
-def decide(kind: str, prefix: str, modules: dict, *, gpu: bool, humming: bool, num_experts: int = 0):
+def decide(kind: str, prefix: str, modules: dict, *, gpu: bool, num_experts: int = 0):
     """Pure decision: which vLLM method class serves ``prefix``. kind: 'linear' or 'moe'.
 
     Returns (class name, bits, group_size).  The shim instantiates exactly this.
@@ -111,15 +112,6 @@ def decide(kind: str, prefix: str, modules: dict, *, gpu: bool, humming: bool, n
 def _has_gpu_kernels() -> bool:
     from vllm.platforms import current_platform
     return current_platform.is_cuda_alike()
-
-
-def _has_humming() -> bool:
-    try:
-        import humming  # noqa: F401  (the kernels package vLLM's humming method needs)
-        import vllm.model_executor.layers.quantization.humming  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def register():
@@ -192,7 +184,7 @@ def _build_config_class():
             from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
             gpu = _has_gpu_kernels()
             if isinstance(layer, LinearBase):
-                name, bits, group = decide("linear", prefix, self.modules, gpu=gpu, humming=gpu and _has_humming())
+                name, bits, group = decide("linear", prefix, self.modules, gpu=gpu)
                 if name == "UnquantizedLinearMethod":
                     return UnquantizedLinearMethod()
                 if name == "AutoGPTQLinearMethod":
@@ -201,14 +193,9 @@ def _build_config_class():
                         log.warning("m3_gptq: %s: %d-bit codes promoted to %d bits at load (exact; %.2fx the memory)",
                                     prefix, src_bits, bits, bits / src_bits)
                     return _promoting_linear_class()(_gptq_config(bits, group), src_bits)
-                if name == "HummingLinearMethod":
-                    return _humming_linear(bits, group)
-                if gpu:
-                    log.warning("m3_gptq: %s: no humming kernels in this vLLM; %d-bit layer uses the reference "
-                                "(de-quantize at load, bf16 GEMM) method", prefix, bits)
-                return _reference_linear_class()(bits, group)
+                return _reference_linear_class()(bits, group)   # no GPU kernels here: exact CPU reference
             if hasattr(layer, "moe_config") and hasattr(layer, "global_num_experts"):   # FusedMoE (<0.30) / RoutedExperts
-                name, width, group = decide("moe", prefix, self.modules, gpu=gpu, humming=False, num_experts=layer.global_num_experts)
+                name, width, group = decide("moe", prefix, self.modules, gpu=gpu, num_experts=layer.global_num_experts)
                 if name == "UnquantizedFusedMoEMethod":
                     from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
                     return UnquantizedFusedMoEMethod(layer.moe_config)
@@ -223,13 +210,6 @@ def _gptq_config(bits, group):
     from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
     return AutoGPTQConfig(weight_bits=bits, group_size=group, desc_act=False, is_sym=True,
                           lm_head_quantized=False, dynamic={}, full_config={})
-
-
-def _humming_linear(bits, group):
-    from vllm.model_executor.layers.quantization.humming import HummingLayerQuantizationConfig, HummingLinearMethod
-    cfg = HummingLayerQuantizationConfig.from_config({"quant_method": "gptq", "bits": bits, "group_size": group,
-                                                      "desc_act": False, "sym": True})
-    return HummingLinearMethod(cfg)
 
 
 _PROMO_LINEAR = None

@@ -69,27 +69,27 @@ def test_shim_methods_chosen_for_every_layer(reports, converted):
 def test_shim_decision_on_gpu_builds(converted):
     """The same per-layer decision as the shim makes on CUDA builds (pure function, no kernels needed)."""
     qc = json.loads((converted["ar_model_naming"] / "config.json").read_text())["quantization_config"]["modules"]
-    d = lambda p, **k: decide("linear", p, qc, gpu=True, **k)[0]
-    assert d("model.layers.0.self_attn.qkv_proj", humming=True) == "AutoGPTQLinearMethod"        # 4-bit q/k/v
-    assert d("model.layers.0.self_attn.o_proj", humming=True) == "AutoGPTQLinearMethod"          # 8-bit
-    assert decide("linear", "model.layers.0.mlp.gate_up_proj", qc, gpu=True, humming=True) == \
+    d = lambda p: decide("linear", p, qc, gpu=True)[0]
+    assert d("model.layers.0.self_attn.qkv_proj") == "AutoGPTQLinearMethod"        # 4-bit q/k/v
+    assert d("model.layers.0.self_attn.o_proj") == "AutoGPTQLinearMethod"          # 8-bit
+    assert decide("linear", "model.layers.0.mlp.gate_up_proj", qc, gpu=True) == \
         ("AutoGPTQLinearMethod", 4, 128)                                                           # 3-bit -> 4 (promoted)
-    assert decide("linear", "model.layers.0.mlp.gate_up_proj", qc, gpu=False, humming=False)[0] == "M3ReferenceGPTQLinearMethod"
-    assert d("model.layers.2.self_attn.qkv_proj", humming=True) == "UnquantizedLinearMethod"     # sparse: bf16
-    assert decide("moe", "model.layers.1.block_sparse_moe.experts", qc, gpu=True, humming=True, num_experts=4) == \
+    assert decide("linear", "model.layers.0.mlp.gate_up_proj", qc, gpu=False)[0] == "M3ReferenceGPTQLinearMethod"
+    assert d("model.layers.2.self_attn.qkv_proj") == "UnquantizedLinearMethod"     # sparse: bf16
+    assert decide("moe", "model.layers.1.block_sparse_moe.experts", qc, gpu=True, num_experts=4) == \
         ("AutoGPTQMoEMethod", 8, 128)                                                               # mixed 2/3/4/8 -> 8
     uniform = {f"model.layers.5.block_sparse_moe.experts.{e}.{w}": {"bits": 4, "group_size": 128} for e in range(4) for w in ("w1", "w2", "w3")}
-    assert decide("moe", "model.layers.5.block_sparse_moe.experts", uniform, gpu=True, humming=True, num_experts=4) == ("AutoGPTQMoEMethod", 4, 128)
+    assert decide("moe", "model.layers.5.block_sparse_moe.experts", uniform, gpu=True, num_experts=4) == ("AutoGPTQMoEMethod", 4, 128)
     three = {k: {"bits": 3, "group_size": 128} for k in uniform}
-    assert decide("moe", "model.layers.5.block_sparse_moe.experts", three, gpu=True, humming=True, num_experts=4)[1] == 4   # 3 -> 4
+    assert decide("moe", "model.layers.5.block_sparse_moe.experts", three, gpu=True, num_experts=4)[1] == 4   # 3 -> 4
     bf16 = {k: {"bits": None} for k in uniform}
-    assert decide("moe", "model.layers.5.block_sparse_moe.experts", bf16, gpu=True, humming=True, num_experts=4)[0] == "UnquantizedFusedMoEMethod"
+    assert decide("moe", "model.layers.5.block_sparse_moe.experts", bf16, gpu=True, num_experts=4)[0] == "UnquantizedFusedMoEMethod"
 
 
 def test_shim_refuses_mixed_fused_module():
     mods = {f"model.layers.0.self_attn.{n}": {"bits": b, "group_size": 128} for n, b in (("q_proj", 4), ("k_proj", 4), ("v_proj", 8))}
     with pytest.raises(ValueError, match="model.layers.0.self_attn.qkv_proj mixes quantization schemes"):
-        decide("linear", "model.layers.0.self_attn.qkv_proj", mods, gpu=True, humming=True)
+        decide("linear", "model.layers.0.self_attn.qkv_proj", mods, gpu=True)
 
 
 def test_plugin_entry_point_is_cheap_and_idempotent():
