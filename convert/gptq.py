@@ -214,13 +214,27 @@ def promote(qweight: np.ndarray, qzeros: np.ndarray, bits: int, new_bits: int):
     ``q' = q + 2^(b'-1) - 2^(b-1)`` and ``(z'+1) = (z+1) + 2^(b'-1) - 2^(b-1)``, so
     ``q' - (z'+1) == q - (z+1)`` for every element: the decode is identical.
     """
+    return promote_qweight(qweight, bits, new_bits), promote_qzeros(qzeros, bits, new_bits)
+
+
+def _shift(codes: np.ndarray, bits: int, new_bits: int) -> np.ndarray:
     if new_bits < bits:
         raise GPTQError(f"cannot promote {bits} -> {new_bits} bits")
-    if new_bits == bits:
-        return qweight, qzeros
-    delta = (1 << (new_bits - 1)) - (1 << (bits - 1))
-    q = unpack_qweight(qweight, bits).astype(np.int64) + delta
-    z = unpack_qzeros(qzeros, bits).astype(np.int64) + delta
-    if z.min() < 0 or z.max() >= (1 << new_bits) or q.max() >= (1 << new_bits):
+    out = codes.astype(np.int64) + ((1 << (new_bits - 1)) - (1 << (bits - 1)))
+    if out.size and (out.min() < 0 or out.max() >= (1 << new_bits)):
         raise GPTQError("promotion out of range")
-    return pack_qweight(q, new_bits), pack_qzeros(z, new_bits)
+    return out
+
+
+def promote_qweight(qweight: np.ndarray, bits: int, new_bits: int) -> np.ndarray:
+    """qweight re-packed at ``new_bits`` with codes shifted by 2^(b'-1) - 2^(b-1) (see :func:`promote`)."""
+    if new_bits == bits:
+        return qweight
+    return pack_qweight(_shift(unpack_qweight(qweight, bits), bits, new_bits), new_bits)
+
+
+def promote_qzeros(qzeros: np.ndarray, bits: int, new_bits: int) -> np.ndarray:
+    """qzeros re-packed at ``new_bits``, shifted like the codes (see :func:`promote`)."""
+    if new_bits == bits:
+        return qzeros
+    return pack_qzeros(_shift(unpack_qzeros(qzeros, bits), bits, new_bits), new_bits)

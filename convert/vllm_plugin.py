@@ -235,14 +235,10 @@ def _promoting_linear_class():
             orig = kwargs.get("weight_loader")
             if bits != width and orig is not None:
                 def loader(param, loaded_weight, *a, **k):
-                    from m3_convert import gptq
-                    delta = (1 << (width - 1)) - (1 << (bits - 1))
                     if param is getattr(layer, "qweight", None):
-                        codes = gptq.unpack_qweight(loaded_weight.numpy(), bits).astype("int64") + delta
-                        loaded_weight = torch.from_numpy(gptq.pack_qweight(codes, width))
+                        loaded_weight = _promoted(loaded_weight, bits, width, zeros=False)
                     elif param is getattr(layer, "qzeros", None):
-                        codes = gptq.unpack_qzeros(loaded_weight.numpy(), bits).astype("int64") + delta
-                        loaded_weight = torch.from_numpy(gptq.pack_qzeros(codes, width))
+                        loaded_weight = _promoted(loaded_weight, bits, width, zeros=True)
                     return orig(param, loaded_weight, *a, **k)
                 kwargs["weight_loader"] = loader
             super().create_weights(layer, *args, **kwargs)
@@ -340,21 +336,21 @@ def _moe_method(width, group, per_expert_bits, prefix, moe_config):
     return _Promoting(_gptq_config(width, group), moe_config)
 
 
-def _promoting_loader(orig, prefix, per_expert_bits, width, is_zeros):
+def _promoted(loaded_weight, bits, width, zeros):
+    """A checkpoint qweight/qzeros tensor re-encoded at ``width`` bits (exact; m3_convert.gptq.promote)."""
     import torch
 
+    from m3_convert import gptq
+    if bits == width:
+        return loaded_weight
+    fn = gptq.promote_qzeros if zeros else gptq.promote_qweight
+    return torch.from_numpy(fn(loaded_weight.numpy(), bits, width))
+
+
+def _promoting_loader(orig, prefix, per_expert_bits, width, is_zeros):
     def loader(param, loaded_weight, weight_name, shard_id, expert_id, **kw):
         bits = per_expert_bits.get(f"{prefix}.{expert_id}.{shard_id}", width)
-        if bits != width:
-            from m3_convert import gptq
-            arr = loaded_weight.numpy()
-            if is_zeros:
-                codes = gptq.unpack_qzeros(arr, bits).astype("int64") + (1 << (width - 1)) - (1 << (bits - 1))
-                arr = gptq.pack_qzeros(codes, width)
-            else:
-                codes = gptq.unpack_qweight(arr, bits).astype("int64") + (1 << (width - 1)) - (1 << (bits - 1))
-                arr = gptq.pack_qweight(codes, width)
-            loaded_weight = torch.from_numpy(arr)
+        loaded_weight = _promoted(loaded_weight, bits, width, zeros=is_zeros)
         return orig(param, loaded_weight, weight_name, shard_id=shard_id, expert_id=expert_id, **kw)
     return loader
 

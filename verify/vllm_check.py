@@ -246,13 +246,8 @@ def _assemble(pname, parts, like, qmods, gptq):
                 bits = qmods[mod]["bits"]
                 width = _param_bits(like, leaf, t, bits, len(shards))
                 if width != bits:
-                    arr = t.numpy()
-                    delta = (1 << (width - 1)) - (1 << (bits - 1))
-                    if leaf.endswith("qzeros"):
-                        arr = gptq.pack_qzeros(gptq.unpack_qzeros(arr, bits).astype("int64") + delta, width)
-                    else:
-                        arr = gptq.pack_qweight(gptq.unpack_qweight(arr, bits).astype("int64") + delta, width)
-                    t = torch.from_numpy(arr)
+                    fn = gptq.promote_qzeros if leaf.endswith("qzeros") else gptq.promote_qweight
+                    t = torch.from_numpy(fn(t.numpy(), bits, width))
             ts.append(t)
         out.append(torch.cat(ts, dim=-1 if gptq_leaf else 0))
     return torch.stack(out)
