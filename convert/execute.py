@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import queue
+import re
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -371,6 +372,29 @@ def _copy_file(src, dst):
     return h.hexdigest()
 
 
+_OUR_SHARD = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+
+
+def _previous_outputs(out_dir):
+    """Shard files an earlier m3-convert run wrote into out_dir: named in its journal, or in its
+    SHA256SUMS when config.json there is m3-convert's. Only shard names; never anything else."""
+    names = set()
+    try:
+        with open(os.path.join(out_dir, STATE_DIR, STATE_FILE)) as f:
+            names |= set(json.load(f).get("shards", {}))
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
+            ours = json.load(f).get("quantization_config", {}).get("format") == "m3-convert/1"
+        if ours:
+            with open(os.path.join(out_dir, "SHA256SUMS"), encoding="utf-8") as f:
+                names |= {line.rstrip("\n").split("  ", 1)[-1] for line in f}
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        pass
+    return {n for n in names if isinstance(n, str) and _OUR_SHARD.match(n)}
+
+
 def _fsync_path(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -411,6 +435,7 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
     """Execute ``plan`` into ``out_dir`` (already checked by the CLI). Returns a summary dict."""
     os.makedirs(out_dir, exist_ok=True)
     sums_path = os.path.join(out_dir, "SHA256SUMS")
+    previous = _previous_outputs(out_dir)   # files an earlier m3-convert run wrote here (its manifest, journal)
     if os.path.exists(sums_path):
         os.unlink(sums_path)   # nothing may claim completeness while we work
     state_dir = os.path.join(out_dir, STATE_DIR)
@@ -487,6 +512,8 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
             stale = os.path.join(out_dir, INDEX_FILE)
             if os.path.exists(stale):
                 os.unlink(stale)
+        for stale in sorted(previous - set(files)):   # ours from an earlier run, not part of this output
+            _unlink_quiet(os.path.join(out_dir, stale))
         sums = "".join(f"{files[f]}  {f}\n" for f in sorted(files))
         _fsync_path(out_dir)
         _atomic_write(sums_path, sums.encode())

@@ -301,7 +301,7 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9) -> Plan:
     plan = Plan(in_dir, src_cfg, out_cfg, qout, has_qjson, layout, out)
     plan.inputs = headers
     plan.shards = shard(out, max_shard_size)
-    plan.copied_files = other_files(in_dir, files)
+    plan.copied_files, ignored = other_files(in_dir, files)
     bytes_in = sum(t.nbytes for h in headers.values() for t in h.tensors.values())
     plan.stats = {
         "input_files": len(files),
@@ -316,6 +316,7 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9) -> Plan:
         "dropped": {c: {"tensors": dropped[c], "bytes": dropped_bytes[c]} for c in sorted(dropped)},
         "notes": dict(notes),
         "copied_files": list(plan.copied_files),
+        "ignored_files": ignored,
     }
     return plan
 
@@ -406,15 +407,19 @@ def shard(tensors, max_size):
 
 
 def other_files(in_dir, shard_files):
-    """Non-weight files copied byte for byte (tokenizer, templates, LICENSE, ...)."""
+    """Non-weight files copied byte for byte (tokenizer, templates, LICENSE, ...), and the hidden
+    entries left out (``.gitattributes``, ``.cache/``: reported in the summary, never silently)."""
     skip = set(shard_files) | GENERATED
-    out = []
+    out, hidden = [], []
     for f in sorted(os.listdir(in_dir)):
         p = os.path.join(in_dir, f)
-        if f in skip or f.startswith("."):
+        if f in skip:
+            continue
+        if f.startswith("."):
+            hidden.append(f)
             continue
         if os.path.isfile(p):
             out.append(f)
         else:
             raise CheckpointError(f, None, "sub-directories in IN_DIR are not supported (not copied); move or remove it")
-    return out
+    return out, hidden

@@ -12,8 +12,9 @@ official module names) and hands each vLLM layer one of vLLM's own methods:
   it; a checkpoint that violates it is refused with the module named).
   bf16 -> ``UnquantizedLinearMethod``; 4/8-bit -> ``AutoGPTQLinearMethod``
   (Machete/Marlin kernels); 2/3-bit -> the same at 4 bits, codes promoted while
-  loading (exact). vLLM's humming path is not used: on the project's GPU check
-  (vLLM 0.26, gpu/README.md) the promoted Machete path matched the exact decode.
+  loading (exact). On the project's GPU check (vLLM 0.26, gpu/README.md) this path
+  was measured against the exact decode; vLLM's humming path was not measured, so
+  it is not used.
 * MoE (``block_sparse_moe.experts``): all experts bf16 -> ``UnquantizedFusedMoEMethod``;
   otherwise vLLM's ``AutoGPTQMoEMethod`` at the layer's widest bit width W
   (2/3-bit layers: W = 4).  Experts stored with fewer bits are promoted while
@@ -99,8 +100,8 @@ def decide(kind: str, prefix: str, modules: dict, *, gpu: bool, num_experts: int
         if gpu and bits in (4, 8):
             return "AutoGPTQLinearMethod", bits, group
         if gpu:
-            # 2/3-bit: promoted to 4 bits at load (exact) and served by Marlin/Machete. vLLM 0.26's humming
-            # linear path gave wrong logits on the GPU check (gpu/README.md), so it is not used.
+            # 2/3-bit: promoted to 4 bits at load (exact) and served by Machete/Marlin, the path the GPU check
+            # measured (gpu/README.md); vLLM's humming linear path was not measured there, so it is not used.
             return "AutoGPTQLinearMethod", 4, group
         return "M3ReferenceGPTQLinearMethod", bits, group
     width, group, _ = resolve_moe(prefix, modules, num_experts)

@@ -233,3 +233,25 @@ def test_no_pickle_anywhere():
         for f in (root / sub).rglob("*.py"):
             text = f.read_text()
             assert "torch.load(" not in text and "pickle" not in text, f
+
+
+def test_force_rewrite_removes_only_its_own_stale_files(tmp_path):
+    """A re-run with other shard sizes: the old shards (listed in the old SHA256SUMS) go, other files stay."""
+    out = tmp_path / "o"
+    assert run_convert(SRC, out, "--max-shard-size", "200KB", "--quiet").exit_code == 0
+    old = {f for f in os.listdir(out) if f.startswith("model-")}
+    (out / "notes.txt").write_text("mine")
+    assert run_convert(SRC, out, "--force", "--quiet").exit_code == 0
+    now = set(os.listdir(out))
+    assert not (old & now) and "model.safetensors" in now and "model.safetensors.index.json" not in now
+    assert (out / "notes.txt").read_text() == "mine"
+    r = run_verify(out, "--quiet")
+    assert r.output.strip() == "integrity: notes.txt: present but not listed in SHA256SUMS"
+
+
+def test_hidden_input_files_are_reported_not_copied(tmp_path):
+    d = copy_fixture(tmp_path)
+    (d / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    r = run_convert(d, tmp_path / "o")
+    assert r.exit_code == 0 and "ignored: .gitattributes" in r.output
+    assert not (tmp_path / "o" / ".gitattributes").exists()
