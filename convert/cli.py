@@ -94,7 +94,8 @@ def summary_text(plan, result, elapsed):
 @click.option("--dry-run", is_flag=True, help="Read headers only and print the plan (copied / split / de-quantized / left-out "
               "tensors, bytes in and out, bit-width histogram); write nothing.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MB, 1GiB, bytes).")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Shards written in parallel.")
+@click.option("--workers", default=None, type=click.IntRange(1, 64),
+              help="Shards written in parallel (default: the number of CPUs, at most 4).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary on stdout.")
 def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, quiet, as_json):
@@ -114,11 +115,14 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, quiet
 
     \b
     Exit codes: 0 done; 2 bad usage / OUT_DIR refused; 3 invalid input checkpoint
-    (the message names the file and tensor); 4 write failure (e.g. disk full).
+    (the message names the file and tensor); 4 write failure (e.g. disk full);
+    130 interrupted (continue with --resume).
     Check the result with: m3-verify OUT_DIR --against IN_DIR
     """
     from . import execute, plan as planmod
     t0 = time.time()
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
     try:
         shard_size = parse_size(max_shard_size)
         pending = check_dirs(in_dir, out_dir, force, resume, dry_run)

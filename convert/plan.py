@@ -163,7 +163,7 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9) -> Plan:
     out_cfg, layout = cfgmod.convert_config(src_cfg)
     files, headers = read_sources(in_dir)
 
-    file_rank = {f: i for i, f in enumerate(files)}
+    file_rank = {os.path.join(in_dir, f): i for i, f in enumerate(files)}
     groups: dict = defaultdict(dict)         # (Module, src_module, layer, expert) -> leaf -> TensorInfo
     dropped = Counter()
     dropped_bytes = Counter()
@@ -226,8 +226,8 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9) -> Plan:
     for key, leaves in groups.items():
         module, src_mod, layer, expert = key
         m = names.Match(module, src_mod, "weight", layer, expert)
-        first = min(leaves.values(), key=lambda t: (file_rank[_fname(t)], t.begin))
-        order = (file_rank[_fname(first)], first.begin)
+        first = min(leaves.values(), key=lambda t: (file_rank[t.file], t.begin))
+        order = (file_rank[first.file], first.begin)
         q = gptq_info.get(key)
         linear = module.role in (names.LINEAR, names.EXPERT, names.QKV, names.INDEX, names.GATE_UP)
         if module.role == names.ROUTER:

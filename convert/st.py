@@ -12,6 +12,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,8 +29,7 @@ DTYPES = {
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     file: str          # path of the shard
     name: str          # name as stored
     dtype: str
@@ -84,23 +84,28 @@ def read_header(path: str) -> Header:
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise CheckpointError(fname, None, "__metadata__ must map strings to strings")
     infos = []
+    append = infos.append
     for name, d in obj.items():
-        if not isinstance(d, dict) or set(d) - {"dtype", "shape", "data_offsets"} or len(d) != 3:
+        if type(d) is not dict or len(d) != 3 or "dtype" not in d or "shape" not in d or "data_offsets" not in d:
             raise CheckpointError(fname, name, "entry must have exactly dtype, shape, data_offsets")
         dtype, shape, offs = d["dtype"], d["shape"], d["data_offsets"]
-        if dtype not in DTYPES:
+        item = DTYPES.get(dtype) if type(dtype) is str else None
+        if item is None:
             raise CheckpointError(fname, name, f"unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        if type(shape) is not list or not all(type(x) is int and x >= 0 for x in shape):
             raise CheckpointError(fname, name, f"bad shape {shape!r}")
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
-                or offs[0] < 0 or offs[1] < offs[0]):
+        if type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int or type(offs[1]) is not int \
+                or offs[0] < 0 or offs[1] < offs[0]:
             raise CheckpointError(fname, name, f"bad data_offsets {offs!r}")
-        if offs[1] > data_len:
+        b, e = offs
+        if e > data_len:
             raise CheckpointError(fname, name, f"data_offsets {offs} beyond the end of the data ({data_len} bytes): truncated shard")
-        want = math.prod(shape) * DTYPES[dtype][0]
-        if offs[1] - offs[0] != want:
-            raise CheckpointError(fname, name, f"{dtype} x {shape} needs {want} bytes but data_offsets span {offs[1] - offs[0]}")
-        infos.append(TensorInfo(path, name, dtype, tuple(shape), data_start + offs[0], data_start + offs[1]))
+        want = item[0]
+        for x in shape:
+            want *= x
+        if e - b != want:
+            raise CheckpointError(fname, name, f"{dtype} x {shape} needs {want} bytes but data_offsets span {e - b}")
+        append(TensorInfo(path, name, dtype, tuple(shape), data_start + b, data_start + e))
     infos.sort(key=lambda t: (t.begin, t.end))
     for a, b in zip(infos, infos[1:]):
         if b.begin < a.end:
