@@ -110,6 +110,22 @@ def decide(kind: str, prefix: str, modules: dict, *, gpu: bool, num_experts: int
     return ("AutoGPTQMoEMethod" if gpu else "M3ReferenceGPTQMoEMethod"), width, group
 
 
+def marlin_moe_shape_problem(hidden_size: int, intermediate_per_partition: int, group_size: int) -> str | None:
+    """Why vLLM's Marlin MoE would serve wrong experts for this shape, or None.
+
+    vLLM 0.26-0.33 (fused_moe/oracle/int_wna16.py, _process_weights_marlin) permutes the w13 scales
+    with size_k = intermediate_size_per_partition instead of hidden_size; the grouped permutation is
+    chosen only when group_size < size_k, so an intermediate size (per TP rank) of at most one group
+    with a hidden size of several groups gets the channel-wise permutation: wrong scales, no error.
+    Seen on an H200 with vLLM 0.26 (gpu/README.md).
+    """
+    if group_size > 0 and intermediate_per_partition <= group_size < hidden_size:
+        return (f"vLLM's Marlin MoE permutes w13 scales as if they had one group when intermediate_size per "
+                f"rank ({intermediate_per_partition}) <= group_size ({group_size}) < hidden_size ({hidden_size}); "
+                "it would serve wrong experts. Use a smaller tensor-parallel size.")
+    return None
+
+
 def _has_gpu_kernels() -> bool:
     from vllm.platforms import current_platform
     return current_platform.is_cuda_alike()
@@ -309,8 +325,6 @@ def _moe_method(width, group, per_expert_bits, prefix, moe_config):
 
     if _has_gpu_kernels():
         base = AutoGPTQMoEMethod
-        log.warning("m3_gptq: %s: quantized MoE through AutoGPTQMoEMethod/Marlin is NOT yet verified: on vLLM "
-                    "0.26 the project's GPU check gave wrong logits for this path (gpu/README.md)", prefix)
     else:
         base = _reference_moe_class()
 
@@ -328,6 +342,12 @@ def _moe_method(width, group, per_expert_bits, prefix, moe_config):
             return qc
 
         def create_weights(self, layer, *args, **kwargs):
+            if base is AutoGPTQMoEMethod:
+                hidden = kwargs.get("hidden_size", args[1] if len(args) > 1 else None)
+                inter = kwargs.get("intermediate_size_per_partition", args[2] if len(args) > 2 else None)
+                problem = marlin_moe_shape_problem(hidden, inter, group) if hidden and inter else None
+                if problem:
+                    raise ValueError(f"m3_gptq: {prefix}: {problem}")
             super().create_weights(layer, *args, **kwargs)
             for pname in ("w13_qweight", "w13_qzeros", "w2_qweight", "w2_qzeros"):
                 p = getattr(layer, pname)

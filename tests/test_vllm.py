@@ -144,3 +144,12 @@ def test_fails_when_per_module_bits_disagree_with_tensors(converted, tmp_path):
     vl = [f for f in rep["findings"] if f["check"] == "vllm"]
     assert code == 1 and vl, rep["findings"]
     assert any("model.layers.0.self_attn.o_proj" in (f["tensor"] or "") for f in vl), vl
+
+
+def test_marlin_moe_shape_guard():
+    """The vLLM Marlin MoE scale-permutation shape that served wrong experts on the GPU is refused."""
+    from m3_convert.vllm_plugin import marlin_moe_shape_problem
+    assert marlin_moe_shape_problem(256, 128, 128) is not None           # the GPU check's first gpu_tiny
+    assert marlin_moe_shape_problem(6144, 3072 // 24, 128) is not None   # real M3 at tensor-parallel 24
+    assert marlin_moe_shape_problem(6144, 3072 // 8, 128) is None        # real M3 at tensor-parallel 8
+    assert marlin_moe_shape_problem(256, 256, 128) is None               # gpu_tiny now
