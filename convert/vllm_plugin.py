@@ -117,7 +117,7 @@ def marlin_moe_shape_problem(hidden_size: int, intermediate_per_partition: int, 
     with size_k = intermediate_size_per_partition instead of hidden_size; the grouped permutation is
     chosen only when group_size < size_k, so an intermediate size (per TP rank) of at most one group
     with a hidden size of several groups gets the channel-wise permutation: wrong scales, no error.
-    Seen on an H200 with vLLM 0.26 (gpu/README.md).
+    The likely cause of the wrong MoE logits seen on an H200 with vLLM 0.26 (gpu/README.md).
     """
     if group_size > 0 and intermediate_per_partition <= group_size < hidden_size:
         return (f"vLLM's Marlin MoE permutes w13 scales as if they had one group when intermediate_size per "
