@@ -39,6 +39,7 @@ from m3_convert.st import build_header  # noqa: E402
 
 P = "model.language_model"
 SIZES = {  # name -> (hidden, expert/shared intermediate, dense intermediate, shard bytes)
+    0: (128, 128, 256, 32 << 20),      # ~0.2 GiB: the full topology for tests (tests/test_topology.py)
     1: (384, 256, 1024, 128 << 20),
     5: (896, 512, 2048, 512 << 20),
 }

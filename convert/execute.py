@@ -239,7 +239,7 @@ def _write_slice(src, w, o, ring, progress):
         view = memoryview(buf)[: (r1 - r0) * row_bytes]
         _pread_into(fd, view, t.begin + r0 * row_bytes, t)
         arr = np.frombuffer(view, dtype=st.DTYPES[t.dtype][1]).reshape(r1 - r0, cols)
-        part = np.ascontiguousarray(arr[:, a:b])
+        part = arr[:, a:b].copy()   # always a copy: a one-row slice would be a view of the reused buffer
         w.write(part)
         progress(part.nbytes)
 
