@@ -83,10 +83,14 @@ class SourceQuantConfig:
         dyn = qc.get("dynamic") or {}
         if not isinstance(extra, dict) or not isinstance(dyn, dict):
             raise CheckpointError(file, "quantization_config.extra_config", "must be a JSON object")
-        for key, cfg in list(extra.items()) + [(k.lstrip("+:"), v) for k, v in dyn.items()]:
+        # GPTQ "dynamic" (auto_gptq exports): "+:regex" overrides, "-:regex" means not quantized
+        dyn_items = [(k[2:] if k.startswith(("+:", "-:")) else k, v, k.startswith("-:")) for k, v in dyn.items()]
+        for key, cfg, excluded in [(k, v, False) for k, v in extra.items()] + dyn_items:
             if not isinstance(cfg, dict):
                 raise CheckpointError(file, f"extra_config[{key!r}]", "entry must be a JSON object")
             scheme = self._scheme(cfg, file, f"extra_config[{key!r}]", base)
+            if excluded:
+                scheme = Scheme(None, scheme.group_size, scheme.sym)
             canon = names.canonical(key)
             if names.match(canon + ".weight") is not None:
                 self.exact[canon] = scheme

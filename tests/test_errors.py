@@ -142,3 +142,16 @@ def test_layer_kind_disagrees_with_config(tmp_path):
         c["text_config"]["layer_types"][2] = "full_attention"   # layer 2 has indexer weights
         (d / f).write_text(json.dumps(c))
     convert_fails(d, tmp_path / "o", EXIT_INPUT, "model.language_model.layers.2.self_attn.indexer", "config says layer 2")
+
+
+def test_gptq_dynamic_keys():
+    """auto_gptq exports: '+:regex' overrides bits, '-:regex' means not quantized, exact keys win."""
+    from m3_convert.quantcfg import SourceQuantConfig
+    m = "model.language_model.layers.0.self_attn.o_proj"
+    q = SourceQuantConfig({"quant_method": "gptq", "bits": 16, "group_size": 128, "sym": True, "dynamic": {
+        r"+:.*layers\.0\.self_attn\.o_proj.*": {"bits": 8, "group_size": 128, "sym": True},
+        r"-:.*layers\.1\.mlp\.gate.*": {},
+    }})
+    assert q.lookup(m).bits == 8
+    assert q.lookup("model.language_model.layers.1.mlp.gate").bits is None
+    assert q.lookup("model.language_model.layers.2.self_attn.q_proj").bits is None   # global bits 16
