@@ -323,9 +323,10 @@ def shard_recipe(plan: Plan, fname, tensors) -> str:
     return h.hexdigest()
 
 
-def sha256_file(path, bufsize=CHUNK):
+def sha256_file(path, progress=None):
+    """sha256 of a whole file, streamed (used by --resume and by m3-verify's integrity pass)."""
     h = hashlib.sha256()
-    buf = bytearray(bufsize)
+    buf = bytearray(CHUNK)
     mv = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while True:
@@ -333,43 +334,43 @@ def sha256_file(path, bufsize=CHUNK):
             if not n:
                 break
             h.update(mv[:n])
+            if progress:
+                progress(n)
     return h.hexdigest()
 
 
-def _atomic_write(path, data: bytes):
+def _write_file(path, chunks):
+    """Write ``chunks`` to ``.NAME.partial``, fsync, rename onto ``path``; returns the sha256 of the bytes."""
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".partial")
+    h = hashlib.sha256()
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
-            FAULT.tick(len(data))
+            for b in chunks:
+                h.update(b)
+                f.write(b)
+                FAULT.tick(len(b))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         _unlink_quiet(tmp)
         raise
-    return hashlib.sha256(data).hexdigest()
+    return h.hexdigest()
+
+
+def _atomic_write(path, data: bytes):
+    return _write_file(path, (data,))
 
 
 def _copy_file(src, dst):
-    tmp = os.path.join(os.path.dirname(dst), "." + os.path.basename(dst) + ".partial")
-    h = hashlib.sha256()
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+    def chunks():
+        with open(src, "rb") as fi:
             while True:
                 b = fi.read(CHUNK)
                 if not b:
-                    break
-                h.update(b)
-                fo.write(b)
-                FAULT.tick(len(b))
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-    return h.hexdigest()
+                    return
+                yield b
+    return _write_file(dst, chunks())
 
 
 _OUR_SHARD = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")

@@ -282,3 +282,25 @@ def vllm_target(official: str):
             expert = int(gd["E"]) if gd.get("E") is not None else None
             return _fill(fused, gd.get("L"), expert), pos, expert, gd["leaf"]
     return None
+
+
+@lru_cache(maxsize=1)
+def fused_shards() -> dict:
+    """vLLM fused parameter (last name component) -> ((official shard, required), ...) in vLLM's order.
+
+    E.g. ``qkv_proj`` -> q_proj, k_proj, v_proj (required), index_q_proj, index_k_proj (sparse layers only).
+    Read by the vLLM plugin to find the checkpoint modules behind a fused layer prefix.
+    """
+    out: dict = {}
+    for m in MODULES:
+        if m.vllm_fused and m.role != EXPERT:
+            key = m.vllm_fused.rsplit(".", 1)[-1]
+            for d in m.dst:
+                entry = (d.rsplit(".", 1)[-1], m.where != SPARSE_ATTN)
+                if entry not in out.setdefault(key, []):
+                    out[key].append(entry)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+#: the official per-expert module names (w1 gate, w3 up, w2 down)
+EXPERT_SHARDS = tuple(m.dst[0].rsplit(".", 1)[-1] for m in MODULES if m.role == EXPERT)

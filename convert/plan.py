@@ -290,7 +290,7 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9) -> Plan:
         ops["copy_gptq"] += 1
 
     out.sort(key=lambda o: o.order)
-    _check_router_and_shared(groups, layout, out_cfg)
+    _check_shared_expert_width(groups, layout, out_cfg)
 
     group_sizes = Counter(v["group_size"] for v in modules_q.values() if v["bits"])
     g_default = group_sizes.most_common(1)[0][0] if group_sizes else qcfg.default.group_size
@@ -376,7 +376,7 @@ def _classify(module, src_mod, leaves, qcfg: SourceQuantConfig):
     return shape, scheme
 
 
-def _check_router_and_shared(groups, layout, out_cfg):
+def _check_shared_expert_width(groups, layout, out_cfg):
     """Cross-check config-derived sizes the model would silently get wrong."""
     tc = out_cfg["text_config"]
     for (module, src_mod, layer, expert), leaves in groups.items():

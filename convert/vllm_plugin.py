@@ -28,6 +28,7 @@ official module names) and hands each vLLM layer one of vLLM's own methods:
 """
 from __future__ import annotations
 
+import functools
 import logging
 from fractions import Fraction
 
@@ -37,20 +38,14 @@ QUANT_METHOD = "m3_gptq"
 _registered = False
 CHOICES: dict[str, str] = {}   # layer prefix -> method class chosen in this process (logs, GPU check)
 
-QKV_SHARDS = ("q_proj", "k_proj", "v_proj", "index_q_proj", "index_k_proj")
-GATE_UP_SHARDS = ("gate_proj", "up_proj")
-EXPERT_SHARDS = ("w1", "w3", "w2")
-
-
 def fused_members(prefix: str, modules: dict) -> list[str]:
-    """Official checkpoint modules behind one vLLM layer prefix (the shards vLLM fuses)."""
+    """Official checkpoint modules behind one vLLM layer prefix (the shards vLLM fuses; m3_convert.names)."""
+    from m3_convert import names
     head, _, last = prefix.rpartition(".")
-    if last == "qkv_proj":
-        members = [f"{head}.{s}" for s in QKV_SHARDS]
-        return [m for m in members[:3]] + [m for m in members[3:] if m in modules]
-    if last == "gate_up_proj":
-        return [f"{head}.{s}" for s in GATE_UP_SHARDS]
-    return [prefix]
+    shards = names.fused_shards().get(last)
+    if shards is None:
+        return [prefix]
+    return [f"{head}.{s}" for s, required in shards if required or f"{head}.{s}" in modules]
 
 
 def resolve_linear(prefix: str, modules: dict):
@@ -69,9 +64,10 @@ def resolve_linear(prefix: str, modules: dict):
 
 def resolve_moe(prefix: str, modules: dict, num_experts: int):
     """(target bits W or None, group_size, {expert module: bits}) for a MoE layer."""
+    from m3_convert import names
     per = {}
     for e in range(num_experts):
-        for s in EXPERT_SHARDS:
+        for s in names.EXPERT_SHARDS:
             name = f"{prefix}.{e}.{s}"
             if name not in modules:
                 raise ValueError(f"m3_gptq: quantization_config.modules has no entry for {name}")
@@ -229,14 +225,9 @@ def _gptq_config(bits, group):
                           lm_head_quantized=False, dynamic={}, full_config={})
 
 
-_PROMO_LINEAR = None
-
-
+@functools.lru_cache(maxsize=None)
 def _promoting_linear_class():
     """vLLM's AutoGPTQLinearMethod, with checkpoint codes of fewer bits promoted while loading."""
-    global _PROMO_LINEAR
-    if _PROMO_LINEAR is not None:
-        return _PROMO_LINEAR
     import torch
     from vllm.model_executor.layers.linear import register_weight_loader_v2_supported_method
     from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQLinearMethod
@@ -260,18 +251,12 @@ def _promoting_linear_class():
                 kwargs["weight_loader"] = loader
             super().create_weights(layer, *args, **kwargs)
 
-    _PROMO_LINEAR = M3PromotingGPTQLinearMethod
-    return _PROMO_LINEAR
+    return M3PromotingGPTQLinearMethod
 
 
-_REF_LINEAR = None
-
-
+@functools.lru_cache(maxsize=None)
 def _reference_linear_class():
     """Exact, portable GPTQ linear: vLLM's own parameter classes and loaders, decode after loading."""
-    global _REF_LINEAR
-    if _REF_LINEAR is not None:
-        return _REF_LINEAR
     import torch
     from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
     from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
@@ -308,8 +293,7 @@ def _reference_linear_class():
         def apply(self, layer, x, bias=None):
             return torch.nn.functional.linear(x, layer.weight, bias)
 
-    _REF_LINEAR = M3ReferenceGPTQLinearMethod
-    return _REF_LINEAR
+    return M3ReferenceGPTQLinearMethod
 
 
 def _moe_method(width, group, per_expert_bits, prefix, moe_config):
@@ -323,12 +307,20 @@ def _moe_method(width, group, per_expert_bits, prefix, moe_config):
                     len(per_expert_bits), width, sorted(set(per_expert_bits.values())),
                     width * len(per_expert_bits) / sum(per_expert_bits.values()))
 
-    if _has_gpu_kernels():
-        base = AutoGPTQMoEMethod
-    else:
-        base = _reference_moe_class()
+    cls = _promoting_moe_class(AutoGPTQMoEMethod if _has_gpu_kernels() else _reference_moe_class())
+    return cls(_gptq_config(width, group), moe_config, prefix, per_expert_bits)
+
+
+@functools.lru_cache(maxsize=None)
+def _promoting_moe_class(base):
+    """``base`` (vLLM's AutoGPTQMoEMethod, or the CPU reference) + load-time promotion + SwiGLU parameters."""
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQMoEMethod
 
     class _Promoting(base):
+        def __init__(self, quant_config, moe, prefix, per_expert_bits):
+            super().__init__(quant_config, moe)
+            self.m3_prefix, self.m3_bits = prefix, per_expert_bits
+
         def get_fused_moe_quant_config(self, layer):
             # vLLM 0.26's GPTQ MoE method hands no SwiGLU parameters to the Marlin experts, which then
             # stop on "SWIGLUOAI_UNINTERLEAVE requires clamp_limit" (and would use alpha 1, beta 0);
@@ -342,19 +334,21 @@ def _moe_method(width, group, per_expert_bits, prefix, moe_config):
             return qc
 
         def create_weights(self, layer, *args, **kwargs):
+            width, group = self.quant_config.weight_bits, self.quant_config.group_size
             if base is AutoGPTQMoEMethod:
                 hidden = kwargs.get("hidden_size", args[1] if len(args) > 1 else None)
                 inter = kwargs.get("intermediate_size_per_partition", args[2] if len(args) > 2 else None)
                 problem = marlin_moe_shape_problem(hidden, inter, group) if hidden and inter else None
                 if problem:
-                    raise ValueError(f"m3_gptq: {prefix}: {problem}")
+                    raise ValueError(f"m3_gptq: {self.m3_prefix}: {problem}")
             super().create_weights(layer, *args, **kwargs)
             for pname in ("w13_qweight", "w13_qzeros", "w2_qweight", "w2_qzeros"):
                 p = getattr(layer, pname)
-                p.weight_loader = _promoting_loader(p.weight_loader, prefix, per_expert_bits, width, pname.endswith("qzeros"))
+                p.weight_loader = _promoting_loader(p.weight_loader, self.m3_prefix, self.m3_bits, width,
+                                                    pname.endswith("qzeros"))
 
     _Promoting.__name__ = base.__name__   # what the logs and tests report
-    return _Promoting(_gptq_config(width, group), moe_config)
+    return _Promoting
 
 
 def _promoted(loaded_weight, bits, width, zeros):
@@ -376,14 +370,9 @@ def _promoting_loader(orig, prefix, per_expert_bits, width, is_zeros):
     return loader
 
 
-_REF_MOE = None
-
-
+@functools.lru_cache(maxsize=None)
 def _reference_moe_class():
     """GPTQ MoE parameters exactly as vLLM's AutoGPTQMoEMethod makes them, with no GPU kernel selection."""
-    global _REF_MOE
-    if _REF_MOE is not None:
-        return _REF_MOE
     import torch
     from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
     from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQMoEMethod
@@ -410,5 +399,4 @@ def _reference_moe_class():
         def apply(self, *a, **k):
             raise NotImplementedError("m3_gptq reference MoE method: no CPU forward (weights-only check)")
 
-    _REF_MOE = M3ReferenceGPTQMoEMethod
-    return _REF_MOE
+    return M3ReferenceGPTQMoEMethod

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import numpy as np
 from m3_convert import config as cfgmod
 from m3_convert import gptq, names, st
 from m3_convert.errors import CheckpointError
-from m3_convert.execute import CHUNK
+from m3_convert.execute import CHUNK, sha256_file
 from m3_convert.plan import COPY, DEQUANT, INDEX_FILE, SINGLE_FILE, SLICE
 from m3_convert.quantcfg import FORMAT, QUANT_METHOD
 
@@ -55,21 +54,6 @@ def parse_sums(out_dir):
                 raise CheckpointError(SUMS, None, f"line {n} is not '<sha256>  <file>'")
             entries[m.group(2)] = m.group(1).lower()
     return entries
-
-
-def sha256_file(path, progress=None):
-    h = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(mv[:n])
-            if progress:
-                progress(n)
-    return h.hexdigest()
 
 
 def check_integrity(out_dir, progress=None, workers=2):
