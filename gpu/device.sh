@@ -33,6 +33,7 @@ case "$1" in
     python3 gpu/serve_check.py vllm .gpuwork/bf16 bf16 "$RES" 2>&1 | tail -15
     python3 gpu/serve_check.py vllm .gpuwork/bug bug "$RES" 2>&1 | tail -15
     PYTHONPATH=/tmp/hfsite:/tmp/m3site python3 gpu/serve_check.py hf tests/fixtures/data/gpu_tiny hf "$RES" 2>&1 | tail -15
+    PYTHONPATH=/tmp/hfsite:/tmp/m3site python3 gpu/serve_check.py hf tests/fixtures/data/gpu_tiny hf32 "$RES" float32 2>&1 | tail -15
     python3 gpu/serve_check.py compare "$RES"
     ;;
 esac

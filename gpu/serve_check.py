@@ -4,7 +4,8 @@
 Runs ON the lent GPU machine (see gpu/README.md for the device calls):
 
     python3 gpu/serve_check.py vllm DIR TAG OUT      # greedy tokens + prompt logprobs from vLLM (+ shim)
-    python3 gpu/serve_check.py hf   SRC TAG OUT      # the same from transformers' MiniMax-M3-VL on the
+    python3 gpu/serve_check.py hf   SRC TAG OUT [DTYPE [DEVICE [cache|nocache]]]
+                                                     # the same from transformers' MiniMax-M3-VL on the
                                                      # unconverted AutoRound checkpoint, de-quantized
     python3 gpu/serve_check.py compare OUT           # the table
 
@@ -23,11 +24,19 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 N_NEW = 32
 
 
-def prompts(vocab=512):
+def random_prompts(vocab=512):
     import random
     rng = random.Random(7)
     lens = [24, 64, 200, 700]            # 700 > (topk 2 + local 1) blocks of 128: the indexer must select
     return [[rng.randrange(3, vocab - 16) for _ in range(n)] for n in lens]
+
+
+def prompts(vocab=512):
+    """gpu/prompts.json (made by gpu/make_prompts.py): the first 8 tokens of each random prompt, continued by
+    sampling (temperature 1) from the float32 model, so prompt logprobs measure tokens the model finds
+    likely rather than the far tail of random tokens (where any bf16 noise is amplified: a -30 nat logit)."""
+    path = os.path.join(HERE, "prompts.json")
+    return json.load(open(path)) if os.path.exists(path) else random_prompts(vocab)
 
 
 def run_vllm(model_dir, tag, out):
@@ -119,10 +128,10 @@ def linear_errors(model, model_dir):
     return out
 
 
-def run_hf(src, tag, out):
-    """transformers' MiniMaxM3SparseForConditionalGeneration with the source's GPTQ modules de-quantized."""
+def load_hf(src, dtype="bfloat16", device="cuda"):
+    """transformers' MiniMaxM3SparseForConditionalGeneration with the source's GPTQ modules de-quantized
+    exactly (then rounded to bf16, as m3-convert's bf16 output is)."""
     import torch
-    from safetensors.numpy import load_file as np_load
     from safetensors.torch import load_file
     from transformers import MiniMaxM3VLConfig, MiniMaxM3SparseForConditionalGeneration
 
@@ -131,7 +140,8 @@ def run_hf(src, tag, out):
     cfg_json.pop("quantization_config", None)
     config = MiniMaxM3VLConfig(**{k: v for k, v in cfg_json.items() if k not in ("architectures", "model_type")})
     torch.manual_seed(0)
-    model = MiniMaxM3SparseForConditionalGeneration(config).to(torch.bfloat16)
+    dt = getattr(torch, dtype)
+    model = MiniMaxM3SparseForConditionalGeneration(config).to(dt)
     tensors = {}
     for f in sorted(os.listdir(src)):
         if f.endswith(".safetensors"):
@@ -156,47 +166,91 @@ def run_hf(src, tag, out):
         elif k.endswith("mlp.experts.down_proj"):
             p = k[: -len("down_proj")]
             sd[k] = torch.stack([sd.pop(f"{p}{e}.down_proj.weight") for e in range(msd[k].shape[0])])
+    sd = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [m for m in missing if "inv_freq" not in m]
     assert not missing and not unexpected, (missing[:5], unexpected[:5])
-    model = model.cuda().eval()
+    return model.to(device).eval(), config
+
+
+def hf_rows(model, config, device="cuda", cache=True):
+    """prompt logprobs from one forward; greedy tokens from generate() (KV cache) or, with cache=False,
+    from a full forward per step (transformers' cached decode of the sparse layers can differ from its
+    own full forward: gpu/README.md)."""
+    import torch
     rows = []
     with torch.no_grad():
         for p in prompts(config.text_config.vocab_size):
-            ids = torch.tensor([p], device="cuda")
+            ids = torch.tensor([p], device=device)
             logits = model(input_ids=ids).logits[0].float()
             lp = torch.log_softmax(logits, -1)
             plp = [lp[i, p[i + 1]].item() for i in range(len(p) - 1)]
-            gen = model.generate(input_ids=ids, max_new_tokens=N_NEW, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)[0, len(p):].tolist()
+            if cache:
+                gen = model.generate(input_ids=ids, max_new_tokens=N_NEW, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0)[0, len(p):].tolist()
+            else:
+                seq = list(p)
+                for _ in range(N_NEW):
+                    seq.append(int(model(input_ids=torch.tensor([seq], device=device), use_cache=False).logits[0, -1].argmax()))
+                gen = seq[len(p):]
             rows.append({"tokens": gen, "prompt_logprobs": plp})
-    json.dump({"tag": tag, "model": src, "rows": rows}, open(os.path.join(out, f"{tag}.json"), "w"), indent=1)
+    return rows
+
+
+def run_hf(src, tag, out, dtype="bfloat16", device="cuda", cache="cache"):
+    """transformers on the unconverted checkpoint, de-quantized; dtype float32 gives the bf16 noise floor
+    of this tiny model (hf vs hf32); cache "nocache" decodes greedily by a full forward per token."""
+    import torch
+    torch.set_num_threads(min(8, os.cpu_count() or 1))
+    model, config = load_hf(src, dtype, device)
+    rows = hf_rows(model, config, device, cache == "cache")
+    json.dump({"tag": tag, "model": src, "dtype": dtype, "device": device, "cache": cache, "rows": rows}, open(os.path.join(out, f"{tag}.json"), "w"), indent=1)
     print(f"{tag}: first tokens {[r['tokens'][:8] for r in rows]}", flush=True)
 
 
+PAIRS = [  # (run, reference, what it measures)
+    ("quant", "bf16", "(a) quantized kernels + shim vs the same checkpoint exactly de-quantized, same vLLM"),
+    ("quant", "hf", "(b) the whole path: vLLM + shim vs transformers on the unconverted checkpoint"),
+    ("bf16", "hf", "vLLM bf16 vs transformers bf16 (implementation differences alone)"),
+    ("hf", "hf32", "bf16 noise floor: transformers bf16 vs transformers float32"),
+    ("quant", "hf32nc", "(b) vs transformers float32, greedy by full forward per token (CPU)"),
+    ("hf", "hf32nc", "transformers' cached generate() vs its own full forward per token"),
+    ("bug", "bf16", "control: planted bug vs (a)'s reference"),
+    ("bug", "hf", "control: planted bug vs (b)'s reference"),
+]
+
+
+def distance(a, b):
+    """greedy: shared prefix of the 32 generated tokens per prompt; prompt logprobs: |diff| per position."""
+    import statistics
+    agree, total, per_prompt = 0, 0, []
+    for x, y in zip(a["rows"], b["rows"]):
+        n = min(len(x["tokens"]), len(y["tokens"]))
+        same = next((i for i in range(n) if x["tokens"][i] != y["tokens"][i]), n)
+        agree += same
+        total += n
+        m = min(len(x["prompt_logprobs"]), len(y["prompt_logprobs"]))
+        d = [abs(p - q) for p, q in zip(x["prompt_logprobs"][-m:], y["prompt_logprobs"][-m:])]
+        per_prompt.append({"prompt_len": m + 1, "greedy_prefix": same, "max": round(max(d), 4),
+                           "median": round(statistics.median(d), 4), "positions_over_1": sum(v > 1 for v in d)})
+    return {"greedy_prefix_agreement": f"{agree}/{total}",
+            "max_abs_prompt_logprob_diff": max(p["max"] for p in per_prompt),
+            "median_abs_prompt_logprob_diff": round(statistics.median(p["median"] for p in per_prompt), 4),
+            "per_prompt": per_prompt}
+
+
 def compare(out):
-    runs = {f[:-5]: json.load(open(os.path.join(out, f))) for f in os.listdir(out) if f.endswith(".json") and f != "summary.json"}
-    base = runs.get("quant")
+    runs = {f[:-5]: json.load(open(os.path.join(out, f))) for f in os.listdir(out)
+            if f.endswith(".json") and f != "summary.json"}
     summary = {}
-    for tag, r in runs.items():
-        if tag == "quant" or base is None:
-            continue
-        agree, total, maxdiff = 0, 0, 0.0
-        for a, b in zip(base["rows"], r["rows"]):
-            n = min(len(a["tokens"]), len(b["tokens"]))
-            same = 0
-            for x, y in zip(a["tokens"][:n], b["tokens"][:n]):
-                if x != y:
-                    break
-                same += 1
-            agree += same
-            total += n
-            m = min(len(a["prompt_logprobs"]), len(b["prompt_logprobs"]))
-            for x, y in zip(a["prompt_logprobs"][-m:], b["prompt_logprobs"][-m:]):
-                maxdiff = max(maxdiff, abs(x - y))
-        summary[tag] = {"greedy_prefix_agreement": f"{agree}/{total}", "max_abs_prompt_logprob_diff": round(maxdiff, 4)}
+    for a, b, what in PAIRS:
+        if a in runs and b in runs:
+            summary[f"{a} vs {b}"] = {"what": what, **distance(runs[a], runs[b])}
     json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
-    print(json.dumps(summary, indent=1))
+    for k, v in summary.items():
+        print(f"{k:14s} greedy {v['greedy_prefix_agreement']:>8s}  max {v['max_abs_prompt_logprob_diff']:8.4f}  "
+              f"median {v['median_abs_prompt_logprob_diff']:7.4f}  per prompt (prefix/max/median): "
+              + " ".join(f"{p['greedy_prefix']}/{p['max']:.3g}/{p['median']:.3g}" for p in v["per_prompt"]))
 
 
 if __name__ == "__main__":
@@ -204,7 +258,7 @@ if __name__ == "__main__":
     if mode == "vllm":
         run_vllm(*sys.argv[2:5])
     elif mode == "hf":
-        run_hf(*sys.argv[2:5])
+        run_hf(*sys.argv[2:8])
     elif mode == "compare":
         compare(sys.argv[2])
     else:
