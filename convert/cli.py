@@ -68,9 +68,17 @@ def summary_text(plan, result, elapsed):
         f"output: {s['output_shards']} shards, {s['output_tensors']} tensors, {human(s['output_bytes'])}",
         "modules: " + ", ".join(f"{s['modules'][k]} {label}" for k, label in (
             ("copy_gptq", "GPTQ copied"), ("split", "fused gate_up split (still GPTQ)"),
-            ("dequant", "q/k/v de-quantized to bf16"), ("copy", "plain tensors copied")) if s["modules"].get(k)),
+            ("dequant", "q/k/v de-quantized to bf16"), ("promote", "GPTQ promoted to a wider width (lossless)"),
+            ("copy", "plain tensors copied")) if s["modules"].get(k)),
         "bits   : " + (", ".join(f"{k}-bit x{v}" if "->" not in k else f"{k} x{v}" for k, v in s["bits_histogram"].items()) or "none"),
     ]
+    if s.get("target") == "stock-vllm":
+        p = s["promotion"]
+        pct = 100.0 * p["extra_bytes"] / p["gptq_bytes_native"] if p["gptq_bytes_native"] else 0.0
+        lines.append(f"target : stock-vllm (vLLM's auto-round config, no plugin); promotion costs {human(p['extra_bytes'])} "
+                     f"(+{pct:.1f}% of GPTQ weight bytes, {human(p['gptq_bytes_native'])} -> {human(p['gptq_bytes_output'])})")
+        for L, v in p["per_layer"].items():
+            lines.append(f"         layer {L}: {human(v['native'])} -> {human(v['output'])}")
     for cat, d in s["dropped"].items():
         lines.append(f"left out ({cat}, not part of the text model): {d['tensors']} tensors, {human(d['bytes'])}")
     for note, n in s["notes"].items():
@@ -96,9 +104,16 @@ def summary_text(plan, result, elapsed):
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MB, 1GiB, bytes).")
 @click.option("--workers", default=None, type=click.IntRange(1, 64),
               help="Shards written in parallel (default: the number of CPUs, at most 4).")
+@click.option("--target", type=click.Choice(["m3-plugin", "stock-vllm"]), default="m3-plugin", show_default=True,
+              help="m3-plugin: per-module bits, served by vLLM with this project's m3_gptq plugin (installed with "
+              "m3-convert). stock-vllm: vLLM's own auto-round config, no plugin: every fused module and every MoE "
+              "layer is made one width by lossless promotion (costs memory; the summary reports how much).")
+@click.option("--stock-min-bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
+              help="With --target stock-vllm: also promote modules below this width (4 sends every layer to Marlin; "
+              "without it 2/3-bit layers go to vLLM's humming kernels).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary on stdout.")
-def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, quiet, as_json):
+def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, target, stock_min_bits, quiet, as_json):
     """Convert an AutoRound (GPTQ) MiniMax-M3 checkpoint in IN_DIR into vLLM's native
     MiniMaxM3SparseForCausalLM layout in OUT_DIR.
 
@@ -126,7 +141,9 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, quiet
     try:
         shard_size = parse_size(max_shard_size)
         pending = check_dirs(in_dir, out_dir, force, resume, dry_run)
-        plan = planmod.make_plan(in_dir, shard_size)
+        if stock_min_bits and target != "stock-vllm":
+            raise UsageError("--stock-min-bits needs --target stock-vllm")
+        plan = planmod.make_plan(in_dir, shard_size, target=target, min_bits=int(stock_min_bits) if stock_min_bits else None)
         if pending == "check-own-files":
             own = {f for f, _ in plan.shards} | set(plan.copied_files) | {"config.json", "quantization_config.json",
                                                                          planmod.INDEX_FILE, "SHA256SUMS", execute.STATE_DIR}

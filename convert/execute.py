@@ -25,7 +25,7 @@ import numpy as np
 
 from . import gptq, st
 from .errors import CheckpointError, OutputError
-from .plan import COPY, DEQUANT, INDEX_FILE, SLICE, Plan
+from .plan import COPY, DEQUANT, INDEX_FILE, PROMOTE, SLICE, Plan
 
 CHUNK = 16 * 1024 * 1024
 STATE_DIR = ".m3-convert"
@@ -262,6 +262,21 @@ def _write_dequant(src, w, o, progress, rows_per_block=1024):
         progress(data.nbytes)
 
 
+def _write_promote(src, w, o, progress):
+    """A qweight / qzeros (or a column slice of one) re-packed at a wider bit width (gptq.promote_*)."""
+    (t,) = o.srcs
+    arr = st.read_array(src.fd(t.file), t)
+    if o.cols is not None:
+        arr = arr[:, o.cols[0]:o.cols[1]]
+    bits, new_bits = o.promote
+    fn = gptq.promote_qweight if o.name.endswith(".qweight") else gptq.promote_qzeros
+    data = np.ascontiguousarray(fn(arr, bits, new_bits))
+    if tuple(data.shape) != tuple(o.shape) or data.dtype != np.int32:
+        raise OutputError(f"{o.name}: promotion gave {data.dtype} {list(data.shape)}, planned {list(o.shape)}")
+    w.write(data)
+    progress(data.nbytes)
+
+
 def write_shard(path_tmp, tensors, progress):
     """Write one output shard; returns (size, sha256)."""
     header = st.build_header([(o.name, o.dtype, o.shape, o.nbytes) for o in tensors])
@@ -287,6 +302,8 @@ def write_shard(path_tmp, tensors, progress):
                 _write_slice(src, w, o, ring, progress)
             elif o.op == DEQUANT:
                 _write_dequant(src, w, o, progress)
+            elif o.op == PROMOTE:
+                _write_promote(src, w, o, progress)
             else:
                 raise AssertionError(o.op)
             i += 1
@@ -318,7 +335,7 @@ def shard_recipe(plan: Plan, fname, tensors) -> str:
     srcs = sorted({t.file for o in tensors for t in o.srcs})
     for p in srcs:
         h.update(f"{os.path.basename(p)} {file_fingerprint(p)}\n".encode())
-    h.update("\n".join(f"{o.name} {o.dtype} {o.shape} {o.op} {o.cols} {o.rows} "
+    h.update("\n".join(f"{o.name} {o.dtype} {o.shape} {o.op} {o.cols} {o.rows} {o.promote} "
                        + " ".join(f"{t.name}@{t.begin}:{t.end}" for t in o.srcs) for o in tensors).encode())
     return h.hexdigest()
 

@@ -304,3 +304,32 @@ def fused_shards() -> dict:
 
 #: the official per-expert module names (w1 gate, w3 up, w2 down)
 EXPERT_SHARDS = tuple(m.dst[0].rsplit(".", 1)[-1] for m in MODULES if m.role == EXPERT)
+
+
+# ---------------------------------------------------------------- the module vLLM builds for an official module
+@lru_cache(maxsize=1)
+def _vllm_modules():
+    """(regex over official module names, vLLM module template) from MODULES: fused shards map to their
+    fused module (``qkv_proj``, ``gate_up_proj``), routed experts to the layer's ``block_sparse_moe.experts``
+    (one quant method per MoE layer), every other Linear to itself."""
+    out = []
+    for m in MODULES:
+        for d in m.dst:
+            rx = re.compile("^" + _template_regex(OUT_LAYER_PREFIX + d) + "$")
+            if m.role == EXPERT:
+                target = m.vllm_fused.rsplit(".", 1)[0]          # block_sparse_moe.experts
+            else:
+                target = m.vllm_fused or d
+            out.append((rx, OUT_LAYER_PREFIX + target))
+    return tuple(out)
+
+
+def vllm_module(official_module: str) -> str:
+    """Official module name -> the vLLM module (layer prefix) that loads it, e.g.
+    ``model.layers.3.self_attn.k_proj`` -> ``model.layers.3.self_attn.qkv_proj``,
+    ``model.layers.3.block_sparse_moe.experts.7.w2`` -> ``model.layers.3.block_sparse_moe.experts``."""
+    for rx, target in _vllm_modules():
+        mt = rx.match(official_module)
+        if mt:
+            return _fill(target, mt.group("L"), None)
+    return official_module

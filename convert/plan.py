@@ -26,7 +26,12 @@ EXTRA_FILE = "model_extra_tensors.safetensors"
 #: files the converter writes itself; never copied from the input
 GENERATED = {"config.json", "quantization_config.json", INDEX_FILE, "SHA256SUMS"}
 
-COPY, SLICE, DEQUANT = "copy", "slice", "dequant"
+COPY, SLICE, DEQUANT, PROMOTE = "copy", "slice", "dequant", "promote"
+
+#: output targets: "m3-plugin" (vLLM + this project's m3_gptq plugin: per-module bits, promotion at load)
+#: and "stock-vllm" (vLLM's own auto-round/INC config, no plugin: one scheme per fused module and per MoE
+#: layer, made uniform here by lossless promotion)
+TARGETS = ("m3-plugin", "stock-vllm")
 
 
 @dataclass
@@ -34,11 +39,12 @@ class OutTensor:
     name: str
     dtype: str
     shape: tuple
-    op: str                          # copy | slice | dequant
-    srcs: tuple                      # TensorInfo(s): copy/slice: (t,), dequant: (qweight, qzeros, scales[, g_idx])
-    cols: tuple | None = None        # slice: (start, stop) along the last axis of a 2-D tensor
+    op: str                          # copy | slice | dequant | promote
+    srcs: tuple                      # TensorInfo(s): copy/slice/promote: (t,), dequant: (qweight, qzeros, scales[, g_idx])
+    cols: tuple | None = None        # slice/promote: (start, stop) along the last axis of a 2-D tensor
     rows: tuple | None = None        # slice: (start, stop) along the first axis (contiguous bytes)
     order: tuple = ()
+    promote: tuple | None = None     # promote: (bits, new_bits) of a qweight/qzeros (gptq.promote_*)
 
     @property
     def nbytes(self) -> int:
@@ -158,7 +164,12 @@ def _fname(t: st.TensorInfo) -> str:
     return os.path.basename(t.file)
 
 
-def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9) -> Plan:
+def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-plugin", min_bits: int | None = None) -> Plan:
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}")
+    if min_bits is not None and (target != "stock-vllm" or min_bits not in gptq.VALID_BITS):
+        raise ValueError("min_bits applies to --target stock-vllm only and must be 2, 3, 4 or 8")
+    stock = target == "stock-vllm"
     src_cfg, qcfg, has_qjson = load_configs(in_dir)
     out_cfg, layout = cfgmod.convert_config(src_cfg)
     files, headers = read_sources(in_dir)
@@ -198,6 +209,7 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9) -> Plan:
     ops = Counter()
     notes = Counter()
     gptq_info = {}                           # key -> (GPTQShape, Scheme) for quantized linears
+    promotion: dict = {}                     # layer -> [native bytes, output bytes] of GPTQ qweight+qzeros
     for key, leaves in groups.items():
         module, src_mod, layer, expert = key
         info = _classify(module, src_mod, leaves, qcfg)
@@ -217,11 +229,21 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9) -> Plan:
         else:
             schemes = {(q[0].bits, q[0].group_size) if q else None for q in quant}
             if len(schemes) > 1:
+                if stock and None not in schemes and len({g for _, g in schemes}) == 1:
+                    continue   # promoted to the widest width below (INC needs one scheme per fused module)
                 dequant_keys.update(k for k, q in zip(ks, quant) if q is not None)
                 notes["dense-attention layers with mixed q/k/v schemes (de-quantized)"] += 1
     for key, q in gptq_info.items():
         if key[0].role == names.INDEX:
             dequant_keys.add(key)
+    promote_to = _stock_widths(groups, gptq_info, dequant_keys, layout, min_bits) if stock else {}
+    if stock:
+        from .vllm_plugin import marlin_moe_shape_problem   # pure function; imports no vLLM
+        tc = out_cfg["text_config"]
+        moe_groups = {gptq_info[k][0].group_size for k in promote_to if k[0].role == names.EXPERT}
+        if any(marlin_moe_shape_problem(tc["hidden_size"], tc["intermediate_size"], g) for g in moe_groups):
+            notes["WARNING: expert intermediate_size <= group_size: stock vLLM's Marlin MoE serves wrong experts "
+                  "for this shape (m3-verify --vllm reports it; the m3-plugin target refuses it)"] += 1
 
     for key, leaves in groups.items():
         module, src_mod, layer, expert = key
@@ -272,30 +294,49 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9) -> Plan:
                 raise CheckpointError(_fname(qz), qz.name, f"cannot split {shape.bits}-bit gate_up at output {half}: "
                                       f"{half}*{shape.bits}/32 is not a whole qzeros word, the split is not on a packing-word boundary (lossless split impossible)")
             zhalf = half * shape.bits // 32
+            W = promote_to.get(key, shape.bits)
+            if W != shape.bits and not gptq.split_point_ok(half, W):
+                raise CheckpointError(_fname(qz), qz.name, f"cannot split gate_up promoted to {W} bits at output {half}: not on a packing-word boundary")
             for i, (a, b, za, zb) in enumerate(((0, half, 0, zhalf), (half, shape.out_features, zhalf, qz.shape[1]))):
                 dst = m.dst_modules()[i]
-                out.append(OutTensor(dst + ".qweight", qw.dtype, (qw.shape[0], b - a), SLICE, (qw,), cols=(a, b), order=order + (i, 0)))
-                out.append(OutTensor(dst + ".qzeros", qz.dtype, (qz.shape[0], zb - za), SLICE, (qz,), cols=(za, zb), order=order + (i, 1)))
+                if W == shape.bits:
+                    out.append(OutTensor(dst + ".qweight", qw.dtype, (qw.shape[0], b - a), SLICE, (qw,), cols=(a, b), order=order + (i, 0)))
+                    out.append(OutTensor(dst + ".qzeros", qz.dtype, (qz.shape[0], zb - za), SLICE, (qz,), cols=(za, zb), order=order + (i, 1)))
+                else:
+                    out.append(OutTensor(dst + ".qweight", qw.dtype, (shape.in_features * W // 32, b - a), PROMOTE, (qw,), cols=(a, b),
+                                         order=order + (i, 0), promote=(shape.bits, W)))
+                    out.append(OutTensor(dst + ".qzeros", qz.dtype, (qz.shape[0], (b - a) * W // 32), PROMOTE, (qz,), cols=(za, zb),
+                                         order=order + (i, 1), promote=(shape.bits, W)))
                 out.append(OutTensor(dst + ".scales", sc.dtype, (sc.shape[0], b - a), SLICE, (sc,), cols=(a, b), order=order + (i, 2)))
-                modules_q[dst] = {"bits": shape.bits, "group_size": shape.group_size}
-                bits_hist[str(shape.bits)] += 1
+                modules_q[dst] = {"bits": W, "group_size": shape.group_size}
+                bits_hist[str(shape.bits) if W == shape.bits else f"{shape.bits}->{W}"] += 1
+                _account(promotion, layer, shape, half, W)
             ops["split"] += 1
             continue
         dst = m.dst_modules()[0]
+        W = promote_to.get(key, shape.bits)
         for j, leaf in enumerate(("qweight", "qzeros", "scales")):
             t = leaves[leaf]
-            out.append(OutTensor(f"{dst}.{leaf}", t.dtype, t.shape, COPY, (t,), order=order + (j,)))
-        modules_q[dst] = {"bits": shape.bits, "group_size": shape.group_size}
-        bits_hist[str(shape.bits)] += 1
-        ops["copy_gptq"] += 1
+            if W != shape.bits and leaf != "scales":
+                oshape = (shape.in_features * W // 32, shape.out_features) if leaf == "qweight" else (qz.shape[0], shape.out_features * W // 32)
+                out.append(OutTensor(f"{dst}.{leaf}", t.dtype, oshape, PROMOTE, (t,), order=order + (j,), promote=(shape.bits, W)))
+            else:
+                out.append(OutTensor(f"{dst}.{leaf}", t.dtype, t.shape, COPY, (t,), order=order + (j,)))
+        modules_q[dst] = {"bits": W, "group_size": shape.group_size}
+        bits_hist[str(shape.bits) if W == shape.bits else f"{shape.bits}->{W}"] += 1
+        _account(promotion, layer, shape, shape.out_features, W)
+        ops["copy_gptq" if W == shape.bits else "promote"] += 1
 
     out.sort(key=lambda o: o.order)
     _check_shared_expert_width(groups, layout, out_cfg)
 
     group_sizes = Counter(v["group_size"] for v in modules_q.values() if v["bits"])
     g_default = group_sizes.most_common(1)[0][0] if group_sizes else qcfg.default.group_size
-    from .quantcfg import output_config
-    qout = output_config(modules_q, g_default, qcfg.default.sym, qcfg.source_summary())
+    from .quantcfg import output_config, stock_output_config
+    if stock:
+        qout = stock_output_config(modules_q, g_default, qcfg.default.sym, qcfg.source_summary(), min_bits)
+    else:
+        qout = output_config(modules_q, g_default, qcfg.default.sym, qcfg.source_summary())
     out_cfg["quantization_config"] = qout
 
     plan = Plan(in_dir, src_cfg, out_cfg, qout, has_qjson, layout, out)
@@ -315,10 +356,61 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9) -> Plan:
         "bits_histogram": dict(sorted(bits_hist.items())),
         "dropped": {c: {"tensors": dropped[c], "bytes": dropped_bytes[c]} for c in sorted(dropped)},
         "notes": dict(notes),
+        "target": target,
         "copied_files": list(plan.copied_files),
         "ignored_files": ignored,
     }
+    if stock:
+        native, promoted = (sum(v[i] for v in promotion.values()) for i in (0, 1))
+        plan.stats["promotion"] = {
+            "min_bits": min_bits,
+            "gptq_bytes_native": native, "gptq_bytes_output": promoted,
+            "extra_bytes": promoted - native,
+            "per_layer": {str(L): {"native": v[0], "output": v[1]} for L, v in sorted(promotion.items(), key=lambda kv: -1 if kv[0] is None else kv[0])
+                          if v[1] != v[0]},
+        }
     return plan
+
+
+def _account(promotion, layer, shape, out_features, W):
+    """qweight + qzeros bytes of one (part of a) GPTQ module, native and as written."""
+    groups = shape.in_features // shape.group_size
+    row = promotion.setdefault(layer, [0, 0])
+    row[0] += (shape.in_features * out_features + groups * out_features) * shape.bits // 8
+    row[1] += (shape.in_features * out_features + groups * out_features) * W // 8
+
+
+def _stock_widths(groups, gptq_info, dequant_keys, layout, min_bits):
+    """--target stock-vllm: the bit width each GPTQ module is written at. vLLM's INC config takes one scheme
+    per fused module (qkv_proj, gate_up_proj) and per MoE layer (its per-expert keys are never read), so
+    every member is promoted (losslessly) to the widest width among them, and to at least ``min_bits``."""
+    floor = min_bits or 0
+    unit: dict = defaultdict(list)           # vLLM module -> [keys]
+    for key in gptq_info:
+        if key in dequant_keys:
+            continue
+        module, _src, layer, expert = key
+        official = names.Match(module, _src, "weight", layer, expert).dst_modules()[0]
+        unit[names.vllm_module(official)].append(key)
+    widths = {}
+    for vmod, keys in unit.items():
+        shapes = [gptq_info[k][0] for k in keys]
+        if len({s.group_size for s in shapes}) > 1:
+            any_t = groups[keys[0]]["qweight"]
+            raise CheckpointError(_fname(any_t), any_t.name, f"{vmod}: members use different group sizes "
+                                  f"{sorted({s.group_size for s in shapes})}; vLLM's auto-round config needs one scheme per module")
+        W = max(max(s.bits for s in shapes), floor)
+        for k, s in zip(keys, shapes):
+            widths[k] = W
+    # a MoE layer whose experts mix GPTQ and bf16 cannot have one scheme
+    for L in range(layout.num_layers):
+        if layout.moe[L]:
+            kinds = {k in gptq_info for k in groups if k[2] == L and k[0].role == names.EXPERT}
+            if len(kinds) > 1:
+                t = next(iter(next(v for k, v in groups.items() if k[2] == L and k[0].role == names.EXPERT).values()))
+                raise CheckpointError(_fname(t), t.name, f"MoE layer {L} mixes GPTQ and bf16 experts: vLLM's auto-round config "
+                                      "needs one scheme per MoE layer (use the default target, whose plugin handles this)")
+    return widths
 
 
 def _classify(module, src_mod, leaves, qcfg: SourceQuantConfig):

@@ -154,3 +154,50 @@ def output_config(modules: dict, group_size: int, sym: bool, source: dict) -> di
 
 def natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+STOCK_METHOD = "auto-round"      # vLLM maps it to its INC config (quantization/inc/inc.py)
+STOCK_BLOCKS = "model.layers"
+
+
+def stock_extra_config(modules: dict, sym: bool) -> dict:
+    """vLLM's INC ``extra_config`` for a checkpoint with per-official-module bits ``modules``: one exact key per
+    module vLLM builds (names.vllm_module: qkv_proj, o_proj, gate_up_proj, down_proj, each shared-expert
+    module, each MoE layer's ``block_sparse_moe.experts``), bits 16 where the module is bf16, and lm_head
+    explicitly unquantized.  Raises ValueError if the members of one vLLM module disagree."""
+    out: dict = {}
+    for official in sorted(modules, key=natural_key):
+        m = modules[official]
+        entry = {"bits": m["bits"] or 16, "group_size": m.get("group_size", -1) if m["bits"] else -1, "sym": sym}
+        key = names.vllm_module(official)
+        if out.setdefault(key, entry) != entry:
+            raise ValueError(f"{key}: members need different schemes ({out[key]} vs {official}: {entry})")
+    out["lm_head"] = {"bits": 16, "group_size": -1, "sym": sym}
+    return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
+
+
+def stock_output_config(modules: dict, group_size: int, sym: bool, source: dict, min_bits) -> dict:
+    """The converted quantization_config for --target stock-vllm (vLLM's own auto-round / INC path, no plugin).
+
+    The top-level ``bits`` is only INC's fallback (every module has an exact key) and must be 2..8; the
+    per-module map ``modules`` is kept for m3-verify (``extra_config`` is derived from it and checked)."""
+    extra = stock_extra_config(modules, sym)
+    used = [v["bits"] for v in extra.values() if v["bits"] < 16]
+    top = max(set(used), key=used.count) if used else 4
+    return {
+        "quant_method": STOCK_METHOD,
+        "packing_format": "auto_round:auto_gptq",
+        "data_type": "int",
+        "bits": top,
+        "group_size": group_size,
+        "sym": sym,
+        "block_name_to_quantize": STOCK_BLOCKS,
+        "extra_config": extra,
+        "format": FORMAT,
+        "target": "stock-vllm",
+        "min_bits": min_bits,
+        "zero_point": "gptq_v1",
+        "desc_act": False,
+        "modules": {k: dict(modules[k]) for k in sorted(modules, key=natural_key)},
+        "source": source,
+    }

@@ -21,8 +21,8 @@ from m3_convert import config as cfgmod
 from m3_convert import gptq, names, st
 from m3_convert.errors import CheckpointError
 from m3_convert.execute import CHUNK, sha256_file
-from m3_convert.plan import COPY, DEQUANT, INDEX_FILE, SINGLE_FILE, SLICE
-from m3_convert.quantcfg import FORMAT, QUANT_METHOD
+from m3_convert.plan import COPY, DEQUANT, INDEX_FILE, PROMOTE, SINGLE_FILE, SLICE
+from m3_convert.quantcfg import FORMAT, QUANT_METHOD, STOCK_METHOD, stock_extra_config
 
 
 @dataclass
@@ -169,11 +169,36 @@ def check_config(cfg):
     qc = cfg.get("quantization_config")
     if not isinstance(qc, dict):
         yield Finding("structure", F, "quantization_config", "missing")
+    elif qc.get("target") == "stock-vllm":
+        yield from _check_stock_config(qc)
     else:
         if qc.get("quant_method") != QUANT_METHOD or qc.get("format") != FORMAT:
             yield Finding("structure", F, "quantization_config", f"quant_method/format must be {QUANT_METHOD!r}/{FORMAT!r}")
         if isinstance(qc.get("bits"), int) and qc["bits"] > 8:
             yield Finding("structure", F, "quantization_config.bits", f"top-level bits {qc['bits']} > 8")
+
+
+def _check_stock_config(qc):
+    """--target stock-vllm: vLLM's auto-round (INC) fields, and extra_config exactly the one derived from the
+    per-module map (so the bits m3-verify checks against the tensors are the bits vLLM will use)."""
+    F = "config.json"
+    if qc.get("quant_method") != STOCK_METHOD or qc.get("format") != FORMAT:
+        yield Finding("structure", F, "quantization_config", f"quant_method/format must be {STOCK_METHOD!r}/{FORMAT!r} for target stock-vllm")
+    if not isinstance(qc.get("bits"), int) or not 2 <= qc["bits"] <= 8:
+        yield Finding("structure", F, "quantization_config.bits", f"vLLM's auto-round config needs a top-level bits in 2..8, got {qc.get('bits')!r}")
+    for k, want in (("packing_format", "auto_round:auto_gptq"), ("data_type", "int"), ("sym", True), ("block_name_to_quantize", "model.layers")):
+        if qc.get(k) != want:
+            yield Finding("structure", F, f"quantization_config.{k}", f"must be {want!r}, got {qc.get(k)!r}")
+    try:
+        derived = stock_extra_config(qc.get("modules") or {}, qc.get("sym", True))
+    except (ValueError, KeyError, TypeError) as e:
+        yield Finding("structure", F, "quantization_config.modules", f"no single scheme per vLLM module: {e}")
+        return
+    have = qc.get("extra_config") or {}
+    for k in sorted(set(derived) | set(have), key=_nat):
+        if derived.get(k) != have.get(k):
+            yield Finding("structure", F, f"quantization_config.extra_config[{k!r}]",
+                          f"is {have.get(k)!r} but the tensors' per-module bits give {derived.get(k)!r}")
 
 
 def expected_shapes(tc, module: names.Module):
@@ -308,12 +333,17 @@ def _ranges_equal(fd_a, a0, fd_b, b0, n):
 
 def check_against(out_dir, in_dir, progress=None):
     from m3_convert.plan import make_plan
+    cfg = _load_json(out_dir, "config.json")
+    qc = cfg.get("quantization_config") or {}
+    target = qc.get("target") or "m3-plugin"
     try:
-        plan = make_plan(in_dir)
+        plan = make_plan(in_dir, target=target, min_bits=qc.get("min_bits") if target == "stock-vllm" else None)
     except CheckpointError as e:
         yield Finding("against", e.file, e.tensor, f"source cannot be planned: {e.msg}")
         return
-    cfg = _load_json(out_dir, "config.json")
+    except ValueError as e:
+        yield Finding("against", "config.json", "quantization_config", f"cannot re-plan with these settings: {e}")
+        return
     if cfg != json.loads(json.dumps(plan.out_config)):
         diff = sorted(k for k in set(cfg) | set(plan.out_config) if cfg.get(k) != plan.out_config.get(k))
         yield Finding("against", "config.json", None, f"differs from the config derived from the source (keys: {', '.join(diff)})")
@@ -351,6 +381,16 @@ def check_against(out_dir, in_dir, progress=None):
                 if ok and name.endswith(".qweight"):   # prove the split half de-quantizes to the source rows
                     ok = _split_decodes_equal(planned, name, fd)
                     msg = f"split half does not de-quantize to the source rows of {s.name}"
+            elif o.op == PROMOTE:
+                s = o.srcs[0]
+                src = st.read_array(fd(s.file), s)
+                src = src if o.cols is None else src[:, o.cols[0]:o.cols[1]]
+                fn = gptq.promote_qweight if name.endswith(".qweight") else gptq.promote_qzeros
+                ok = np.array_equal(fn(src, *o.promote), st.read_array(fd(t.file), t))
+                msg = f"is not {s.name} promoted {o.promote[0]} -> {o.promote[1]} bits"
+                if ok and name.endswith(".qweight"):   # prove the promoted module de-quantizes to the source values
+                    ok = _promoted_decodes_equal(planned, name, fd, actual)
+                    msg = f"promoted module does not de-quantize to the source values of {s.name}"
             elif o.op == DEQUANT:
                 arrs = [st.read_array(fd(s.file), s) for s in o.srcs]
                 ref = gptq.to_bf16(gptq.dequantize(arrs[0], arrs[1], arrs[2], arrs[3] if len(arrs) > 3 else None))
@@ -365,6 +405,18 @@ def check_against(out_dir, in_dir, progress=None):
     finally:
         for x in fds.values():
             os.close(x)
+
+
+def _promoted_decodes_equal(planned, qweight_name, fd, actual):
+    """Decode the written (promoted) module and its source (the same columns); they must be equal."""
+    base = qweight_name[: -len(".qweight")]
+    parts = [planned[f"{base}.{leaf}"] for leaf in ("qweight", "qzeros", "scales")]
+    src = []
+    for p in parts:
+        a = st.read_array(fd(p.srcs[0].file), p.srcs[0])
+        src.append(a if p.cols is None else a[:, p.cols[0]:p.cols[1]])
+    out = [st.read_array(fd(actual[f"{base}.{leaf}"].file), actual[f"{base}.{leaf}"]) for leaf in ("qweight", "qzeros", "scales")]
+    return np.array_equal(gptq.dequantize(*out), gptq.dequantize(*src))
 
 
 def _split_decodes_equal(planned, qweight_name, fd):

@@ -48,7 +48,10 @@ def check_vllm(out_dir, timeout=1800, report=None):
     if _needs_cpu_site():
         env["PYTHONPATH"] = CPU_SITE + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    p = subprocess.run([sys.executable, "-m", "m3_verify.vllm_check", os.path.abspath(out_dir)], capture_output=True, text=True,
+    with open(os.path.join(out_dir, "config.json")) as f:
+        target = (json.load(f).get("quantization_config") or {}).get("target")
+    mode = ["--stock"] if target == "stock-vllm" else []
+    p = subprocess.run([sys.executable, "-m", "m3_verify.vllm_check", *mode, os.path.abspath(out_dir)], capture_output=True, text=True,
                        env=env, timeout=timeout)
     result = None
     for line in reversed(p.stdout.splitlines()):
@@ -265,7 +268,116 @@ def _param_bits(like, leaf, t, bits, n_shards):
     return like.shape[2] * 32 // (t.shape[1] * 32 // bits * n_shards)
 
 
+def run_stock_child(out_dir):
+    """--target stock-vllm: vLLM's own INC config (``INCConfig.from_config`` on the written quantization_config,
+    with the model class's packed_modules_mapping) resolves every quantizable module of vLLM's own model to
+    exactly the scheme of the tensors.
+
+    The module list is the real one: vLLM builds MiniMaxM3SparseForCausalLM from config.json (without its
+    quantization_config: INC on CPU cannot build quantized layers) and every LinearBase / RoutedExperts
+    except the routers (built without a quant config) must have an exact extra_config key.  Unquantized
+    modules go through INC's own ``get_quant_method``.  For quantized ones the CUDA method is read off
+    vLLM's own rule (inc_wna16_scheme: bits in CUDA_HUMMING_SUPPORTED_BITS -> humming; MoE 4/8-bit sym ->
+    AutoGPTQMoEMethod (Marlin) if check_moe_marlin_supports_layer, else MoeWNA16Method), since
+    ``get_linear_method`` / ``get_moe_method`` branch on the platform and this runs on a CPU."""
+    import shutil
+    import tempfile
+
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.quantization.inc import INCConfig
+    from vllm.model_executor.layers.quantization.inc.schemes.factory import resolve_scheme
+    from vllm.model_executor.layers.quantization.inc.schemes.inc_wna16_scheme import CUDA_HUMMING_SUPPORTED_BITS
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import check_moe_marlin_supports_layer
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    from m3_convert import names
+    findings = []
+
+    def find(tensor, msg):
+        findings.append({"file": "config.json", "tensor": tensor, "message": msg})
+
+    cfg = json.load(open(os.path.join(out_dir, "config.json")))
+    qc = cfg["quantization_config"]
+    tmp = tempfile.mkdtemp(prefix="m3-stock-")
+    try:
+        bare = {k: v for k, v in cfg.items() if k != "quantization_config"}
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(bare, f)
+        try:
+            model, _mc, bypassed = _build_model(tmp)
+        except Exception as e:
+            find(None, f"vLLM cannot build the model: {type(e).__name__}: {e}")
+            return {"findings": findings}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        inc = INCConfig.from_config(qc)
+    except Exception as e:
+        find("quantization_config", f"vLLM's INCConfig rejects it: {type(e).__name__}: {e}")
+        return {"findings": findings}
+    inc.packed_modules_mapping = dict(type(model).packed_modules_mapping)
+    want = {}
+    for official, m in (qc.get("modules") or {}).items():
+        want[names.vllm_module(official)] = (m["bits"], m.get("group_size")) if m["bits"] else (None, None)
+    want["lm_head"] = (None, None)
+    methods, seen = {}, set()
+    for path, mod in model.named_modules():
+        if not isinstance(mod, (LinearBase, ParallelLMHead, RoutedExperts)) or path.endswith(".gate"):
+            continue
+        # RoutedExperts (vLLM >= 0.30) lives at <layer>.experts.routed_experts but asks for its quant method
+        # under the MoE layer's name (routed_experts.py: self._get_quant_method(self.layer_name, ...))
+        prefix = mod.layer_name if isinstance(mod, RoutedExperts) else path
+        seen.add(prefix)
+        if prefix not in want:
+            find(prefix, "vLLM builds this module but the converted checkpoint has no scheme for it")
+            continue
+        bits, group = want[prefix]
+        if prefix not in (inc.extra_config or {}):
+            find(f"quantization_config.extra_config[{prefix!r}]", "missing: INC would fall back to the top-level scheme")
+        try:
+            lc = inc.config_parser.resolve(mod, prefix)
+        except Exception as e:
+            find(prefix, f"INC cannot resolve it: {type(e).__name__}: {e}")
+            continue
+        if bits is None:
+            if lc.quantized:
+                find(prefix, f"bf16 in the checkpoint but INC resolves {lc.bits}-bit")
+                continue
+            qm = inc.get_quant_method(mod, prefix)
+            methods[prefix] = type(qm).__name__
+            if not type(qm).__name__.startswith("Unquantized"):
+                find(prefix, f"bf16 in the checkpoint but INC gives {type(qm).__name__}")
+            continue
+        if (lc.quantized, lc.bits, lc.group_size, lc.sym) != (True, bits, group, True):
+            find(prefix, f"INC resolves bits={lc.bits} group_size={lc.group_size} sym={lc.sym} quantized={lc.quantized}; "
+                         f"the tensors are {bits}-bit, group {group}, symmetric")
+            continue
+        scheme = type(resolve_scheme(lc)).__name__
+        if isinstance(mod, RoutedExperts):
+            if bits in CUDA_HUMMING_SUPPORTED_BITS:
+                cuda = "HummingMoEMethod"
+            elif check_moe_marlin_supports_layer(mod, group):
+                cuda = "AutoGPTQMoEMethod (Marlin)"
+                from m3_convert.vllm_plugin import marlin_moe_shape_problem
+                problem = marlin_moe_shape_problem(mod.hidden_size, mod.intermediate_size_per_partition, group)
+                if problem:   # stock vLLM has no plugin to refuse it at load
+                    find(prefix, "on CUDA at this tensor-parallel size: " + problem)
+            else:
+                cuda = "MoeWNA16Method"
+        else:
+            cuda = "HummingLinearMethod" if bits in CUDA_HUMMING_SUPPORTED_BITS else "INCLinearMethod(AutoGPTQ: Marlin/Machete)"
+        methods[prefix] = f"{scheme} {bits}-bit -> CUDA {cuda}"
+    for prefix in sorted(set(want) - seen):
+        find(prefix, "scheme for a module vLLM does not build")
+    return {"findings": findings, "modules": len(seen), "bypassed": bypassed, "methods": methods}
+
+
 def main():
+    if sys.argv[1] == "--stock":
+        res = run_stock_child(sys.argv[2])
+        print("M3VLLM " + json.dumps(res), flush=True)
+        os._exit(0)
     out_dir = sys.argv[1]
     res = run_child(out_dir)
     print("M3VLLM " + json.dumps(res), flush=True)
