@@ -79,6 +79,9 @@ def summary_text(plan, result, elapsed):
                      f"(+{pct:.1f}% of GPTQ weight bytes, {human(p['gptq_bytes_native'])} -> {human(p['gptq_bytes_output'])})")
         for L, v in p["per_layer"].items():
             lines.append(f"         layer {L}: {human(v['native'])} -> {human(v['output'])}")
+    if s.get("vision_kept"):
+        lines.append(f"kept   : vision tower and projector, {s['vision_kept']['tensors']} tensors, {human(s['vision_kept']['bytes'])} "
+                     "(checkpoint for vLLM's MiniMaxM3SparseForConditionalGeneration)")
     for cat, d in s["dropped"].items():
         lines.append(f"left out ({cat}, not part of the text model): {d['tensors']} tensors, {human(d['bytes'])}")
     for note, n in s["notes"].items():
@@ -111,9 +114,13 @@ def summary_text(plan, result, elapsed):
 @click.option("--stock-min-bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
               help="With --target stock-vllm: also promote modules below this width (4 sends every layer to Marlin; "
               "without it 2/3-bit layers go to vLLM's humming kernels).")
+@click.option("--keep-vision", is_flag=True, help="Keep the vision tower and projector and write the checkpoint for vLLM's "
+              "VL class (MiniMaxM3SparseForConditionalGeneration: text under language_model., vision under MiniMax's "
+              "original names, a vision_config vLLM reads). Serve with image input, or text-only with "
+              "--language-model-only.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary on stdout.")
-def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, target, stock_min_bits, quiet, as_json):
+def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, target, stock_min_bits, keep_vision, quiet, as_json):
     """Convert an AutoRound (GPTQ) MiniMax-M3 checkpoint in IN_DIR into vLLM's native
     MiniMaxM3SparseForCausalLM layout in OUT_DIR.
 
@@ -124,7 +131,8 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
       * de-quantizes q/k/v of sparse-attention layers to bf16 (exact GPTQ v1 decode,
         rounded once), because vLLM fuses them with the bf16 indexer;
       * copies everything else as the source bytes;
-      * leaves out vision tower, projector and mtp.* (counted in the summary);
+      * leaves out vision tower and projector (or keeps them: --keep-vision) and
+        mtp.* (counted in the summary);
       * writes a config.json that vLLM serves with no overrides, a per-module
         quantization_config, the index, and SHA256SUMS last.
 
@@ -143,7 +151,8 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
         pending = check_dirs(in_dir, out_dir, force, resume, dry_run)
         if stock_min_bits and target != "stock-vllm":
             raise UsageError("--stock-min-bits needs --target stock-vllm")
-        plan = planmod.make_plan(in_dir, shard_size, target=target, min_bits=int(stock_min_bits) if stock_min_bits else None)
+        plan = planmod.make_plan(in_dir, shard_size, target=target, min_bits=int(stock_min_bits) if stock_min_bits else None,
+                                 keep_vision=keep_vision)
         if pending == "check-own-files":
             own = {f for f, _ in plan.shards} | set(plan.copied_files) | {"config.json", "quantization_config.json",
                                                                          planmod.INDEX_FILE, "SHA256SUMS", execute.STATE_DIR}

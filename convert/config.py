@@ -157,3 +157,43 @@ def convert_config(src: dict):
         if k in src:
             out[k] = src[k]
     return out, layout_from_text_config(tc)
+
+
+VL_ARCH = "MiniMaxM3SparseForConditionalGeneration"
+
+
+def vl_config(out: dict, src: dict) -> dict:
+    """--keep-vision: the converted config for vLLM's VL class (MiniMaxM3SparseForConditionalGeneration).
+
+    vLLM hands ``vision_config`` as a dict to ``PreTrainedConfig.from_dict`` and reads attributes from it
+    (vision_tower.py), so the fields it reads are written the way it reads them:
+    ``img_token_compression_config`` {spatial_merge_size, temporal_patch_size} (an AttributeError without
+    it; transformers keeps them flat) and a flat ``rope_theta`` (vLLM ignores ``rope_parameters``).
+    ``projector_hidden_size`` is required: without it vLLM sizes the projector by the text hidden size."""
+    vc_src = src.get("vision_config")
+    if not isinstance(vc_src, dict):
+        raise CheckpointError(F, "vision_config", "missing: --keep-vision needs the source's vision tower config")
+    vc = copy.deepcopy(vc_src)
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels", "patch_size",
+              "layer_norm_eps"):
+        _need(vc_src, k, "vision_config")
+    cc = vc.get("img_token_compression_config")
+    if not isinstance(cc, dict):
+        cc = {"spatial_merge_size": _need(vc_src, "spatial_merge_size", "vision_config"),
+              "temporal_patch_size": _need(vc_src, "temporal_patch_size", "vision_config")}
+    vc["img_token_compression_config"] = cc
+    rp = vc.get("rope_parameters") or {}
+    theta = vc.get("rope_theta", rp.get("rope_theta"))
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        raise CheckpointError(F, "vision_config.rope_parameters.rope_theta", f"missing or not positive ({theta!r})")
+    vc["rope_theta"] = theta
+    vc.setdefault("hidden_act", "gelu")
+    if not isinstance(src.get("projector_hidden_size"), int):
+        raise CheckpointError(F, "projector_hidden_size", "missing: vLLM would size the projector by the text hidden size")
+    res = dict(out)
+    res["architectures"] = [VL_ARCH]
+    res["vision_config"] = vc
+    for k in ("projector_hidden_size", "image_token_index", "video_token_index"):
+        if k in src:
+            res[k] = src[k]
+    return res

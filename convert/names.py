@@ -35,14 +35,19 @@ ALIASES: tuple[tuple[str, str], ...] = (
     (r"\.mlp\.experts\.(\d+)\.w1\.", r".mlp.experts.\1.gate_proj."),
     (r"\.mlp\.experts\.(\d+)\.w3\.", r".mlp.experts.\1.up_proj."),
     (r"\.mlp\.experts\.(\d+)\.w2\.", r".mlp.experts.\1.down_proj."),
-    # vision, both namings -> one prefix
-    (r"^vision_tower\.", "model.vision_tower."),
-    (r"^(multi_modal_projector|patch_merge_mlp)\.", r"model.multi_modal_projector.\1."),
+    # vision: auto-round's reverted naming (= MiniMax's original names) -> model naming; the exact inverse of
+    # transformers' conversion_mapping for minimax_m3_vl. The reverted vision MLP comes out mangled as
+    # `...layers.N.block_sparse_moe.fc1` and is repaired by the `.block_sparse_moe.` rule above.
+    (r"^vision_tower\.vision_model\.embeddings\.patch_embedding\.", "model.vision_tower.embeddings.proj."),
+    (r"^vision_tower\.vision_model\.encoder\.layers\.", "model.vision_tower.layers."),
+    (r"^vision_tower\.vision_model\.pre_layrnorm\.", "model.vision_tower.pre_layrnorm."),
+    (r"^multi_modal_projector\.linear_", "model.multi_modal_projector.linear_"),
+    (r"^patch_merge_mlp\.linear_(\d)", r"model.multi_modal_projector.merge_linear_\1"),
 )
 
 #: canonical prefixes that are not part of the text model: left out, counted, reported.
 EXCLUDED = (
-    ("vision", r"^model\.(vision_tower|multi_modal_projector)\."),
+    ("vision", r"^(model\.)?(vision_tower|multi_modal_projector|patch_merge_mlp)\."),
     ("mtp", r"^(model\.language_model\.)?mtp\.|^model\.mtp\."),
 )
 
@@ -333,3 +338,79 @@ def vllm_module(official_module: str) -> str:
         if mt:
             return _fill(target, mt.group("L"), None)
     return official_module
+
+
+# ---------------------------------------------------------------- vision tower (--keep-vision: the VL class)
+#: The VL class (MiniMaxM3SparseForConditionalGeneration) loads text as ``language_model.`` + the official
+#: text names, and vision under MiniMax's original names, which its hf_to_vllm_mapper and the vision
+#: tower's load_weights turn into parameters.
+VL_TEXT_PREFIX = "language_model."
+
+
+@dataclass(frozen=True)
+class VisionModule:
+    src: str                 # canonical source (model naming); {N} = encoder layer
+    dst: str                 # name written for the VL class
+    leaves: tuple            # tensors the module has (all bf16)
+    vllm: str                # vLLM parameter module (after its mapper and stacking)
+    shard: int | None = None # position in vLLM's stacked qkv_proj (q, k, v), else None
+
+
+VISION_MODULES: tuple = (
+    VisionModule("model.vision_tower.embeddings.proj", "vision_tower.vision_model.embeddings.patch_embedding", ("weight",),
+                 "vision_tower.vision_model.embeddings.patch_embedding"),
+    VisionModule("model.vision_tower.pre_layrnorm", "vision_tower.vision_model.pre_layrnorm", ("weight", "bias"),
+                 "vision_tower.vision_model.pre_layrnorm"),
+    *(VisionModule(f"model.vision_tower.layers.{{N}}.{m}", f"vision_tower.vision_model.encoder.layers.{{N}}.{m}", ("weight", "bias"), v, sh)
+      for m, v, sh in (
+          ("layer_norm1", "vision_tower.vision_model.encoder.layers.{N}.layer_norm1", None),
+          ("layer_norm2", "vision_tower.vision_model.encoder.layers.{N}.layer_norm2", None),
+          ("self_attn.q_proj", "vision_tower.vision_model.encoder.layers.{N}.self_attn.qkv_proj", 0),
+          ("self_attn.k_proj", "vision_tower.vision_model.encoder.layers.{N}.self_attn.qkv_proj", 1),
+          ("self_attn.v_proj", "vision_tower.vision_model.encoder.layers.{N}.self_attn.qkv_proj", 2),
+          ("self_attn.out_proj", "vision_tower.vision_model.encoder.layers.{N}.self_attn.out_proj", None),
+          ("mlp.fc1", "vision_tower.vision_model.encoder.layers.{N}.fc1", None),
+          ("mlp.fc2", "vision_tower.vision_model.encoder.layers.{N}.fc2", None))),
+    *(VisionModule(f"model.multi_modal_projector.linear_{i}", f"multi_modal_projector.linear_{i}", ("weight", "bias"),
+                   f"vision_tower.multi_modal_projector.linear_{i}") for i in (1, 2)),
+    *(VisionModule(f"model.multi_modal_projector.merge_linear_{i}", f"patch_merge_mlp.linear_{i}", ("weight", "bias"),
+                   f"vision_tower.patch_merge_mlp.linear_{i}") for i in (1, 2)),
+)
+
+
+@lru_cache(maxsize=1)
+def _vision_rx():
+    return tuple((re.compile("^" + re.escape(m.src).replace(re.escape("{N}"), r"(?P<N>\d+)") + r"\.(?P<leaf>weight|bias)$"), m)
+                 for m in VISION_MODULES)
+
+
+def vision_match(canon: str):
+    """Canonical vision tensor -> (VisionModule, layer or None, leaf), or None if the table does not know it."""
+    for rx, m in _vision_rx():
+        mt = rx.match(canon)
+        if mt and mt.group("leaf") in m.leaves:
+            return m, (int(mt.group("N")) if mt.groupdict().get("N") is not None else None), mt.group("leaf")
+    return None
+
+
+def vision_tensor(m: VisionModule, layer, leaf: str) -> str:
+    return _fill(m.dst, None, None).replace("{N}", str(layer)) + "." + leaf
+
+
+def expected_vision(num_layers: int):
+    """Every (VisionModule, layer, leaf) of a vision tower with this many encoder layers."""
+    for m in VISION_MODULES:
+        for L in (range(num_layers) if "{N}" in m.src else (None,)):
+            for leaf in m.leaves:
+                yield m, L, leaf
+
+
+def vision_vllm_param(dst_tensor: str):
+    """VL checkpoint vision tensor -> (vLLM parameter, stacked shard position or None)."""
+    for m in VISION_MODULES:
+        rx = "^" + re.escape(m.dst).replace(re.escape("{N}"), r"(?P<N>\d+)") + r"\.(?P<leaf>weight|bias)$"
+        mt = re.match(rx, dst_tensor)
+        if mt:
+            n = mt.groupdict().get("N")
+            return m.vllm.replace("{N}", n or "") + "." + mt.group("leaf"), m.shard
+    return None

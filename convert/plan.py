@@ -164,7 +164,8 @@ def _fname(t: st.TensorInfo) -> str:
     return os.path.basename(t.file)
 
 
-def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-plugin", min_bits: int | None = None) -> Plan:
+def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-plugin", min_bits: int | None = None,
+              keep_vision: bool = False) -> Plan:
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}")
     if min_bits is not None and (target != "stock-vllm" or min_bits not in gptq.VALID_BITS):
@@ -176,12 +177,24 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-pl
 
     file_rank = {os.path.join(in_dir, f): i for i, f in enumerate(files)}
     groups: dict = defaultdict(dict)         # (Module, src_module, layer, expert) -> leaf -> TensorInfo
+    vision: dict = {}                        # (VisionModule, layer, leaf) -> TensorInfo (--keep-vision)
     dropped = Counter()
     dropped_bytes = Counter()
     for fname in files:
         for t in headers[fname].tensors.values():
             canon = names.canonical(t.name)
             cat = names.excluded_category(canon)
+            if cat == "vision" and keep_vision:
+                vm = names.vision_match(canon)
+                if vm is None:
+                    raise CheckpointError(fname, t.name, "vision tensor with no rule in the name table: vLLM's VL class would "
+                                          "raise KeyError on it (refusing to drop it silently)")
+                if vm in vision:
+                    raise CheckpointError(fname, t.name, f"two spellings of the same tensor ({vision[vm].name})")
+                if t.dtype != "BF16":
+                    raise CheckpointError(fname, t.name, f"vision tensors are expected in BF16, found {t.dtype}")
+                vision[vm] = t
+                continue
             if cat:
                 dropped[cat] += 1
                 dropped_bytes[cat] += t.nbytes
@@ -327,16 +340,22 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-pl
         _account(promotion, layer, shape, shape.out_features, W)
         ops["copy_gptq" if W == shape.bits else "promote"] += 1
 
+    if keep_vision:
+        for o in out:
+            o.name = names.VL_TEXT_PREFIX + o.name
+        out_cfg = cfgmod.vl_config(out_cfg, src_cfg)
+        out += _vision_tensors(vision, out_cfg["vision_config"]["num_hidden_layers"], file_rank)
     out.sort(key=lambda o: o.order)
     _check_shared_expert_width(groups, layout, out_cfg)
 
     group_sizes = Counter(v["group_size"] for v in modules_q.values() if v["bits"])
     g_default = group_sizes.most_common(1)[0][0] if group_sizes else qcfg.default.group_size
     from .quantcfg import output_config, stock_output_config
+    layout_tag = "vl" if keep_vision else None
     if stock:
-        qout = stock_output_config(modules_q, g_default, qcfg.default.sym, qcfg.source_summary(), min_bits)
+        qout = stock_output_config(modules_q, g_default, qcfg.default.sym, qcfg.source_summary(), min_bits, layout_tag)
     else:
-        qout = output_config(modules_q, g_default, qcfg.default.sym, qcfg.source_summary())
+        qout = output_config(modules_q, g_default, qcfg.default.sym, qcfg.source_summary(), layout_tag)
     out_cfg["quantization_config"] = qout
 
     plan = Plan(in_dir, src_cfg, out_cfg, qout, has_qjson, layout, out)
@@ -357,6 +376,7 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-pl
         "dropped": {c: {"tensors": dropped[c], "bytes": dropped_bytes[c]} for c in sorted(dropped)},
         "notes": dict(notes),
         "target": target,
+        "vision_kept": {"tensors": len(vision), "bytes": sum(t.nbytes for t in vision.values())} if keep_vision else None,
         "copied_files": list(plan.copied_files),
         "ignored_files": ignored,
     }
@@ -370,6 +390,24 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-pl
                           if v[1] != v[0]},
         }
     return plan
+
+
+def _vision_tensors(vision, num_layers, file_rank):
+    """--keep-vision: every vision tensor the VL class has, copied as is; a missing one stops the run
+    (vLLM would leave its parameter uninitialised without an error)."""
+    out = []
+    want = set(names.expected_vision(num_layers))
+    for key in want:
+        if key not in vision:
+            m, L, leaf = key
+            src = m.src.replace("{N}", str(L)) + "." + leaf
+            raise CheckpointError("(all shards)", src, "vision tensor missing from the source: vLLM's VL class would leave "
+                                  "its parameter uninitialised without an error")
+    for key, t in vision.items():
+        if key not in want:
+            raise CheckpointError(_fname(t), t.name, f"vision layer {key[1]} but vision_config has {num_layers} encoder layers")
+        out.append(OutTensor(names.vision_tensor(*key), t.dtype, t.shape, COPY, (t,), order=(file_rank[t.file], t.begin)))
+    return out
 
 
 def _account(promotion, layer, shape, out_features, W):

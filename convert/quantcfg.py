@@ -137,9 +137,12 @@ class SourceQuantConfig:
         return {k: self.raw[k] for k in keep if k in self.raw}
 
 
-def output_config(modules: dict, group_size: int, sym: bool, source: dict) -> dict:
-    """The converted quantization_config. ``modules``: official module -> {"bits": b, "group_size": g} or {"bits": None} (bf16)."""
-    return {
+def output_config(modules: dict, group_size: int, sym: bool, source: dict, layout: str | None = None) -> dict:
+    """The converted quantization_config. ``modules``: official module -> {"bits": b, "group_size": g} or {"bits": None} (bf16).
+    ``layout`` "vl": the checkpoint is for the VL class, text tensors are ``language_model.`` + the official names
+    (the modules map keeps the official text names) and vision modules are bf16."""
+    extra = {"layout": layout} if layout else {}
+    return {**extra,
         "quant_method": QUANT_METHOD,
         "format": FORMAT,
         "packing_format": "auto_round:auto_gptq",
@@ -160,7 +163,7 @@ STOCK_METHOD = "auto-round"      # vLLM maps it to its INC config (quantization/
 STOCK_BLOCKS = "model.layers"
 
 
-def stock_extra_config(modules: dict, sym: bool) -> dict:
+def stock_extra_config(modules: dict, sym: bool, prefix: str = "") -> dict:
     """vLLM's INC ``extra_config`` for a checkpoint with per-official-module bits ``modules``: one exact key per
     module vLLM builds (names.vllm_module: qkv_proj, o_proj, gate_up_proj, down_proj, each shared-expert
     module, each MoE layer's ``block_sparse_moe.experts``), bits 16 where the module is bf16, and lm_head
@@ -169,19 +172,20 @@ def stock_extra_config(modules: dict, sym: bool) -> dict:
     for official in sorted(modules, key=natural_key):
         m = modules[official]
         entry = {"bits": m["bits"] or 16, "group_size": m.get("group_size", -1) if m["bits"] else -1, "sym": sym}
-        key = names.vllm_module(official)
+        key = prefix + names.vllm_module(official)
         if out.setdefault(key, entry) != entry:
             raise ValueError(f"{key}: members need different schemes ({out[key]} vs {official}: {entry})")
-    out["lm_head"] = {"bits": 16, "group_size": -1, "sym": sym}
+    out[prefix + "lm_head"] = {"bits": 16, "group_size": -1, "sym": sym}
     return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
 
 
-def stock_output_config(modules: dict, group_size: int, sym: bool, source: dict, min_bits) -> dict:
+def stock_output_config(modules: dict, group_size: int, sym: bool, source: dict, min_bits, layout: str | None = None) -> dict:
     """The converted quantization_config for --target stock-vllm (vLLM's own auto-round / INC path, no plugin).
 
     The top-level ``bits`` is only INC's fallback (every module has an exact key) and must be 2..8; the
     per-module map ``modules`` is kept for m3-verify (``extra_config`` is derived from it and checked)."""
-    extra = stock_extra_config(modules, sym)
+    prefix = stock_prefix(layout)
+    extra = stock_extra_config(modules, sym, prefix)
     used = [v["bits"] for v in extra.values() if v["bits"] < 16]
     top = max(set(used), key=used.count) if used else 4
     return {
@@ -191,13 +195,19 @@ def stock_output_config(modules: dict, group_size: int, sym: bool, source: dict,
         "bits": top,
         "group_size": group_size,
         "sym": sym,
-        "block_name_to_quantize": STOCK_BLOCKS,
+        "block_name_to_quantize": prefix + STOCK_BLOCKS,
         "extra_config": extra,
         "format": FORMAT,
         "target": "stock-vllm",
+        **({"layout": layout} if layout else {}),
         "min_bits": min_bits,
         "zero_point": "gptq_v1",
         "desc_act": False,
         "modules": {k: dict(modules[k]) for k in sorted(modules, key=natural_key)},
         "source": source,
     }
+
+
+def stock_prefix(layout: str | None) -> str:
+    """Module prefix vLLM's INC sees for text modules: the VL class nests the text model under language_model."""
+    return names.VL_TEXT_PREFIX if layout == "vl" else ""

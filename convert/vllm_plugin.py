@@ -195,6 +195,17 @@ def _build_config_class():
 
         def _choose(self, layer, prefix):
             from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+            if self.full.get("layout") == "vl":
+                # VL class (m3-convert --keep-vision): the text model is nested under language_model.; the
+                # modules map keeps the official text names. Never strip blindly: MTP layers (bare
+                # model.layers.K) would collide with the main model's layer K.
+                from m3_convert.names import VL_TEXT_PREFIX
+                if prefix.startswith("vision_tower."):
+                    return UnquantizedLinearMethod() if isinstance(layer, LinearBase) else None
+                if not prefix.startswith(VL_TEXT_PREFIX):
+                    raise ValueError(f"m3_gptq: layer {prefix} is under neither {VL_TEXT_PREFIX} nor vision_tower. "
+                                     "(VL checkpoint written by m3-convert --keep-vision)")
+                prefix = prefix[len(VL_TEXT_PREFIX):]
             gpu = _has_gpu_kernels()
             if isinstance(layer, LinearBase):
                 name, bits, group = decide("linear", prefix, self.modules, gpu=gpu)

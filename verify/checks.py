@@ -137,8 +137,12 @@ def check_config(cfg):
     F = "config.json"
     if cfg.get("model_type") != "minimax_m3_vl":
         yield Finding("structure", F, "model_type", f"must be 'minimax_m3_vl', got {cfg.get('model_type')!r}")
-    if cfg.get("architectures") != ["MiniMaxM3SparseForCausalLM"]:
-        yield Finding("structure", F, "architectures", f"must be ['MiniMaxM3SparseForCausalLM'], got {cfg.get('architectures')!r}")
+    vl = (cfg.get("quantization_config") or {}).get("layout") == "vl"
+    arch = cfgmod.VL_ARCH if vl else "MiniMaxM3SparseForCausalLM"
+    if cfg.get("architectures") != [arch]:
+        yield Finding("structure", F, "architectures", f"must be [{arch!r}], got {cfg.get('architectures')!r}")
+    if vl:
+        yield from _check_vision_config(cfg)
     tc = cfg.get("text_config")
     if not isinstance(tc, dict):
         yield Finding("structure", F, "text_config", "missing")
@@ -178,6 +182,27 @@ def check_config(cfg):
             yield Finding("structure", F, "quantization_config.bits", f"top-level bits {qc['bits']} > 8")
 
 
+def _check_vision_config(cfg):
+    """The fields vLLM's VL class reads from vision_config (as attributes: a missing one is an error at
+    build, or a silent default)."""
+    F = "config.json"
+    vc = cfg.get("vision_config")
+    if not isinstance(vc, dict):
+        yield Finding("structure", F, "vision_config", "missing")
+        return
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels", "patch_size"):
+        if not isinstance(vc.get(k), int) or vc[k] <= 0:
+            yield Finding("structure", F, f"vision_config.{k}", f"missing or not a positive integer ({vc.get(k)!r})")
+    cc = vc.get("img_token_compression_config")
+    if not isinstance(cc, dict) or not all(isinstance(cc.get(k), int) for k in ("spatial_merge_size", "temporal_patch_size")):
+        yield Finding("structure", F, "vision_config.img_token_compression_config",
+                      "missing or incomplete: vLLM reads spatial_merge_size and temporal_patch_size from it")
+    if not isinstance(vc.get("rope_theta"), (int, float)):
+        yield Finding("structure", F, "vision_config.rope_theta", "missing: vLLM ignores rope_parameters and would use 10000")
+    if not isinstance(cfg.get("projector_hidden_size"), int):
+        yield Finding("structure", F, "projector_hidden_size", "missing: vLLM would size the projector by the text hidden size")
+
+
 def _check_stock_config(qc):
     """--target stock-vllm: vLLM's auto-round (INC) fields, and extra_config exactly the one derived from the
     per-module map (so the bits m3-verify checks against the tensors are the bits vLLM will use)."""
@@ -186,11 +211,15 @@ def _check_stock_config(qc):
         yield Finding("structure", F, "quantization_config", f"quant_method/format must be {STOCK_METHOD!r}/{FORMAT!r} for target stock-vllm")
     if not isinstance(qc.get("bits"), int) or not 2 <= qc["bits"] <= 8:
         yield Finding("structure", F, "quantization_config.bits", f"vLLM's auto-round config needs a top-level bits in 2..8, got {qc.get('bits')!r}")
-    for k, want in (("packing_format", "auto_round:auto_gptq"), ("data_type", "int"), ("sym", True), ("block_name_to_quantize", "model.layers")):
+    for k, want in (("packing_format", "auto_round:auto_gptq"), ("data_type", "int"), ("sym", True)):
         if qc.get(k) != want:
             yield Finding("structure", F, f"quantization_config.{k}", f"must be {want!r}, got {qc.get(k)!r}")
+    from m3_convert.quantcfg import stock_prefix
+    pre = stock_prefix(qc.get("layout"))
+    if qc.get("block_name_to_quantize") != pre + "model.layers":
+        yield Finding("structure", F, "quantization_config.block_name_to_quantize", f"must be {pre + 'model.layers'!r}")
     try:
-        derived = stock_extra_config(qc.get("modules") or {}, qc.get("sym", True))
+        derived = stock_extra_config(qc.get("modules") or {}, qc.get("sym", True), pre)
     except (ValueError, KeyError, TypeError) as e:
         yield Finding("structure", F, "quantization_config.modules", f"no single scheme per vLLM module: {e}")
         return
@@ -264,6 +293,11 @@ def expected_tensors(cfg):
                 exp[names.official_tensor(module, layer, expert, "e_score_correction_bias")] = (PLAIN_DTYPES[names.ROUTER], (shape[0],))
             else:
                 exp[f"{dst}.weight"] = (PLAIN_DTYPES[module.role], shape)
+    if (cfg.get("quantization_config") or {}).get("layout") == "vl":
+        exp = {names.VL_TEXT_PREFIX + k: v for k, v in exp.items()}
+        vc = cfg.get("vision_config") or {}
+        for m, L, leaf in names.expected_vision(int(vc.get("num_hidden_layers") or 0)):
+            exp[names.vision_tensor(m, L, leaf)] = (("BF16",), None)    # shapes: checked by --against and --vllm
     for extra in sorted(set(qmods) - seen_mods):
         findings.append(Finding("structure", "config.json", f"quantization_config.modules[{extra!r}]", "names no module of this model"))
     # fused modules must share one scheme (vLLM builds one quant method per fused parameter)
@@ -312,7 +346,7 @@ def check_structure(out_dir):
         dtypes, shape = exp[name]
         if t.dtype not in dtypes:
             yield Finding("structure", f, name, f"dtype {t.dtype}, expected {'/'.join(dtypes)}")
-        if tuple(t.shape) != tuple(shape):
+        if shape is not None and tuple(t.shape) != tuple(shape):
             yield Finding("structure", f, name, f"shape {list(t.shape)}, expected {list(shape)}")
 
 
@@ -337,7 +371,8 @@ def check_against(out_dir, in_dir, progress=None):
     qc = cfg.get("quantization_config") or {}
     target = qc.get("target") or "m3-plugin"
     try:
-        plan = make_plan(in_dir, target=target, min_bits=qc.get("min_bits") if target == "stock-vllm" else None)
+        plan = make_plan(in_dir, target=target, min_bits=qc.get("min_bits") if target == "stock-vllm" else None,
+                         keep_vision=qc.get("layout") == "vl")
     except CheckpointError as e:
         yield Finding("against", e.file, e.tensor, f"source cannot be planned: {e.msg}")
         return

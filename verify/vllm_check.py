@@ -166,25 +166,35 @@ def run_child(out_dir):
     # expected value of every parameter region, from the checkpoint and the fusion rules
     expected: dict[str, list] = {}   # param name -> [(index/None, position, tensor, source name)]
     unused = []
+    vl = cfg.get("quantization_config", {}).get("layout") == "vl"
+    pre = names.VL_TEXT_PREFIX if vl else ""
     for k, t in ckpt.items():
-        tgt = names.vllm_target(k)
+        if vl and not k.startswith(pre):        # vision tower: vLLM's mapper and q/k/v stacking (names.VISION_MODULES)
+            vp = names.vision_vllm_param(k)
+            if vp is None or vp[0] not in params:
+                unused.append(k)
+            else:
+                expected.setdefault(vp[0], []).append((None, vp[1] or 0, t, k))
+            continue
+        kt = k[len(pre):]                       # official text name (the modules map's key space)
+        tgt = names.vllm_target(kt)
         if tgt is None:
-            if k in params:
-                expected.setdefault(k, []).append((None, 0, t, k))
+            if pre + kt in params:
+                expected.setdefault(pre + kt, []).append((None, 0, t, kt))
             else:
                 unused.append(k)
             continue
         base, pos, expert, leaf = tgt
         if expert is None:
-            pname = f"{base}.{leaf}"
+            pname = f"{pre}{base}.{leaf}"
         else:
             mod, w = base.rsplit(".", 1)
-            cands = [f"{mod}.routed_experts.{w}_{leaf}", f"{mod}.{w}_{leaf}"]
+            cands = [f"{pre}{mod}.routed_experts.{w}_{leaf}", f"{pre}{mod}.{w}_{leaf}"]
             pname = next((c for c in cands if c in params), cands[0])
         if pname not in params:
             unused.append(k)
             continue
-        expected.setdefault(pname, []).append((expert, pos, t, k))
+        expected.setdefault(pname, []).append((expert, pos, t, kt))
     for k in unused:
         find(where[k], k, "checkpoint tensor has no parameter in vLLM's model (vLLM would skip it silently)")
 
@@ -317,10 +327,12 @@ def run_stock_child(out_dir):
         find("quantization_config", f"vLLM's INCConfig rejects it: {type(e).__name__}: {e}")
         return {"findings": findings}
     inc.packed_modules_mapping = dict(type(model).packed_modules_mapping)
+    from m3_convert.quantcfg import stock_prefix
+    pre = stock_prefix(qc.get("layout"))
     want = {}
     for official, m in (qc.get("modules") or {}).items():
-        want[names.vllm_module(official)] = (m["bits"], m.get("group_size")) if m["bits"] else (None, None)
-    want["lm_head"] = (None, None)
+        want[pre + names.vllm_module(official)] = (m["bits"], m.get("group_size")) if m["bits"] else (None, None)
+    want[pre + "lm_head"] = (None, None)
     methods, seen = {}, set()
     for path, mod in model.named_modules():
         if not isinstance(mod, (LinearBase, ParallelLMHead, RoutedExperts)) or path.endswith(".gate"):
@@ -328,6 +340,12 @@ def run_stock_child(out_dir):
         # RoutedExperts (vLLM >= 0.30) lives at <layer>.experts.routed_experts but asks for its quant method
         # under the MoE layer's name (routed_experts.py: self._get_quant_method(self.layer_name, ...))
         prefix = mod.layer_name if isinstance(mod, RoutedExperts) else path
+        if prefix.startswith("vision_tower."):   # VL: the vision tower is outside block_name_to_quantize
+            qm = inc.get_quant_method(mod, prefix)
+            methods[prefix] = type(qm).__name__
+            if not type(qm).__name__.startswith("Unquantized"):
+                find(prefix, f"vision module but INC gives {type(qm).__name__}")
+            continue
         seen.add(prefix)
         if prefix not in want:
             find(prefix, "vLLM builds this module but the converted checkpoint has no scheme for it")
