@@ -79,6 +79,8 @@ def summary_text(plan, result, elapsed):
                      f"(+{pct:.1f}% of GPTQ weight bytes, {human(p['gptq_bytes_native'])} -> {human(p['gptq_bytes_output'])})")
         for L, v in p["per_layer"].items():
             lines.append(f"         layer {L}: {human(v['native'])} -> {human(v['output'])}")
+    if s.get("mtp_kept"):
+        lines.append(f"kept   : MTP block(s), {s['mtp_kept']['tensors']} tensors, {human(s['mtp_kept']['bytes'])} (bf16, for vLLM's MiniMaxM3MTP)")
     if s.get("vision_kept"):
         lines.append(f"kept   : vision tower and projector, {s['vision_kept']['tensors']} tensors, {human(s['vision_kept']['bytes'])} "
                      "(checkpoint for vLLM's MiniMaxM3SparseForConditionalGeneration)")
@@ -118,9 +120,13 @@ def summary_text(plan, result, elapsed):
               "VL class (MiniMaxM3SparseForConditionalGeneration: text under language_model., vision under MiniMax's "
               "original names, a vision_config vLLM reads). Serve with image input, or text-only with "
               "--language-model-only.")
+@click.option("--keep-mtp", is_flag=True, help="Also write the MTP (multi-token prediction) block for vLLM's MiniMaxM3MTP "
+              "speculative decoding, in bf16 (needs --keep-vision: vLLM's MTP layer names collide with the text-only class). "
+              "Serve with --speculative-config '{\"method\": \"mtp\", \"num_speculative_tokens\": 1}'.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary on stdout.")
-def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, target, stock_min_bits, keep_vision, quiet, as_json):
+def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, target, stock_min_bits, keep_vision, keep_mtp,
+         quiet, as_json):
     """Convert an AutoRound (GPTQ) MiniMax-M3 checkpoint in IN_DIR into vLLM's native
     MiniMaxM3SparseForCausalLM layout in OUT_DIR.
 
@@ -149,10 +155,16 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
     try:
         shard_size = parse_size(max_shard_size)
         pending = check_dirs(in_dir, out_dir, force, resume, dry_run)
+        if keep_mtp and not keep_vision:
+            raise UsageError("--keep-mtp needs --keep-vision: vLLM's MTP drafter names its layers model.layers.K, which "
+                             "collide with the text-only class's own layers (\"Duplicate layer name\"); the VL class "
+                             "nests the text model under language_model.")
+        if keep_mtp and target == "stock-vllm":
+            raise UsageError("--keep-mtp is not supported with --target stock-vllm yet (use the default target)")
         if stock_min_bits and target != "stock-vllm":
             raise UsageError("--stock-min-bits needs --target stock-vllm")
         plan = planmod.make_plan(in_dir, shard_size, target=target, min_bits=int(stock_min_bits) if stock_min_bits else None,
-                                 keep_vision=keep_vision)
+                                 keep_vision=keep_vision, keep_mtp=keep_mtp)
         if pending == "check-own-files":
             own = {f for f, _ in plan.shards} | set(plan.copied_files) | {"config.json", "quantization_config.json",
                                                                          planmod.INDEX_FILE, "SHA256SUMS", execute.STATE_DIR}

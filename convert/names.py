@@ -414,3 +414,80 @@ def vision_vllm_param(dst_tensor: str):
             n = mt.groupdict().get("N")
             return m.vllm.replace("{N}", n or "") + "." + mt.group("leaf"), m.shard
     return None
+
+
+# ---------------------------------------------------------------- MTP block (--keep-mtp: vLLM's MiniMaxM3MTP)
+#: vLLM's MiniMaxM3MTP.load_weights strips ``language_model.``, keeps names containing ``model.mtp.layers``
+#: and drops ``.mtp.``: so each block K is written as ``language_model.model.mtp.layers.K.`` + the names
+#: below, the decoder layer under ``transformer_layer.`` with the official (vLLM) layer-relative names.
+MTP_TEXT_PREFIX = "model.language_model.mtp.layers."      # canonical source (model naming)
+MTP_OUT_PREFIX = VL_TEXT_PREFIX + "model.mtp.layers."
+MTP_OWN = ("enorm", "hnorm", "final_layernorm", "eh_proj")   # MTP block modules outside the decoder layer
+#: the MTP decoder layer is always sparse attention + MoE + shared expert (mtp.py: force_sparse_attn, force_moe)
+MTP_LAYOUT_WHERE = (ALL, SPARSE_ATTN, MOE, SHARED)
+#: MiniMax's own names for the shared expert (separate gate/up), canonicalised by ALIASES to mlp.shared_experts.*
+MTP_EXTRA = {"mlp.shared_experts.gate_proj": "block_sparse_moe.shared_experts.gate_proj",
+             "mlp.shared_experts.up_proj": "block_sparse_moe.shared_experts.up_proj"}
+
+_MTP_RX = re.compile(r"^" + re.escape(MTP_TEXT_PREFIX) + r"(\d+)\.(.+)\.(" + "|".join(LEAVES) + r")$")
+
+
+@dataclass(frozen=True)
+class MtpMatch:
+    block: int
+    rel: str                  # canonical source module relative to the block ("transformer_layer." + layer-relative)
+    leaf: str
+    dst: tuple                # official output module name(s) relative to the block (two for a fused gate_up)
+    role: str
+
+
+def mtp_match(canon: str):
+    """Canonical MTP tensor -> MtpMatch, or None when no rule knows it (e.g. the placeholder ``mtp.0.*``)."""
+    mt = _MTP_RX.match(canon)
+    if not mt:
+        return None
+    block, rel, leaf = int(mt.group(1)), mt.group(2), mt.group(3)
+    if rel in MTP_OWN:
+        return MtpMatch(block, rel, leaf, (rel,), LINEAR if rel == "eh_proj" else NORM)
+    if not rel.startswith("transformer_layer."):
+        return None
+    inner = rel[len("transformer_layer."):]
+    if inner in MTP_EXTRA:
+        return MtpMatch(block, rel, leaf, ("transformer_layer." + MTP_EXTRA[inner],), LINEAR)
+    me = _EXPERT_RX.match(inner)
+    expert = None
+    if me:
+        expert = int(me.group(1))
+        inner = "mlp.experts.{E}." + inner[me.end():]
+    m = _by_template()[0].get(inner)
+    if m is None or m.where not in MTP_LAYOUT_WHERE:
+        return None
+    moved = LEAF_MOVES.get((m.src, leaf))
+    if moved:
+        return MtpMatch(block, rel, leaf, ("transformer_layer." + _fill(moved, None, expert).rsplit(".", 1)[0],), m.role)
+    return MtpMatch(block, rel, leaf, tuple("transformer_layer." + _fill(d, None, expert) for d in m.dst), m.role)
+
+
+def mtp_tensor(block: int, dst: str, leaf: str) -> str:
+    return f"{MTP_OUT_PREFIX}{block}.{dst}.{leaf}"
+
+
+def expected_mtp_modules(num_blocks: int, num_experts: int):
+    """(output MTP tensor name, its Module rule or None, own module name or None), for this many blocks."""
+    for K in range(num_blocks):
+        for own in MTP_OWN:
+            yield mtp_tensor(K, own, "weight"), None, own
+        for m in MODULES:
+            if m.where not in MTP_LAYOUT_WHERE:
+                continue
+            for e in (range(num_experts) if "{E}" in m.src else (None,)):
+                for d in m.dst:
+                    yield mtp_tensor(K, "transformer_layer." + _fill(d, None, e), "weight"), m, None
+            if m.role == ROUTER:
+                yield (mtp_tensor(K, "transformer_layer." + LEAF_MOVES[(m.src, "e_score_correction_bias")].rsplit(".", 1)[0],
+                                  "e_score_correction_bias"), m, None)
+
+
+def expected_mtp(num_blocks: int, num_experts: int):
+    """Every output MTP tensor name (official), for this many blocks."""
+    return (name for name, _, _ in expected_mtp_modules(num_blocks, num_experts))

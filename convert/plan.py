@@ -18,7 +18,7 @@ import numpy as np
 from . import config as cfgmod
 from . import gptq, names, st
 from .errors import CheckpointError
-from .quantcfg import Scheme, SourceQuantConfig
+from .quantcfg import Scheme, SourceQuantConfig, natural_key
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -165,12 +165,14 @@ def _fname(t: st.TensorInfo) -> str:
 
 
 def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-plugin", min_bits: int | None = None,
-              keep_vision: bool = False) -> Plan:
+              keep_vision: bool = False, keep_mtp: bool = False) -> Plan:
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}")
     if min_bits is not None and (target != "stock-vllm" or min_bits not in gptq.VALID_BITS):
         raise ValueError("min_bits applies to --target stock-vllm only and must be 2, 3, 4 or 8")
     stock = target == "stock-vllm"
+    if keep_mtp and (not keep_vision or stock):
+        raise ValueError("keep_mtp needs keep_vision (the VL layout) and the m3-plugin target")
     src_cfg, qcfg, has_qjson = load_configs(in_dir)
     out_cfg, layout = cfgmod.convert_config(src_cfg)
     files, headers = read_sources(in_dir)
@@ -178,6 +180,7 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-pl
     file_rank = {os.path.join(in_dir, f): i for i, f in enumerate(files)}
     groups: dict = defaultdict(dict)         # (Module, src_module, layer, expert) -> leaf -> TensorInfo
     vision: dict = {}                        # (VisionModule, layer, leaf) -> TensorInfo (--keep-vision)
+    mtp: dict = {}                           # output name -> OutTensor (--keep-mtp)
     dropped = Counter()
     dropped_bytes = Counter()
     for fname in files:
@@ -194,6 +197,9 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-pl
                 if t.dtype != "BF16":
                     raise CheckpointError(fname, t.name, f"vision tensors are expected in BF16, found {t.dtype}")
                 vision[vm] = t
+                continue
+            if cat == "mtp" and keep_mtp:
+                _mtp_tensor(mtp, canon, t, fname, layout, src_cfg, file_rank)
                 continue
             if cat:
                 dropped[cat] += 1
@@ -345,6 +351,13 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-pl
             o.name = names.VL_TEXT_PREFIX + o.name
         out_cfg = cfgmod.vl_config(out_cfg, src_cfg)
         out += _vision_tensors(vision, out_cfg["vision_config"]["num_hidden_layers"], file_rank)
+    if keep_mtp:
+        n_mtp = out_cfg["text_config"]["num_mtp_modules"] = _num_mtp(src_cfg)
+        missing = sorted(set(names.expected_mtp(n_mtp, layout.num_experts)) - set(mtp), key=natural_key)
+        if missing:
+            raise CheckpointError("(all shards)", missing[0], f"MTP tensor missing from the source ({len(missing)} missing): "
+                                  "vLLM's MiniMaxM3MTP would leave its parameter uninitialised without an error")
+        out += list(mtp.values())
     out.sort(key=lambda o: o.order)
     _check_shared_expert_width(groups, layout, out_cfg)
 
@@ -355,7 +368,8 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-pl
     if stock:
         qout = stock_output_config(modules_q, g_default, qcfg.default.sym, qcfg.source_summary(), min_bits, layout_tag)
     else:
-        qout = output_config(modules_q, g_default, qcfg.default.sym, qcfg.source_summary(), layout_tag)
+        qout = output_config(modules_q, g_default, qcfg.default.sym, qcfg.source_summary(), layout_tag,
+                             out_cfg["text_config"]["num_mtp_modules"] if keep_mtp else None)
     out_cfg["quantization_config"] = qout
 
     plan = Plan(in_dir, src_cfg, out_cfg, qout, has_qjson, layout, out)
@@ -376,6 +390,7 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-pl
         "dropped": {c: {"tensors": dropped[c], "bytes": dropped_bytes[c]} for c in sorted(dropped)},
         "notes": dict(notes),
         "target": target,
+        "mtp_kept": {"tensors": len(mtp), "bytes": sum(o.nbytes for o in mtp.values())} if keep_mtp else None,
         "vision_kept": {"tensors": len(vision), "bytes": sum(t.nbytes for t in vision.values())} if keep_vision else None,
         "copied_files": list(plan.copied_files),
         "ignored_files": ignored,
@@ -390,6 +405,48 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-pl
                           if v[1] != v[0]},
         }
     return plan
+
+
+def _num_mtp(src_cfg):
+    tc = src_cfg.get("text_config") if isinstance(src_cfg.get("text_config"), dict) else src_cfg
+    n = tc.get("num_mtp_modules", 1)
+    if not isinstance(n, int) or n < 1:
+        raise CheckpointError("config.json", "text_config.num_mtp_modules", f"must be a positive integer with --keep-mtp, got {n!r}")
+    return n
+
+
+def _mtp_tensor(mtp, canon, t, fname, layout, src_cfg, file_rank):
+    """--keep-mtp: one source MTP tensor -> its output tensor(s), bf16 as the source (a fused gate_up split by rows)."""
+    mm = names.mtp_match(canon)
+    if mm is None:
+        raise CheckpointError(fname, t.name, "MTP tensor with no rule in the name table: vLLM's MiniMaxM3MTP would skip "
+                              "it silently (refusing to drop it)")
+    if mm.leaf in names.LEAVES_QUANT:
+        raise CheckpointError(fname, t.name, "GPTQ-quantized MTP tensors are not supported: --keep-mtp writes MTP in bf16 "
+                              "(vLLM's quantization prefixes of MTP layers collide with the main model's) and does not "
+                              "de-quantize it")
+    allowed = ("BF16", "F32") if mm.role == names.ROUTER else ("BF16",)
+    if t.dtype not in allowed:
+        raise CheckpointError(fname, t.name, f"MTP tensor in {t.dtype}, expected {'/'.join(allowed)}")
+    n = _num_mtp(src_cfg)
+    if mm.block >= n:
+        raise CheckpointError(fname, t.name, f"MTP block {mm.block} but text_config.num_mtp_modules is {n}")
+    order = (file_rank[t.file], t.begin)
+    if len(mm.dst) == 2:   # a fused [gate; up] in transformers' naming
+        if len(t.shape) != 2 or t.shape[0] % 2:
+            raise CheckpointError(fname, t.name, f"fused gate_up weight shape {list(t.shape)} cannot be split in two")
+        half = t.shape[0] // 2
+        for i, rows in enumerate(((0, half), (half, t.shape[0]))):
+            name = names.mtp_tensor(mm.block, mm.dst[i], mm.leaf)
+            _add_mtp(mtp, OutTensor(name, t.dtype, (half, t.shape[1]), SLICE, (t,), rows=rows, order=order + (i,)), fname, t)
+        return
+    _add_mtp(mtp, OutTensor(names.mtp_tensor(mm.block, mm.dst[0], mm.leaf), t.dtype, t.shape, COPY, (t,), order=order), fname, t)
+
+
+def _add_mtp(mtp, o, fname, t):
+    if o.name in mtp:
+        raise CheckpointError(fname, t.name, f"two spellings of the same tensor ({mtp[o.name].srcs[0].name})")
+    mtp[o.name] = o
 
 
 def _vision_tensors(vision, num_layers, file_rank):

@@ -202,6 +202,16 @@ def _build_config_class():
                 from m3_convert.names import VL_TEXT_PREFIX
                 if prefix.startswith("vision_tower."):
                     return UnquantizedLinearMethod() if isinstance(layer, LinearBase) else None
+                import re
+                mtp = re.match(r"model\.layers\.(\d+)\.", prefix)
+                if prefix == "lm_head" or (mtp and int(mtp.group(1)) < int(self.full.get("mtp_blocks") or 0)):
+                    # vLLM's MTP drafter (prefix ""): its block K is model.layers.K.*; m3-convert --keep-mtp writes it bf16
+                    if isinstance(layer, LinearBase):
+                        return UnquantizedLinearMethod()
+                    if hasattr(layer, "moe_config") and hasattr(layer, "global_num_experts"):
+                        from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+                        return UnquantizedFusedMoEMethod(layer.moe_config)
+                    return None
                 if not prefix.startswith(VL_TEXT_PREFIX):
                     raise ValueError(f"m3_gptq: layer {prefix} is under neither {VL_TEXT_PREFIX} nor vision_tower. "
                                      "(VL checkpoint written by m3-convert --keep-vision)")

@@ -5,13 +5,12 @@ exactly to auto-round's reference; the written extra_config resolves, through vL
 parser on vLLM's own model (test_vllm-style, needs vLLM), to exactly the tensors' bits.
 """
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ALL, FIXTURES, all_tensors, edit_checkpoint, copy_fixture, edit_quant_config, run_convert, run_verify
+from conftest import ALL, FIXTURES, all_tensors, edit_checkpoint, copy_fixture, edit_quant_config, run_convert, run_verify, need_vllm
 from m3_convert import gptq, names
 from test_convert import oracle, reference, src_cfg
 
@@ -199,16 +198,6 @@ def test_stock_min_bits_needs_the_stock_target(tmp_path):
 
 
 # ---------------------------------------------------------------- vLLM's own INC parser (needs vLLM)
-def need_vllm():
-    """Skip outside CI when vLLM is absent; in CI (CI=true) a missing vLLM fails, as in test_vllm.py."""
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("vLLM not installed (run `make test`)")
-
-
 def _vllm(d):
     r = run_verify(d, "--vllm", "--json")
     return r.exit_code, json.loads(r.output)

@@ -5,12 +5,11 @@ vision_tower.py / hf_to_vllm_mapper and the inverse of transformers' conversion_
 minimax_m3_vl); vLLM's own VL class and load_weights judge the result (test_vllm-style, needs vLLM).
 """
 import json
-import os
 import shutil
 
 import pytest
 
-from conftest import ALL, FIXTURES, NAMINGS, all_tensors, copy_fixture, edit_checkpoint, run_convert, run_verify
+from conftest import ALL, FIXTURES, all_tensors, copy_fixture, edit_checkpoint, run_convert, run_verify, need_vllm
 
 # model-naming source prefix -> VL checkpoint prefix (MiniMax's original names)
 VISION_ORACLE = (
@@ -138,15 +137,6 @@ def test_planted_config_faults_are_caught(vl, tmp_path):
 
 
 # ---------------------------------------------------------------- vLLM's own VL class (needs vLLM)
-def need_vllm():
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("vLLM not installed (run `make test`)")
-
-
 @pytest.mark.vllm
 @pytest.mark.parametrize("name", ["ar_reverted_naming", "gpu_tiny"])
 def test_vllm_vl_class_loads_every_parameter_vision_included(vl, name):

@@ -293,6 +293,19 @@ def expected_tensors(cfg):
                 exp[names.official_tensor(module, layer, expert, "e_score_correction_bias")] = (PLAIN_DTYPES[names.ROUTER], (shape[0],))
             else:
                 exp[f"{dst}.weight"] = (PLAIN_DTYPES[module.role], shape)
+    n_mtp = (cfg.get("quantization_config") or {}).get("mtp_blocks")
+    if n_mtp:
+        for name, module, own in names.expected_mtp_modules(int(n_mtp), layout.num_experts):
+            if module is None:
+                H = tc["hidden_size"]
+                shape = (H, 2 * H) if own == "eh_proj" else (H,)
+            elif name.endswith("e_score_correction_bias"):
+                shape = (tc["num_local_experts"],)
+            else:
+                shape = expected_shapes(tc, module)[0 if ".up_proj." not in name else 1] if module.src.endswith("gate_up_proj") \
+                    else expected_shapes(tc, module)[0]
+            exp[name[len(names.VL_TEXT_PREFIX):]] = (PLAIN_DTYPES[names.ROUTER] if module is not None and module.role == names.ROUTER
+                                                      else ("BF16",), shape)
     if (cfg.get("quantization_config") or {}).get("layout") == "vl":
         exp = {names.VL_TEXT_PREFIX + k: v for k, v in exp.items()}
         vc = cfg.get("vision_config") or {}
@@ -372,7 +385,7 @@ def check_against(out_dir, in_dir, progress=None):
     target = qc.get("target") or "m3-plugin"
     try:
         plan = make_plan(in_dir, target=target, min_bits=qc.get("min_bits") if target == "stock-vllm" else None,
-                         keep_vision=qc.get("layout") == "vl")
+                         keep_vision=qc.get("layout") == "vl", keep_mtp=bool(qc.get("mtp_blocks")))
     except CheckpointError as e:
         yield Finding("against", e.file, e.tensor, f"source cannot be planned: {e.msg}")
         return

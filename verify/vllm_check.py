@@ -49,8 +49,17 @@ def check_vllm(out_dir, timeout=1800, report=None):
         env["PYTHONPATH"] = CPU_SITE + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     with open(os.path.join(out_dir, "config.json")) as f:
-        target = (json.load(f).get("quantization_config") or {}).get("target")
-    mode = ["--stock"] if target == "stock-vllm" else []
+        qc = json.load(f).get("quantization_config") or {}
+    mode = ["--stock"] if qc.get("target") == "stock-vllm" else []
+    yield from _run_child(out_dir, mode, env, timeout, report)
+    if qc.get("mtp_blocks"):
+        sub = {}
+        yield from _run_child(out_dir, ["--mtp"], env, timeout, sub)
+        if report is not None:
+            report["mtp"] = sub
+
+
+def _run_child(out_dir, mode, env, timeout, report):
     p = subprocess.run([sys.executable, "-m", "m3_verify.vllm_check", *mode, os.path.abspath(out_dir)], capture_output=True, text=True,
                        env=env, timeout=timeout)
     result = None
@@ -69,7 +78,9 @@ def check_vllm(out_dir, timeout=1800, report=None):
 
 
 # ---------------------------------------------------------------- child side
-def _build_model(out_dir):
+def _build_model(out_dir, mtp=False):
+    """vLLM's own model for OUT_DIR/config.json; with ``mtp`` its MTP drafter instead (MiniMaxM3MTP), configured the
+    way vLLM's speculative decoding does it (SpeculativeConfig(method="mtp") promotes text_config to the draft)."""
     import socket
 
     import torch
@@ -86,7 +97,15 @@ def _build_model(out_dir):
 
     mc = ModelConfig(model=out_dir, dtype="bfloat16", skip_tokenizer_init=True, enforce_eager=True)
     lc = LoadConfig(load_format="safetensors")
-    vc = VllmConfig(model_config=mc, load_config=lc)
+    draft = None
+    if mtp:
+        from vllm.config import ParallelConfig, SpeculativeConfig
+        pc = ParallelConfig()
+        sc = SpeculativeConfig(method="mtp", num_speculative_tokens=1, target_model_config=mc, target_parallel_config=pc)
+        vc = VllmConfig(model_config=mc, load_config=lc, speculative_config=sc, parallel_config=pc)
+        draft = sc.draft_model_config
+    else:
+        vc = VllmConfig(model_config=mc, load_config=lc)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -102,7 +121,7 @@ def _build_model(out_dir):
         ufm.select_unquantized_moe_backend = lambda moe_config: (UnquantizedMoeBackend.TRITON, None)
         bypassed.append("select_unquantized_moe_backend")
     with set_default_torch_dtype(torch.bfloat16), torch.device("cpu" if not current_platform.is_cuda_alike() else "cuda"):
-        model = initialize_model(vllm_config=vc)
+        model = initialize_model(vllm_config=vc, model_config=draft) if mtp else initialize_model(vllm_config=vc)
     return model, mc, bypassed
 
 
@@ -116,7 +135,9 @@ def _checkpoint(out_dir):
                 yield f, k, h.get_tensor(k)
 
 
-def run_child(out_dir):
+def run_child(out_dir, mtp=False):
+    """``mtp``: check vLLM's MTP drafter instead: every one of its parameters filled exactly from the checkpoint's
+    ``language_model.model.mtp.layers.*`` tensors (plus the shared embedding and lm_head)."""
     import torch
 
     from m3_convert import gptq, names
@@ -128,14 +149,14 @@ def run_child(out_dir):
 
     cfg = json.load(open(os.path.join(out_dir, "config.json")))
     try:
-        model, mc, bypassed = _build_model(out_dir)
+        model, mc, bypassed = _build_model(out_dir, mtp)
     except Exception as e:
-        find("config.json", None, f"vLLM cannot build the model: {type(e).__name__}: {e}")
+        find("config.json", None, f"vLLM cannot build the {'MTP drafter' if mtp else 'model'}: {type(e).__name__}: {e}")
         return {"findings": findings}
     # fields vLLM would take from its own (real-M3) defaults because config.json lacks them
     tc_json = cfg.get("text_config", {})
     tc_vllm = mc.hf_text_config
-    for k in ("n_shared_experts", "moe_layer_freq", "sparse_attention_config", "rope_theta", "hidden_act", "swiglu_beta",
+    for k in () if mtp else ("n_shared_experts", "moe_layer_freq", "sparse_attention_config", "rope_theta", "hidden_act", "swiglu_beta",
               "swiglu_limit", "swiglu_alpha", "partial_rotary_factor", "routed_scaling_factor", "use_routing_bias",
               "scoring_func", "dense_intermediate_size"):
         if k not in tc_json:
@@ -169,6 +190,11 @@ def run_child(out_dir):
     vl = cfg.get("quantization_config", {}).get("layout") == "vl"
     pre = names.VL_TEXT_PREFIX if vl else ""
     for k, t in ckpt.items():
+        if mtp:
+            _expect_mtp(k, t, params, expected, unused, names)
+            continue
+        if k.startswith(names.MTP_OUT_PREFIX):
+            continue                             # the main model skips them (model.py: "mtp." in name); see --mtp
         if vl and not k.startswith(pre):        # vision tower: vLLM's mapper and q/k/v stacking (names.VISION_MODULES)
             vp = names.vision_vllm_param(k)
             if vp is None or vp[0] not in params:
@@ -185,12 +211,7 @@ def run_child(out_dir):
                 unused.append(k)
             continue
         base, pos, expert, leaf = tgt
-        if expert is None:
-            pname = f"{pre}{base}.{leaf}"
-        else:
-            mod, w = base.rsplit(".", 1)
-            cands = [f"{pre}{mod}.routed_experts.{w}_{leaf}", f"{pre}{mod}.{w}_{leaf}"]
-            pname = next((c for c in cands if c in params), cands[0])
+        pname = _param_name(pre + base, expert, leaf, params)
         if pname not in params:
             unused.append(k)
             continue
@@ -237,6 +258,39 @@ def run_child(out_dir):
         chosen = dict(qc.chosen)
     return {"findings": findings, "params": len(params), "tensors": len(ckpt), "bypassed": bypassed,
             "methods": chosen}
+
+
+def _param_name(base, expert, leaf, params):
+    """vLLM parameter of a fused base (names.vllm_target); experts live under routed_experts in vLLM >= 0.30."""
+    if expert is None:
+        return f"{base}.{leaf}"
+    mod, w = base.rsplit(".", 1)
+    cands = [f"{mod}.routed_experts.{w}_{leaf}", f"{mod}.{w}_{leaf}"]
+    return next((c for c in cands if c in params), cands[0])
+
+
+def _expect_mtp(k, t, params, expected, unused, names):
+    """Where vLLM's MiniMaxM3MTP.load_weights puts checkpoint tensor ``k`` (mtp.py _map_checkpoint_name and its
+    stacked / expert maps), from the name table's fusion rules."""
+    name = k.removeprefix(names.VL_TEXT_PREFIX)
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        expected.setdefault(name, []).append((None, 0, t, k))
+        return
+    if "model.mtp.layers." not in name:
+        return                                   # the main model's or the vision tower's: not the drafter's
+    name = name.replace(".mtp.", ".", 1)         # model.layers.K.<rel>
+    m = re.match(r"(model\.layers\.\d+\.)transformer_layer\.(.+)$", name)
+    tgt = names.vllm_target(m.group(1) + m.group(2)) if m else None
+    if tgt is None:
+        pname, entry = name, (None, 0, t, k)
+    else:
+        base, pos, expert, leaf = tgt
+        pname = _param_name(base.replace(m.group(1), m.group(1) + "transformer_layer.", 1), expert, leaf, params)
+        entry = (expert, pos, t, k)
+    if pname in params:
+        expected.setdefault(pname, []).append(entry)
+    else:
+        unused.append(k)
 
 
 def _assemble(pname, parts, like, qmods, gptq):
@@ -392,6 +446,10 @@ def run_stock_child(out_dir):
 
 
 def main():
+    if sys.argv[1] == "--mtp":
+        res = run_child(sys.argv[2], mtp=True)
+        print("M3VLLM " + json.dumps(res), flush=True)
+        os._exit(0)
     if sys.argv[1] == "--stock":
         res = run_stock_child(sys.argv[2])
         print("M3VLLM " + json.dumps(res), flush=True)
