@@ -15,7 +15,7 @@ install() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/vllm-wheels/*.whl || exit 1
   fi
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/m3site . || exit 1
-  [ -d /tmp/hfsite/transformers ] || python3 -m pip install -q --no-index --no-deps --target /tmp/hfsite .whl/transformers-5.19.0-*.whl
+  [ -d /tmp/hfsite/transformers ] || [ ! -d .whl ] || python3 -m pip install -q --no-index --no-deps --target /tmp/hfsite .whl/transformers-5.19.0-*.whl
   python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
 }
 export PYTHONPATH=/tmp/m3site:/tmp/site
@@ -28,6 +28,15 @@ case "$1" in
   install-and-run)   # diagnostic variants: bash gpu/device.sh install-and-run DIR TAG
     install
     python3 gpu/serve_check.py vllm "$2" "$3" "$RES" 2>&1 | grep -v "^\s*$" | tail -40
+    ;;
+  install-and-vl)    # issue 7: the --keep-vision --keep-mtp output, served text-only by the VL class
+    install
+    cp gpu/results/quant.json "$RES"/quant.json
+    M3_LM_ONLY=1 python3 gpu/serve_check.py vllm .gpuwork/vlmtp vl "$RES" 2>&1 | grep -v "^\s*$" | tail -25
+    ;;
+  vlmtp)             # the same with speculative decoding by its MTP block (greedy: must equal the plain run)
+    M3_LM_ONLY=1 M3_MTP=1 python3 gpu/serve_check.py vllm .gpuwork/vlmtp vlmtp "$RES" 2>&1 | grep -v "^\s*$" | tail -25
+    python3 gpu/serve_check.py compare "$RES"
     ;;
   refs)
     python3 gpu/serve_check.py vllm .gpuwork/bf16 bf16 "$RES" 2>&1 | tail -15

@@ -46,8 +46,13 @@ def run_vllm(model_dir, tag, out):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     t0 = time.time()
+    extra = {}
+    if os.environ.get("M3_LM_ONLY"):      # VL checkpoint (--keep-vision) served text-only
+        extra["language_model_only"] = True
+    if os.environ.get("M3_MTP"):          # speculative decoding with the checkpoint's MTP block (--keep-mtp)
+        extra["speculative_config"] = {"method": "mtp", "num_speculative_tokens": int(os.environ["M3_MTP"])}
     llm = LLM(model=model_dir, dtype="bfloat16", block_size=128, enforce_eager=True, max_model_len=1024,
-              gpu_memory_utilization=0.3, skip_tokenizer_init=True, seed=0)
+              gpu_memory_utilization=0.3, skip_tokenizer_init=True, seed=0, **extra)
     t_load = time.time() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=N_NEW, prompt_logprobs=0, detokenize=False, ignore_eos=True)
     res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts()], sp)
@@ -105,7 +110,10 @@ def linear_errors(model, model_dir):
     cfg = json.load(open(os.path.join(model_dir, "config.json")))
     modules = cfg.get("quantization_config", {}).get("modules", {})
 
+    pre = "language_model." if cfg.get("quantization_config", {}).get("layout") == "vl" else ""
+
     def tensor(name):
+        name = pre + name
         f = wm[name] if wm else "model.safetensors"
         with safe_open(os.path.join(model_dir, f), "np") as h:
             return h.get_tensor(name)
@@ -115,6 +123,7 @@ def linear_errors(model, model_dir):
         qm = getattr(mod, "quant_method", None)
         if qm is None or type(qm).__name__ == "UnquantizedLinearMethod" or not hasattr(mod, "input_size"):
             continue
+        name = name.removeprefix("language_model.")     # VL layout: the modules map keeps the text names
         members = fused_members(name, modules)
         if not all(m in modules and modules[m].get("bits") for m in members):
             continue
@@ -215,6 +224,8 @@ PAIRS = [  # (run, reference, what it measures)
     ("hf", "hf32", "bf16 noise floor: transformers bf16 vs transformers float32"),
     ("quant", "hf32nc", "(b) vs transformers float32, greedy by full forward per token (CPU)"),
     ("hf", "hf32nc", "transformers' cached generate() vs its own full forward per token"),
+    ("vl", "quant", "issue 7: VL checkpoint (--keep-vision --keep-mtp) served text-only vs the text-only checkpoint"),
+    ("vlmtp", "vl", "issue 7: the same with MTP speculative decoding vs without"),
     ("bug", "bf16", "control: planted bug vs (a)'s reference"),
     ("bug", "hf", "control: planted bug vs (b)'s reference"),
 ]
