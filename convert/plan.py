@@ -366,9 +366,10 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-pl
     from .quantcfg import output_config, stock_output_config
     layout_tag = "vl" if keep_vision else None
     if stock:
-        qout = stock_output_config(modules_q, g_default, qcfg.default.sym, qcfg.source_summary(), min_bits, layout_tag)
+        # sym: every module written is symmetric (_classify refuses the others), whatever the source's default says
+        qout = stock_output_config(modules_q, g_default, True, qcfg.source_summary(), min_bits, layout_tag)
     else:
-        qout = output_config(modules_q, g_default, qcfg.default.sym, qcfg.source_summary(), layout_tag,
+        qout = output_config(modules_q, g_default, True, qcfg.source_summary(), layout_tag,
                              out_cfg["text_config"]["num_mtp_modules"] if keep_mtp else None)
     out_cfg["quantization_config"] = qout
 

@@ -192,6 +192,33 @@ def test_moe_layer_mixing_bf16_and_gptq_experts_is_refused(tmp_path):
     assert not (tmp_path / "o" / "SHA256SUMS").exists()
 
 
+def test_sym_is_written_true_whatever_the_source_default(tmp_path):
+    d = copy_fixture(tmp_path, "gpu_tiny")
+
+    def flip(q):
+        q["sym"] = False
+        for v in q["extra_config"].values():
+            if v.get("bits", 16) < 16:
+                v["sym"] = True
+    edit_quant_config(d, flip)
+    o = tmp_path / "o"
+    assert run_convert(d, o, "--target", "stock-vllm", "--quiet").exit_code == 0
+    qc = qconf(o)
+    assert qc["sym"] is True and all(v["sym"] is True for v in qc["extra_config"].values())
+    assert run_verify(o, "--against", d, "--quiet").exit_code == 0
+
+
+def test_vllm_check_reports_an_unreadable_config_as_a_finding(stock, tmp_path):
+    import shutil
+    d = tmp_path / "o"
+    shutil.copytree(stock["gpu_tiny"][0], d)
+    (d / "config.json").write_text("{not json")
+    r = run_verify(d, "--vllm", "--json")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    rep = json.loads(r.output)
+    assert any(f["check"] == "vllm" and "unreadable" in f["message"] for f in rep["findings"])
+
+
 def test_stock_min_bits_needs_the_stock_target(tmp_path):
     r = run_convert(FIXTURES / "gpu_tiny", tmp_path / "o", "--stock-min-bits", "4")
     assert r.exit_code == 2 and "--stock-min-bits needs --target stock-vllm" in r.output

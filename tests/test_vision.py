@@ -119,6 +119,17 @@ def test_unknown_vision_tensor_is_refused_with_keep_vision_and_counted_without(t
     assert r.exit_code == 0 and json.loads(r.output)["dropped"]["vision"]["tensors"] == 28
 
 
+def test_wrong_vision_shape_is_caught_without_the_source(vl, tmp_path):
+    import torch
+    d = tmp_path / "o"
+    shutil.copytree(vl["gpu_tiny"], d)
+    k = "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    t = all_tensors(d)[k]
+    edit_checkpoint(d, remove=[k], add={k: t.reshape(t.shape[1], t.shape[0]).contiguous()})
+    r = run_verify(d, "--quiet")
+    assert r.exit_code == 1 and k in r.output and f"expected {[t.shape[0], t.shape[1]]}" in r.output, r.output
+
+
 def test_planted_config_faults_are_caught(vl, tmp_path):
     for drop in ("img_token_compression_config", "rope_theta"):
         d = tmp_path / drop
@@ -175,4 +186,4 @@ def test_vllm_check_catches_a_misnamed_vision_tensor(vl, tmp_path):
     r = run_verify(d, "--vllm", "--json")
     rep = json.loads(r.output)
     assert r.exit_code == 1
-    assert any("patch_merge_mlp" in (f["tensor"] or "") for f in rep["findings"]), rep["findings"]
+    assert any(f["check"] == "vllm" and "patch_merge_mlp" in (f["tensor"] or "") for f in rep["findings"]), rep["findings"]

@@ -254,6 +254,30 @@ def expected_shapes(tc, module: names.Module):
     return table[module.src]
 
 
+def vision_shape(m: names.VisionModule, leaf: str, cfg: dict):
+    """Shape of a vision tensor as vLLM 0.32's vision tower builds it (models/minimax_m3/common/vision_tower.py),
+    or None when config.json lacks a size (reported by the config check)."""
+    vc = cfg.get("vision_config") or {}
+    try:
+        Hv, Iv, C, p = vc["hidden_size"], vc["intermediate_size"], vc["num_channels"], vc["patch_size"]
+        cc = vc["img_token_compression_config"]
+        t, sm = cc["temporal_patch_size"], cc["spatial_merge_size"]
+        Ht, P = cfg["text_config"]["hidden_size"], cfg.get("projector_hidden_size") or cfg["text_config"]["hidden_size"]
+    except (KeyError, TypeError):
+        return None
+    rel = m.src.rsplit(".", 1)[-1] if "{N}" not in m.src else m.src.split("{N}.", 1)[1]
+    table = {   # module -> (weight shape, bias shape)
+        "proj": ((Hv, C, t, p, p), None), "pre_layrnorm": ((Hv,), (Hv,)),
+        "layer_norm1": ((Hv,), (Hv,)), "layer_norm2": ((Hv,), (Hv,)),
+        "self_attn.q_proj": ((Hv, Hv), (Hv,)), "self_attn.k_proj": ((Hv, Hv), (Hv,)), "self_attn.v_proj": ((Hv, Hv), (Hv,)),
+        "self_attn.out_proj": ((Hv, Hv), (Hv,)), "mlp.fc1": ((Iv, Hv), (Iv,)), "mlp.fc2": ((Hv, Iv), (Hv,)),
+        "linear_1": ((P, Hv), (P,)), "linear_2": ((Ht, P), (Ht,)),
+        "merge_linear_1": ((P, Ht * sm * sm), (P,)), "merge_linear_2": ((Ht, P), (Ht,)),
+    }
+    w, b = table[rel]
+    return w if leaf == "weight" else b
+
+
 LINEAR_ROLES = (names.LINEAR, names.EXPERT, names.QKV, names.INDEX, names.GATE_UP)
 PLAIN_DTYPES = {names.NORM: ("BF16",), names.EMBED: ("BF16",), names.ROUTER: ("BF16", "F32")}
 
@@ -310,7 +334,7 @@ def expected_tensors(cfg):
         exp = {names.VL_TEXT_PREFIX + k: v for k, v in exp.items()}
         vc = cfg.get("vision_config") or {}
         for m, L, leaf in names.expected_vision(int(vc.get("num_hidden_layers") or 0)):
-            exp[names.vision_tensor(m, L, leaf)] = (("BF16",), None)    # shapes: checked by --against and --vllm
+            exp[names.vision_tensor(m, L, leaf)] = (("BF16",), vision_shape(m, leaf, cfg))
     for extra in sorted(set(qmods) - seen_mods):
         findings.append(Finding("structure", "config.json", f"quantization_config.modules[{extra!r}]", "names no module of this model"))
     # fused modules must share one scheme (vLLM builds one quant method per fused parameter)

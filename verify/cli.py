@@ -81,8 +81,13 @@ def main(out_dir, in_dir, with_vllm, integrity_only, workers, as_json, quiet):
         for f in findings:
             click.echo(f.line())
         if vllm_report and not quiet:
-            click.echo(f"vllm: {vllm_report.get('params')} parameters filled from {vllm_report.get('tensors')} tensors; "
-                       f"CPU bypasses: {', '.join(vllm_report.get('bypassed') or ['none'])}", err=True)
+            if "params" in vllm_report:
+                what = f"{vllm_report.get('params')} parameters filled from {vllm_report.get('tensors')} tensors"
+            else:   # --target stock-vllm: vLLM's INC parser over the model's modules
+                what = f"{vllm_report.get('modules')} modules resolved by vLLM's INC config"
+            if vllm_report.get("mtp"):
+                what += f"; MTP drafter: {vllm_report['mtp'].get('params')} parameters filled"
+            click.echo(f"vllm: {what}; CPU bypasses: {', '.join(vllm_report.get('bypassed') or ['none'])}", err=True)
         if not quiet:
             done = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
             click.echo(f"{'OK' if ok else 'FAILED'}: {len(findings)} finding(s) ({done})", err=True)

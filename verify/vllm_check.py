@@ -48,8 +48,14 @@ def check_vllm(out_dir, timeout=1800, report=None):
     if _needs_cpu_site():
         env["PYTHONPATH"] = CPU_SITE + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    with open(os.path.join(out_dir, "config.json")) as f:
-        qc = json.load(f).get("quantization_config") or {}
+    try:
+        with open(os.path.join(out_dir, "config.json")) as f:
+            qc = json.load(f).get("quantization_config") or {}
+        if not isinstance(qc, dict):
+            raise ValueError("quantization_config is not an object")
+    except (OSError, ValueError, AttributeError) as e:
+        yield Finding("vllm", "config.json", None, f"unreadable, vLLM cannot be tried: {e}")
+        return
     mode = ["--stock"] if qc.get("target") == "stock-vllm" else []
     yield from _run_child(out_dir, mode, env, timeout, report)
     if qc.get("mtp_blocks"):
