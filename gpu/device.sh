@@ -38,6 +38,9 @@ case "$1" in
     M3_LM_ONLY=1 M3_MTP=1 python3 gpu/serve_check.py vllm .gpuwork/vlmtp vlmtp "$RES" 2>&1 | grep -v "^\s*$" | tail -25
     python3 gpu/serve_check.py compare "$RES"
     ;;
+  stock)             # issue 7: --target stock-vllm (vLLM's own INC config); on 0.26 this stops at the Marlin MoE
+    python3 gpu/serve_check.py vllm .gpuwork/stock4 stock4 "$RES" 2>&1 | grep -v "^\s*$" | tail -25
+    ;;
   refs)
     python3 gpu/serve_check.py vllm .gpuwork/bf16 bf16 "$RES" 2>&1 | tail -15
     python3 gpu/serve_check.py vllm .gpuwork/bug bug "$RES" 2>&1 | tail -15

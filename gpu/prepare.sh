@@ -12,6 +12,7 @@ rm -rf .gpuwork && mkdir -p .gpuwork
 $PY -m m3_convert.cli "$SRC" .gpuwork/quant --quiet
 $PY -m m3_verify.cli .gpuwork/quant --against "$SRC" --quiet
 $PY -m m3_convert.cli "$SRC" .gpuwork/vlmtp --keep-vision --keep-mtp --quiet     # issue 7: VL class + MTP
+$PY -m m3_convert.cli "$SRC" .gpuwork/stock4 --target stock-vllm --stock-min-bits 4 --quiet   # issue 7: no plugin
 $PY gpu/dequant_bf16.py .gpuwork/quant .gpuwork/bf16
 # planted bug: one module's signed scales made positive (abs), the mistake a careless loader makes
 cp -r .gpuwork/quant .gpuwork/bug
