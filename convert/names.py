@@ -349,7 +349,7 @@ VL_TEXT_PREFIX = "language_model."
 
 @dataclass(frozen=True)
 class VisionModule:
-    src: str                 # canonical source (model naming); {N} = encoder layer
+    src: str                 # canonical source (model naming); {L} = encoder layer
     dst: str                 # name written for the VL class
     leaves: tuple            # tensors the module has (all bf16)
     vllm: str                # vLLM parameter module (after its mapper and stacking)
@@ -361,16 +361,16 @@ VISION_MODULES: tuple = (
                  "vision_tower.vision_model.embeddings.patch_embedding"),
     VisionModule("model.vision_tower.pre_layrnorm", "vision_tower.vision_model.pre_layrnorm", ("weight", "bias"),
                  "vision_tower.vision_model.pre_layrnorm"),
-    *(VisionModule(f"model.vision_tower.layers.{{N}}.{m}", f"vision_tower.vision_model.encoder.layers.{{N}}.{m}", ("weight", "bias"), v, sh)
+    *(VisionModule(f"model.vision_tower.layers.{{L}}.{m}", f"vision_tower.vision_model.encoder.layers.{{L}}.{m}", ("weight", "bias"), v, sh)
       for m, v, sh in (
-          ("layer_norm1", "vision_tower.vision_model.encoder.layers.{N}.layer_norm1", None),
-          ("layer_norm2", "vision_tower.vision_model.encoder.layers.{N}.layer_norm2", None),
-          ("self_attn.q_proj", "vision_tower.vision_model.encoder.layers.{N}.self_attn.qkv_proj", 0),
-          ("self_attn.k_proj", "vision_tower.vision_model.encoder.layers.{N}.self_attn.qkv_proj", 1),
-          ("self_attn.v_proj", "vision_tower.vision_model.encoder.layers.{N}.self_attn.qkv_proj", 2),
-          ("self_attn.out_proj", "vision_tower.vision_model.encoder.layers.{N}.self_attn.out_proj", None),
-          ("mlp.fc1", "vision_tower.vision_model.encoder.layers.{N}.fc1", None),
-          ("mlp.fc2", "vision_tower.vision_model.encoder.layers.{N}.fc2", None))),
+          ("layer_norm1", "vision_tower.vision_model.encoder.layers.{L}.layer_norm1", None),
+          ("layer_norm2", "vision_tower.vision_model.encoder.layers.{L}.layer_norm2", None),
+          ("self_attn.q_proj", "vision_tower.vision_model.encoder.layers.{L}.self_attn.qkv_proj", 0),
+          ("self_attn.k_proj", "vision_tower.vision_model.encoder.layers.{L}.self_attn.qkv_proj", 1),
+          ("self_attn.v_proj", "vision_tower.vision_model.encoder.layers.{L}.self_attn.qkv_proj", 2),
+          ("self_attn.out_proj", "vision_tower.vision_model.encoder.layers.{L}.self_attn.out_proj", None),
+          ("mlp.fc1", "vision_tower.vision_model.encoder.layers.{L}.fc1", None),
+          ("mlp.fc2", "vision_tower.vision_model.encoder.layers.{L}.fc2", None))),
     *(VisionModule(f"model.multi_modal_projector.linear_{i}", f"multi_modal_projector.linear_{i}", ("weight", "bias"),
                    f"vision_tower.multi_modal_projector.linear_{i}") for i in (1, 2)),
     *(VisionModule(f"model.multi_modal_projector.merge_linear_{i}", f"patch_merge_mlp.linear_{i}", ("weight", "bias"),
@@ -378,42 +378,49 @@ VISION_MODULES: tuple = (
 )
 
 
-@lru_cache(maxsize=1)
-def _vision_rx():
-    return tuple((re.compile("^" + re.escape(m.src).replace(re.escape("{N}"), r"(?P<N>\d+)") + r"\.(?P<leaf>weight|bias)$"), m)
-                 for m in VISION_MODULES)
+@lru_cache(maxsize=2)
+def _vision_rx(attr: str):
+    """(regex over VisionModule.<attr> tensor names, module): the same {L} templates as the text rules."""
+    return tuple((re.compile("^" + _template_regex(getattr(m, attr)) + r"\.(?P<leaf>weight|bias)$"), m) for m in VISION_MODULES)
+
+
+def _vision_find(name: str, attr: str):
+    for rx, m in _vision_rx(attr):
+        mt = rx.match(name)
+        if mt and mt.group("leaf") in m.leaves:
+            L = mt.groupdict().get("L")
+            return m, (int(L) if L is not None else None), mt.group("leaf")
+    return None
 
 
 def vision_match(canon: str):
     """Canonical vision tensor -> (VisionModule, layer or None, leaf), or None if the table does not know it."""
-    for rx, m in _vision_rx():
-        mt = rx.match(canon)
-        if mt and mt.group("leaf") in m.leaves:
-            return m, (int(mt.group("N")) if mt.groupdict().get("N") is not None else None), mt.group("leaf")
-    return None
+    return _vision_find(canon, "src")
+
+
+def source_vision(m: VisionModule, layer, leaf: str) -> str:
+    return _fill(m.src, layer, None) + "." + leaf
 
 
 def vision_tensor(m: VisionModule, layer, leaf: str) -> str:
-    return _fill(m.dst, None, None).replace("{N}", str(layer)) + "." + leaf
+    return _fill(m.dst, layer, None) + "." + leaf
 
 
 def expected_vision(num_layers: int):
     """Every (VisionModule, layer, leaf) of a vision tower with this many encoder layers."""
     for m in VISION_MODULES:
-        for L in (range(num_layers) if "{N}" in m.src else (None,)):
+        for L in (range(num_layers) if "{L}" in m.src else (None,)):
             for leaf in m.leaves:
                 yield m, L, leaf
 
 
 def vision_vllm_param(dst_tensor: str):
     """VL checkpoint vision tensor -> (vLLM parameter, stacked shard position or None)."""
-    for m in VISION_MODULES:
-        rx = "^" + re.escape(m.dst).replace(re.escape("{N}"), r"(?P<N>\d+)") + r"\.(?P<leaf>weight|bias)$"
-        mt = re.match(rx, dst_tensor)
-        if mt:
-            n = mt.groupdict().get("N")
-            return m.vllm.replace("{N}", n or "") + "." + mt.group("leaf"), m.shard
-    return None
+    found = _vision_find(dst_tensor, "dst")
+    if found is None:
+        return None
+    m, layer, leaf = found
+    return _fill(m.vllm, layer, None) + "." + leaf, m.shard
 
 
 # ---------------------------------------------------------------- MTP block (--keep-mtp: vLLM's MiniMaxM3MTP)
@@ -473,21 +480,22 @@ def mtp_tensor(block: int, dst: str, leaf: str) -> str:
 
 
 def expected_mtp_modules(num_blocks: int, num_experts: int):
-    """(output MTP tensor name, its Module rule or None, own module name or None), for this many blocks."""
+    """(output MTP tensor name, its Module rule or None, own module name or None, index in the rule's dst),
+    for this many blocks."""
     for K in range(num_blocks):
         for own in MTP_OWN:
-            yield mtp_tensor(K, own, "weight"), None, own
+            yield mtp_tensor(K, own, "weight"), None, own, 0
         for m in MODULES:
             if m.where not in MTP_LAYOUT_WHERE:
                 continue
             for e in (range(num_experts) if "{E}" in m.src else (None,)):
-                for d in m.dst:
-                    yield mtp_tensor(K, "transformer_layer." + _fill(d, None, e), "weight"), m, None
+                for i, d in enumerate(m.dst):
+                    yield mtp_tensor(K, "transformer_layer." + _fill(d, None, e), "weight"), m, None, i
             if m.role == ROUTER:
                 yield (mtp_tensor(K, "transformer_layer." + LEAF_MOVES[(m.src, "e_score_correction_bias")].rsplit(".", 1)[0],
-                                  "e_score_correction_bias"), m, None)
+                                  "e_score_correction_bias"), m, None, 0)
 
 
 def expected_mtp(num_blocks: int, num_experts: int):
     """Every output MTP tensor name (official), for this many blocks."""
-    return (name for name, _, _ in expected_mtp_modules(num_blocks, num_experts))
+    return (name for name, _, _, _ in expected_mtp_modules(num_blocks, num_experts))

@@ -199,7 +199,7 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-pl
                 vision[vm] = t
                 continue
             if cat == "mtp" and keep_mtp:
-                _mtp_tensor(mtp, canon, t, fname, layout, src_cfg, file_rank)
+                _mtp_tensor(mtp, canon, t, fname, src_cfg, file_rank)
                 continue
             if cat:
                 dropped[cat] += 1
@@ -416,7 +416,7 @@ def _num_mtp(src_cfg):
     return n
 
 
-def _mtp_tensor(mtp, canon, t, fname, layout, src_cfg, file_rank):
+def _mtp_tensor(mtp, canon, t, fname, src_cfg, file_rank):
     """--keep-mtp: one source MTP tensor -> its output tensor(s), bf16 as the source (a fused gate_up split by rows)."""
     mm = names.mtp_match(canon)
     if mm is None:
@@ -458,7 +458,7 @@ def _vision_tensors(vision, num_layers, file_rank):
     for key in want:
         if key not in vision:
             m, L, leaf = key
-            src = m.src.replace("{N}", str(L)) + "." + leaf
+            src = names.source_vision(m, L, leaf)
             raise CheckpointError("(all shards)", src, "vision tensor missing from the source: vLLM's VL class would leave "
                                   "its parameter uninitialised without an error")
     for key, t in vision.items():
@@ -495,9 +495,7 @@ def _stock_widths(groups, gptq_info, dequant_keys, layout, min_bits):
             any_t = groups[keys[0]]["qweight"]
             raise CheckpointError(_fname(any_t), any_t.name, f"{vmod}: members use different group sizes "
                                   f"{sorted({s.group_size for s in shapes})}; vLLM's auto-round config needs one scheme per module")
-        W = max(max(s.bits for s in shapes), floor)
-        for k, s in zip(keys, shapes):
-            widths[k] = W
+        widths.update(dict.fromkeys(keys, max(max(s.bits for s in shapes), floor)))
     # a MoE layer whose experts mix GPTQ and bf16 cannot have one scheme
     for L in range(layout.num_layers):
         if layout.moe[L]:

@@ -183,7 +183,7 @@ def test_dtype_shape_disagree_with_byte_range(tmp_path):
     convert_fails(d, tmp_path / "o", EXIT_INPUT, SHARD, "a.weight", "needs 16 bytes but data_offsets span 8")
 
 
-@pytest.mark.parametrize("bad", ["/etc/passwd", "sub/model.safetensors", "..", "..\\x.safetensors"])
+@pytest.mark.parametrize("bad", ["/etc/passwd", "sub/model.safetensors", "..", "..\\x.safetensors", "../outside.safetensors"])
 def test_index_names_leaving_in_dir(tmp_path, bad):
     d = copy_fixture(tmp_path)
     idx = json.loads((d / "model.safetensors.index.json").read_text())

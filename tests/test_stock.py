@@ -70,11 +70,13 @@ def test_one_scheme_per_vllm_module_at_the_widest_width(stock, name):
         want = 16 if None in widths else max(widths)
         L = int(unit.split(".")[2]) if unit.startswith("model.layers.") else None
         if unit.endswith("qkv_proj") and sparse[L] != "minimax_m3_sparse" and set(widths) == {None}:
-            # dense q/k/v of mixed widths: the default target de-quantizes them, stock promotes them
-            # (checked against the source bits in test_dense_mixed_qkv_is_promoted_to_the_widest)
+            # dense q/k/v of mixed widths: the default target de-quantizes them, stock promotes them; the
+            # width is checked against the source bits in test_dense_mixed_qkv_is_promoted_to_the_widest;
+            # here only that it is a GPTQ width that every member carries (the loop below)
             want = extra[unit]["bits"]
             assert want in (2, 3, 4, 8)
-        assert extra[unit]["bits"] == want, (unit, members)
+        else:
+            assert extra[unit]["bits"] == want, (unit, members)
         for m, _ in members:
             assert (qc["modules"][m]["bits"] or 16) == want
     assert extra["lm_head"]["bits"] == 16

@@ -265,7 +265,7 @@ def vision_shape(m: names.VisionModule, leaf: str, cfg: dict):
         Ht, P = cfg["text_config"]["hidden_size"], cfg.get("projector_hidden_size") or cfg["text_config"]["hidden_size"]
     except (KeyError, TypeError):
         return None
-    rel = m.src.rsplit(".", 1)[-1] if "{N}" not in m.src else m.src.split("{N}.", 1)[1]
+    rel = m.src.rsplit(".", 1)[-1] if "{L}" not in m.src else m.src.split("{L}.", 1)[1]
     table = {   # module -> (weight shape, bias shape)
         "proj": ((Hv, C, t, p, p), None), "pre_layrnorm": ((Hv,), (Hv,)),
         "layer_norm1": ((Hv,), (Hv,)), "layer_norm2": ((Hv,), (Hv,)),
@@ -319,15 +319,14 @@ def expected_tensors(cfg):
                 exp[f"{dst}.weight"] = (PLAIN_DTYPES[module.role], shape)
     n_mtp = (cfg.get("quantization_config") or {}).get("mtp_blocks")
     if n_mtp:
-        for name, module, own in names.expected_mtp_modules(int(n_mtp), layout.num_experts):
+        for name, module, own, i in names.expected_mtp_modules(int(n_mtp), layout.num_experts):
             if module is None:
                 H = tc["hidden_size"]
                 shape = (H, 2 * H) if own == "eh_proj" else (H,)
             elif name.endswith("e_score_correction_bias"):
                 shape = (tc["num_local_experts"],)
             else:
-                shape = expected_shapes(tc, module)[0 if ".up_proj." not in name else 1] if module.src.endswith("gate_up_proj") \
-                    else expected_shapes(tc, module)[0]
+                shape = expected_shapes(tc, module)[i]
             exp[name[len(names.VL_TEXT_PREFIX):]] = (PLAIN_DTYPES[names.ROUTER] if module is not None and module.role == names.ROUTER
                                                       else ("BF16",), shape)
     if (cfg.get("quantization_config") or {}).get("layout") == "vl":
@@ -451,7 +450,7 @@ def check_against(out_dir, in_dir, progress=None):
                 ok = np.array_equal(src, st.read_array(fd(t.file), t))
                 msg = f"differs from its half of {s.name}"
                 if ok and name.endswith(".qweight"):   # prove the split half de-quantizes to the source rows
-                    ok = _split_decodes_equal(planned, name, fd)
+                    ok = _decodes_to_source(planned, name, fd, actual)
                     msg = f"split half does not de-quantize to the source rows of {s.name}"
             elif o.op == PROMOTE:
                 s = o.srcs[0]
@@ -461,7 +460,7 @@ def check_against(out_dir, in_dir, progress=None):
                 ok = np.array_equal(fn(src, *o.promote), st.read_array(fd(t.file), t))
                 msg = f"is not {s.name} promoted {o.promote[0]} -> {o.promote[1]} bits"
                 if ok and name.endswith(".qweight"):   # prove the promoted module de-quantizes to the source values
-                    ok = _promoted_decodes_equal(planned, name, fd, actual)
+                    ok = _decodes_to_source(planned, name, fd, actual)
                     msg = f"promoted module does not de-quantize to the source values of {s.name}"
             elif o.op == DEQUANT:
                 arrs = [st.read_array(fd(s.file), s) for s in o.srcs]
@@ -479,24 +478,13 @@ def check_against(out_dir, in_dir, progress=None):
             os.close(x)
 
 
-def _promoted_decodes_equal(planned, qweight_name, fd, actual):
-    """Decode the written (promoted) module and its source (the same columns); they must be equal."""
+def _decodes_to_source(planned, qweight_name, fd, actual):
+    """De-quantize the module as written and the whole source module it comes from; the written one must
+    equal the source rows (outputs) it covers. Proves a split point and a promotion lossless."""
     base = qweight_name[: -len(".qweight")]
-    parts = [planned[f"{base}.{leaf}"] for leaf in ("qweight", "qzeros", "scales")]
-    src = []
-    for p in parts:
-        a = st.read_array(fd(p.srcs[0].file), p.srcs[0])
-        src.append(a if p.cols is None else a[:, p.cols[0]:p.cols[1]])
-    out = [st.read_array(fd(actual[f"{base}.{leaf}"].file), actual[f"{base}.{leaf}"]) for leaf in ("qweight", "qzeros", "scales")]
-    return np.array_equal(gptq.dequantize(*out), gptq.dequantize(*src))
-
-
-def _split_decodes_equal(planned, qweight_name, fd):
-    """Decode the output half (from the planned source slices) and the fused source; compare rows."""
-    base = qweight_name[: -len(".qweight")]
-    parts = [planned[f"{base}.{leaf}"] for leaf in ("qweight", "qzeros", "scales")]
-    src = [st.read_array(fd(p.srcs[0].file), p.srcs[0]) for p in parts]
-    full = gptq.dequantize(*src)
-    a, b = parts[0].cols
-    half = gptq.dequantize(*[s[:, p.cols[0]:p.cols[1]] for s, p in zip(src, parts)])
-    return np.array_equal(half, full[a:b])
+    leaves = ("qweight", "qzeros", "scales")
+    parts = [planned[f"{base}.{leaf}"] for leaf in leaves]
+    full = gptq.dequantize(*[st.read_array(fd(p.srcs[0].file), p.srcs[0]) for p in parts])
+    written = gptq.dequantize(*[st.read_array(fd(actual[f"{base}.{leaf}"].file), actual[f"{base}.{leaf}"]) for leaf in leaves])
+    a, b = parts[0].cols or (0, full.shape[0])
+    return np.array_equal(written, full[a:b])
