@@ -11,7 +11,9 @@ and on the same disk, it measures:
 
 * ``cp -r IN OUT && sync`` vs ``m3-convert IN OUT`` (which fsyncs every file), each after
   ``echo 3 > /proc/sys/vm/drop_caches`` (cold cache for both; if dropping caches is not permitted,
-  both run warm after one full read of the input, and the table says so);
+  both run warm after one full read of the input, and the table says so), in interleaved rounds
+  (cp, convert --workers 1, convert --workers 2, cp, ...): the ratio is the median of the per-round
+  ratios, because this kind of virtual disk drifts in speed from one minute to the next;
 * peak RSS of m3-convert (``/usr/bin/time -v``) for each ``--workers`` value;
 * planning time of the full topology (``m3-convert --dry-run --json``'s plan_seconds);
 * ``m3-verify --integrity-only`` vs ``sha256sum -c SHA256SUMS`` over the same files (cold cache both).
@@ -178,15 +180,27 @@ def warm(path):
     subprocess.run(f"cat {path}/* > /dev/null", shell=True, check=True)
 
 
-def timed(cmd, cold, warm_dir, repeat=1, cleanup=None):
-    """Median wall time of ``repeat`` runs (cleanup between), max peak RSS, last stdout."""
-    runs = []
-    for i in range(repeat):
-        if cleanup and i:
+def rounds(cmds, cold, warm_dir, repeat):
+    """Run ``cmds`` ({label: (shell command, cleanup or None)}) in interleaved rounds (cp, convert, convert,
+    cp, ...), so that every command meets the same disk: this virtual disk's throughput drifts between
+    runs, and back-to-back repeats of one command would compare different disks. Returns {label: [(wall s,
+    peak RSS MiB, stdout)] per round}."""
+    out = {k: [] for k in cmds}
+    for _ in range(repeat):
+        for label, (cmd, cleanup) in cmds.items():
+            if cleanup:
+                cleanup()
+            out[label].append(_timed_once(cmd, cold, warm_dir))
+    for label, (cmd, cleanup) in cmds.items():
+        if cleanup:
             cleanup()
-        runs.append(_timed_once(cmd, cold, warm_dir))
-    walls = sorted(r[0] for r in runs)
-    return walls[len(walls) // 2], max(r[1] for r in runs), runs[-1][2]
+    return out
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 def _timed_once(cmd, cold, warm_dir):
@@ -212,7 +226,7 @@ def main():
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--work", default=os.path.join(HERE, "out"))
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each timed command; the median is reported")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of the timed commands; medians are reported")
     args = ap.parse_args()
     bindir = os.path.dirname(sys.executable)
     conv, ver = os.path.join(bindir, "m3-convert"), os.path.join(bindir, "m3-verify")
@@ -230,27 +244,38 @@ def main():
         nbytes = du(src)
         shard = SIZES[size][3]
         row = {"size_gib": round(nbytes / 2**30, 2), "tensors": n_tensors, "generate_s": round(gen_s, 1)}
-        out = os.path.join(args.work, "cp")
         R = args.repeat
-        row["cp_s"], _, _ = timed(f"cp -r {src} {out} && sync", cold, src, R, lambda: shutil.rmtree(out))
-        shutil.rmtree(out)
-        _, _, js = timed(f"{conv} {src} {args.work}/dry --dry-run --json", False, src)
+        ws = [int(x) for x in args.workers.split(",")]
+        _, _, js = _timed_once(f"{conv} {src} {args.work}/dry --dry-run --json", False, src)
         row["plan_s"] = json.loads(js)["plan_seconds"]
-        for w in (int(x) for x in args.workers.split(",")):
+
+        def rm(path):
+            return lambda: shutil.rmtree(path, ignore_errors=True)
+        cp_out = os.path.join(args.work, "cp")
+        cmds = {"cp": (f"cp -r {src} {cp_out} && sync", rm(cp_out))}
+        for w in ws:
             out = os.path.join(args.work, f"conv{w}")
-            wall, rss, _ = timed(f"{conv} {src} {out} --quiet --workers {w} --max-shard-size {shard} && sync", cold, src, R,
-                                 lambda: shutil.rmtree(out))
-            row[f"convert_w{w}_s"], row[f"convert_w{w}_rss_mib"] = round(wall, 2), round(rss)
-            row[f"ratio_w{w}"] = round(wall / row["cp_s"], 2)
-            if w != int(args.workers.split(",")[-1]):
-                shutil.rmtree(out)
-        out = os.path.join(args.work, f"conv{args.workers.split(',')[-1]}")
-        row["sha256sum_s"], _, _ = timed(f"cd {out} && sha256sum -c --quiet SHA256SUMS", cold, out, R)
-        row["verify_integrity_s"], row["verify_rss_mib"], _ = timed(f"{ver} {out} --integrity-only --quiet", cold, out, R)
-        row["verify_ratio"] = round(row["verify_integrity_s"] / row["sha256sum_s"], 2)
-        row["cp_s"] = round(row["cp_s"], 2)
-        row["sha256sum_s"] = round(row["sha256sum_s"], 2)
-        row["verify_integrity_s"] = round(row["verify_integrity_s"], 2)
+            cmds[f"w{w}"] = (f"{conv} {src} {out} --quiet --workers {w} --max-shard-size {shard} && sync", rm(out))
+        res = rounds(cmds, cold, src, R)
+        cp = [r[0] for r in res["cp"]]
+        row["cp_s"] = round(median(cp), 2)
+        row["cp_runs_s"] = [round(x, 2) for x in cp]
+        for w in ws:
+            walls = [r[0] for r in res[f"w{w}"]]
+            row[f"convert_w{w}_s"] = round(median(walls), 2)
+            row[f"convert_w{w}_runs_s"] = [round(x, 2) for x in walls]
+            row[f"convert_w{w}_rss_mib"] = round(max(r[1] for r in res[f"w{w}"]))
+            row[f"ratio_w{w}"] = round(median([a / b for a, b in zip(walls, cp)]), 2)   # median of per-round ratios
+        out = os.path.join(args.work, f"conv{ws[-1]}")   # one converted output to check, written once more
+        subprocess.run(cmds[f"w{ws[-1]}"][0], shell=True, check=True)
+        res = rounds({"sha256sum": (f"cd {out} && sha256sum -c --quiet SHA256SUMS", None),
+                      "verify": (f"{ver} {out} --integrity-only --quiet", None)}, cold, out, R)
+        sha = [r[0] for r in res["sha256sum"]]
+        ver_ = [r[0] for r in res["verify"]]
+        row["sha256sum_s"] = round(median(sha), 2)
+        row["verify_integrity_s"] = round(median(ver_), 2)
+        row["verify_rss_mib"] = round(max(r[1] for r in res["verify"]))
+        row["verify_ratio"] = round(median([a / b for a, b in zip(ver_, sha)]), 2)
         results["runs"].append(row)
         print(json.dumps(row), flush=True)
         if not args.keep:
@@ -258,7 +283,7 @@ def main():
             shutil.rmtree(out)
     json.dump(results, open(os.path.join(args.work, "results.json"), "w"), indent=1)
     ws = args.workers.split(",")
-    print(f"\ncache: {results['cache']}; median of {args.repeat} runs each; {results['cpus']} CPUs\n")
+    print(f"\ncache: {results['cache']}; medians of {args.repeat} interleaved rounds; {results['cpus']} CPUs\n")
     print("| input | tensors | cp -r | " + " | ".join(f"m3-convert --workers {w} (ratio, peak RSS)" for w in ws)
           + " | plan (--dry-run) | sha256sum -c | m3-verify --integrity-only (ratio) |")
     print("|---" * (6 + len(ws)) + "|")

@@ -123,6 +123,8 @@ class HashingWriter:
         self._stop()
         if sync:
             os.fsync(self.f.fileno())
+        else:
+            start_writeback(self.f.fileno())
         self.f.close()
         return self.h.hexdigest()
 
@@ -356,8 +358,9 @@ def sha256_file(path, progress=None):
     return h.hexdigest()
 
 
-def _write_file(path, chunks):
-    """Write ``chunks`` to ``.NAME.partial``, fsync, rename onto ``path``; returns the sha256 of the bytes."""
+def _write_file(path, chunks, sync=True):
+    """Write ``chunks`` to ``.NAME.partial``, fsync (unless the caller syncs later), rename onto ``path``;
+    returns the sha256 of the bytes."""
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".partial")
     h = hashlib.sha256()
     try:
@@ -367,7 +370,8 @@ def _write_file(path, chunks):
                 f.write(b)
                 FAULT.tick(len(b))
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         _unlink_quiet(tmp)
@@ -375,11 +379,11 @@ def _write_file(path, chunks):
     return h.hexdigest()
 
 
-def _atomic_write(path, data: bytes):
-    return _write_file(path, (data,))
+def _atomic_write(path, data: bytes, sync=True):
+    return _write_file(path, (data,), sync)
 
 
-def _copy_file(src, dst):
+def _copy_file(src, dst, sync=True):
     def chunks():
         with open(src, "rb") as fi:
             while True:
@@ -387,7 +391,7 @@ def _copy_file(src, dst):
                 if not b:
                     return
                 yield b
-    return _write_file(dst, chunks())
+    return _write_file(dst, chunks(), sync)
 
 
 _OUR_SHARD = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
@@ -411,6 +415,41 @@ def _previous_outputs(out_dir):
     except (OSError, ValueError, UnicodeDecodeError, AttributeError):
         pass
     return {n for n in names if isinstance(n, str) and _OUR_SHARD.match(n)}
+
+
+def start_writeback(fd):
+    """Start writing a finished file back to disk now, without waiting (Linux: POSIX_FADV_DONTNEED
+    starts asynchronous writeback of dirty pages and drops clean ones), so that the fsync pass at the
+    end finds little left to do and the page cache does not fill up with our output."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
+def prefetch(paths, budget):
+    """Ask the kernel to read the first ``budget`` bytes of ``paths`` into the page cache, in the
+    background (POSIX_FADV_WILLNEED, a hint: no data enters this process), while the planner works."""
+    def run():
+        left = budget
+        for p in paths:
+            if left <= 0:
+                return
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                n = min(os.fstat(fd).st_size, left)
+                os.posix_fadvise(fd, 0, n, os.POSIX_FADV_WILLNEED)
+                left -= n
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    if hasattr(os, "posix_fadvise") and budget > 0:
+        threading.Thread(target=run, name="m3-prefetch", daemon=True).start()
 
 
 def _fsync_path(path):
@@ -439,7 +478,22 @@ def _dump(obj, level):
         pad = "  " * (level + 1)
         if len(obj) > 64:
             enc = json.encoder.encode_basestring
-            items = [f"{pad}{enc(k)}: {enc(v) if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}" for k, v in obj.items()]
+            memo = {}   # values repeat ({"bits": 4}, a shard name): each distinct one is encoded once
+
+            def val(v):
+                if isinstance(v, str):
+                    return enc(v)
+                if type(v) is not dict or len(v) > 2:
+                    return json.dumps(v, ensure_ascii=False)
+                try:
+                    key = tuple((k, type(x), x) for k, x in v.items())   # in order; True is not 1
+                    out = memo.get(key)
+                except TypeError:   # unhashable member
+                    return json.dumps(v, ensure_ascii=False)
+                if out is None:
+                    out = memo[key] = json.dumps(v, ensure_ascii=False)
+                return out
+            items = [f"{pad}{enc(k)}: {val(v)}" for k, v in obj.items()]
         else:
             items = [f"{pad}{json.dumps(k, ensure_ascii=False)}: {_dump(v, level + 1)}" for k, v in obj.items()]
         return "{\n" + ",\n".join(items) + "\n" + "  " * level + "}"
@@ -447,6 +501,47 @@ def _dump(obj, level):
         pad = "  " * (level + 1)
         return "[\n" + ",\n".join(pad + _dump(v, level + 1) for v in obj) + "\n" + "  " * level + "]"
     return json.dumps(obj, ensure_ascii=False)
+
+
+def _write_metadata(plan: Plan, out_dir: str) -> dict:
+    """config.json, quantization_config.json, the copied non-weight files and the index (not fsynced
+    here; ``run`` syncs every file before it writes SHA256SUMS). Returns {file: sha256}."""
+    files = {"config.json": _atomic_write(os.path.join(out_dir, "config.json"), json_bytes(plan.out_config), sync=False)}
+    if plan.write_quant_config_json:
+        files["quantization_config.json"] = _atomic_write(os.path.join(out_dir, "quantization_config.json"),
+                                                          json_bytes(plan.quant_config), sync=False)
+    for f in plan.copied_files:
+        files[f] = _copy_file(os.path.join(plan.in_dir, f), os.path.join(out_dir, f), sync=False)
+    if len(plan.shards) > 1:
+        index = {"metadata": {"total_size": sum(o.nbytes for _, ts in plan.shards for o in ts)},
+                 "weight_map": {o.name: fname for fname, ts in plan.shards for o in ts}}
+        index["weight_map"] = dict(sorted(index["weight_map"].items()))
+        files[INDEX_FILE] = _atomic_write(os.path.join(out_dir, INDEX_FILE), json_bytes(index), sync=False)
+    return files
+
+
+class _Background:
+    """``fn(*args)`` on a thread; ``result()`` joins and returns its value or raises its exception."""
+
+    def __init__(self, fn, *args):
+        self._value = self._error = None
+        self._t = threading.Thread(target=self._run, args=(fn, args), name="m3-metadata", daemon=True)
+        self._t.start()
+
+    def _run(self, fn, args):
+        try:
+            self._value = fn(*args)
+        except BaseException as e:   # handed to the caller by result()
+            self._error = e
+
+    def wait(self):
+        self._t.join()
+
+    def result(self):
+        self._t.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=None, log=print):
@@ -474,28 +569,34 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
 
     todo = []
     for fname, tensors in plan.shards:
-        recipe = shard_recipe(plan, fname, tensors)
-        rec = state["shards"].get(fname)
+        rec = state["shards"].get(fname) if resume else None
         path = os.path.join(out_dir, fname)
-        if resume and rec and rec.get("recipe") == recipe and os.path.isfile(path) and os.path.getsize(path) == rec.get("size"):
+        if rec and os.path.isfile(path) and os.path.getsize(path) == rec.get("size") \
+                and rec.get("recipe") == shard_recipe(plan, fname, tensors):
             if sha256_file(path) == rec.get("sha256"):     # re-checked, never trusted blindly
                 digests[fname] = rec["sha256"]
                 reused.append(fname)
                 progress(sum(o.nbytes for o in tensors))
                 continue
             log(f"resume: {fname} changed since it was written, redoing it")
-        todo.append((fname, tensors, recipe))
+        todo.append((fname, tensors))
 
     def one(item):
-        fname, tensors, recipe = item
+        fname, tensors = item
+        recipe = shard_recipe(plan, fname, tensors)   # before reading: the input fingerprints this shard is made from
         tmp = os.path.join(out_dir, "." + fname + ".partial")
         size, digest = write_shard(tmp, tensors, progress)
         os.replace(tmp, os.path.join(out_dir, fname))
         with state_lock:
             state["shards"][fname] = {"recipe": recipe, "size": size, "sha256": digest}
-            _atomic_write(state_path, json_bytes(state))
+            # atomic, not fsynced: a journal lost to a power cut only means redoing shards, and a shard
+            # lost with a surviving journal fails --resume's re-hash and is redone
+            _atomic_write(state_path, json_bytes(state), sync=False)
         return fname, digest
 
+    # the metadata files depend on the plan only: written on a side thread while the shards stream
+    # (synced with them below; SHA256SUMS, which claims completeness, is still written last)
+    meta = _Background(_write_metadata, plan, out_dir)
     try:
         if workers > 1 and len(todo) > 1:
             with ThreadPoolExecutor(max_workers=workers) as ex:
@@ -505,33 +606,27 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
             for item in todo:
                 fname, digest = one(item)
                 digests[fname] = digest
+        files = dict(digests)
+        files.update(meta.result())
     except OSError as e:
+        meta.wait()
         raise OutputError(f"writing into {out_dir} failed: {e.strerror or e} ({getattr(e, 'filename', '') or ''})") from None
+    except BaseException:
+        meta.wait()
+        raise
 
     try:
-        # durability: every shard reaches the disk before anything claims completeness (one pass at the
-        # end lets the kernel write back while we work; a shard torn by a power loss before this point
-        # is caught by --resume, which re-hashes every shard against the journal)
-        for fname, _ in plan.shards:
-            _fsync_path(os.path.join(out_dir, fname))
-        # metadata files, then the manifest last
-        files = dict(digests)
-        files["config.json"] = _atomic_write(os.path.join(out_dir, "config.json"), json_bytes(plan.out_config))
-        if plan.write_quant_config_json:
-            files["quantization_config.json"] = _atomic_write(os.path.join(out_dir, "quantization_config.json"), json_bytes(plan.quant_config))
-        for f in plan.copied_files:
-            files[f] = _copy_file(os.path.join(plan.in_dir, f), os.path.join(out_dir, f))
-        if len(plan.shards) > 1:
-            index = {"metadata": {"total_size": sum(o.nbytes for _, ts in plan.shards for o in ts)},
-                     "weight_map": {o.name: fname for fname, ts in plan.shards for o in ts}}
-            index["weight_map"] = dict(sorted(index["weight_map"].items()))
-            files[INDEX_FILE] = _atomic_write(os.path.join(out_dir, INDEX_FILE), json_bytes(index))
-        else:
+        if len(plan.shards) == 1:
             stale = os.path.join(out_dir, INDEX_FILE)
             if os.path.exists(stale):
                 os.unlink(stale)
         for stale in sorted(previous - set(files)):   # ours from an earlier run, not part of this output
             _unlink_quiet(os.path.join(out_dir, stale))
+        # durability: every file reaches the disk before anything claims completeness (shards started
+        # their writeback when finished; a shard torn by a power loss before this point is caught by
+        # --resume, which re-hashes every shard against the journal)
+        for f in files:
+            _fsync_path(os.path.join(out_dir, f))
         sums = "".join(f"{files[f]}  {f}\n" for f in sorted(files))
         _fsync_path(out_dir)
         _atomic_write(sums_path, sums.encode())
@@ -539,4 +634,4 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
     except OSError as e:
         raise OutputError(f"writing into {out_dir} failed: {e.strerror or e}") from None
     shutil.rmtree(state_dir, ignore_errors=True)
-    return {"written_shards": [f for f, _, _ in todo], "reused_shards": reused, "files": len(files)}
+    return {"written_shards": [f for f, _ in todo], "reused_shards": reused, "files": len(files)}

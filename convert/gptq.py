@@ -18,6 +18,7 @@ is exact and :func:`to_bf16` rounds it once (round to nearest, ties to even).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -46,6 +47,18 @@ def infer_shape(qweight_shape, qzeros_shape, scales_shape) -> GPTQShape:
     ``b = qzeros.shape[1]*32 / scales.shape[1]``, ``in = qweight.shape[0]*32 / b``,
     ``g = in / scales.shape[0]``; every division must be exact.
     """
+    try:
+        return _infer_shape_cached(tuple(qweight_shape), tuple(qzeros_shape), tuple(scales_shape))
+    except TypeError:   # unhashable dims (numpy arrays): no cache
+        return _infer_shape(qweight_shape, qzeros_shape, scales_shape)
+
+
+@lru_cache(maxsize=1024)   # a checkpoint has a few dozen distinct GPTQ shapes and ~20k modules
+def _infer_shape_cached(qweight_shape, qzeros_shape, scales_shape) -> GPTQShape:
+    return _infer_shape(qweight_shape, qzeros_shape, scales_shape)
+
+
+def _infer_shape(qweight_shape, qzeros_shape, scales_shape) -> GPTQShape:
     qweight_shape, qzeros_shape, scales_shape = (tuple(int(d) for d in s) for s in (qweight_shape, qzeros_shape, scales_shape))
     if len(qweight_shape) != 2 or len(qzeros_shape) != 2 or len(scales_shape) != 2:
         raise GPTQError(f"GPTQ tensors must be 2-D: qweight {list(qweight_shape)}, qzeros {list(qzeros_shape)}, scales {list(scales_shape)}")

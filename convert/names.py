@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 # ---------------------------------------------------------------- stage 1: aliases
 #: (regex, replacement), applied in order with re.sub to a tensor name.
@@ -72,9 +73,15 @@ _ALIASES_RE = tuple((re.compile(p), r) for p, r in ALIASES)
 _ANY_ALIAS = re.compile("|".join(f"(?:{p})" for p, _ in ALIASES))
 
 
+_EXCLUDED_RX = tuple((cat, re.compile(pat)) for cat, pat in EXCLUDED)
+_ANY_EXCLUDED = re.compile("|".join(f"(?:{pat})" for _, pat in EXCLUDED))
+
+
 def excluded_category(canon: str) -> str | None:
-    for cat, pat in EXCLUDED:
-        if re.search(pat, canon):
+    if not _ANY_EXCLUDED.search(canon):     # fast path: a text-model tensor
+        return None
+    for cat, rx in _EXCLUDED_RX:
+        if rx.search(canon):
             return cat
     return None
 
@@ -94,7 +101,7 @@ EXPERT = "expert"        # routed expert Linear, copied as is
 ALL, DENSE_ATTN, SPARSE_ATTN, DENSE_MLP, MOE, SHARED = "all", "dense_attn", "sparse_attn", "dense_mlp", "moe", "shared"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)     # each rule is one object: identity hash (hot in the planner's dict keys)
 class Module:
     src: str                 # canonical source module, relative to the layer prefix (or absolute if global)
     dst: tuple               # official module name(s), same convention; two for a split
@@ -142,8 +149,7 @@ def _template_regex(t: str) -> str:
     return re.escape(t).replace(re.escape("{L}"), r"(?P<L>\d+)").replace(re.escape("{E}"), r"(?P<E>\d+)")
 
 
-@dataclass(frozen=True)
-class Match:
+class Match(NamedTuple):     # a tuple: built once per tensor (67k-90k of them)
     module: Module
     src_module: str          # canonical source module name, absolute
     leaf: str
@@ -164,9 +170,7 @@ def _fill(t: str, layer, expert) -> str:
     return t.replace("{L}", str(layer)).replace("{E}", str(expert))
 
 
-_LAYER_RX = re.compile(r"^" + re.escape(TEXT_PREFIX) + r"layers\.(\d+)\.(.+)\.(" + "|".join(LEAVES) + r")$")
 _EXPERT_RX = re.compile(r"^mlp\.experts\.(\d+)\.")
-_GLOBAL_RX = re.compile(r"^(.+)\.(" + "|".join(LEAVES) + r")$")
 
 
 @lru_cache(maxsize=1)
@@ -177,26 +181,55 @@ def _by_template():
     return layer, glob
 
 
+_LEAF_SET = frozenset(LEAVES)
+_LAYERS_AT = TEXT_PREFIX + "layers."
+_EXPERTS_AT = "mlp.experts."
+
+
+def _index(s: str) -> int | None:
+    """A layer / expert number as written in a name (ASCII digits only), else None."""
+    return int(s) if s.isdigit() and s.isascii() else None
+
+
 def match(canon: str) -> Match | None:
-    """Canonical tensor name -> its module rule, or None if no rule knows it."""
+    """Canonical tensor name -> its module rule, or None if no rule knows it.
+
+    ``model.language_model.layers.<L>.<module>.<leaf>`` with ``<module>`` a MODULES template (experts:
+    ``mlp.experts.<E>.<x>`` -> ``mlp.experts.{E}.<x>``), or ``<global module>.<leaf>``. String
+    operations, not a regex: this runs once per tensor (~90k)."""
     layer_rules, global_rules = _by_template()
-    mt = _LAYER_RX.match(canon)
-    if mt:
-        rel = mt.group(2)
-        expert = None
-        me = _EXPERT_RX.match(rel)
-        if me:
-            expert = int(me.group(1))
-            rel = "mlp.experts.{E}." + rel[me.end():]
-        m = layer_rules.get(rel)
-        if m is None:
+    base, dot, leaf = canon.rpartition(".")
+    if not dot or leaf not in _LEAF_SET:
+        return None
+    if base.startswith(_LAYERS_AT):
+        layer_s, dot, rel = base[len(_LAYERS_AT):].partition(".")
+        layer = _index(layer_s)
+        if layer is None or not dot:
             return None
-        leaf = mt.group(3)
-        return Match(m, canon[: -len(leaf) - 1], leaf, int(mt.group(1)), expert)
-    mg = _GLOBAL_RX.match(canon)
-    if mg and mg.group(1) in global_rules:
-        return Match(global_rules[mg.group(1)], mg.group(1), mg.group(2), None, None)
-    return None
+        expert = None
+        if rel.startswith(_EXPERTS_AT):
+            expert_s, dot, tail = rel[len(_EXPERTS_AT):].partition(".")
+            expert = _index(expert_s)
+            if expert is None or not dot:
+                return None
+            rel = "mlp.experts.{E}." + tail
+        m = layer_rules.get(rel)
+        return Match(m, base, leaf, layer, expert) if m is not None else None
+    m = global_rules.get(base)
+    return Match(m, base, leaf, None, None) if m is not None else None
+
+
+def resolve(name: str) -> tuple:
+    """Any spelling of a tensor name -> (canonical name, Match or None): ``match(canonical(name))``.
+
+    Fast path for names already canonical (the real checkpoint's naming): a name that ``match`` accepts
+    as it is has no alias to undo (no ALIASES pattern can match a name of a MODULES rule; the table's
+    tests check this for every rule), so the alias scan, the slowest step per tensor, is skipped."""
+    m = match(name)
+    if m is not None:
+        return name, m
+    canon = canonical(name)
+    return canon, (match(canon) if canon != name else None)
 
 
 def source_module(module: Module, layer: int | None, expert: int | None = None) -> str:
@@ -347,7 +380,7 @@ def vllm_module(official_module: str) -> str:
 VL_TEXT_PREFIX = "language_model."
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VisionModule:
     src: str                 # canonical source (model naming); {L} = encoder layer
     dst: str                 # name written for the VL class

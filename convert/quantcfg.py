@@ -91,9 +91,9 @@ class SourceQuantConfig:
             scheme = self._scheme(cfg, file, f"extra_config[{key!r}]", base)
             if excluded:
                 scheme = Scheme(None, scheme.group_size, scheme.sym)
-            canon = names.canonical(key)
-            if names.match(canon + ".weight") is not None:
-                self.exact[canon] = scheme
+            canon_w, m = names.resolve(key + ".weight")
+            if m is not None:
+                self.exact[canon_w[: -len(".weight")]] = scheme
             else:
                 try:
                     rx = re.compile(key)
