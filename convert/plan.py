@@ -171,7 +171,9 @@ def read_sources(in_dir: str):
                 raise CheckpointError(fname, tname, f"same tensor also in {seen[tname]}")
             seen[tname] = fname
             if weight_map is not None and fname != EXTRA_FILE and weight_map.get(tname) != fname:
-                raise CheckpointError(fname, tname, f"{INDEX_FILE} places it in {weight_map.get(tname)!r}")
+                if tname not in weight_map:
+                    raise CheckpointError(fname, tname, f"not listed in {INDEX_FILE}")
+                raise CheckpointError(fname, tname, f"{INDEX_FILE} places it in {weight_map[tname]!r}")
     for tname, fname in weight_map.items():
         if tname not in headers[fname].tensors:
             raise CheckpointError(fname, tname, f"listed in {INDEX_FILE} but not in the file's header")

@@ -146,3 +146,35 @@ def test_gptq_dynamic_keys():
     assert q.lookup(m).bits == 8
     assert q.lookup("model.language_model.layers.1.mlp.gate").bits is None
     assert q.lookup("model.language_model.layers.2.self_attn.q_proj").bits is None   # global bits 16
+
+
+def _edit_index(d, fn):
+    p = d / "model.safetensors.index.json"
+    idx = json.loads(p.read_text())
+    fn(idx["weight_map"])
+    p.write_text(json.dumps(idx))
+
+
+def test_index_places_a_tensor_in_the_wrong_shard(tmp_path):
+    d = copy_fixture(tmp_path)
+    t = L0 + "self_attn.o_proj.qweight"
+    right = shard_of(d, t)
+    wrong = next(f for f in sorted(set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values())) if f != right)
+    _edit_index(d, lambda wm: wm.__setitem__(t, wrong))
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, right, t, "places it in", wrong)
+
+
+def test_index_lists_a_tensor_no_shard_has(tmp_path):
+    d = copy_fixture(tmp_path)
+    ghost = L0 + "self_attn.o_proj.ghost"
+    shard = shard_of(d, L0 + "self_attn.o_proj.qweight")
+    _edit_index(d, lambda wm: wm.__setitem__(ghost, shard))
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, shard, ghost, "but not in the file's header")
+
+
+def test_index_leaves_out_a_tensor_a_shard_has(tmp_path):
+    d = copy_fixture(tmp_path)
+    t = L0 + "self_attn.o_proj.scales"
+    shard = shard_of(d, t)
+    _edit_index(d, lambda wm: wm.pop(t))
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, shard, t, "not listed in model.safetensors.index.json")

@@ -258,3 +258,25 @@ def test_hidden_input_files_are_reported_not_copied(tmp_path):
     r = run_convert(d, tmp_path / "o")
     assert r.exit_code == 0 and "ignored: .gitattributes" in r.output
     assert not (tmp_path / "o" / ".gitattributes").exists()
+
+
+def test_failure_on_the_metadata_thread_stops_the_run(tmp_path):
+    """The metadata files are written on a side thread while the shards stream: its error must end the
+    run the same way (OutputError, exit 4 in the CLI), with no manifest and no temporary files."""
+    from m3_convert import execute, plan as planmod
+    from m3_convert.errors import OutputError
+    d = copy_fixture(tmp_path)
+    p = planmod.make_plan(str(d), 200_000)
+    assert p.copied_files, "the fixture should carry non-weight files to copy"
+    os.unlink(d / p.copied_files[0])          # gone between planning and writing
+    out = tmp_path / "o"
+    with pytest.raises(OutputError, match=p.copied_files[0]):
+        execute.run(p, str(out), workers=2)
+    assert not (out / "SHA256SUMS").exists()
+    assert not [f for f in os.listdir(out) if f.endswith(".partial")]
+    assert threading_names() == []
+
+
+def threading_names():
+    import threading
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("m3-"))

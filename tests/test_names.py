@@ -71,3 +71,15 @@ def test_resolve_undoes_aliases():
     assert (m.layer, m.expert, m.leaf, m.module.src) == (4, 9, "qzeros", "mlp.experts.{E}.down_proj")
     assert names.resolve("model.language_model.lm_head.weight")[0] == "lm_head.weight"
     assert names.resolve("mtp.0.enorm.weight") == ("mtp.0.enorm.weight", None)
+
+
+@pytest.mark.parametrize("key", ["lm_head", "language_model.lm_head", "model.language_model.lm_head"])
+def test_quant_config_keys_in_every_lm_head_spelling_are_exact(key):
+    # the config keys go through the same name table as the tensors: every spelling of the lm_head
+    # tensor names the same module (before, a key in the longer spellings was read as a regex, matched
+    # nothing, and the module silently took the default scheme)
+    from m3_convert.quantcfg import SourceQuantConfig
+    q = SourceQuantConfig({"quant_method": "auto-round", "bits": 4, "group_size": 128, "sym": True,
+                           "extra_config": {key: {"bits": 8}}})
+    assert q.exact == {"lm_head": q.lookup("lm_head")} and q.lookup("lm_head").bits == 8
+    assert q.regex == []
