@@ -222,6 +222,8 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
     except KeyboardInterrupt:
         click.echo("m3-convert: interrupted (use --resume to continue)", err=True)
         sys.exit(130)
+    finally:
+        gc.unfreeze()   # only matters when called in-process (tests): the next plan is not kept frozen
 
 
 if __name__ == "__main__":

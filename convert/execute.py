@@ -467,6 +467,9 @@ def _unlink_quiet(path):
         pass
 
 
+_MEMO_TYPES = (int, str, bool, type(None))
+
+
 def json_bytes(obj) -> bytes:
     """Indented JSON, deterministic; large flat maps (index weight_map, per-module quant map) one
     entry per line through the C encoder (json's indent mode is pure Python and slow at 90k entries)."""
@@ -483,13 +486,12 @@ def _dump(obj, level):
             def val(v):
                 if isinstance(v, str):
                     return enc(v)
-                if type(v) is not dict or len(v) > 2:
+                # memoised only where equal keys print the same: str keys; int / str / bool / None
+                # members, typed (True is not 1; floats, -0.0 == 0.0, are never memoised)
+                if type(v) is not dict or len(v) > 2 or not all(type(k) is str and type(x) in _MEMO_TYPES for k, x in v.items()):
                     return json.dumps(v, ensure_ascii=False)
-                try:
-                    key = tuple((k, type(x), x) for k, x in v.items())   # in order; True is not 1
-                    out = memo.get(key)
-                except TypeError:   # unhashable member
-                    return json.dumps(v, ensure_ascii=False)
+                key = tuple((k, type(x), x) for k, x in v.items())   # in order
+                out = memo.get(key)
                 if out is None:
                     out = memo[key] = json.dumps(v, ensure_ascii=False)
                 return out

@@ -112,9 +112,12 @@ def input_files(in_dir: str):
         if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
             raise CheckpointError(INDEX_FILE, None, "no weight_map object")
         weight_map = idx["weight_map"]
-        files = sorted(set(weight_map.values()), key=lambda f: (type(f) is str, f if type(f) is str else ""))
-        for fname in files:
-            _safe_name(fname, INDEX_FILE)
+        distinct = set()
+        for fname in weight_map.values():
+            if type(fname) is str and fname in distinct:
+                continue                     # each distinct name is checked once
+            distinct.add(_safe_name(fname, INDEX_FILE))   # refuses a non-string before it is hashed
+        files = sorted(distinct)
     elif os.path.exists(os.path.join(in_dir, SINGLE_FILE)):
         files = [SINGLE_FILE]
     else:

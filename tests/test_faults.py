@@ -280,3 +280,12 @@ def test_failure_on_the_metadata_thread_stops_the_run(tmp_path):
 def threading_names():
     import threading
     return sorted(t.name for t in threading.enumerate() if t.name.startswith("m3-"))
+
+
+def test_index_file_name_that_is_not_a_string(tmp_path):
+    d = copy_fixture(tmp_path)
+    p = d / "model.safetensors.index.json"
+    idx = json.loads(p.read_text())
+    idx["weight_map"][next(iter(idx["weight_map"]))] = ["x"]
+    p.write_text(json.dumps(idx))
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, "model.safetensors.index.json", "['x'] is not a plain file name")
