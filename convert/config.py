@@ -160,6 +160,8 @@ def convert_config(src: dict):
 
 
 VL_ARCH = "MiniMaxM3SparseForConditionalGeneration"
+#: vision_config sizes vLLM's vision tower reads (positive integers; m3-verify checks them too)
+VISION_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels", "patch_size")
 
 
 def vl_config(out: dict, src: dict) -> dict:
@@ -174,8 +176,7 @@ def vl_config(out: dict, src: dict) -> dict:
     if not isinstance(vc_src, dict):
         raise CheckpointError(F, "vision_config", "missing: --keep-vision needs the source's vision tower config")
     vc = copy.deepcopy(vc_src)
-    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels", "patch_size",
-              "layer_norm_eps"):
+    for k in VISION_SIZES + ("layer_norm_eps",):
         _need(vc_src, k, "vision_config")
     cc = vc.get("img_token_compression_config")
     if not isinstance(cc, dict):

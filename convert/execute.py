@@ -271,8 +271,7 @@ def _write_promote(src, w, o, progress):
     if o.cols is not None:
         arr = arr[:, o.cols[0]:o.cols[1]]
     bits, new_bits = o.promote
-    fn = gptq.promote_qweight if o.name.endswith(".qweight") else gptq.promote_qzeros
-    data = np.ascontiguousarray(fn(arr, bits, new_bits))
+    data = np.ascontiguousarray(gptq.promote_packed(arr, bits, new_bits, o.name))
     if tuple(data.shape) != tuple(o.shape) or data.dtype != np.int32:
         raise OutputError(f"{o.name}: promotion gave {data.dtype} {list(data.shape)}, planned {list(o.shape)}")
     w.write(data)

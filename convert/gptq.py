@@ -41,6 +41,14 @@ class GPTQShape:
         return self.in_features // self.group_size
 
 
+def packed_shapes(in_features: int, out_features: int, group_size: int, bits: int) -> dict:
+    """The GPTQ v1 tensors of a module: {"qweight": [in*b/32, out], "qzeros": [in/g, out*b/32], "scales": [in/g, out]}
+    (the inverse of :func:`infer_shape`)."""
+    g = in_features // group_size
+    return {"qweight": (in_features * bits // 32, out_features), "qzeros": (g, out_features * bits // 32),
+            "scales": (g, out_features)}
+
+
 def infer_shape(qweight_shape, qzeros_shape, scales_shape) -> GPTQShape:
     """Bits, in/out features and group size from the three tensor shapes alone.
 
@@ -244,6 +252,15 @@ def promote_qweight(qweight: np.ndarray, bits: int, new_bits: int) -> np.ndarray
     if new_bits == bits:
         return qweight
     return pack_qweight(_shift(unpack_qweight(qweight, bits), bits, new_bits), new_bits)
+
+
+def promote_packed(words: np.ndarray, bits: int, new_bits: int, leaf: str) -> np.ndarray:
+    """A checkpoint's ``qweight`` or ``qzeros`` (``leaf``, or a tensor name ending in it) promoted."""
+    if leaf.endswith("qweight"):
+        return promote_qweight(words, bits, new_bits)
+    if leaf.endswith("qzeros"):
+        return promote_qzeros(words, bits, new_bits)
+    raise GPTQError(f"only qweight and qzeros are promoted, not {leaf}")
 
 
 def promote_qzeros(qzeros: np.ndarray, bits: int, new_bits: int) -> np.ndarray:

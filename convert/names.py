@@ -170,7 +170,6 @@ def _fill(t: str, layer, expert) -> str:
     return t.replace("{L}", str(layer)).replace("{E}", str(expert))
 
 
-_EXPERT_RX = re.compile(r"^mlp\.experts\.(\d+)\.")
 
 
 @lru_cache(maxsize=1)
@@ -191,6 +190,18 @@ def _index(s: str) -> int | None:
     return int(s) if s.isdigit() and s.isascii() else None
 
 
+def _expert_template(rel: str):
+    """``mlp.experts.<E>.<x>`` -> (``mlp.experts.{E}.<x>``, E); any other layer-relative name -> (rel, None);
+    a malformed expert number -> (None, None). Shared by the text rules and the MTP rules."""
+    if not rel.startswith(_EXPERTS_AT):
+        return rel, None
+    expert_s, dot, tail = rel[len(_EXPERTS_AT):].partition(".")
+    expert = _index(expert_s)
+    if expert is None or not dot:
+        return None, None
+    return "mlp.experts.{E}." + tail, expert
+
+
 def match(canon: str) -> Match | None:
     """Canonical tensor name -> its module rule, or None if no rule knows it.
 
@@ -206,14 +217,8 @@ def match(canon: str) -> Match | None:
         layer = _index(layer_s)
         if layer is None or not dot:
             return None
-        expert = None
-        if rel.startswith(_EXPERTS_AT):
-            expert_s, dot, tail = rel[len(_EXPERTS_AT):].partition(".")
-            expert = _index(expert_s)
-            if expert is None or not dot:
-                return None
-            rel = "mlp.experts.{E}." + tail
-        m = layer_rules.get(rel)
+        rel, expert = _expert_template(rel)
+        m = layer_rules.get(rel) if rel is not None else None
         return Match(m, base, leaf, layer, expert) if m is not None else None
     m = global_rules.get(base)
     return Match(m, base, leaf, None, None) if m is not None else None
@@ -230,6 +235,15 @@ def resolve(name: str) -> tuple:
         return name, m
     canon = canonical(name)
     return canon, (match(canon) if canon != name else None)
+
+
+def out_layer(prefix: str) -> int | None:
+    """The decoder layer K of an official (vLLM) module name ``model.layers.K.<...>``, else None."""
+    at = OUT_LAYER_PREFIX.split("{L}", 1)[0]
+    if not prefix.startswith(at):
+        return None
+    k, dot, _ = prefix[len(at):].partition(".")
+    return _index(k) if dot else None
 
 
 def source_module(module: Module, layer: int | None, expert: int | None = None) -> str:
@@ -378,6 +392,8 @@ def vllm_module(official_module: str) -> str:
 #: text names, and vision under MiniMax's original names, which its hf_to_vllm_mapper and the vision
 #: tower's load_weights turn into parameters.
 VL_TEXT_PREFIX = "language_model."
+#: where vLLM's VL class builds the vision tower, projector and merge MLP (VisionModule.vllm starts with it)
+VLLM_VISION_PREFIX = "vision_tower."
 
 
 @dataclass(frozen=True, eq=False)
@@ -462,6 +478,7 @@ def vision_vllm_param(dst_tensor: str):
 #: below, the decoder layer under ``transformer_layer.`` with the official (vLLM) layer-relative names.
 MTP_TEXT_PREFIX = "model.language_model.mtp.layers."      # canonical source (model naming)
 MTP_OUT_PREFIX = VL_TEXT_PREFIX + "model.mtp.layers."
+MTP_DECODER = "transformer_layer."     # the block's decoder layer, relative to the block
 MTP_OWN = ("enorm", "hnorm", "final_layernorm", "eh_proj")   # MTP block modules outside the decoder layer
 #: the MTP decoder layer is always sparse attention + MoE + shared expert (mtp.py: force_sparse_attn, force_moe)
 MTP_LAYOUT_WHERE = (ALL, SPARSE_ATTN, MOE, SHARED)
@@ -475,7 +492,7 @@ _MTP_RX = re.compile(r"^" + re.escape(MTP_TEXT_PREFIX) + r"(\d+)\.(.+)\.(" + "|"
 @dataclass(frozen=True)
 class MtpMatch:
     block: int
-    rel: str                  # canonical source module relative to the block ("transformer_layer." + layer-relative)
+    rel: str                  # canonical source module relative to the block (MTP_DECODER + layer-relative)
     leaf: str
     dst: tuple                # official output module name(s) relative to the block (two for a fused gate_up)
     role: str
@@ -489,27 +506,37 @@ def mtp_match(canon: str):
     block, rel, leaf = int(mt.group(1)), mt.group(2), mt.group(3)
     if rel in MTP_OWN:
         return MtpMatch(block, rel, leaf, (rel,), LINEAR if rel == "eh_proj" else NORM)
-    if not rel.startswith("transformer_layer."):
+    if not rel.startswith(MTP_DECODER):
         return None
-    inner = rel[len("transformer_layer."):]
+    inner = rel[len(MTP_DECODER):]
     if inner in MTP_EXTRA:
-        return MtpMatch(block, rel, leaf, ("transformer_layer." + MTP_EXTRA[inner],), LINEAR)
-    me = _EXPERT_RX.match(inner)
-    expert = None
-    if me:
-        expert = int(me.group(1))
-        inner = "mlp.experts.{E}." + inner[me.end():]
-    m = _by_template()[0].get(inner)
+        return MtpMatch(block, rel, leaf, (MTP_DECODER + MTP_EXTRA[inner],), LINEAR)
+    inner, expert = _expert_template(inner)
+    m = _by_template()[0].get(inner) if inner is not None else None
     if m is None or m.where not in MTP_LAYOUT_WHERE:
         return None
     moved = LEAF_MOVES.get((m.src, leaf))
     if moved:
-        return MtpMatch(block, rel, leaf, ("transformer_layer." + _fill(moved, None, expert).rsplit(".", 1)[0],), m.role)
-    return MtpMatch(block, rel, leaf, tuple("transformer_layer." + _fill(d, None, expert) for d in m.dst), m.role)
+        return MtpMatch(block, rel, leaf, (MTP_DECODER + _fill(moved, None, expert).rsplit(".", 1)[0],), m.role)
+    return MtpMatch(block, rel, leaf, tuple(MTP_DECODER + _fill(d, None, expert) for d in m.dst), m.role)
 
 
 def mtp_tensor(block: int, dst: str, leaf: str) -> str:
     return f"{MTP_OUT_PREFIX}{block}.{dst}.{leaf}"
+
+
+#: the main model's tensors vLLM's MTP drafter loads too (its embedding and head): the EMBED rules
+MTP_SHARED_TENSORS = tuple(m.dst[0] + ".weight" for m in GLOBAL_MODULES if m.role == EMBED)
+
+
+def mtp_drafter_name(written: str):
+    """A written MTP tensor -> (the drafter's layer prefix ``model.layers.K.``, name relative to the block),
+    as vLLM's MiniMaxM3MTP.load_weights sees it (``language_model.`` and ``.mtp.`` dropped); else None."""
+    if not written.startswith(MTP_OUT_PREFIX):
+        return None
+    k, dot, rest = written[len(MTP_OUT_PREFIX):].partition(".")
+    K = _index(k)
+    return (_fill(OUT_LAYER_PREFIX, K, None), rest) if K is not None and dot else None
 
 
 def expected_mtp_modules(num_blocks: int, num_experts: int):
@@ -523,9 +550,9 @@ def expected_mtp_modules(num_blocks: int, num_experts: int):
                 continue
             for e in (range(num_experts) if "{E}" in m.src else (None,)):
                 for i, d in enumerate(m.dst):
-                    yield mtp_tensor(K, "transformer_layer." + _fill(d, None, e), "weight"), m, None, i
+                    yield mtp_tensor(K, MTP_DECODER + _fill(d, None, e), "weight"), m, None, i
             if m.role == ROUTER:
-                yield (mtp_tensor(K, "transformer_layer." + LEAF_MOVES[(m.src, "e_score_correction_bias")].rsplit(".", 1)[0],
+                yield (mtp_tensor(K, MTP_DECODER + LEAF_MOVES[(m.src, "e_score_correction_bias")].rsplit(".", 1)[0],
                                   "e_score_correction_bias"), m, None, 0)
 
 

@@ -10,16 +10,13 @@ from __future__ import annotations
 import gc
 import json
 import os
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from . import config as cfgmod
 from . import gptq, names, st
 from .errors import CheckpointError
-from .quantcfg import Scheme, SourceQuantConfig, natural_key
+from .quantcfg import SourceQuantConfig, natural_key
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -358,9 +355,10 @@ def _make_plan(in_dir, max_shard_size, target, min_bits, keep_vision, keep_mtp) 
                     out.append(OutTensor(dst + ".qweight", qw.dtype, (qw.shape[0], b - a), SLICE, (qw,), cols=(a, b), order=order + (i, 0)))
                     out.append(OutTensor(dst + ".qzeros", qz.dtype, (qz.shape[0], zb - za), SLICE, (qz,), cols=(za, zb), order=order + (i, 1)))
                 else:
-                    out.append(OutTensor(dst + ".qweight", qw.dtype, (shape.in_features * W // 32, b - a), PROMOTE, (qw,), cols=(a, b),
+                    ps = gptq.packed_shapes(shape.in_features, b - a, shape.group_size, W)
+                    out.append(OutTensor(dst + ".qweight", qw.dtype, ps["qweight"], PROMOTE, (qw,), cols=(a, b),
                                          order=order + (i, 0), promote=(shape.bits, W)))
-                    out.append(OutTensor(dst + ".qzeros", qz.dtype, (qz.shape[0], (b - a) * W // 32), PROMOTE, (qz,), cols=(za, zb),
+                    out.append(OutTensor(dst + ".qzeros", qz.dtype, ps["qzeros"], PROMOTE, (qz,), cols=(za, zb),
                                          order=order + (i, 1), promote=(shape.bits, W)))
                 out.append(OutTensor(dst + ".scales", sc.dtype, (sc.shape[0], b - a), SLICE, (sc,), cols=(a, b), order=order + (i, 2)))
                 modules_q[dst] = {"bits": W, "group_size": shape.group_size}
@@ -370,11 +368,11 @@ def _make_plan(in_dir, max_shard_size, target, min_bits, keep_vision, keep_mtp) 
             continue
         dst = m.dst_modules()[0]
         W = promote_to.get(key, shape.bits)
+        ps = gptq.packed_shapes(shape.in_features, shape.out_features, shape.group_size, W)
         for j, leaf in enumerate(("qweight", "qzeros", "scales")):
             t = leaves[leaf]
             if W != shape.bits and leaf != "scales":
-                oshape = (shape.in_features * W // 32, shape.out_features) if leaf == "qweight" else (qz.shape[0], shape.out_features * W // 32)
-                out.append(OutTensor(f"{dst}.{leaf}", t.dtype, oshape, PROMOTE, (t,), order=order + (j,), promote=(shape.bits, W)))
+                out.append(OutTensor(f"{dst}.{leaf}", t.dtype, ps[leaf], PROMOTE, (t,), order=order + (j,), promote=(shape.bits, W)))
             else:
                 out.append(OutTensor(f"{dst}.{leaf}", t.dtype, t.shape, COPY, (t,), order=order + (j,)))
         modules_q[dst] = {"bits": W, "group_size": shape.group_size}
@@ -506,10 +504,10 @@ def _vision_tensors(vision, num_layers, file_rank):
 
 def _account(promotion, layer, shape, out_features, W):
     """qweight + qzeros bytes of one (part of a) GPTQ module, native and as written."""
-    groups = shape.in_features // shape.group_size
     row = promotion.setdefault(layer, [0, 0])
-    row[0] += (shape.in_features * out_features + groups * out_features) * shape.bits // 8
-    row[1] += (shape.in_features * out_features + groups * out_features) * W // 8
+    for i, bits in enumerate((shape.bits, W)):
+        ps = gptq.packed_shapes(shape.in_features, out_features, shape.group_size, bits)
+        row[i] += 4 * sum(r * c for r, c in (ps["qweight"], ps["qzeros"]))   # int32 words
 
 
 def _stock_widths(groups, gptq_info, dequant_keys, layout, min_bits):
@@ -533,13 +531,15 @@ def _stock_widths(groups, gptq_info, dequant_keys, layout, min_bits):
                                   f"{sorted({s.group_size for s in shapes})}; vLLM's auto-round config needs one scheme per module")
         widths.update(dict.fromkeys(keys, max(max(s.bits for s in shapes), floor)))
     # a MoE layer whose experts mix GPTQ and bf16 cannot have one scheme
-    for L in range(layout.num_layers):
-        if layout.moe[L]:
-            kinds = {k in gptq_info for k in groups if k[2] == L and k[0].role == names.EXPERT}
-            if len(kinds) > 1:
-                t = next(iter(next(v for k, v in groups.items() if k[2] == L and k[0].role == names.EXPERT).values()))
-                raise CheckpointError(_fname(t), t.name, f"MoE layer {L} mixes GPTQ and bf16 experts: vLLM's auto-round config "
-                                      "needs one scheme per MoE layer (use the default target, whose plugin handles this)")
+    kinds: dict = defaultdict(set)           # layer -> {is GPTQ} over its experts
+    for k in groups:
+        if k[0].role == names.EXPERT:
+            kinds[k[2]].add(k in gptq_info)
+    for L, ks in sorted(kinds.items()):
+        if len(ks) > 1:
+            t = next(iter(next(v for k, v in groups.items() if k[2] == L and k[0].role == names.EXPERT).values()))
+            raise CheckpointError(_fname(t), t.name, f"MoE layer {L} mixes GPTQ and bf16 experts: vLLM's auto-round config "
+                                  "needs one scheme per MoE layer (use the default target, whose plugin handles this)")
     return widths
 
 

@@ -163,7 +163,7 @@ def natural_key(s: str):
 
 
 STOCK_METHOD = "auto-round"      # vLLM maps it to its INC config (quantization/inc/inc.py)
-STOCK_BLOCKS = "model.layers"
+STOCK_BLOCKS = names.OUT_LAYER_PREFIX.split(".{L}", 1)[0]     # "model.layers": INC's block_name_to_quantize
 
 
 def stock_extra_config(modules: dict, sym: bool, prefix: str = "") -> dict:

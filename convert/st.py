@@ -8,7 +8,6 @@ Checkpoints are untrusted input: every field is checked before any use.
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from dataclasses import dataclass

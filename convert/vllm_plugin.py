@@ -199,12 +199,11 @@ def _build_config_class():
                 # VL class (m3-convert --keep-vision): the text model is nested under language_model.; the
                 # modules map keeps the official text names. Never strip blindly: MTP layers (bare
                 # model.layers.K) would collide with the main model's layer K.
-                from m3_convert.names import VL_TEXT_PREFIX
-                if prefix.startswith("vision_tower."):
+                from m3_convert.names import VL_TEXT_PREFIX, VLLM_VISION_PREFIX, out_layer
+                if prefix.startswith(VLLM_VISION_PREFIX):
                     return UnquantizedLinearMethod() if isinstance(layer, LinearBase) else None
-                import re
-                mtp = re.match(r"model\.layers\.(\d+)\.", prefix)
-                if prefix == "lm_head" or (mtp and int(mtp.group(1)) < int(self.full.get("mtp_blocks") or 0)):
+                k = out_layer(prefix)
+                if prefix == "lm_head" or (k is not None and k < int(self.full.get("mtp_blocks") or 0)):
                     # vLLM's MTP drafter (prefix ""): its block K is model.layers.K.*; m3-convert --keep-mtp writes it bf16
                     if isinstance(layer, LinearBase):
                         return UnquantizedLinearMethod()
@@ -213,7 +212,7 @@ def _build_config_class():
                         return UnquantizedFusedMoEMethod(layer.moe_config)
                     return None
                 if not prefix.startswith(VL_TEXT_PREFIX):
-                    raise ValueError(f"m3_gptq: layer {prefix} is under neither {VL_TEXT_PREFIX} nor vision_tower. "
+                    raise ValueError(f"m3_gptq: layer {prefix} is under neither {VL_TEXT_PREFIX} nor {VLLM_VISION_PREFIX} "
                                      "(VL checkpoint written by m3-convert --keep-vision)")
                 prefix = prefix[len(VL_TEXT_PREFIX):]
             gpu = _has_gpu_kernels()
@@ -249,7 +248,6 @@ def _gptq_config(bits, group):
 @functools.lru_cache(maxsize=None)
 def _promoting_linear_class():
     """vLLM's AutoGPTQLinearMethod, with checkpoint codes of fewer bits promoted while loading."""
-    import torch
     from vllm.model_executor.layers.linear import register_weight_loader_v2_supported_method
     from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQLinearMethod
 
@@ -379,8 +377,7 @@ def _promoted(loaded_weight, bits, width, zeros):
     from m3_convert import gptq
     if bits == width:
         return loaded_weight
-    fn = gptq.promote_qzeros if zeros else gptq.promote_qweight
-    return torch.from_numpy(fn(loaded_weight.numpy(), bits, width))
+    return torch.from_numpy(gptq.promote_packed(loaded_weight.numpy(), bits, width, "qzeros" if zeros else "qweight"))
 
 
 def _promoting_loader(orig, prefix, per_expert_bits, width, is_zeros):

@@ -223,7 +223,7 @@ PAIRS = [  # (run, reference, what it measures)
     ("bf16", "hf", "vLLM bf16 vs transformers bf16 (implementation differences alone)"),
     ("hf", "hf32", "bf16 noise floor: transformers bf16 vs transformers float32"),
     ("quant", "hf32nc", "(b) vs transformers float32, greedy by full forward per token (CPU)"),
-    ("hf", "hf32nc", "transformers' cached generate() vs its own full forward per token"),
+    ("hf32", "hf32nc", "transformers' cached generate() vs its own full forward per token (both float32)"),
     ("vl", "quant", "issue 7: VL checkpoint (--keep-vision --keep-mtp) served text-only vs the text-only checkpoint"),
     ("vlmtp", "vl", "issue 7: the same with MTP speculative decoding vs without"),
     ("bug", "bf16", "control: planted bug vs (a)'s reference"),

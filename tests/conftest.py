@@ -20,7 +20,7 @@ def need_vllm():
     except ImportError:
         if os.environ.get("CI"):
             raise
-        pytest.skip("vLLM not installed (run `make test`)")
+        pytest.skip("vLLM not installed (run `make test`)", allow_module_level=True)
 
 
 def run_convert(*args):

@@ -139,13 +139,14 @@ def test_gptq_dynamic_keys():
     """auto_gptq exports: '+:regex' overrides bits, '-:regex' means not quantized, exact keys win."""
     from m3_convert.quantcfg import SourceQuantConfig
     m = "model.language_model.layers.0.self_attn.o_proj"
-    q = SourceQuantConfig({"quant_method": "gptq", "bits": 16, "group_size": 128, "sym": True, "dynamic": {
+    q = SourceQuantConfig({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "dynamic": {
         r"+:.*layers\.0\.self_attn\.o_proj.*": {"bits": 8, "group_size": 128, "sym": True},
         r"-:.*layers\.1\.mlp\.gate.*": {},
     }})
     assert q.lookup(m).bits == 8
-    assert q.lookup("model.language_model.layers.1.mlp.gate").bits is None
-    assert q.lookup("model.language_model.layers.2.self_attn.q_proj").bits is None   # global bits 16
+    assert q.lookup("model.language_model.layers.1.mlp.gate").bits is None          # "-:" excludes, global is 4
+    assert q.lookup("model.language_model.layers.1.mlp.down_proj").bits == 4        # its neighbour keeps the global
+    assert q.lookup("model.language_model.layers.2.self_attn.q_proj").bits == 4
 
 
 def _edit_index(d, fn):

@@ -130,3 +130,11 @@ def test_promote_is_lossless(bits, new):
     pw, pz = gptq.promote(qw, qz, bits, new)
     assert gptq.infer_shape(pw.shape, pz.shape, sc.shape).bits == new
     assert np.array_equal(gptq.dequantize(pw, pz, sc), gptq.dequantize(qw, qz, sc))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packed_shapes_is_the_inverse_of_infer_shape(bits):
+    ps = gptq.packed_shapes(384, 64, 128, bits)
+    assert gptq.infer_shape(ps["qweight"], ps["qzeros"], ps["scales"]) == gptq.GPTQShape(bits, 384, 64, 128)
+    q, z, s = (np.zeros(ps[k], dtype=dt) for k, dt in (("qweight", np.int32), ("qzeros", np.int32), ("scales", np.float16)))
+    assert gptq.dequantize(q, z, s).shape == (64, 384)

@@ -99,6 +99,7 @@ def test_vllm_mtp_drafter_loads_every_parameter_exactly(mtp_out):
     assert r.exit_code == 0 and rep["ok"], rep["findings"]
     m = rep["vllm"]["mtp"]
     assert m["params"] == 20 and set(m["bypassed"]) <= {"select_unquantized_moe_backend"}
+    assert m["tensors"] == 45 + 2   # the MTP block + the shared embedding and lm_head: all the drafter compares
     assert set(m["methods"].values()) == {"UnquantizedLinearMethod", "UnquantizedFusedMoEMethod"}
     assert "model.layers.0.block_sparse_moe.experts" in m["methods"]
 
@@ -138,3 +139,16 @@ def test_vllm_main_model_and_drafter_build_together_only_in_the_vl_layout(mtp_ou
     (bare / "config.json").write_text(json.dumps(cfg))
     out = build(bare)
     assert "MAIN MiniMaxM3SparseForCausalLM" in out and "DRAFT-FAILED ValueError Duplicate layer name" in out, out
+
+
+def test_verify_catches_a_wrong_mtp_shape(mtp_out, tmp_path):
+    from test_verify import rehash
+    # the shapes come from the config (MTP_OWN norms / eh_proj, and the decoder layer's rules)
+    for victim in (MTP + "eh_proj.weight", MTP + "transformer_layer.block_sparse_moe.experts.1.w2.weight"):
+        d = tmp_path / victim.rsplit(".", 2)[-2]
+        shutil.copytree(mtp_out[0], d)
+        t = all_tensors(d)[victim]
+        edit_checkpoint(d, remove=[victim], add={victim: t[: t.shape[0] // 2].contiguous()})   # half the rows
+        rehash(d)   # a manifest that matches: only the structure check can tell
+        r = run_verify(d, "--quiet")
+        assert r.exit_code == 1 and victim in r.output and f"expected {[t.shape[0], t.shape[1]]}" in r.output, r.output

@@ -83,3 +83,17 @@ def test_quant_config_keys_in_every_lm_head_spelling_are_exact(key):
                            "extra_config": {key: {"bits": 8}}})
     assert q.exact == {"lm_head": q.lookup("lm_head")} and q.lookup("lm_head").bits == 8
     assert q.regex == []
+
+
+def test_prefix_helpers_read_the_table():
+    # every vision module vLLM builds sits under the one prefix the plugin and m3-verify test
+    assert all(m.vllm.startswith(names.VLLM_VISION_PREFIX) for m in names.VISION_MODULES)
+    assert names.out_layer("model.layers.12.self_attn.qkv_proj") == 12
+    assert [names.out_layer(p) for p in ("model.layers.x.mlp", "model.layers.3", "lm_head", "language_model.model.layers.3.mlp")] == [None] * 4
+    assert names.MTP_SHARED_TENSORS == ("model.embed_tokens.weight", "lm_head.weight")
+    assert names.mtp_drafter_name(names.mtp_tensor(2, names.MTP_DECODER + "mlp.x", "weight")) == ("model.layers.2.", "transformer_layer.mlp.x.weight")
+    assert names.mtp_drafter_name("language_model.model.layers.2.mlp.x.weight") is None
+    # the MTP rules parse experts like the text rules
+    mm = names.mtp_match(names.MTP_TEXT_PREFIX + "0.transformer_layer.mlp.experts.5.gate_proj.weight")
+    assert mm.dst == ("transformer_layer.block_sparse_moe.experts.5.w1",)
+    assert names.mtp_match(names.MTP_TEXT_PREFIX + "0.transformer_layer.mlp.experts.x.gate_proj.weight") is None

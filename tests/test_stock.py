@@ -39,6 +39,23 @@ def source_bits(name):
     return {m: v["bits"] for m, v in qconf_default(name)["modules"].items()}
 
 
+def gptq_bits_in_source(name):
+    """official module -> bits, from the source checkpoint's own tensor shapes (gptq.infer_shape) and the
+    name table; independent of the planner."""
+    from m3_convert import st
+    shapes = {}
+    for path in sorted((FIXTURES / name).glob("*.safetensors")):
+        for t in st.read_header(str(path)).tensors.values():
+            _, m = names.resolve(t.name)
+            if m is not None and m.leaf in ("qweight", "qzeros", "scales"):
+                shapes.setdefault(m._replace(leaf="weight"), {})[m.leaf] = t.shape
+    out = {}
+    for m, sh in shapes.items():
+        bits = gptq.infer_shape(sh["qweight"], sh["qzeros"], sh["scales"]).bits
+        out.update(dict.fromkeys(m.dst_modules(), bits))
+    return out
+
+
 _DEFAULT = {}
 
 
@@ -70,11 +87,12 @@ def test_one_scheme_per_vllm_module_at_the_widest_width(stock, name):
         want = 16 if None in widths else max(widths)
         L = int(unit.split(".")[2]) if unit.startswith("model.layers.") else None
         if unit.endswith("qkv_proj") and sparse[L] != "minimax_m3_sparse" and set(widths) == {None}:
-            # dense q/k/v of mixed widths: the default target de-quantizes them, stock promotes them; the
-            # width is checked against the source bits in test_dense_mixed_qkv_is_promoted_to_the_widest;
-            # here only that it is a GPTQ width that every member carries (the loop below)
-            want = extra[unit]["bits"]
-            assert want in (2, 3, 4, 8)
+            # dense q/k/v of mixed widths: the default target de-quantizes them, stock promotes them to the
+            # widest of their source widths (read from the source tensors' shapes)
+            want = max(gptq_bits_in_source(name.replace("_min4", ""))[m] for m, _ in members)
+            if name.endswith("_min4"):
+                want = max(want, 4)
+            assert extra[unit]["bits"] == want, (unit, members)
         else:
             assert extra[unit]["bits"] == want, (unit, members)
         for m, _ in members:
@@ -284,3 +302,38 @@ def test_vllm_stock_check_catches_a_wrong_key(stock, tmp_path):
     assert code == 1
     assert any(f["tensor"] == "model.layers.2.block_sparse_moe.experts" and "INC resolves bits=4" in f["message"]
                for f in rep["findings"]), rep["findings"]
+
+
+def _promoted_qweight(d):
+    """A qweight the stock target promoted (its PROMOTE op), from the converter's own plan of the source."""
+    from m3_convert import plan as planmod
+    p = planmod.make_plan(str(FIXTURES / "gpu_tiny"), 1 << 20, target="stock-vllm")
+    return next(o.name for o in p.tensors if o.op == planmod.PROMOTE and o.name.endswith(".qweight"))
+
+
+def test_against_catches_a_changed_promoted_code(stock, tmp_path):
+    import shutil
+    from test_verify import _flip_byte_in_tensor, rehash, verify_lines
+    d = tmp_path / "o"
+    shutil.copytree(stock["gpu_tiny"][0], d)
+    t = _promoted_qweight(d)
+    fname = _flip_byte_in_tensor(d, t)
+    rehash(d)
+    code, lines = verify_lines(d, "--against", FIXTURES / "gpu_tiny")
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(f"against: {fname}: {t}: is not ") and "promoted" in lines[0], lines
+
+
+def test_against_decode_proof_catches_a_promotion_bug_the_byte_check_shares(tmp_path, monkeypatch):
+    """A wrong promotion rule in gptq (codes shifted, zeros not) is used by the converter and by the
+    byte comparison alike, so only the decode proof (written module vs source module) can catch it."""
+    from test_verify import verify_lines
+    good_shift = gptq._shift
+
+    def wrong_qweight(qweight, bits, new_bits):
+        return qweight if new_bits == bits else gptq.pack_qweight(good_shift(gptq.unpack_qweight(qweight, bits), bits, new_bits) + 1, new_bits)
+    monkeypatch.setattr(gptq, "promote_qweight", wrong_qweight)
+    d = tmp_path / "o"
+    r = run_convert(FIXTURES / "gpu_tiny", d, "--target", "stock-vllm", "--quiet")
+    assert r.exit_code == 0, r.output
+    code, lines = verify_lines(d, "--against", FIXTURES / "gpu_tiny")
+    assert code == 1 and lines and all("promoted module does not de-quantize to the source values" in l for l in lines), lines

@@ -120,7 +120,6 @@ def test_unknown_vision_tensor_is_refused_with_keep_vision_and_counted_without(t
 
 
 def test_wrong_vision_shape_is_caught_without_the_source(vl, tmp_path):
-    import torch
     d = tmp_path / "o"
     shutil.copytree(vl["gpu_tiny"], d)
     k = "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
@@ -139,6 +138,13 @@ def test_planted_config_faults_are_caught(vl, tmp_path):
         (d / "config.json").write_text(json.dumps(cfg))
         r = run_verify(d, "--quiet")
         assert r.exit_code == 1 and f"vision_config.{drop}" in r.output, r.output
+    d = tmp_path / "projector"
+    shutil.copytree(vl["gpu_tiny"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("projector_hidden_size")
+    (d / "config.json").write_text(json.dumps(cfg))
+    r = run_verify(d, "--quiet")
+    assert r.exit_code == 1 and "projector_hidden_size" in r.output, r.output
     d = tmp_path / "tensor"
     shutil.copytree(vl["gpu_tiny"], d)
     victim = "vision_tower.vision_model.encoder.layers.0.self_attn.k_proj.weight"

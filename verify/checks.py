@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -190,7 +191,8 @@ def _check_vision_config(cfg):
     if not isinstance(vc, dict):
         yield Finding("structure", F, "vision_config", "missing")
         return
-    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels", "patch_size"):
+    from m3_convert.config import VISION_SIZES
+    for k in VISION_SIZES:
         if not isinstance(vc.get(k), int) or vc[k] <= 0:
             yield Finding("structure", F, f"vision_config.{k}", f"missing or not a positive integer ({vc.get(k)!r})")
     cc = vc.get("img_token_compression_config")
@@ -214,10 +216,10 @@ def _check_stock_config(qc):
     for k, want in (("packing_format", "auto_round:auto_gptq"), ("data_type", "int"), ("sym", True)):
         if qc.get(k) != want:
             yield Finding("structure", F, f"quantization_config.{k}", f"must be {want!r}, got {qc.get(k)!r}")
-    from m3_convert.quantcfg import stock_prefix
+    from m3_convert.quantcfg import STOCK_BLOCKS, stock_prefix
     pre = stock_prefix(qc.get("layout"))
-    if qc.get("block_name_to_quantize") != pre + "model.layers":
-        yield Finding("structure", F, "quantization_config.block_name_to_quantize", f"must be {pre + 'model.layers'!r}")
+    if qc.get("block_name_to_quantize") != pre + STOCK_BLOCKS:
+        yield Finding("structure", F, "quantization_config.block_name_to_quantize", f"must be {pre + STOCK_BLOCKS!r}")
     try:
         derived = stock_extra_config(qc.get("modules") or {}, qc.get("sym", True), pre)
     except (ValueError, KeyError, TypeError) as e:
@@ -307,9 +309,8 @@ def expected_tensors(cfg):
                 elif bits in gptq.VALID_BITS:
                     g = entry.get("group_size", cfg["quantization_config"].get("group_size", 128))
                     out_f, in_f = shape
-                    exp[f"{dst}.qweight"] = (("I32",), (in_f * bits // 32, out_f))
-                    exp[f"{dst}.qzeros"] = (("I32",), (in_f // g, out_f * bits // 32))
-                    exp[f"{dst}.scales"] = (("F16",), (in_f // g, out_f))
+                    for leaf, pshape in gptq.packed_shapes(in_f, out_f, g, bits).items():
+                        exp[f"{dst}.{leaf}"] = (("F16",) if leaf == "scales" else ("I32",), pshape)
                 else:
                     findings.append(Finding("structure", "config.json", f"quantization_config.modules[{dst!r}]", f"bad bits {bits!r}"))
             elif module.role == names.ROUTER:
@@ -317,8 +318,13 @@ def expected_tensors(cfg):
                 exp[names.official_tensor(module, layer, expert, "e_score_correction_bias")] = (PLAIN_DTYPES[names.ROUTER], (shape[0],))
             else:
                 exp[f"{dst}.weight"] = (PLAIN_DTYPES[module.role], shape)
+    if (cfg.get("quantization_config") or {}).get("layout") == "vl":
+        exp = {names.VL_TEXT_PREFIX + k: v for k, v in exp.items()}
+        vc = cfg.get("vision_config") or {}
+        for m, L, leaf in names.expected_vision(int(vc.get("num_hidden_layers") or 0)):
+            exp[names.vision_tensor(m, L, leaf)] = (("BF16",), vision_shape(m, leaf, cfg))
     n_mtp = (cfg.get("quantization_config") or {}).get("mtp_blocks")
-    if n_mtp:
+    if n_mtp:   # names as written (the VL layout's language_model.model.mtp.layers.K.*)
         for name, module, own, i in names.expected_mtp_modules(int(n_mtp), layout.num_experts):
             if module is None:
                 H = tc["hidden_size"]
@@ -327,13 +333,7 @@ def expected_tensors(cfg):
                 shape = (tc["num_local_experts"],)
             else:
                 shape = expected_shapes(tc, module)[i]
-            exp[name[len(names.VL_TEXT_PREFIX):]] = (PLAIN_DTYPES[names.ROUTER] if module is not None and module.role == names.ROUTER
-                                                      else ("BF16",), shape)
-    if (cfg.get("quantization_config") or {}).get("layout") == "vl":
-        exp = {names.VL_TEXT_PREFIX + k: v for k, v in exp.items()}
-        vc = cfg.get("vision_config") or {}
-        for m, L, leaf in names.expected_vision(int(vc.get("num_hidden_layers") or 0)):
-            exp[names.vision_tensor(m, L, leaf)] = (("BF16",), vision_shape(m, leaf, cfg))
+            exp[name] = (PLAIN_DTYPES[names.ROUTER] if module is not None and module.role == names.ROUTER else ("BF16",), shape)
     for extra in sorted(set(qmods) - seen_mods):
         findings.append(Finding("structure", "config.json", f"quantization_config.modules[{extra!r}]", "names no module of this model"))
     # fused modules must share one scheme (vLLM builds one quant method per fused parameter)
@@ -432,6 +432,17 @@ def check_against(out_dir, in_dir, progress=None):
         if path not in fds:
             fds[path] = os.open(path, os.O_RDONLY)
         return fds[path]
+    recent = OrderedDict()   # the last 8 tensors read (GPTQ parts, never a whole shard): each read once per module
+
+    def read(info):
+        key = (info.file, info.begin)
+        arr = recent.get(key)
+        if arr is None:
+            arr = recent[key] = st.read_array(fd(info.file), info)
+            if len(recent) > 8:
+                recent.popitem(last=False)
+        return arr
+    decoded = {}             # one slot: the source module's decode, shared by the two halves of a split
     try:
         for name in sorted(set(planned) & set(actual), key=_nat):
             o, t = planned[name], actual[name]
@@ -445,27 +456,26 @@ def check_against(out_dir, in_dir, progress=None):
                 msg = "bytes differ from the source tensor " + s.name
             elif o.op == SLICE:
                 s = o.srcs[0]
-                src = st.read_array(fd(s.file), s)
+                src = read(s)
                 src = src[o.rows[0]:o.rows[1]] if o.rows else src[:, o.cols[0]:o.cols[1]]
-                ok = np.array_equal(src, st.read_array(fd(t.file), t))
+                ok = np.array_equal(src, read(t))
                 msg = f"differs from its half of {s.name}"
                 if ok and name.endswith(".qweight"):   # prove the split half de-quantizes to the source rows
-                    ok = _decodes_to_source(planned, name, fd, actual)
+                    ok = _decodes_to_source(planned, name, read, actual, decoded)
                     msg = f"split half does not de-quantize to the source rows of {s.name}"
             elif o.op == PROMOTE:
                 s = o.srcs[0]
-                src = st.read_array(fd(s.file), s)
+                src = read(s)
                 src = src if o.cols is None else src[:, o.cols[0]:o.cols[1]]
-                fn = gptq.promote_qweight if name.endswith(".qweight") else gptq.promote_qzeros
-                ok = np.array_equal(fn(src, *o.promote), st.read_array(fd(t.file), t))
+                ok = np.array_equal(gptq.promote_packed(src, *o.promote, name), read(t))
                 msg = f"is not {s.name} promoted {o.promote[0]} -> {o.promote[1]} bits"
                 if ok and name.endswith(".qweight"):   # prove the promoted module de-quantizes to the source values
-                    ok = _decodes_to_source(planned, name, fd, actual)
+                    ok = _decodes_to_source(planned, name, read, actual, decoded)
                     msg = f"promoted module does not de-quantize to the source values of {s.name}"
             elif o.op == DEQUANT:
-                arrs = [st.read_array(fd(s.file), s) for s in o.srcs]
+                arrs = [read(s) for s in o.srcs]
                 ref = gptq.to_bf16(gptq.dequantize(arrs[0], arrs[1], arrs[2], arrs[3] if len(arrs) > 3 else None))
-                ok = np.array_equal(ref, st.read_array(fd(t.file), t))
+                ok = np.array_equal(ref, read(t))
                 msg = f"is not the exact bf16 decode of {o.srcs[0].name}"
             else:
                 ok, msg = False, f"unknown op {o.op}"
@@ -478,13 +488,18 @@ def check_against(out_dir, in_dir, progress=None):
             os.close(x)
 
 
-def _decodes_to_source(planned, qweight_name, fd, actual):
+def _decodes_to_source(planned, qweight_name, read, actual, decoded):
     """De-quantize the module as written and the whole source module it comes from; the written one must
-    equal the source rows (outputs) it covers. Proves a split point and a promotion lossless."""
+    equal the source rows (outputs) it covers. Proves a split point and a promotion lossless.
+    ``decoded``: a one-slot cache of the source decode (the two halves of a split share it)."""
     base = qweight_name[: -len(".qweight")]
     leaves = ("qweight", "qzeros", "scales")
     parts = [planned[f"{base}.{leaf}"] for leaf in leaves]
-    full = gptq.dequantize(*[st.read_array(fd(p.srcs[0].file), p.srcs[0]) for p in parts])
-    written = gptq.dequantize(*[st.read_array(fd(actual[f"{base}.{leaf}"].file), actual[f"{base}.{leaf}"]) for leaf in leaves])
+    key = tuple((p.srcs[0].file, p.srcs[0].begin) for p in parts)
+    full = decoded.get(key)
+    if full is None:
+        decoded.clear()
+        full = decoded[key] = gptq.dequantize(*[read(p.srcs[0]) for p in parts])
+    written = gptq.dequantize(*[read(actual[f"{base}.{leaf}"]) for leaf in leaves])
     a, b = parts[0].cols or (0, full.shape[0])
     return np.array_equal(written, full[a:b])

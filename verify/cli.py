@@ -42,7 +42,6 @@ def main(out_dir, in_dir, with_vllm, integrity_only, workers, as_json, quiet):
     if in_dir and not os.path.isdir(in_dir):
         click.echo(f"m3-verify: error: --against {in_dir} is not a directory", err=True)
         sys.exit(EXIT_USAGE)
-    t0 = time.time()
     findings = []
     bar = None
     if not quiet and not as_json:

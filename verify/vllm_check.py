@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -175,20 +174,27 @@ def run_child(out_dir, mtp=False):
         else:
             p.data.fill_(POISON_INT)
 
-    ckpt = {}
+    ckpt = {}      # the tensors compared below (in --mtp mode only the drafter's: the rest is not held)
     where = {}
+    last = [None]  # the tensor handed to load_weights last (named when it fails)
 
     def gen():
         for f, k, t in _checkpoint(out_dir):
-            ckpt[k] = t
             where[k] = f
+            last[0] = k
+            if not mtp or k.removeprefix(names.VL_TEXT_PREFIX) in names.MTP_SHARED_TENSORS or names.mtp_drafter_name(k):
+                ckpt[k] = t
             yield k, t
     try:
         loaded = model.load_weights(gen())
     except Exception as e:
-        last = next(reversed(ckpt), None)
-        find(where.get(last, "?"), last, f"vLLM's load_weights failed here: {type(e).__name__}: {str(e)[:300]}")
+        find(where.get(last[0], "?"), last[0], f"vLLM's load_weights failed here: {type(e).__name__}: {str(e)[:300]}")
         return {"findings": findings}
+
+    corrupt = os.environ.get("M3_VERIFY_CORRUPT_PARAM")   # test-only: proves the value comparison below can fail
+    if corrupt in params:
+        with torch.no_grad():
+            params[corrupt].data.view(-1)[0] += 1
 
     # expected value of every parameter region, from the checkpoint and the fusion rules
     expected: dict[str, list] = {}   # param name -> [(index/None, position, tensor, source name)]
@@ -279,19 +285,20 @@ def _expect_mtp(k, t, params, expected, unused, names):
     """Where vLLM's MiniMaxM3MTP.load_weights puts checkpoint tensor ``k`` (mtp.py _map_checkpoint_name and its
     stacked / expert maps), from the name table's fusion rules."""
     name = k.removeprefix(names.VL_TEXT_PREFIX)
-    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+    if name in names.MTP_SHARED_TENSORS:
         expected.setdefault(name, []).append((None, 0, t, k))
         return
-    if "model.mtp.layers." not in name:
+    split = names.mtp_drafter_name(k)
+    if split is None:
         return                                   # the main model's or the vision tower's: not the drafter's
-    name = name.replace(".mtp.", ".", 1)         # model.layers.K.<rel>
-    m = re.match(r"(model\.layers\.\d+\.)transformer_layer\.(.+)$", name)
-    tgt = names.vllm_target(m.group(1) + m.group(2)) if m else None
+    layer, rest = split                          # model.layers.K., <rel>
+    inner = rest[len(names.MTP_DECODER):] if rest.startswith(names.MTP_DECODER) else None
+    tgt = names.vllm_target(layer + inner) if inner is not None else None
     if tgt is None:
-        pname, entry = name, (None, 0, t, k)
+        pname, entry = layer + rest, (None, 0, t, k)
     else:
         base, pos, expert, leaf = tgt
-        pname = _param_name(base.replace(m.group(1), m.group(1) + "transformer_layer.", 1), expert, leaf, params)
+        pname = _param_name(base.replace(layer, layer + names.MTP_DECODER, 1), expert, leaf, params)
         entry = (expert, pos, t, k)
     if pname in params:
         expected.setdefault(pname, []).append(entry)
@@ -302,7 +309,9 @@ def _expect_mtp(k, t, params, expected, unused, names):
 def _assemble(pname, parts, like, qmods, gptq):
     import torch
     leaf = pname.rsplit(".", 1)[-1]
-    if parts[0][0] is None and len(parts) == 1 and parts[0][1] == 0 and not re.search(r"(qkv_proj|gate_up_proj)\.", pname):
+    from m3_convert import names
+    fused = any(f".{f}." in pname for f in names.fused_shards())   # qkv_proj, gate_up_proj
+    if parts[0][0] is None and len(parts) == 1 and parts[0][1] == 0 and not fused:
         return parts[0][2]
     gptq_leaf = leaf.split("_")[-1] in ("qweight", "qzeros", "scales")
     dim = -1 if gptq_leaf else 0
@@ -324,8 +333,7 @@ def _assemble(pname, parts, like, qmods, gptq):
                 bits = qmods[mod]["bits"]
                 width = _param_bits(like, leaf, t, bits, len(shards))
                 if width != bits:
-                    fn = gptq.promote_qzeros if leaf.endswith("qzeros") else gptq.promote_qweight
-                    t = torch.from_numpy(fn(t.numpy(), bits, width))
+                    t = torch.from_numpy(gptq.promote_packed(t.numpy(), bits, width, leaf))
             ts.append(t)
         out.append(torch.cat(ts, dim=-1 if gptq_leaf else 0))
     return torch.stack(out)
@@ -387,12 +395,13 @@ def run_stock_child(out_dir):
         find("quantization_config", f"vLLM's INCConfig rejects it: {type(e).__name__}: {e}")
         return {"findings": findings}
     inc.packed_modules_mapping = dict(type(model).packed_modules_mapping)
-    from m3_convert.quantcfg import stock_prefix
-    pre = stock_prefix(qc.get("layout"))
-    want = {}
-    for official, m in (qc.get("modules") or {}).items():
-        want[pre + names.vllm_module(official)] = (m["bits"], m.get("group_size")) if m["bits"] else (None, None)
-    want[pre + "lm_head"] = (None, None)
+    from m3_convert.quantcfg import stock_extra_config, stock_prefix
+    try:   # per vLLM module, the scheme the tensors' per-module bits give (bits 16: unquantized)
+        derived = stock_extra_config(qc.get("modules") or {}, True, stock_prefix(qc.get("layout")))
+    except (ValueError, KeyError, TypeError) as e:
+        find("quantization_config.modules", f"no single scheme per vLLM module: {e}")
+        return {"findings": findings}
+    want = {k: (v["bits"], v["group_size"]) if v["bits"] < 16 else (None, None) for k, v in derived.items()}
     methods, seen = {}, set()
     for path, mod in model.named_modules():
         if not isinstance(mod, (LinearBase, ParallelLMHead, RoutedExperts)) or path.endswith(".gate"):
@@ -400,7 +409,7 @@ def run_stock_child(out_dir):
         # RoutedExperts (vLLM >= 0.30) lives at <layer>.experts.routed_experts but asks for its quant method
         # under the MoE layer's name (routed_experts.py: self._get_quant_method(self.layer_name, ...))
         prefix = mod.layer_name if isinstance(mod, RoutedExperts) else path
-        if prefix.startswith("vision_tower."):   # VL: the vision tower is outside block_name_to_quantize
+        if prefix.startswith(names.VLLM_VISION_PREFIX):   # VL: the vision tower is outside block_name_to_quantize
             qm = inc.get_quant_method(mod, prefix)
             methods[prefix] = type(qm).__name__
             if not type(qm).__name__.startswith("Unquantized"):
