@@ -70,7 +70,7 @@ def summary_text(plan, result, elapsed):
         "modules: " + ", ".join(f"{s['modules'][k]} {label}" for k, label in (
             ("copy_gptq", "GPTQ copied"), ("split", "fused gate_up split (still GPTQ)"),
             ("dequant", "q/k/v de-quantized to bf16"), ("promote", "GPTQ promoted to a wider width (lossless)"),
-            ("copy", "plain tensors copied")) if s["modules"].get(k)),
+            ("copy", "plain tensors"), ("cast", "plain tensors rounded to bf16 (--dtype bf16)")) if s["modules"].get(k)),
         "bits   : " + (", ".join(f"{k}-bit x{v}" if "->" not in k else f"{k} x{v}" for k, v in s["bits_histogram"].items()) or "none"),
     ]
     if s.get("target") == "stock-vllm":
@@ -80,6 +80,26 @@ def summary_text(plan, result, elapsed):
                      f"(+{pct:.1f}% of GPTQ weight bytes, {human(p['gptq_bytes_native'])} -> {human(p['gptq_bytes_output'])})")
         for L, v in p["per_layer"].items():
             lines.append(f"         layer {L}: {human(v['native'])} -> {human(v['output'])}")
+    pd = s.get("plain_dtypes") or {}
+    if pd:
+        wide = {k: v for k, v in pd.items() if k != "BF16"}
+        hint = (" (--dtype bf16 rounds those vLLM holds in bf16, as its load does, and halves their bytes)"
+                if wide and s.get("plain_dtype_mode") == "source" else "")
+        lines.append("plain  : " + ", ".join(f"{v['tensors']} {k} ({human(v['bytes'])})" for k, v in pd.items()) + hint)
+    g = s.get("gpu_weight_bytes")
+    if g:
+        lines.append(f"GPU    : weights {human(g['native'])} at their stored widths (the plugin's fallback without "
+                     f"humming-kernels, every layer promoted: {human(g['promoted'])}); KV cache and activations come on top")
+        for tp, row in g["tp"].items():
+            fit = ""
+            if row["problems"]:
+                lines.append(f"         TP {tp}: cannot be served ({row['problems'][0]})")
+                continue
+            if g.get("gpu_memory_gib"):
+                fit = (f": fits {g['gpu_memory_gib']:g} GiB GPUs, {human(row['left_per_gpu'])} left per GPU" if row["fits"]
+                       else f": does not fit {g['gpu_memory_gib']:g} GiB GPUs")
+            promoted = "cannot be served" if row["promoted_problems"] else human(row["promoted_per_gpu"])
+            lines.append(f"         TP {tp}: {human(row['native_per_gpu'])} per GPU (promoted {promoted}){fit}")
     if s.get("mtp_kept"):
         lines.append(f"kept   : MTP block(s), {s['mtp_kept']['tensors']} tensors, {human(s['mtp_kept']['bytes'])} (bf16, for vLLM's MiniMaxM3MTP)")
     if s.get("vision_kept"):
@@ -134,10 +154,16 @@ def prefetch_budget() -> int:
 @click.option("--keep-mtp", is_flag=True, help="Also write the MTP (multi-token prediction) block for vLLM's MiniMaxM3MTP "
               "speculative decoding, in bf16 (needs --keep-vision: vLLM's MTP layer names collide with the text-only class). "
               "Serve with --speculative-config '{\"method\": \"mtp\", \"num_speculative_tokens\": 1}'.")
+@click.option("--dtype", "plain_dtype", type=click.Choice(["source", "bf16"]), default="source", show_default=True,
+              help="Plain (non-GPTQ) tensors: 'source' writes them as stored (exact bytes, F32/F16/BF16); 'bf16' rounds "
+              "F32/F16 ones to bf16 exactly as vLLM does when it loads them (it holds them in bf16), halving their bytes; "
+              "the router, which vLLM holds in float32, stays as stored. m3-verify --against proves every cast.")
+@click.option("--gpu-memory", default=95.0, show_default=True, type=click.FloatRange(min=1),
+              help="GiB of memory per GPU, for the summary's line on whether the weights fit at tensor-parallel 1/2/4/8.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary on stdout.")
 def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, target, stock_min_bits, keep_vision, keep_mtp,
-         quiet, as_json):
+         plain_dtype, gpu_memory, quiet, as_json):
     """Convert an AutoRound (GPTQ) MiniMax-M3 checkpoint in IN_DIR into vLLM's native
     MiniMaxM3SparseForCausalLM layout in OUT_DIR.
 
@@ -178,7 +204,7 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
             execute.prefetch(sorted(os.path.join(in_dir, f) for f in os.listdir(in_dir) if f.endswith(".safetensors")),
                              prefetch_budget())
         plan = planmod.make_plan(in_dir, shard_size, target=target, min_bits=int(stock_min_bits) if stock_min_bits else None,
-                                 keep_vision=keep_vision, keep_mtp=keep_mtp)
+                                 keep_vision=keep_vision, keep_mtp=keep_mtp, plain_dtype=plain_dtype)
         if pending == "check-own-files":
             own = {f for f, _ in plan.shards} | set(plan.copied_files) | {"config.json", "quantization_config.json",
                                                                          planmod.INDEX_FILE, "SHA256SUMS", execute.STATE_DIR}
@@ -189,6 +215,8 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
             if not quiet:
                 click.echo("resume: no journal in OUT_DIR (the last run finished or never started a shard); "
                            "every shard is rewritten", err=True)
+        if target == "m3-plugin":
+            plan.stats["gpu_weight_bytes"] = planmod.serving_projection(plan, gpu_memory)
         t_plan = time.time() - t0
         gc.freeze()   # the plan's ~10^5 objects live to the end: keep the collector from re-scanning them
         if dry_run:

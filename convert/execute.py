@@ -25,7 +25,7 @@ import numpy as np
 
 from . import gptq, st
 from .errors import CheckpointError, OutputError
-from .plan import COPY, DEQUANT, INDEX_FILE, PROMOTE, SLICE, Plan
+from .plan import CAST, COPY, DEQUANT, INDEX_FILE, PROMOTE, SLICE, Plan
 
 CHUNK = 16 * 1024 * 1024
 STATE_DIR = ".m3-convert"
@@ -264,6 +264,27 @@ def _write_dequant(src, w, o, progress, rows_per_block=1024):
         progress(data.nbytes)
 
 
+def _write_cast(src, w, o, ring, progress):
+    """A plain F32/F16 tensor (or the rows of a split) rounded to bf16 (round to nearest even, as torch's
+    .to(torch.bfloat16) and so vLLM's load), streamed in row blocks: memory stays flat for an embedding table."""
+    (t,) = o.srcs
+    item, npdt = st.DTYPES[t.dtype][0], st.DTYPES[t.dtype][1]
+    row_elems = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+    r0, r1 = o.rows if o.rows is not None else (0, t.shape[0] if t.shape else 1)
+    row_bytes = row_elems * item
+    block = max(1, CHUNK // row_bytes)
+    fd = src.fd(t.file)
+    for a in range(r0, r1, block):
+        b = min(r1, a + block)
+        buf, done = ring.next()
+        done()   # the cast below is a new array; the buffer itself is never queued for hashing
+        view = memoryview(buf)[: (b - a) * row_bytes]
+        _pread_into(fd, view, t.begin + a * row_bytes, t)
+        data = gptq.to_bf16(np.frombuffer(view, dtype=npdt).astype(np.float32))
+        w.write(data)
+        progress(data.nbytes)
+
+
 def _write_promote(src, w, o, progress):
     """A qweight / qzeros (or a column slice of one) re-packed at a wider bit width (gptq.promote_*)."""
     (t,) = o.srcs
@@ -305,6 +326,8 @@ def write_shard(path_tmp, tensors, progress):
                 _write_dequant(src, w, o, progress)
             elif o.op == PROMOTE:
                 _write_promote(src, w, o, progress)
+            elif o.op == CAST:
+                _write_cast(src, w, o, ring, progress)
             else:
                 raise AssertionError(o.op)
             i += 1

@@ -205,6 +205,12 @@ def bf16_to_f32(bits16: np.ndarray) -> np.ndarray:
     return (bits16.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
+def symmetric_zero_words(bits: int) -> np.ndarray:
+    """The ``bits`` uint32 words that hold 32 stored symmetric zeros (``2^(b-1) - 1``, GPTQ v1): every row of
+    a symmetric qzeros tensor is this pattern repeated (for 3 bits a 3-word period, for 2/4/8 one word)."""
+    return pack_qzeros(np.full((1, 32), (1 << (bits - 1)) - 1), bits).view(np.uint32).reshape(-1)
+
+
 def is_trivial_g_idx(g_idx: np.ndarray, shape: GPTQShape) -> bool:
     """True when ``g_idx == arange(in) // g`` (plain auto_gptq export, no act-order)."""
     g = np.asarray(g_idx)

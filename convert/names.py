@@ -53,6 +53,26 @@ EXCLUDED = (
 )
 
 LEAVES_QUANT = ("qweight", "qzeros", "scales", "g_idx")
+
+# ---------------------------------------------------------------- dtypes: one policy (planner, m3-verify, --vllm)
+#: a plain (non-GPTQ) floating tensor may be stored in any of these. vLLM casts each to its parameter's dtype when
+#: it loads it (param.copy_), so all three serve; AutoRound writes F32 on a CPU without bf16 (gpu/KNOWN.md) and F16
+#: where it quantizes a float16 model in its own dtype.
+PLAIN_DTYPES = ("BF16", "F16", "F32")
+#: GPTQ tensors: the exact decode needs fp16 scales (float32 product of an fp16 scale and a <= 9-bit integer)
+GPTQ_DTYPES = {"qweight": "I32", "qzeros": "I32", "scales": "F16", "g_idx": "I32"}
+#: a module m3-convert de-quantizes is written in bf16, rounded once
+DEQUANT_DTYPE = "BF16"
+#: the plain tensors vLLM holds in float32 (MiniMax-M3's router: its gate is built with params_dtype float32, and the
+#: routing bias is a float32 parameter); every other plain tensor it holds in the model dtype, bfloat16
+SERVED_F32 = ("block_sparse_moe.gate.weight", "block_sparse_moe.e_score_correction_bias")
+
+
+def served_dtype(official_tensor: str) -> str:
+    """The dtype vLLM holds a plain tensor in (any written name: text, VL, MTP): what ``--dtype bf16`` casts to.
+    Written as stored by default (exact bytes); ``--dtype bf16`` rounds F32/F16 tensors that vLLM holds in bf16
+    exactly as vLLM's load would (round to nearest even), and never the float32 router."""
+    return "F32" if official_tensor.endswith(SERVED_F32) else "BF16"
 LEAVES = LEAVES_QUANT + ("weight", "e_score_correction_bias")
 
 TEXT_PREFIX = "model.language_model."

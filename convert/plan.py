@@ -24,7 +24,10 @@ EXTRA_FILE = "model_extra_tensors.safetensors"
 #: files the converter writes itself; never copied from the input
 GENERATED = {"config.json", "quantization_config.json", INDEX_FILE, "SHA256SUMS"}
 
-COPY, SLICE, DEQUANT, PROMOTE = "copy", "slice", "dequant", "promote"
+COPY, SLICE, DEQUANT, PROMOTE, CAST = "copy", "slice", "dequant", "promote", "cast"
+#: --dtype: "source" writes plain tensors as stored (the default: exact bytes); "bf16" rounds F32/F16 plain tensors
+#: that vLLM holds in bf16 (names.served_dtype) to bf16, as vLLM's own load does
+PLAIN_DTYPE_MODES = ("source", "bf16")
 
 #: output targets: "m3-plugin" (vLLM + this project's m3_gptq plugin: per-module bits, promotion at load)
 #: and "stock-vllm" (vLLM's own auto-round/INC config, no plugin: one scheme per fused module and per MoE
@@ -185,21 +188,23 @@ def _fname(t: st.TensorInfo) -> str:
 
 
 def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-plugin", min_bits: int | None = None,
-              keep_vision: bool = False, keep_mtp: bool = False) -> Plan:
+              keep_vision: bool = False, keep_mtp: bool = False, plain_dtype: str = "source") -> Plan:
     """Plan the conversion from the headers alone. The cyclic garbage collector is paused while the
     ~100k small objects are built (they hold no cycles; its repeated full passes cost ~30% of planning)."""
     was = gc.isenabled()
     gc.disable()
     try:
-        return _make_plan(in_dir, max_shard_size, target, min_bits, keep_vision, keep_mtp)
+        return _make_plan(in_dir, max_shard_size, target, min_bits, keep_vision, keep_mtp, plain_dtype)
     finally:
         if was:
             gc.enable()
 
 
-def _make_plan(in_dir, max_shard_size, target, min_bits, keep_vision, keep_mtp) -> Plan:
+def _make_plan(in_dir, max_shard_size, target, min_bits, keep_vision, keep_mtp, plain_dtype) -> Plan:
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}")
+    if plain_dtype not in PLAIN_DTYPE_MODES:
+        raise ValueError(f"unknown plain dtype mode {plain_dtype!r}")
     if min_bits is not None and (target != "stock-vllm" or min_bits not in gptq.VALID_BITS):
         raise ValueError("min_bits applies to --target stock-vllm only and must be 2, 3, 4 or 8")
     stock = target == "stock-vllm"
@@ -226,8 +231,8 @@ def _make_plan(in_dir, max_shard_size, target, min_bits, keep_vision, keep_mtp) 
                                           "raise KeyError on it (refusing to drop it silently)")
                 if vm in vision:
                     raise CheckpointError(fname, t.name, f"two spellings of the same tensor ({vision[vm].name})")
-                if t.dtype != "BF16":
-                    raise CheckpointError(fname, t.name, f"vision tensors are expected in BF16, found {t.dtype}")
+                if t.dtype not in names.PLAIN_DTYPES:
+                    raise CheckpointError(fname, t.name, f"vision tensor in {t.dtype}, expected one of {'/'.join(names.PLAIN_DTYPES)}")
                 vision[vm] = t
                 continue
             if cat == "mtp" and keep_mtp:
@@ -290,7 +295,7 @@ def _make_plan(in_dir, max_shard_size, target, min_bits, keep_vision, keep_mtp) 
             dequant_keys.add(key)
     promote_to = _stock_widths(groups, gptq_info, dequant_keys, layout, min_bits) if stock else {}
     if stock:
-        from .vllm_plugin import marlin_moe_shape_problem   # pure function; imports no vLLM
+        from .serve.decide import marlin_moe_shape_problem   # pure; imports no vLLM
         tc = out_cfg["text_config"]
         moe_groups = {gptq_info[k][0].group_size for k in promote_to if k[0].role == names.EXPERT}
         if any(marlin_moe_shape_problem(tc["hidden_size"], tc["intermediate_size"], g) for g in moe_groups):
@@ -305,6 +310,7 @@ def _make_plan(in_dir, max_shard_size, target, min_bits, keep_vision, keep_mtp) 
         q = gptq_info.get(key)
         linear = module.role in (names.LINEAR, names.EXPERT, names.QKV, names.INDEX, names.GATE_UP)
         if module.role == names.ROUTER:
+            _check_routing_bias(leaves, src_mod, out_cfg["text_config"])
             for leaf, t in leaves.items():
                 out.append(OutTensor(names.Match(module, src_mod, leaf, layer, expert).dst_tensor(), t.dtype, t.shape, COPY, (t,), order=order + (t.begin,)))
                 ops[COPY] += 1
@@ -392,6 +398,8 @@ def _make_plan(in_dir, max_shard_size, target, min_bits, keep_vision, keep_mtp) 
             raise CheckpointError("(all shards)", missing[0], f"MTP tensor missing from the source ({len(missing)} missing): "
                                   "vLLM's MiniMaxM3MTP would leave its parameter uninitialised without an error")
         out += list(mtp.values())
+    if plain_dtype == "bf16":
+        ops[CAST] = _cast_plain(out)      # tensors (text, vision, MTP), beside the plain modules counted as COPY
     out.sort(key=lambda o: o.order)
     _check_shared_expert_width(groups, layout, out_cfg)
 
@@ -404,7 +412,8 @@ def _make_plan(in_dir, max_shard_size, target, min_bits, keep_vision, keep_mtp) 
         qout = stock_output_config(modules_q, g_default, True, qcfg.source_summary(), min_bits, layout_tag)
     else:
         qout = output_config(modules_q, g_default, True, qcfg.source_summary(), layout_tag,
-                             out_cfg["text_config"]["num_mtp_modules"] if keep_mtp else None)
+                             out_cfg["text_config"]["num_mtp_modules"] if keep_mtp else None,
+                             plain_dtype if plain_dtype != "source" else None)
     out_cfg["quantization_config"] = qout
 
     plan = Plan(in_dir, src_cfg, out_cfg, qout, has_qjson, layout, out)
@@ -429,7 +438,11 @@ def _make_plan(in_dir, max_shard_size, target, min_bits, keep_vision, keep_mtp) 
         "vision_kept": {"tensors": len(vision), "bytes": sum(t.nbytes for t in vision.values())} if keep_vision else None,
         "copied_files": list(plan.copied_files),
         "ignored_files": ignored,
+        "plain_dtypes": _plain_dtype_stats(out),
+        "plain_dtype_mode": plain_dtype,
     }
+    if not stock:
+        plan.stats["gpu_weight_bytes"] = serving_projection(plan)
     if stock:
         native, promoted = (sum(v[i] for v in promotion.values()) for i in (0, 1))
         plan.stats["promotion"] = {
@@ -440,6 +453,68 @@ def _make_plan(in_dir, max_shard_size, target, min_bits, keep_vision, keep_mtp) 
                           if v[1] != v[0]},
         }
     return plan
+
+
+def _check_routing_bias(leaves, src_mod, tc):
+    """vLLM builds the router's e_score_correction_bias exactly when text_config.use_routing_bias (default true):
+    with it, a missing bias would stay uninitialised; without it, a present one would be skipped silently."""
+    want = bool(tc.get("use_routing_bias", True))
+    if want != ("e_score_correction_bias" in leaves):
+        t = leaves["weight"]
+        msg = ("missing, but text_config.use_routing_bias is true: vLLM's router has this parameter and would leave it "
+               "uninitialised" if want else "present, but text_config.use_routing_bias is false: vLLM's router has no such "
+               "parameter and would skip it silently")
+        raise CheckpointError(_fname(t), f"{src_mod}.e_score_correction_bias", msg)
+
+
+def _cast_plain(out):
+    """--dtype bf16: every plain tensor stored F32/F16 that vLLM holds in bf16 becomes a CAST (a whole tensor or the
+    rows of a split), rounded to bf16 as vLLM's load would; the router (held in float32) stays as stored."""
+    n = 0
+    for o in out:
+        if (o.op in (COPY, SLICE) and o.cols is None and o.dtype in ("F32", "F16") and names.served_dtype(o.name) == "BF16"
+                and o.name.rsplit(".", 1)[-1] not in names.LEAVES_QUANT):     # GPTQ scales stay fp16 (the exact decode)
+            o.op, o.dtype = CAST, "BF16"
+            o.__dict__.pop("nbytes", None)       # dtype changed: recompute the cached size
+            n += 1
+    return n
+
+
+def _plain_dtype_stats(out) -> dict:
+    """dtype -> {"tensors", "bytes"} of the written plain (non-GPTQ, not de-quantized) tensors."""
+    stats: dict = {}
+    for o in out:
+        if o.op in (COPY, SLICE, CAST) and o.dtype in names.PLAIN_DTYPES and o.name.rsplit(".", 1)[-1] not in names.LEAVES_QUANT:
+            row = stats.setdefault(o.dtype, {"tensors": 0, "bytes": 0})
+            row["tensors"] += 1
+            row["bytes"] += o.nbytes
+    return dict(sorted(stats.items()))
+
+
+def serving_projection(plan, gpu_gib: float | None = None, tp_sizes=(1, 2, 4, 8)) -> dict:
+    """GPU bytes of the weights vLLM + the m3_gptq plugin will hold for this output (serve.decide.gpu_projection),
+    from the planned tensors alone: native (every GPTQ layer at its stored width) and promoted (the plugin's
+    fallback without humming-kernels), per layer kind, and per GPU at each tensor-parallel size."""
+    from .serve import decide
+    modules = plan.quant_config["modules"]
+    pre = names.VL_TEXT_PREFIX if plan.quant_config.get("layout") == "vl" else ""
+    shapes, plain = {}, {}
+    for o in plan.tensors:
+        name = o.name[len(pre):] if pre and o.name.startswith(pre) else o.name
+        base, _, leaf = name.rpartition(".")
+        if base in modules:
+            bits = modules[base].get("bits")
+            if leaf == "qweight":
+                shapes[base] = (o.shape[0] * 32 // bits, o.shape[1])
+            elif leaf == "weight":
+                shapes[base] = (o.shape[1], o.shape[0])
+            continue
+        n = 1
+        for d in o.shape:
+            n *= d
+        plain[name] = n
+    return decide.gpu_projection(plan.out_config["text_config"], modules, shapes, plain, names.fused_shards(),
+                                 names.vllm_module, tp_sizes, gpu_gib)
 
 
 def _num_mtp(src_cfg):
@@ -460,9 +535,8 @@ def _mtp_tensor(mtp, canon, t, fname, src_cfg, file_rank):
         raise CheckpointError(fname, t.name, "GPTQ-quantized MTP tensors are not supported: --keep-mtp writes MTP in bf16 "
                               "(vLLM's quantization prefixes of MTP layers collide with the main model's) and does not "
                               "de-quantize it")
-    allowed = ("BF16", "F32") if mm.role == names.ROUTER else ("BF16",)
-    if t.dtype not in allowed:
-        raise CheckpointError(fname, t.name, f"MTP tensor in {t.dtype}, expected {'/'.join(allowed)}")
+    if t.dtype not in names.PLAIN_DTYPES:
+        raise CheckpointError(fname, t.name, f"MTP tensor in {t.dtype}, expected one of {'/'.join(names.PLAIN_DTYPES)}")
     n = _num_mtp(src_cfg)
     if mm.block >= n:
         raise CheckpointError(fname, t.name, f"MTP block {mm.block} but text_config.num_mtp_modules is {n}")

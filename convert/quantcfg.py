@@ -138,13 +138,15 @@ class SourceQuantConfig:
 
 
 def output_config(modules: dict, group_size: int, sym: bool, source: dict, layout: str | None = None,
-                  mtp_blocks: int | None = None) -> dict:
+                  mtp_blocks: int | None = None, plain_dtype: str | None = None) -> dict:
     """The converted quantization_config. ``modules``: official module -> {"bits": b, "group_size": g} or {"bits": None} (bf16).
     ``layout`` "vl": the checkpoint is for the VL class, text tensors are ``language_model.`` + the official names
     (the modules map keeps the official text names) and vision modules are bf16."""
     extra = {"layout": layout} if layout else {}
     if mtp_blocks:
         extra["mtp_blocks"] = mtp_blocks      # MTP layers (bare model.layers.K.* prefixes in vLLM's drafter): bf16
+    if plain_dtype:
+        extra["plain_dtype"] = plain_dtype    # m3-convert --dtype bf16: F32/F16 plain tensors rounded to bf16
     return {**extra,
         "quant_method": QUANT_METHOD,
         "format": FORMAT,

@@ -1,53 +1,83 @@
 #!/usr/bin/env bash
-# Device-side steps of the GPU check (issue 8). Each step is one `run` call of the device tool:
-#   stage k : carry [".vllm-stage/pk"]       mkdir -p /tmp/stage && cp .vllm-stage/pk /tmp/stage/
-#   bash gpu/device.sh install-and-quant     carry [".gpuwork", ".whl"]
-#   bash gpu/device.sh refs                  carry [".gpuwork", ".whl"]   (same warm machine)
+# Device-side steps of the GPU checks. Each step is one `run` call of the device tool, back to back on one warm
+# machine (it goes back 30 s after a call). Staging first (gpu/stage.sh made .stage/pNN here):
+#   stage NN                carry [".stage/pNN"]   copy one part of the vLLM build to /tmp/stage
+#   install                 unpack it to /tmp/site (once per machine), install this package, check humming
+#   kernels                 gpu/kernel_check.py: every width's kernel vs the exact decode at M3 shapes (issue 15)
+#   serve [RUN ...]         gpu/serve_check.py vLLM runs, each in its own process (fixtures converted here, on
+#                           the device); RUN: tiny mixed mixed-promoted mixed-bf16 mixed-bug (default: these),
+#                           tiny-promoted tiny-bf16 tiny-bug (issue 8's pair), vl vlmtp (--keep-vision --keep-mtp
+#                           output served text-only, with/without MTP) stock4 (--target stock-vllm: no plugin)
+#   speed [ARGS]            bench/serve_bench.py: native vs promoted vs bf16 at the real M3 widths (issue 15)
+#   compare                 the comparison table of everything under /tmp/gpures (and gpu/results)
+# The transformers reference of issue 8 (serve_check.py hf) needs transformers 5.19 carried (gpu/README.md).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export VLLM_ENABLE_V1_MULTIPROCESSING=0
 OUT=${OUT:-/tmp/out}
 RES=/tmp/gpures            # survives between calls while the machine stays warm; copied to $OUT each time
-mkdir -p "$OUT" "$RES"
-install() {
-  if [ ! -d /tmp/site/vllm ]; then
-    cat /tmp/stage/p* | tar x -C /tmp || exit 1
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/vllm-wheels/*.whl || exit 1
-  fi
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/m3site . || exit 1
-  [ -d /tmp/hfsite/transformers ] || [ ! -d .whl ] || python3 -m pip install -q --no-index --no-deps --target /tmp/hfsite .whl/transformers-5.19.0-*.whl
-  python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
-}
+W=/tmp/m3work
+mkdir -p "$OUT" "$RES" "$W"
 export PYTHONPATH=/tmp/m3site:/tmp/site
-case "$1" in
-  install-and-quant)
-    install
-    python3 -c "import vllm; print('vllm', vllm.__version__)"
-    python3 gpu/serve_check.py vllm .gpuwork/quant quant "$RES" 2>&1 | grep -v "^\s*$" | tail -60
+step=$1; shift
+case "$step" in
+  stage)
+    mkdir -p /tmp/stage && cp ".stage/p$1" /tmp/stage/ && ls -la /tmp/stage | tail -3; exit 0 ;;
+  install)
+    if [ ! -d /tmp/site/vllm ]; then
+      t=$(date +%s)
+      mkdir -p /tmp/site
+      cat /tmp/stage/p* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/tmp/site')" || exit 1
+      echo "unpacked in $(( $(date +%s) - t )) s: $(du -sh /tmp/site | cut -f1)"
+    fi
+    rm -rf /tmp/m3site
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/m3site . || exit 1
+    python3 -c "import torch, vllm, humming; print('torch', torch.__version__, torch.cuda.get_device_name(0), '| vllm', vllm.__version__, '| humming', humming.__version__)"
+    python3 -c "from m3_convert.serve import compat; print('humming problem:', compat.humming_problem())"
+    nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv
     ;;
-  install-and-run)   # diagnostic variants: bash gpu/device.sh install-and-run DIR TAG
-    install
-    python3 gpu/serve_check.py vllm "$2" "$3" "$RES" 2>&1 | grep -v "^\s*$" | tail -40
+  kernels)
+    python3 gpu/kernel_check.py "$RES/kernels.json" "$@" 2>&1 | grep -v "^\s*$" | grep -v "Warning\|warn(" | tail -80
     ;;
-  install-and-vl)    # issue 7: the --keep-vision --keep-mtp output, served text-only by the VL class
-    install
-    cp gpu/results/quant.json "$RES"/quant.json
-    M3_LM_ONLY=1 python3 gpu/serve_check.py vllm .gpuwork/vlmtp vl "$RES" 2>&1 | grep -v "^\s*$" | tail -25
+  serve)
+    conv() { [ -d "$W/$2" ] || python3 -m m3_convert.cli "tests/fixtures/data/$1" "$W/$2" --quiet || exit 1; }
+    conv gpu_tiny tiny
+    conv gpu_mixed mixed
+    [ -d "$W/mixed-bf16" ] || python3 gpu/dequant_bf16.py "$W/mixed" "$W/mixed-bf16" > /dev/null
+    if [ ! -d "$W/mixed-bug" ]; then   # control: one 3-bit expert's signed scales made positive (MoE path)
+      cp -r "$W/mixed" "$W/mixed-bug" && python3 gpu/plant_bug.py "$W/mixed-bug" model.layers.3.block_sparse_moe.experts.2.w2.scales
+    fi
+    [ -d "$W/tiny-bf16" ] || python3 gpu/dequant_bf16.py "$W/tiny" "$W/tiny-bf16" > /dev/null
+    if [ ! -d "$W/tiny-bug" ]; then    # issue 8's control: L0 o_proj's signed scales made positive
+      cp -r "$W/tiny" "$W/tiny-bug" && python3 gpu/plant_bug.py "$W/tiny-bug" model.layers.0.self_attn.o_proj.scales
+    fi
+    [ -d "$W/vl" ] || python3 -m m3_convert.cli tests/fixtures/data/gpu_tiny "$W/vl" --keep-vision --keep-mtp --quiet
+    [ -d "$W/stock4" ] || python3 -m m3_convert.cli tests/fixtures/data/gpu_tiny "$W/stock4" --target stock-vllm --stock-min-bits 4 --quiet
+    for run in "${@:-tiny mixed mixed-promoted mixed-bf16 mixed-bug}"; do
+      for r in $run; do
+        t=$(date +%s)
+        case "$r" in
+          tiny) python3 gpu/serve_check.py vllm "$W/tiny" native "$RES" ;;
+          tiny-promoted) M3_GPTQ_KERNELS=promote python3 gpu/serve_check.py vllm "$W/tiny" quant "$RES" ;;
+          tiny-bf16) python3 gpu/serve_check.py vllm "$W/tiny-bf16" bf16 "$RES" ;;
+          tiny-bug) python3 gpu/serve_check.py vllm "$W/tiny-bug" bug "$RES" ;;
+          vl) M3_LM_ONLY=1 python3 gpu/serve_check.py vllm "$W/vl" vl "$RES" ;;
+          vlmtp) M3_LM_ONLY=1 M3_MTP=1 python3 gpu/serve_check.py vllm "$W/vl" vlmtp "$RES" ;;
+          stock4) python3 gpu/serve_check.py vllm "$W/stock4" stock4 "$RES" ;;
+          mixed-promoted) M3_GPTQ_KERNELS=promote M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/mixed" mixed_promoted "$RES" ;;
+          mixed*) M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/$r" "${r//-/_}" "$RES" ;;
+        esac 2>&1 | grep -v "^\s*$" | grep -E "^(native|mixed|quant|bf16|bug|vl|stock)|loaded in|per-layer|MoE layers|GPU bytes|Error|error|Traceback|assert" | cut -c1-2000 | tail -12
+        echo "== $r: $(( $(date +%s) - t )) s"
+      done
+    done
     ;;
-  vlmtp)             # the same with speculative decoding by its MTP block (greedy: must equal the plain run)
-    M3_LM_ONLY=1 M3_MTP=1 python3 gpu/serve_check.py vllm .gpuwork/vlmtp vlmtp "$RES" 2>&1 | grep -v "^\s*$" | tail -25
-    python3 gpu/serve_check.py compare "$RES"
+  speed)
+    python3 bench/serve_bench.py "$RES/speed" "$@" 2>&1 | grep -v "^\s*$" | tail -40
+    cp "$RES"/speed/*.json "$OUT"/ 2>/dev/null
     ;;
-  stock)             # issue 7: --target stock-vllm (vLLM's own INC config); on 0.26 this stops at the Marlin MoE
-    python3 gpu/serve_check.py vllm .gpuwork/stock4 stock4 "$RES" 2>&1 | grep -v "^\s*$" | tail -25
-    ;;
-  refs)
-    python3 gpu/serve_check.py vllm .gpuwork/bf16 bf16 "$RES" 2>&1 | tail -15
-    python3 gpu/serve_check.py vllm .gpuwork/bug bug "$RES" 2>&1 | tail -15
-    PYTHONPATH=/tmp/hfsite:/tmp/m3site python3 gpu/serve_check.py hf tests/fixtures/data/gpu_tiny hf "$RES" 2>&1 | tail -15
-    PYTHONPATH=/tmp/hfsite:/tmp/m3site python3 gpu/serve_check.py hf tests/fixtures/data/gpu_tiny hf32 "$RES" float32 2>&1 | tail -15
+  compare)
     python3 gpu/serve_check.py compare "$RES"
     ;;
 esac
 cp "$RES"/*.json "$OUT"/ 2>/dev/null
-ls -la "$OUT"
+ls "$OUT"

@@ -6,7 +6,8 @@ Each starts with the first 8 tokens of serve_check.random_prompts() and is conti
 prompt logprobs compared later are those of tokens the model finds likely, not the far tail of random
 tokens, where bf16 noise is amplified into large but meaningless differences.
 
-    python gpu/make_prompts.py [tests/fixtures/data/gpu_tiny]
+    python gpu/make_prompts.py [tests/fixtures/data/gpu_tiny [prompts.json]]
+    python gpu/make_prompts.py tests/fixtures/data/gpu_mixed prompts_gpu_mixed.json
 """
 import json
 import os
@@ -27,6 +28,6 @@ for p in sc.random_prompts(config.text_config.vocab_size):
         r = model.generate(input_ids=torch.tensor([p[:8]]), max_new_tokens=len(p) - 8, do_sample=True,
                            temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)
     out.append(r[0].tolist())
-with open(os.path.join(sc.HERE, "prompts.json"), "w") as f:
+with open(os.path.join(sc.HERE, sys.argv[2] if len(sys.argv) > 2 else "prompts.json"), "w") as f:
     json.dump(out, f)
 print("prompts:", [len(x) for x in out])

@@ -32,10 +32,11 @@ def random_prompts(vocab=512):
 
 
 def prompts(vocab=512):
-    """gpu/prompts.json (made by gpu/make_prompts.py): the first 8 tokens of each random prompt, continued by
-    sampling (temperature 1) from the float32 model, so prompt logprobs measure tokens the model finds
-    likely rather than the far tail of random tokens (where any bf16 noise is amplified: a -30 nat logit)."""
-    path = os.path.join(HERE, "prompts.json")
+    """gpu/prompts.json (made by gpu/make_prompts.py; $M3_PROMPTS names another, e.g. prompts_gpu_mixed.json): the
+    first 8 tokens of each random prompt, continued by sampling (temperature 1) from the float32 model, so prompt
+    logprobs measure tokens the model finds likely rather than the far tail of random tokens (where any bf16
+    noise is amplified: a -30 nat logit)."""
+    path = os.path.join(HERE, os.environ.get("M3_PROMPTS", "prompts.json"))
     return json.load(open(path)) if os.path.exists(path) else random_prompts(vocab)
 
 
@@ -83,16 +84,21 @@ def run_vllm(model_dir, tag, out):
             kernels.update(part)
     except Exception as e:   # older/newer API: record why
         kernels = {"error": f"{type(e).__name__}: {e}"}
-    layer_err = {}
-    try:
-        layer_err = {}
-        for part in llm.apply_model(lambda model: linear_errors(model, model_dir)):
-            layer_err.update(part)
-    except Exception as e:
-        layer_err = {"error": f"{type(e).__name__}: {e}"}
+    layer_err, moe_err, memory = {}, {}, {}
+    for key, fn in (("linear", linear_errors), ("moe", moe_errors), ("memory", gpu_bytes)):
+        try:
+            got = {}
+            for part in llm.apply_model(lambda model: fn(model, model_dir)):
+                got.update(part)
+        except Exception as e:
+            import traceback
+            got = {"error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-1500:]}
+        {"linear": layer_err, "moe": moe_err, "memory": memory}[key].update(got)
     print("per-layer max relative error vs exact decode:", json.dumps(layer_err, indent=0), flush=True)
+    print("MoE layers vs exact decode (norm-relative error; bf16-path floor):", json.dumps(moe_err, indent=0), flush=True)
+    print("GPU bytes:", json.dumps(memory), flush=True)
     json.dump({"tag": tag, "model": model_dir, "load_s": round(t_load, 1), "rows": rows, "kernels": kernels,
-               "linear_rel_err": layer_err,
+               "linear_rel_err": layer_err, "moe_rel_err": moe_err, "memory": memory,
                "shim": dict(vllm_plugin.CHOICES)}, open(os.path.join(out, f"{tag}.json"), "w"), indent=1)
     print(f"{tag}: loaded in {t_load:.0f} s; first tokens {[r['tokens'][:8] for r in rows]}", flush=True)
 
@@ -104,19 +110,9 @@ def linear_errors(model, model_dir):
     from safetensors import safe_open
 
     from m3_convert import gptq
-    from m3_convert.vllm_plugin import fused_members
-    idx = os.path.join(model_dir, "model.safetensors.index.json")
-    wm = json.load(open(idx))["weight_map"] if os.path.exists(idx) else None
-    cfg = json.load(open(os.path.join(model_dir, "config.json")))
-    modules = cfg.get("quantization_config", {}).get("modules", {})
-
-    pre = "language_model." if cfg.get("quantization_config", {}).get("layout") == "vl" else ""
-
-    def tensor(name):
-        name = pre + name
-        f = wm[name] if wm else "model.safetensors"
-        with safe_open(os.path.join(model_dir, f), "np") as h:
-            return h.get_tensor(name)
+    from m3_convert.names import fused_shards
+    from m3_convert.serve.decide import fused_members
+    tensor, modules = _reader(model_dir)
     out = {}
     torch.manual_seed(0)
     for name, mod in model.named_modules():
@@ -124,7 +120,7 @@ def linear_errors(model, model_dir):
         if qm is None or type(qm).__name__ == "UnquantizedLinearMethod" or not hasattr(mod, "input_size"):
             continue
         name = name.removeprefix("language_model.")     # VL layout: the modules map keeps the text names
-        members = fused_members(name, modules)
+        members = fused_members(name, modules, fused_shards())
         if not all(m in modules and modules[m].get("bits") for m in members):
             continue
         w = np.concatenate([gptq.dequantize(tensor(m + ".qweight"), tensor(m + ".qzeros"), tensor(m + ".scales")) for m in members])
@@ -135,6 +131,111 @@ def linear_errors(model, model_dir):
         ref = x.float() @ torch.from_numpy(w).cuda().T
         out[name] = round(float((y - ref).abs().max() / ref.abs().max()), 5)
     return out
+
+
+def _reader(model_dir):
+    """(tensor(name) -> numpy array from the checkpoint, the per-module quant map)."""
+    from safetensors import safe_open
+    idx = os.path.join(model_dir, "model.safetensors.index.json")
+    wm = json.load(open(idx))["weight_map"] if os.path.exists(idx) else None
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    modules = cfg.get("quantization_config", {}).get("modules", {})
+    pre = "language_model." if cfg.get("quantization_config", {}).get("layout") == "vl" else ""
+
+    def tensor(name):
+        name = pre + name
+        f = wm[name] if wm else "model.safetensors"
+        with safe_open(os.path.join(model_dir, f), "np") as h:
+            return h.get_tensor(name)
+    return tensor, modules
+
+
+def moe_errors(model, model_dir):
+    """Each quantized MoE layer's routed experts through the served method (vLLM's module and its quant_method's
+    apply) on random tokens routed at random, vs sum_k w_k * W2_e(swiglu_oai(W13_e x)) in float32 from the exact
+    decode of the checkpoint's experts; beside it the same through bf16 weights and intermediates (the floor)."""
+    import numpy as np
+    import torch
+
+    from m3_convert import gptq
+    tensor, modules = _reader(model_dir)
+    out = {}
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(5)
+    for name, mod in model.named_modules():
+        qm = getattr(mod, "quant_method", None)
+        if qm is None or not hasattr(mod, "global_num_experts") or "Unquantized" in type(qm).__name__:
+            continue
+        prefix = getattr(mod, "layer_name", name).removeprefix("language_model.")
+        if f"{prefix}.0.w1" not in modules:
+            continue
+        E, H, inter = mod.global_num_experts, mod.hidden_size, mod.intermediate_size_per_partition
+        lim, al, be = (float(getattr(mod, a)) for a in ("swiglu_limit", "swiglu_alpha", "swiglu_beta"))
+        dec = {}
+        for e in range(E):
+            for s in ("w1", "w3", "w2"):
+                m = f"{prefix}.{e}.{s}"
+                dec[e, s] = torch.from_numpy(gptq.dequantize(tensor(m + ".qweight"), tensor(m + ".qzeros"), tensor(m + ".scales"))).cuda()
+        res = {}
+        for k in sorted({min(2, E), mod.top_k}):
+            x = torch.randn(16, H, device="cuda", generator=gen).to(torch.bfloat16)
+            ids = torch.rand(16, E, device="cuda", generator=gen).topk(k, dim=-1).indices.to(torch.int32)
+            w = torch.rand(16, k, device="cuda", generator=gen)
+            with torch.no_grad():
+                y = qm.apply(mod, x, w, ids, None, None).float()
+            ref = torch.zeros(16, H, device="cuda")
+            refb = torch.zeros(16, H, device="cuda")
+            for e in ids.unique().tolist():
+                tok, slot = (ids == e).nonzero(as_tuple=True)
+                for path, acc, dt in (("f32", ref, torch.float32), ("bf16", refb, torch.bfloat16)):
+                    xe = x[tok].to(dt)
+                    g_ = (xe @ dec[e, "w1"].to(dt).T).float().clamp(max=lim)
+                    u_ = (xe @ dec[e, "w3"].to(dt).T).float().clamp(-lim, lim)
+                    a = (g_ * torch.sigmoid(al * g_) * (u_ + be)).to(dt)
+                    acc.index_add_(0, tok, (a @ dec[e, "w2"].to(dt).T).float() * w[tok, slot, None])
+            res[f"top{k}"] = {"norm_rel": round(float((y - ref).norm() / ref.norm()), 5),
+                              "max_rel": round(float((y - ref).abs().max() / ref.abs().max()), 5),
+                              "bf16_path_norm_rel": round(float((refb - ref).norm() / ref.norm()), 5),
+                              "finite": bool(torch.isfinite(y).all())}
+        out[prefix] = {"method": type(qm).__name__, **res}
+    return out
+
+
+def gpu_bytes(model, model_dir):
+    """Bytes the loaded model holds on the GPU for its quantized layers (weights: every parameter and buffer but
+    humming's lock and expert-map workspaces, counted apart) vs the GPTQ bytes (qweight + qzeros + scales) of
+    the same modules in the checkpoint."""
+    from safetensors import safe_open
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    modules = cfg.get("quantization_config", {}).get("modules", {})
+    ckpt = 0
+    for f in sorted(os.listdir(model_dir)):
+        if not f.endswith(".safetensors"):
+            continue
+        with safe_open(os.path.join(model_dir, f), "pt") as h:
+            for k in [k for k in h.keys() if k.endswith((".qweight", ".qzeros", ".scales"))]:
+                sl = h.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                ckpt += n * (2 if k.endswith(".scales") else 4)
+    weights = workspace = 0
+    quant_mods = 0
+    for name, mod in model.named_modules():
+        qm = getattr(mod, "quant_method", None)
+        if qm is None or "Unquantized" in type(qm).__name__:
+            continue
+        quant_mods += 1
+        for n, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            b = t.numel() * t.element_size()
+            if n == "locks" or n.endswith("_map") or n.endswith("workspace"):
+                workspace += b
+            else:
+                weights += b
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return {"quantized_layers": quant_mods, "quantized_weight_bytes": weights, "workspace_bytes": workspace,
+            "checkpoint_gptq_bytes": ckpt, "ratio": round(weights / ckpt, 4) if ckpt else None,
+            "model_bytes_all": total, "modules_map_entries": len(modules)}
 
 
 def load_hf(src, dtype="bfloat16", device="cuda"):
@@ -218,6 +319,12 @@ def run_hf(src, tag, out, dtype="bfloat16", device="cuda", cache="cache"):
 
 
 PAIRS = [  # (run, reference, what it measures)
+    ("native", "bf16", "issue 15: gpu_tiny at its stored widths vs the same checkpoint exactly de-quantized, same vLLM"),
+    ("native", "quant", "issue 15: gpu_tiny at its stored widths vs promoted (both exact on the same weights)"),
+    ("mixed", "mixed_bf16", "issue 15: gpu_mixed at its stored widths vs exactly de-quantized, same vLLM"),
+    ("mixed_promoted", "mixed_bf16", "issue 15: gpu_mixed promoted (the old plugin) vs exactly de-quantized"),
+    ("mixed", "mixed_promoted", "issue 15: gpu_mixed at its stored widths vs promoted"),
+    ("mixed_bug", "mixed_bf16", "control: gpu_mixed with one 3-bit expert's scales made positive vs de-quantized"),
     ("quant", "bf16", "(a) quantized kernels + shim vs the same checkpoint exactly de-quantized, same vLLM"),
     ("quant", "hf", "(b) the whole path: vLLM + shim vs transformers on the unconverted checkpoint"),
     ("bf16", "hf", "vLLM bf16 vs transformers bf16 (implementation differences alone)"),

@@ -9,8 +9,9 @@ from safetensors.torch import load_file, save_file
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 NAMINGS = ["ar_model_naming", "ar_reverted_naming", "ar_gptq_gidx"]   # one tiny model, three export namings
-OTHERS = ["ar_alt", "gpu_tiny"]   # other topologies (5 layers / n_shared_experts 2; GPU-sized sparse blocks)
-ALL = NAMINGS + OTHERS
+OTHERS = ["ar_alt", "gpu_tiny", "gpu_mixed"]   # other topologies (5 layers / n_shared_experts 2; GPU-sized; every MoE layer mixed)
+DTYPES = ["ar_f32", "ar_f16"]    # the tiny model with every plain tensor F32 / F16 (auto-round without bf16 / in fp16)
+ALL = NAMINGS + OTHERS + DTYPES
 
 
 def need_vllm():

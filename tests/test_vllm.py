@@ -16,7 +16,8 @@ from test_verify import rehash
 
 need_vllm()   # the whole module: skipped without vLLM outside CI, a failure in CI
 
-from m3_convert.vllm_plugin import decide  # noqa: E402
+from m3_convert.names import fused_shards  # noqa: E402
+from m3_convert.serve import decide  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -42,50 +43,67 @@ def test_vllm_loads_every_tensor_into_every_parameter(reports, converted, name):
 
 
 def test_shim_methods_chosen_for_every_layer(reports, converted):
-    """On this CPU build: bf16 -> UnquantizedLinearMethod, GPTQ -> the exact reference methods."""
+    """On this CPU build the plugin makes the CUDA decision (m3_verify's CPU platform: exact reference kernels):
+    GPTQ linears -> M3GPTQLinearMethod at their stored width (humming for 2/3 bits, gptq = Machete for 4/8),
+    bf16 -> UnquantizedLinearMethod; a MoE layer mixing widths -> M3HummingMoEMethod, one part per width."""
     methods = reports["ar_model_naming"][1]["vllm"]["methods"]
     qc = json.loads((converted["ar_model_naming"] / "config.json").read_text())["quantization_config"]["modules"]
     expected = {}
     for L in range(4):
         p = f"model.layers.{L}."
-        expected[p + "self_attn.qkv_proj"] = "M3ReferenceGPTQLinearMethod" if qc[p + "self_attn.q_proj"]["bits"] else "UnquantizedLinearMethod"
-        expected[p + "self_attn.o_proj"] = "M3ReferenceGPTQLinearMethod"
+        for vllm_mod in ("self_attn.qkv_proj", "self_attn.o_proj", "block_sparse_moe.shared_experts.gate_up_proj",
+                         "block_sparse_moe.shared_experts.down_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+            if vllm_mod.startswith(("block_sparse_moe", "mlp")) and (L in (1, 2)) != vllm_mod.startswith("block_sparse_moe"):
+                continue
+            bits = qc[decide.fused_members(p + vllm_mod, qc, fused_shards())[0]]["bits"]
+            expected[p + vllm_mod] = ("UnquantizedLinearMethod" if bits is None else
+                                      f"M3GPTQLinearMethod/{'gptq' if bits in (4, 8) else 'humming'}{bits}")
         if L in (1, 2):
-            expected[p + "block_sparse_moe.shared_experts.gate_up_proj"] = "M3ReferenceGPTQLinearMethod"
-            expected[p + "block_sparse_moe.shared_experts.down_proj"] = "M3ReferenceGPTQLinearMethod"
-            expected[p + "block_sparse_moe.experts"] = "M3ReferenceGPTQMoEMethod"
-        else:
-            expected[p + "mlp.gate_up_proj"] = "M3ReferenceGPTQLinearMethod"
-            expected[p + "mlp.down_proj"] = "M3ReferenceGPTQLinearMethod"
+            d = decide.select_moe(p + "block_sparse_moe.experts", qc, 4, 256, 128)
+            expected[p + "block_sparse_moe.experts"] = "M3HummingMoEMethod/" + "+".join(f"{x.name}x{len(x.slots)}" for x in d.parts)
     assert methods == expected
-    assert expected["model.layers.0.self_attn.qkv_proj"] == "M3ReferenceGPTQLinearMethod"
+    assert expected["model.layers.0.self_attn.qkv_proj"] == "M3GPTQLinearMethod/gptq4"
+    assert expected["model.layers.0.mlp.gate_up_proj"] == "M3GPTQLinearMethod/humming3"
     assert expected["model.layers.2.self_attn.qkv_proj"] == "UnquantizedLinearMethod"
+    assert expected["model.layers.1.block_sparse_moe.experts"] == \
+        "M3HummingMoEMethod/w13_b2x2+w13_b3x2+w13_b4x2+w13_b8x2+w2_b2x1+w2_b3x1+w2_b4x1+w2_b8x1"
+
+
+def test_promoting_fallback_loads_exactly_too(converted, monkeypatch):
+    """Without humming-kernels (M3_GPTQ_KERNELS=promote: the old behaviour) every MoE layer is held at its widest
+    width by vLLM's AutoGPTQMoEMethod and 2/3-bit codes are promoted while loading: still exact."""
+    monkeypatch.setenv("M3_GPTQ_KERNELS", "promote")
+    code, rep = vllm_verify(converted["gpu_mixed"])
+    assert code == 0 and rep["ok"], rep["findings"]
+    methods = rep["vllm"]["methods"]
+    assert {methods[f"model.layers.{L}.block_sparse_moe.experts"] for L in (1, 2, 3)} == {"M3ReferenceGPTQMoEMethod/marlin8"}
 
 
 def test_shim_decision_on_gpu_builds(converted):
     """The same per-layer decision as the shim makes on CUDA builds (pure function, no kernels needed)."""
     qc = json.loads((converted["ar_model_naming"] / "config.json").read_text())["quantization_config"]["modules"]
-    d = lambda p: decide("linear", p, qc, gpu=True)[0]
-    assert d("model.layers.0.self_attn.qkv_proj") == "AutoGPTQLinearMethod"        # 4-bit q/k/v
-    assert d("model.layers.0.self_attn.o_proj") == "AutoGPTQLinearMethod"          # 8-bit
-    assert decide("linear", "model.layers.0.mlp.gate_up_proj", qc, gpu=True) == \
-        ("AutoGPTQLinearMethod", 4, 128)                                                           # 3-bit -> 4 (promoted)
-    assert decide("linear", "model.layers.0.mlp.gate_up_proj", qc, gpu=False)[0] == "M3ReferenceGPTQLinearMethod"
-    assert d("model.layers.2.self_attn.qkv_proj") == "UnquantizedLinearMethod"     # sparse: bf16
-    assert decide("moe", "model.layers.1.block_sparse_moe.experts", qc, gpu=True, num_experts=4) == \
-        ("AutoGPTQMoEMethod", 8, 128)                                                               # mixed 2/3/4/8 -> 8
+    lin = lambda p, k=decide.GPU_KERNELS: decide.select_linear(p, qc, fused_shards(), k)
+    assert (lin("model.layers.0.self_attn.qkv_proj").kernel, lin("model.layers.0.self_attn.qkv_proj").width) == ("gptq", 4)
+    assert lin("model.layers.0.self_attn.o_proj").kernel == "gptq"                     # 8-bit
+    d = lin("model.layers.0.mlp.gate_up_proj")
+    assert (d.kernel, d.bits, d.width, d.promoted) == ("humming", 3, 3, False)           # 3-bit, stored width
+    d = lin("model.layers.0.mlp.gate_up_proj", decide.PROMOTE_KERNELS)
+    assert (d.kernel, d.bits, d.width, d.promoted) == ("gptq", 3, 4, True)               # without humming: 3 -> 4
+    assert lin("model.layers.2.self_attn.qkv_proj").kernel == "bf16"                    # sparse: bf16
+    moe = decide.select_moe("model.layers.1.block_sparse_moe.experts", qc, 4, 256, 128)
+    assert moe.kernel == "humming" and sorted({p.bits for p in moe.parts}) == [2, 3, 4, 8]   # mixed 2/3/4/8, native
+    # expert width 128 = one group: vLLM's Marlin would serve it wrong even where it is uniform (humming instead)
     uniform = {f"model.layers.5.block_sparse_moe.experts.{e}.{w}": {"bits": 4, "group_size": 128} for e in range(4) for w in ("w1", "w2", "w3")}
-    assert decide("moe", "model.layers.5.block_sparse_moe.experts", uniform, gpu=True, num_experts=4) == ("AutoGPTQMoEMethod", 4, 128)
-    three = {k: {"bits": 3, "group_size": 128} for k in uniform}
-    assert decide("moe", "model.layers.5.block_sparse_moe.experts", three, gpu=True, num_experts=4)[1] == 4   # 3 -> 4
+    assert decide.select_moe("model.layers.5.block_sparse_moe.experts", uniform, 4, 256, 256).kernel == "marlin"
+    assert decide.select_moe("model.layers.5.block_sparse_moe.experts", uniform, 4, 256, 128).kernel == "humming"
     bf16 = {k: {"bits": None} for k in uniform}
-    assert decide("moe", "model.layers.5.block_sparse_moe.experts", bf16, gpu=True, num_experts=4)[0] == "UnquantizedFusedMoEMethod"
+    assert decide.select_moe("model.layers.5.block_sparse_moe.experts", bf16, 4, 256, 256).kernel == "bf16"
 
 
 def test_shim_refuses_mixed_fused_module():
     mods = {f"model.layers.0.self_attn.{n}": {"bits": b, "group_size": 128} for n, b in (("q_proj", 4), ("k_proj", 4), ("v_proj", 8))}
     with pytest.raises(ValueError, match="model.layers.0.self_attn.qkv_proj mixes quantization schemes"):
-        decide("linear", "model.layers.0.self_attn.qkv_proj", mods, gpu=True)
+        decide.select_linear("model.layers.0.self_attn.qkv_proj", mods, fused_shards())
 
 
 def test_plugin_entry_point_is_cheap_and_idempotent():
@@ -140,15 +158,6 @@ def test_fails_when_per_module_bits_disagree_with_tensors(converted, tmp_path):
     vl = [f for f in rep["findings"] if f["check"] == "vllm"]
     assert code == 1 and vl, rep["findings"]
     assert any("model.layers.0.self_attn.o_proj" in (f["tensor"] or "") for f in vl), vl
-
-
-def test_marlin_moe_shape_guard():
-    """The vLLM Marlin MoE scale-permutation shape that served wrong experts on the GPU is refused."""
-    from m3_convert.vllm_plugin import marlin_moe_shape_problem
-    assert marlin_moe_shape_problem(256, 128, 128) is not None           # the GPU check's first gpu_tiny
-    assert marlin_moe_shape_problem(6144, 3072 // 24, 128) is not None   # real M3 at tensor-parallel 24
-    assert marlin_moe_shape_problem(6144, 3072 // 8, 128) is None        # real M3 at tensor-parallel 8
-    assert marlin_moe_shape_problem(256, 256, 128) is None               # gpu_tiny now
 
 
 @pytest.mark.parametrize("param", ["model.layers.1.block_sparse_moe.experts.routed_experts.w13_qweight",

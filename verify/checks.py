@@ -22,7 +22,7 @@ from m3_convert import config as cfgmod
 from m3_convert import gptq, names, st
 from m3_convert.errors import CheckpointError
 from m3_convert.execute import CHUNK, sha256_file
-from m3_convert.plan import COPY, DEQUANT, INDEX_FILE, PROMOTE, SINGLE_FILE, SLICE
+from m3_convert.plan import CAST, COPY, DEQUANT, INDEX_FILE, PROMOTE, SINGLE_FILE, SLICE
 from m3_convert.quantcfg import FORMAT, QUANT_METHOD, STOCK_METHOD, stock_extra_config
 
 
@@ -281,7 +281,7 @@ def vision_shape(m: names.VisionModule, leaf: str, cfg: dict):
 
 
 LINEAR_ROLES = (names.LINEAR, names.EXPERT, names.QKV, names.INDEX, names.GATE_UP)
-PLAIN_DTYPES = {names.NORM: ("BF16",), names.EMBED: ("BF16",), names.ROUTER: ("BF16", "F32")}
+PLAIN = names.PLAIN_DTYPES           # the one dtype policy (names.py): any plain float tensor vLLM casts on load
 
 
 def expected_tensors(cfg):
@@ -304,25 +304,26 @@ def expected_tensors(cfg):
                     continue
                 entry = qmods[dst]
                 bits = entry.get("bits") if isinstance(entry, dict) else "?"
-                if bits is None:
-                    exp[f"{dst}.weight"] = (("BF16",), shape)
+                if bits is None:      # bf16 in the source (any plain float) or de-quantized by m3-convert (bf16)
+                    exp[f"{dst}.weight"] = (PLAIN, shape)
                 elif bits in gptq.VALID_BITS:
                     g = entry.get("group_size", cfg["quantization_config"].get("group_size", 128))
                     out_f, in_f = shape
                     for leaf, pshape in gptq.packed_shapes(in_f, out_f, g, bits).items():
-                        exp[f"{dst}.{leaf}"] = (("F16",) if leaf == "scales" else ("I32",), pshape)
+                        exp[f"{dst}.{leaf}"] = ((names.GPTQ_DTYPES[leaf],), pshape)
                 else:
                     findings.append(Finding("structure", "config.json", f"quantization_config.modules[{dst!r}]", f"bad bits {bits!r}"))
             elif module.role == names.ROUTER:
-                exp[f"{dst}.weight"] = (PLAIN_DTYPES[names.ROUTER], shape)
-                exp[names.official_tensor(module, layer, expert, "e_score_correction_bias")] = (PLAIN_DTYPES[names.ROUTER], (shape[0],))
+                exp[f"{dst}.weight"] = (PLAIN, shape)
+                if tc.get("use_routing_bias", True):     # vLLM builds the bias parameter exactly then
+                    exp[names.official_tensor(module, layer, expert, "e_score_correction_bias")] = (PLAIN, (shape[0],))
             else:
-                exp[f"{dst}.weight"] = (PLAIN_DTYPES[module.role], shape)
+                exp[f"{dst}.weight"] = (PLAIN, shape)
     if (cfg.get("quantization_config") or {}).get("layout") == "vl":
         exp = {names.VL_TEXT_PREFIX + k: v for k, v in exp.items()}
         vc = cfg.get("vision_config") or {}
         for m, L, leaf in names.expected_vision(int(vc.get("num_hidden_layers") or 0)):
-            exp[names.vision_tensor(m, L, leaf)] = (("BF16",), vision_shape(m, leaf, cfg))
+            exp[names.vision_tensor(m, L, leaf)] = (PLAIN, vision_shape(m, leaf, cfg))
     n_mtp = (cfg.get("quantization_config") or {}).get("mtp_blocks")
     if n_mtp:   # names as written (the VL layout's language_model.model.mtp.layers.K.*)
         for name, module, own, i in names.expected_mtp_modules(int(n_mtp), layout.num_experts):
@@ -333,7 +334,7 @@ def expected_tensors(cfg):
                 shape = (tc["num_local_experts"],)
             else:
                 shape = expected_shapes(tc, module)[i]
-            exp[name] = (PLAIN_DTYPES[names.ROUTER] if module is not None and module.role == names.ROUTER else ("BF16",), shape)
+            exp[name] = (PLAIN, shape)
     for extra in sorted(set(qmods) - seen_mods):
         findings.append(Finding("structure", "config.json", f"quantization_config.modules[{extra!r}]", "names no module of this model"))
     # fused modules must share one scheme (vLLM builds one quant method per fused parameter)
@@ -408,7 +409,8 @@ def check_against(out_dir, in_dir, progress=None):
     target = qc.get("target") or "m3-plugin"
     try:
         plan = make_plan(in_dir, target=target, min_bits=qc.get("min_bits") if target == "stock-vllm" else None,
-                         keep_vision=qc.get("layout") == "vl", keep_mtp=bool(qc.get("mtp_blocks")))
+                         keep_vision=qc.get("layout") == "vl", keep_mtp=bool(qc.get("mtp_blocks")),
+                         plain_dtype=qc.get("plain_dtype") or "source")
     except CheckpointError as e:
         yield Finding("against", e.file, e.tensor, f"source cannot be planned: {e.msg}")
         return
@@ -472,6 +474,12 @@ def check_against(out_dir, in_dir, progress=None):
                 if ok and name.endswith(".qweight"):   # prove the promoted module de-quantizes to the source values
                     ok = _decodes_to_source(planned, name, read, actual, decoded)
                     msg = f"promoted module does not de-quantize to the source values of {s.name}"
+            elif o.op == CAST:
+                s = o.srcs[0]
+                src = read(s)
+                src = src[o.rows[0]:o.rows[1]] if o.rows else src
+                ok = np.array_equal(gptq.to_bf16(src.astype(np.float32)), read(t))
+                msg = f"is not {s.name} ({s.dtype}) rounded to bf16"
             elif o.op == DEQUANT:
                 arrs = [read(s) for s in o.srcs]
                 ref = gptq.to_bf16(gptq.dequantize(arrs[0], arrs[1], arrs[2], arrs[3] if len(arrs) > 3 else None))

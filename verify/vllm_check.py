@@ -99,6 +99,11 @@ def _build_model(out_dir, mtp=False):
     load_general_plugins()                     # a bare ModelConfig does not load plugins
     from m3_convert import vllm_plugin
     vllm_plugin.register()                     # idempotent: also covers an uninstalled checkout
+    if not current_platform.is_cuda_alike():   # the plugin's CUDA decisions and methods, exact CPU kernels
+        from m3_convert.serve.config import use_platform
+
+        from .reference import CpuPlatform
+        use_platform(CpuPlatform())
 
     mc = ModelConfig(model=out_dir, dtype="bfloat16", skip_tokenizer_init=True, enforce_eager=True)
     lc = LoadConfig(load_format="safetensors")
@@ -246,7 +251,7 @@ def run_child(out_dir, mtp=False):
             continue
         data = p.data
         try:
-            want = _assemble(pname, parts, data, qmods, gptq)
+            want = _assemble(pname, parts, data, qmods, gptq, cfg)
         except Exception as e:   # shape problems are findings, not crashes
             find("(model)", pname, f"cannot assemble the expected value: {e}")
             continue
@@ -306,10 +311,12 @@ def _expect_mtp(k, t, params, expected, unused, names):
         unused.append(k)
 
 
-def _assemble(pname, parts, like, qmods, gptq):
+def _assemble(pname, parts, like, qmods, gptq, cfg):
     import torch
     leaf = pname.rsplit(".", 1)[-1]
     from m3_convert import names
+    if parts[0][0] is not None and like.dim() == 1:    # experts held as per-width parts (m3_convert.serve.moe)
+        return _assemble_parts(pname, parts, qmods, cfg)
     fused = any(f".{f}." in pname for f in names.fused_shards())   # qkv_proj, gate_up_proj
     if parts[0][0] is None and len(parts) == 1 and parts[0][1] == 0 and not fused:
         return parts[0][2]
@@ -337,6 +344,34 @@ def _assemble(pname, parts, like, qmods, gptq):
             ts.append(t)
         out.append(torch.cat(ts, dim=-1 if gptq_leaf else 0))
     return torch.stack(out)
+
+
+def _assemble_parts(pname, parts, qmods, cfg):
+    """The flat ``w13_<leaf>`` / ``w2_<leaf>`` tensor of a MoE layer served at its stored widths: the layer's
+    parts (m3_convert.serve.decide.expert_parts, the plugin's contract) one after another, each part's slots
+    (w13: virtual expert 2e + h, gate h=0 / up h=1; w2: expert e) in order, each the checkpoint tensor."""
+    import torch
+
+    from m3_convert.serve import decide
+    tc = cfg["text_config"]
+    sub, leaf = pname.rsplit(".", 1)[-1].split("_", 1)
+    by = {}
+    for e, pos, t, src in parts:
+        mod = src.rsplit(".", 1)[0]                      # <layer prefix>.<e>.<w1|w3|w2>
+        by[(e, mod.rsplit(".", 1)[-1])] = t
+    prefix = parts[0][3].rsplit(".", 3)[0]               # model.layers.L.block_sparse_moe.experts
+    kernels = decide.PROMOTE_KERNELS if os.environ.get("M3_GPTQ_KERNELS", "").lower() == "promote" else decide.GPU_KERNELS
+    d = decide.select_moe(prefix, qmods, tc["num_local_experts"], tc["hidden_size"], tc["intermediate_size"], kernels)
+    out = []
+    for p in d.parts:
+        if p.sublayer != sub:
+            continue
+        for slot in p.slots:
+            e, shard = (slot // 2, decide.W13_HALVES[slot % 2]) if sub == "w13" else (slot, "w2")
+            if (e, shard) not in by:
+                raise ValueError(f"expert {e} {shard} missing")
+            out.append(by[(e, shard)].reshape(-1))
+    return torch.cat(out)
 
 
 def _param_bits(like, leaf, t, bits, n_shards):
@@ -446,7 +481,7 @@ def run_stock_child(out_dir):
                 cuda = "HummingMoEMethod"
             elif check_moe_marlin_supports_layer(mod, group):
                 cuda = "AutoGPTQMoEMethod (Marlin)"
-                from m3_convert.vllm_plugin import marlin_moe_shape_problem
+                from m3_convert.serve.decide import marlin_moe_shape_problem
                 problem = marlin_moe_shape_problem(mod.hidden_size, mod.intermediate_size_per_partition, group)
                 if problem:   # stock vLLM has no plugin to refuse it at load
                     find(prefix, "on CUDA at this tensor-parallel size: " + problem)

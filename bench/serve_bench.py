@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Serving speed and GPU memory at the real MiniMax-M3 layer widths, through vLLM, on one GPU (issue 15).
+
+    python3 bench/serve_bench.py OUT_DIR [--layers 4] [--vocab 32768] [--arms native,promoted,bf16] [--eager]
+
+A MiniMax-M3 with the real widths (hidden 6144, 64 heads / 4 KV heads / head_dim 128, 128 routed experts of
+width 3072, top-4, one shared expert of 3072, dense MLP 12288, indexer 4 x 128) and ``--layers`` layers (L0 full
+attention + dense MLP as the real L0-L2, the rest sparse attention + MoE as the real L3-L59), written as an
+m3-convert output (config.json with the m3_gptq per-module map; no weight files: vLLM's ``load_format="dummy"``
+fills every parameter, which is all a speed and memory measurement needs). Bits, seeded: attention o_proj,
+dense-layer q/k/v and the dense MLP 4-bit (Machete), the shared expert 3-bit (humming's dense GEMM; promoted: 4),
+sparse-layer q/k/v bf16 (as m3-convert writes them); every routed expert module drawn from 2/3/4/8 with weights
+0.35/0.45/0.12/0.08 (3.2 bits on average; gate and up drawn apart, so every MoE layer has 8 width parts).
+The vocabulary is reduced (default 32768 instead of 200064) so that the bf16 lm_head does not dominate the
+per-token bytes of so few layers.
+
+Arms, each in its own process (one CUDA context each), same GPU, one run:
+* ``native``:   the plugin, every GPTQ layer at its stored width (humming-kernels for 2/3-bit linears and for the
+                mixed-width MoE parts, vLLM's Machete/Marlin for the 4/8-bit linears);
+* ``promoted``: the plugin with ``M3_GPTQ_KERNELS=promote`` (every MoE layer at its widest width, 2/3-bit linears
+                at 4 bits: the plugin before issue 15);
+* ``bf16``:     no quantization at all;
+* ``native_streamk`` (not in the default arms): ``native`` with humming's default stream-K kernels
+                (M3_HUMMING_EXACT=0: faster at small batch, not exact), for comparison.
+
+Per arm: GPU bytes of the weights, decode tokens/s at batch 1 and 32 (CUDA graphs on unless ``--eager``),
+prefill tokens/s of a 2048-token prompt, and for batch-1 decode the bytes of weights one token reads (every
+dense weight, top-k of 128 routed experts at the layer's mean expert size, the lm_head) over the time per
+token, against the HBM bandwidth (the H200's 4.8 TB/s datasheet figure and a device-to-device copy measured
+in the same process).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+EXPERT_MIX = {2: 0.35, 3: 0.45, 4: 0.12, 8: 0.08}
+DATASHEET_BPS = 4.8e12
+
+
+def text_config(layers: int, vocab: int) -> dict:
+    from vllm.transformers_utils.configs.minimax_m3 import MiniMaxM3TextConfig
+    tc = MiniMaxM3TextConfig().to_dict()
+    kinds = [0] + [1] * (layers - 1)
+    sac = dict(tc["sparse_attention_config"])
+    sac["sparse_attention_freq"] = kinds
+    sac["sparse_disable_index_value"] = kinds
+    tc.update(num_hidden_layers=layers, moe_layer_freq=kinds, sparse_attention_config=sac, vocab_size=vocab,
+              max_position_embeddings=8192)
+    for k in ("architectures", "model_type", "transformers_version", "torch_dtype", "dtype"):
+        tc.pop(k, None)
+    return tc
+
+
+def quant_modules(tc: dict, seed: int = 0) -> dict:
+    from m3_convert import names
+    rng = random.Random(seed)
+    widths, weights = zip(*EXPERT_MIX.items())
+    layout = names.Layout(tc["num_hidden_layers"], tuple(bool(x) for x in tc["sparse_attention_config"]["sparse_attention_freq"]),
+                          tuple(bool(x) for x in tc["moe_layer_freq"]), tc["num_local_experts"], tc["n_shared_experts"])
+    mods = {}
+    for m, L, e in names.expected_modules(layout):
+        if m.role not in (names.LINEAR, names.QKV, names.INDEX, names.GATE_UP, names.EXPERT):
+            continue
+        for dst in names.official_modules(m, L, e):
+            if m.role == names.INDEX or (m.role == names.QKV and layout.sparse_attn[L]):
+                bits = None                     # de-quantized by m3-convert (fused with the bf16 indexer)
+            elif m.role == names.EXPERT:
+                bits = rng.choices(widths, weights)[0]
+            elif dst.split(".")[3] == "block_sparse_moe":
+                bits = 3                        # shared expert: humming's dense GEMM
+            else:
+                bits = 4                        # Machete
+            mods[dst] = {"bits": bits, "group_size": 128} if bits else {"bits": None}
+    return mods
+
+
+def write_model(d: str, arm: str, layers: int, vocab: int) -> dict:
+    os.makedirs(d, exist_ok=True)
+    tc = text_config(layers, vocab)
+    cfg = {"architectures": ["MiniMaxM3SparseForCausalLM"], "model_type": "minimax_m3_vl", "torch_dtype": "bfloat16",
+           "tie_word_embeddings": False, "text_config": dict(tc, torch_dtype="bfloat16")}
+    mods = quant_modules(tc)
+    if arm != "bf16":
+        cfg["quantization_config"] = {"quant_method": "m3_gptq", "format": "m3-convert/1", "packing_format": "auto_round:auto_gptq",
+                                      "zero_point": "gptq_v1", "group_size": 128, "sym": True, "desc_act": False, "modules": mods}
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    bits = [v["bits"] for k, v in mods.items() if ".experts." in k]
+    return {"expert_mean_bits": round(sum(bits) / len(bits), 3), "modules": len(mods)}
+
+
+def copy_bandwidth():
+    import torch
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    bps = 10 * 2 * a.numel() / (time.perf_counter() - t)
+    del a, b
+    torch.cuda.empty_cache()
+    return bps
+
+
+def weight_bytes(model):
+    """(all weight bytes, bytes one decode token reads): every parameter/buffer but humming workspaces; routed
+    experts counted at top_k / num_experts of their layer; the embedding table not at all (one row)."""
+    total = active = 0
+    for name, mod in model.named_modules():
+        own = [(n, t) for n, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+               if not (n == "locks" or n.endswith("_map") or "workspace" in n or n.endswith("cos_sin_cache") or "inv_freq" in n)]
+        b = sum(t.numel() * t.element_size() for _, t in own)
+        total += b
+        if "embed_tokens" in name:
+            continue
+        if hasattr(mod, "global_num_experts") and hasattr(mod, "top_k"):
+            active += b * mod.top_k / mod.global_num_experts
+        else:
+            active += b
+    return total, int(active)
+
+
+def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if arm == "promoted":
+        os.environ["M3_GPTQ_KERNELS"] = "promote"
+    if arm == "native_streamk":
+        os.environ["M3_HUMMING_EXACT"] = "0"
+    d = f"/tmp/m3bench/{arm}"
+    info = write_model(d, "bf16" if arm == "bf16" else "native", layers, vocab)
+    from m3_convert import vllm_plugin
+    vllm_plugin.register()
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    t0 = time.time()
+    llm = LLM(model=d, load_format="dummy", dtype="bfloat16", block_size=128, enforce_eager=eager, max_model_len=4096,
+              max_num_seqs=32, gpu_memory_utilization=0.85, skip_tokenizer_init=True, seed=0)
+    load_s = time.time() - t0
+    (total, active), = llm.apply_model(weight_bytes)
+    rng = random.Random(1)
+
+    def prompts(n, length):
+        return [TokensPrompt(prompt_token_ids=[rng.randrange(3, vocab - 1) for _ in range(length)]) for _ in range(n)]
+
+    def gen(n, length, new):
+        sp = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True, detokenize=False)
+        ps = prompts(n, length)
+        t = time.perf_counter()
+        res = llm.generate(ps, sp, use_tqdm=False)
+        dt = time.perf_counter() - t
+        assert all(len(r.outputs[0].token_ids) == new for r in res)
+        return dt
+    gen(1, 8, 16)          # warm-up (and any remaining JIT)
+    res = {"arm": arm, "load_s": round(load_s, 1), "eager": eager, **info, "weight_bytes": total,
+           "active_bytes_per_token": active}
+    # decode: (new - 1) tokens after the first, so the (tiny) prefill is taken out by differencing two lengths
+    for bs in (1, 32):
+        short, long_ = [gen(bs, 8, 17) for _ in range(2)], [gen(bs, 8, 145) for _ in range(2)]
+        per_step = (min(long_) - min(short)) / 128
+        res[f"decode_bs{bs}_tok_s"] = round(bs / per_step, 1)
+        res[f"decode_bs{bs}_ms_per_step"] = round(per_step * 1e3, 3)
+    pf = [gen(1, 2048, 1) for _ in range(3)]
+    res["prefill_2k_tok_s"] = round(2048 / statistics.median(pf), 0)
+    bw = copy_bandwidth()
+    step = res["decode_bs1_ms_per_step"] / 1e3
+    res["copy_bandwidth_Bps"] = round(bw / 1e9, 1) * 1e9
+    res["decode_bs1_bytes_per_s"] = round(active / step / 1e9, 1) * 1e9
+    res["decode_bs1_fraction_of_datasheet_hbm"] = round(active / step / DATASHEET_BPS, 3)
+    res["decode_bs1_fraction_of_measured_copy"] = round(active / step / bw, 3)
+    res["methods"] = dict(vllm_plugin.CHOICES) if arm != "bf16" else {}
+    with open(os.path.join(out, f"speed_{arm}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print("RESULT " + json.dumps({k: v for k, v in res.items() if k != "methods"}), flush=True)
+
+
+def main():
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--arms", default="native,promoted,bf16")
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--arm", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    if a.arm:
+        run_arm(a.arm, a.out, a.layers, a.vocab, a.eager)
+        os._exit(0)
+    rows = []
+    for arm in a.arms.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), a.out, "--arm", arm, "--layers", str(a.layers), "--vocab", str(a.vocab)]
+        if a.eager:
+            cmd.append("--eager")
+        t = time.time()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not line:
+            print(f"{arm}: failed (exit {p.returncode}) after {time.time() - t:.0f} s:\n{(p.stderr or p.stdout)[-3000:]}", flush=True)
+            continue
+        rows.append(json.loads(line[-1][7:]))
+        print(f"{arm}: {time.time() - t:.0f} s", flush=True)
+    with open(os.path.join(a.out, "speed_summary.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("| arm | weights GiB | decode bs1 tok/s | decode bs32 tok/s | prefill 2k tok/s | bs1 bytes/token | bs1 % of HBM (4.8 TB/s; copy) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['arm']} | {r['weight_bytes'] / 2**30:.2f} | {r['decode_bs1_tok_s']} | {r['decode_bs32_tok_s']} | "
+              f"{r['prefill_2k_tok_s']:.0f} | {r['active_bytes_per_token'] / 1e6:.0f} MB | "
+              f"{100 * r['decode_bs1_fraction_of_datasheet_hbm']:.0f}%; {100 * r['decode_bs1_fraction_of_measured_copy']:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The ``m3_gptq`` quantization config vLLM builds from an m3-convert checkpoint: prefix routing (text,
+VL, MTP drafter, vision tower) -> the pure decision (:mod:`.decide`) -> a method (:mod:`.linear`,
+:mod:`.moe`) with the kernel the platform offers.
+
+Platforms: :class:`CudaPlatform` on a CUDA GPU (humming-kernels where it imports, else promotion to vLLM's
+Marlin/Machete widths, logged). m3-verify's CPU check installs its own (exact reference kernels, the same
+decisions and parameters) with :func:`use_platform`; without one, a platform with no GPU kernels is refused.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+from . import compat, decide
+
+log = logging.getLogger("m3_convert.serve")
+
+QUANT_METHOD = "m3_gptq"
+CHOICES: dict[str, str] = {}    # layer prefix -> "method/kernel" chosen in this process (logs, GPU check, verify)
+_platform = None
+
+
+class CudaPlatform:
+    """vLLM's own GPTQ methods for 4/8 bits, humming-kernels for the rest (or promotion without it)."""
+
+    @property
+    def kernels(self):
+        return _cuda_kernels()
+
+    def linear_method(self, d):
+        from .linear import HummingLinearKernel, gptq_linear_class, promoting_gptq_class
+        if d.kernel == decide.HUMMING:
+            return gptq_linear_class()(d, HummingLinearKernel())
+        return promoting_gptq_class()(d)
+
+    def moe_method(self, d, moe):
+        from .moe import HummingMoEKernel, humming_moe_class, promoting_marlin_class
+        if d.kernel == decide.HUMMING:
+            return humming_moe_class()(d, moe, HummingMoEKernel())
+        from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQMoEMethod
+        return promoting_marlin_class(AutoGPTQMoEMethod)(d, moe)
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_kernels():
+    problem = compat.humming_problem()
+    if problem:
+        log.warning("m3_gptq: humming-kernels not used (%s): GPTQ layers of other widths than 4/8 and MoE layers "
+                    "of mixed widths are promoted (exact, more memory)", problem)
+        return decide.PROMOTE_KERNELS
+    return decide.GPU_KERNELS
+
+
+def use_platform(platform) -> None:
+    """Install the methods/kernels provider for this process (m3_verify's CPU check)."""
+    global _platform
+    _platform = platform
+
+
+def current_platform():
+    if _platform is not None:
+        return _platform
+    from vllm.platforms import current_platform as vp
+    if not vp.is_cuda_alike():
+        raise decide.ServeError("m3_gptq serves on CUDA GPUs (this platform has no GPTQ kernels; m3-verify --vllm "
+                                "checks the weights on a CPU)")
+    return CudaPlatform()
+
+
+def route(prefix: str, full: dict):
+    """vLLM layer prefix -> (official text prefix, None), or (None, "bf16") for layers m3-convert writes bf16
+    outside the text model (the vision tower; the MTP drafter's block, bare ``model.layers.K`` below
+    ``mtp_blocks``), under the VL layout (--keep-vision) where the text model sits under ``language_model.``."""
+    if full.get("layout") != "vl":
+        return prefix, None
+    from ..names import VL_TEXT_PREFIX, VLLM_VISION_PREFIX, out_layer
+    if prefix.startswith(VLLM_VISION_PREFIX):
+        return None, "bf16"
+    k = out_layer(prefix)
+    if prefix == "lm_head" or (k is not None and k < int(full.get("mtp_blocks") or 0)):
+        return None, "bf16"     # vLLM's MTP drafter (prefix ""): its block K is model.layers.K.*, written bf16
+    if not prefix.startswith(VL_TEXT_PREFIX):
+        raise decide.ServeError(f"m3_gptq: layer {prefix} is under neither {VL_TEXT_PREFIX} nor {VLLM_VISION_PREFIX} "
+                                "(VL checkpoint written by m3-convert --keep-vision)")
+    return prefix[len(VL_TEXT_PREFIX):], None
+
+
+@functools.lru_cache(maxsize=None)
+def config_class():
+    import torch
+    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+    from ..names import fused_shards
+
+    class M3GPTQConfig(QuantizationConfig):
+        """Per-module GPTQ settings written by m3-convert (README, 'The quantization_config schema')."""
+
+        def __init__(self, full: dict):
+            super().__init__()
+            if full.get("quant_method") != QUANT_METHOD or not isinstance(full.get("modules"), dict):
+                raise ValueError("m3_gptq: quantization_config lacks the m3-convert per-module map")
+            if full.get("zero_point") != "gptq_v1":
+                raise ValueError(f"m3_gptq: unsupported zero_point convention {full.get('zero_point')!r}")
+            self.full = full
+            self.modules = full["modules"]
+            self.chosen: dict[str, str] = {}     # prefix -> method class name (tests and logs)
+            self.decisions: dict = {}            # prefix -> LinearDecision / MoeDecision
+
+        def __repr__(self):
+            return f"M3GPTQConfig({len(self.modules)} modules)"
+
+        @classmethod
+        def get_name(cls):
+            return QUANT_METHOD
+
+        @classmethod
+        def get_supported_act_dtypes(cls):
+            return [torch.bfloat16, torch.float16]
+
+        @classmethod
+        def get_min_capability(cls):
+            return 75
+
+        @staticmethod
+        def get_config_filenames():
+            return []
+
+        @classmethod
+        def from_config(cls, config):
+            return cls(config)
+
+        @classmethod
+        def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
+            return QUANT_METHOD if (hf_quant_cfg or {}).get("quant_method") == QUANT_METHOD else None
+
+        def get_quant_method(self, layer, prefix):
+            method, label = self._choose(layer, prefix)
+            if method is not None:
+                self.chosen[prefix] = CHOICES[prefix] = label or type(method).__name__
+            return method
+
+        def _choose(self, layer, prefix):
+            text, bf16 = route(prefix, self.full)
+            is_moe = compat.is_moe_layer(layer)
+            if bf16:
+                if isinstance(layer, LinearBase):
+                    return UnquantizedLinearMethod(), None
+                if is_moe:
+                    from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+                    return UnquantizedFusedMoEMethod(layer.moe_config), None
+                return None, None
+            if isinstance(layer, LinearBase):
+                platform = current_platform()
+                d = decide.select_linear(text, self.modules, fused_shards(), platform.kernels)
+                self.decisions[prefix] = d
+                if d.kernel == decide.BF16:
+                    return UnquantizedLinearMethod(), None
+                if d.note:
+                    log.warning("m3_gptq: %s: %s (%.2fx the memory of the stored codes)", prefix, d.note, d.width / d.bits)
+                m = platform.linear_method(d)
+                return m, f"{type(m).__name__}/{d.kernel}{d.width}"
+            if is_moe:
+                platform = current_platform()
+                mc = layer.moe_config
+                d = decide.select_moe(text, self.modules, layer.global_num_experts, mc.hidden_dim,
+                                      mc.intermediate_size_per_partition, platform.kernels)
+                self.decisions[prefix] = d
+                if d.kernel == decide.BF16:
+                    from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+                    return UnquantizedFusedMoEMethod(layer.moe_config), None
+                if d.note:
+                    log.warning("m3_gptq: %s: %s", prefix, d.note)
+                m = platform.moe_method(d, layer.moe_config)
+                widths = "+".join(f"{p.name}x{len(p.slots)}" for p in d.parts) if d.parts else f"{d.kernel}{d.width}"
+                return m, f"{type(m).__name__}/{widths}"
+            return None, None   # embeddings, lm_head, attention: vLLM's defaults (bf16)
+
+    return M3GPTQConfig
+
+
+_registered = False
+
+
+def register():
+    """vLLM general plugin entry point (idempotent; a no-op without vLLM)."""
+    global _registered
+    if _registered:
+        return
+    try:
+        from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, register_quantization_config
+    except ImportError:
+        return
+    if QUANTIZATION_METHODS and QUANT_METHOD in QUANTIZATION_METHODS:
+        _registered = True
+        return
+    register_quantization_config(QUANT_METHOD)(config_class())
+    _registered = True

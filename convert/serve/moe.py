@@ -1,0 +1,217 @@
+"""MoE layers of the m3_gptq plugin (modelled on vLLM's MoeWNA16Method: the method creates the parameters
+and wraps the loader; a kernel object, chosen by the config's selector, prepares and runs them).
+
+* :func:`humming_moe_class` ``M3HummingMoEMethod``: every expert at its stored width. The decision's parts
+  (m3_convert.serve.decide: one per sublayer and width) are held one after another in one flat tensor per
+  leaf (``w13_qweight``, ``w13_qzeros``, ``w13_scales``, ``w2_*``: the names vLLM's MiniMax-M3 loader asks
+  for); the loader puts each checkpoint expert tensor, sliced for this tensor-parallel rank, into its slot.
+  :class:`HummingMoEKernel` turns each part into a humming MoE layer and runs them (GPU);
+  m3_verify's reference kernel leaves them as loaded (CPU check).
+* :func:`promoting_marlin_class`: vLLM's ``AutoGPTQMoEMethod`` (Marlin WNA16) for a layer whose experts
+  all share width 4 or 8, or, without humming, every expert promoted to the layer's widest width.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+from . import compat, decide
+from .linear import check_symmetric_zeros, promoted
+
+log = logging.getLogger("m3_convert.serve")
+
+
+@functools.lru_cache(maxsize=None)
+def humming_moe_class():
+    import torch
+    from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
+
+    class M3HummingMoEMethod(FusedMoEMethodBase):
+        def __init__(self, decision, moe, kernel):
+            super().__init__(moe)
+            self.decision, self.kernel = decision, kernel
+
+        def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                           **extra):
+            if getattr(layer, "expert_map", None) is not None or num_experts != layer.global_num_experts:
+                raise decide.ServeError(f"m3_gptq: {self.decision.prefix}: expert parallelism with per-expert widths "
+                                        "is not supported; use tensor parallelism")
+            create_expert_params(layer, self.decision, hidden_size, intermediate_size_per_partition, num_experts,
+                                 params_dtype)
+
+        def get_fused_moe_quant_config(self, layer):
+            return compat.unquantized_moe_quant_config()
+
+        def process_weights_after_loading(self, layer):
+            if getattr(layer, "m3_prepared", False):
+                return
+            layer.m3_prepared = True
+            self.kernel.prepare(layer)
+
+        def apply(self, layer, x, topk_weights, topk_ids, *args, **kwargs):
+            return self.kernel.apply(layer, x, topk_weights, topk_ids)
+
+    return M3HummingMoEMethod
+
+
+def create_expert_params(layer, d, hidden, inter, num_experts, params_dtype):
+    """The flat ``w13_<leaf>`` / ``w2_<leaf>`` parameters of a MoE layer held in parts (decide.flat_layout), each
+    with the loader that puts a checkpoint expert tensor into its slot (:func:`load_expert`)."""
+    import torch
+    layer.m3_moe = d
+    layer.m3_dims = (hidden, inter, num_experts, params_dtype)
+    layer.m3_index = decide.slot_index(d.parts)
+    layer.m3_layout = {s: decide.flat_layout(d.parts, s, d.group, hidden, inter) for s in ("w13", "w2")}
+    for s, lay in layer.m3_layout.items():
+        for leaf, (total, _) in lay.items():
+            dtype = torch.float16 if leaf == "scales" else torch.int32    # the checkpoint's: fp16 scales kept exact
+            p = torch.nn.Parameter(torch.empty(total, dtype=dtype), requires_grad=False)
+            p.weight_loader = _loader(layer, s, leaf)
+            layer.register_parameter(f"{s}_{leaf}", p)
+
+
+def _loader(layer, sublayer, leaf):
+    def load(param, loaded_weight, weight_name, shard_id, expert_id, return_success=False, **_):
+        load_expert(layer, param, loaded_weight, sublayer, leaf, shard_id, int(expert_id))
+        return True if return_success else None
+    return load
+
+
+def part_view(layer, part, leaf):
+    """The [slots, ...] view of one part inside its flat ``<sublayer>_<leaf>`` tensor."""
+    off, shape = layer.m3_layout[part.sublayer][leaf][1][part.name]
+    n = 1
+    for x in shape:
+        n *= x
+    return getattr(layer, f"{part.sublayer}_{leaf}").data[off:off + n].view(shape)
+
+
+def load_expert(layer, param, loaded_weight, sublayer, leaf, shard_id, expert_id):
+    """One checkpoint expert tensor (``<prefix>.<expert>.<shard>.<leaf>``) into its slot, sliced for this rank."""
+    d = layer.m3_moe
+    hidden, inter, _, _ = layer.m3_dims
+    where = f"{d.prefix}.{expert_id}.{shard_id}"
+    key = decide.slot_of(shard_id, expert_id)
+    if key[0] != sublayer or key not in layer.m3_index:
+        raise decide.ServeError(f"m3_gptq: {where}.{leaf} has no slot in {sublayer}")
+    part, i = layer.m3_index[key]
+    if leaf == "qzeros":
+        check_symmetric_zeros(loaded_weight, part.bits, where)
+    dim, start, length = decide.rank_slice_spec(sublayer, leaf, part.bits, d.group, inter,
+                                                layer.moe_config.tp_rank if layer.moe_config.tp_size > 1 else 0)
+    want = decide.slot_shapes(sublayer, part.bits, d.group, hidden, inter)[leaf]
+    full = list(want)
+    full[dim] = length * layer.moe_config.tp_size
+    if list(loaded_weight.shape) != full:
+        raise decide.ServeError(f"m3_gptq: {where}.{leaf}: shape {list(loaded_weight.shape)}, but a {part.bits}-bit "
+                                f"{shard_id} of this layer is {full} (bits in quantization_config.modules disagree with the tensors?)")
+    part_view(layer, part, leaf)[i].copy_(loaded_weight.narrow(dim, start, length))
+
+
+class HummingMoEKernel:
+    """Each part a humming MoE layer (indexed GEMM, batch-invariant); the forward runs every w13 part over the
+    rows routed to its virtual experts into one gate/up buffer, vLLM's SwiGLU-OAI on it, every w2 part over its
+    rows into one down buffer, and the weighted sum over top-k. No host synchronisation, no data-dependent
+    Python: capturable by CUDA graphs."""
+    name = "humming-parts"
+
+    def prepare(self, layer):
+        import torch
+        from humming.layer import HummingMethod
+        d = layer.m3_moe
+        hidden, inter, E, dtype = layer.m3_dims
+        dev = getattr(layer, "w13_qweight").device
+        layer.m3_tuning = {}
+        for part in d.parts:
+            n, k = (inter, hidden) if part.sublayer == "w13" else (hidden, inter)
+            qw = part_view(layer, part, "qweight")
+            sc = part_view(layer, part, "scales")
+            schema, tensors = compat.humming_schema_tensors(part.bits, d.group, qw, sc, dtype)
+            for name, t in tensors.items():
+                HummingMethod.may_set_param(layer, f"{part.name}_{name}", t.to(dev))
+            HummingMethod.prepare_layer_meta(layer=layer, shape_n=n, shape_k=k, weight_schema=schema,
+                                             num_experts=len(part.slots), pad_n_to_multiple=decide.HUMMING_PAD_N,
+                                             pad_k_to_multiple=128, torch_dtype=dtype, sublayer_name=part.name)
+            HummingMethod.transform_humming_layer(layer, sublayer_name=part.name)
+            slots = 2 * E if part.sublayer == "w13" else E
+            emap = torch.full((slots,), -1, dtype=torch.int32)
+            emap[list(part.slots)] = torch.arange(len(part.slots), dtype=torch.int32)
+            layer.register_buffer(f"{part.name}_map", emap.to(dev), persistent=False)
+            tuning = compat.humming_tuning(layer, part.name, "indexed")
+            layer.m3_tuning[part.name] = (slots, tuning, compat.json.dumps(tuning))
+        layer.m3_w13 = [p for p in d.parts if p.sublayer == "w13"]
+        layer.m3_w2 = [p for p in d.parts if p.sublayer == "w2"]
+        for s in ("w13", "w2"):
+            for leaf in decide.GPTQ_LEAVES:
+                delattr(layer, f"{s}_{leaf}")
+        layer.register_buffer("locks", compat.humming_locks(dev), persistent=False)
+        layer.m3_cc = compat.humming_compute_config("indexed")
+        layer.m3_act = compat.swiglu(layer)
+        torch.cuda.synchronize(dev)
+
+    def apply(self, layer, x, topk_weights, topk_ids):
+        import torch
+        hidden, inter, E, _ = layer.m3_dims
+        M, k = topk_ids.shape
+        out = torch.empty(M, hidden, dtype=x.dtype, device=x.device)
+        if M == 0:
+            return out
+        ids = topk_ids.to(torch.int32)
+        vids = torch.stack((2 * ids, 2 * ids + 1), dim=-1).view(M, 2 * k)     # (token, 2k + h): gate, up
+        gate_up = torch.empty(M * k, 2 * inter, dtype=x.dtype, device=x.device)
+        for part in layer.m3_w13:
+            self._gemm(layer, part, x, gate_up.view(M * 2 * k, inter), vids, 2 * k)
+        act = torch.empty(M * k, inter, dtype=x.dtype, device=x.device)
+        compat.swiglu_oai(act, gate_up, *layer.m3_act)
+        down = torch.empty(M * k, hidden, dtype=x.dtype, device=x.device)
+        for part in layer.m3_w2:
+            self._gemm(layer, part, act, down, ids, 1)
+        return compat.weighted_sum(down.view(M, k, hidden), topk_weights, out)
+
+    @staticmethod
+    def _gemm(layer, part, inputs, outputs, ids, top_k):
+        """One part over the rows routed to its slots: ``outputs`` rows (token * top_k + j) of the slots
+        ``ids[token, j]`` this part holds are written, no other row."""
+        from humming.layer import HummingMethod
+        slots, tuning, tuning_s = layer.m3_tuning[part.name]
+        valid = max(1, -(-ids.numel() * len(part.slots) // slots))       # rows expected in this part
+        sid, eid, ntp = compat.moe_align(ids, compat.block_m(tuning, valid), slots, getattr(layer, f"{part.name}_map"))
+        HummingMethod.forward_layer(layer=layer, inputs=inputs, outputs=outputs, sorted_ids=sid, expert_ids=eid,
+                                    num_tokens_padded=ntp, top_k=top_k, valid_shape_m=valid,
+                                    compute_config=layer.m3_cc, tuning_config=tuning_s, sublayer_name=part.name)
+
+
+@functools.lru_cache(maxsize=None)
+def promoting_marlin_class(base):
+    """``base`` (vLLM's AutoGPTQMoEMethod, or m3_verify's CPU reference with its parameters) at the decision's
+    width: narrower experts promoted while loading (exact), qzeros checked symmetric, SwiGLU parameters supplied."""
+
+    class M3MarlinMoEMethod(base):
+        def __init__(self, decision, moe):
+            super().__init__(compat.gptq_config(decision.width, decision.group), moe)
+            self.decision = decision
+
+        def get_fused_moe_quant_config(self, layer):
+            qc = super().get_fused_moe_quant_config(layer)
+            compat.fill_swiglu(qc, self.moe)
+            return qc
+
+        def create_weights(self, layer, *args, **kwargs):
+            super().create_weights(layer, *args, **kwargs)
+            for pname in ("w13_qweight", "w13_qzeros", "w2_qweight", "w2_qzeros"):
+                p = getattr(layer, pname)
+                p.weight_loader = _promoting_loader(p.weight_loader, self.decision, pname.rsplit("_", 1)[1])
+
+    M3MarlinMoEMethod.__name__ = base.__name__   # what the logs and tests report
+    return M3MarlinMoEMethod
+
+
+def _promoting_loader(orig, decision, leaf):
+    def loader(param, loaded_weight, weight_name, shard_id, expert_id, **kw):
+        where = f"{decision.prefix}.{expert_id}.{shard_id}"
+        bits = decision.expert_bits.get(where, decision.width)
+        if leaf == "qzeros":
+            check_symmetric_zeros(loaded_weight, bits, where)
+        loaded_weight = promoted(loaded_weight, bits, decision.width, leaf)
+        return orig(param, loaded_weight, weight_name, shard_id=shard_id, expert_id=expert_id, **kw)
+    return loader

@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""Per-width kernel check at the real MiniMax-M3 shapes, on the GPU (issue 15).
+
+    python3 gpu/kernel_check.py OUT_JSON [--quick]
+
+The plugin's own classes (m3_convert.serve: HummingLinearKernel, M3HummingMoEMethod + HummingMoEKernel) on
+stand-in layers holding random GPTQ tensors (random codes, the symmetric v1 zeros, signed fp16 scales):
+
+* dense, widths 2/3/4/8, N x K = 6144 x 6144 and 6144 x 3072, M = 1, 32, 512: humming's output vs x @ W^T with
+  W the exact float32 decode, beside torch's bf16 GEMM of the same W rounded to bf16 (the floor any bf16
+  kernel lives with);
+* MoE, 128 experts of width 3072, hidden 6144, top-4: one layer per uniform width 2/3/4/8 and one layer whose
+  experts mix all four (gate and up of one expert differing), M = 1, 32, 512 tokens routed at random: the
+  method's apply vs sum_k w_k * W2_e(swiglu_oai(W13_e x)) in float32 from the exact decode, beside the same
+  computed with bf16 weights and bf16 intermediates (the floor);
+* the time of each call (CUDA events, median of 20 after warm-up, L2 not flushed).
+
+Relative errors are max|y - ref| / max|ref| and ||y - ref|| / ||ref||; every output element is checked finite.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from m3_convert.serve import compat, decide  # noqa: E402
+
+G = 128
+DEV = torch.device("cuda")
+LIMIT, ALPHA, BETA = 7.0, 1.702, 1.0
+
+
+# ---------------------------------------------------------------- GPTQ on the GPU (the reference decode)
+def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ words packed along dim -2 ([..., K*b/32, N] int32) -> codes [..., K, N] (int64)."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    *lead, R, N = w.shape
+    if bits in (2, 4, 8):
+        per = 32 // bits
+        sh = (torch.arange(per, device=w.device) * bits).view(*([1] * len(lead)), 1, per, 1)
+        codes = (w.unsqueeze(-2) >> sh) & ((1 << bits) - 1)
+        return codes.reshape(*lead, R * per, N)
+    t = w.view(*lead, R // 3, 3, N)                          # words in [0, 2^32): no int64 overflow below
+    out = []
+    for j in range(32):
+        word, off = divmod(3 * j, 32)
+        v = t[..., word, :] >> off
+        if off > 29:
+            v = v | (t[..., word + 1, :] << (32 - off))
+        out.append(v & 7)
+    return torch.stack(out, dim=-2).reshape(*lead, R // 3 * 32, N)
+
+
+def decode(qweight, scales, bits):
+    """Exact W [..., N, K] float32 of a symmetric GPTQ tensor (zero 2^(b-1))."""
+    q = unpack_rows(qweight, bits).float() - (1 << (bits - 1))          # [..., K, N]
+    s = scales.float().repeat_interleave(G, dim=-2)                       # [..., K, N]
+    return (q * s).transpose(-1, -2).contiguous()
+
+
+def random_gptq(lead, n, k, bits, gen):
+    """Random codes, symmetric zeros, signed fp16 scales ~ +-[0.5, 1.5] / (2^(b-1) * sqrt(k))."""
+    from m3_convert import gptq
+    qw = torch.randint(-2**31, 2**31, (*lead, k * bits // 32, n), dtype=torch.int64, device=DEV, generator=gen).to(torch.int32)
+    pat = torch.from_numpy(gptq.symmetric_zero_words(bits).view("int32").copy()).to(DEV)
+    qz = pat.repeat(n * bits // 32 // pat.numel()).expand(*lead, k // G, -1).contiguous()
+    mag = (torch.rand((*lead, k // G, n), device=DEV, generator=gen) + 0.5) / ((1 << (bits - 1)) * k ** 0.5)
+    sign = torch.where(torch.rand((*lead, k // G, n), device=DEV, generator=gen) < 0.5, -1.0, 1.0)
+    return qw, qz, (mag * sign).half()
+
+
+def errs(y, ref):
+    d = (y.float() - ref).abs()
+    return {"max_rel": float(d.max() / ref.abs().max()), "norm_rel": float(d.norm() / ref.norm()),
+            "finite": bool(torch.isfinite(y).all())}
+
+
+def timed(fn, n=20):
+    """Median time (us) of ``fn`` captured in a CUDA graph and replayed, as vLLM serves decode: the device time
+    without Python's launch overhead (eager calls of these kernels are host-bound: ~100 us)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+
+# ---------------------------------------------------------------- dense
+class DenseLayer(torch.nn.Module):
+    pass
+
+
+def dense_case(bits, n, k, ms, gen):
+    from m3_convert.serve.linear import HummingLinearKernel
+    qw, qz, sc = random_gptq((), n, k, bits, gen)
+    W = decode(qw, sc, bits)                               # [n, k] float32
+    layer = DenseLayer()
+    for name, t in (("qweight", qw), ("qzeros", qz), ("scales", sc)):
+        layer.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
+    layer.m3_gptq = (bits, G, n, k, torch.bfloat16)
+    kern = HummingLinearKernel()
+    t0 = time.time()
+    kern.prepare(layer)
+    prep = time.time() - t0
+    wb = W.to(torch.bfloat16)
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
+        y = kern.apply(layer, x)
+        ref = x.float() @ W.T
+        rows.append({"bits": bits, "n": n, "k": k, "m": m, "humming": errs(y, ref),
+                     "torch_bf16": errs(torch.nn.functional.linear(x, wb), ref),
+                     "repeat_identical": bool(torch.equal(y, kern.apply(layer, x))),
+                     "us_humming": round(timed(lambda: kern.apply(layer, x)), 1),
+                     "us_torch_bf16": round(timed(lambda: torch.nn.functional.linear(x, wb)), 1),
+                     "weight_bytes_humming": sum(p.numel() * p.element_size() for n_, p in layer.named_parameters()),
+                     "prepare_s": round(prep, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- MoE
+class MoeConfig:
+    def __init__(self, hidden, inter, E, k):
+        self.tp_rank, self.tp_size = 0, 1
+        self.hidden_dim, self.intermediate_size_per_partition = hidden, inter
+        self.swiglu_limit, self.swiglu_alpha, self.swiglu_beta = LIMIT, ALPHA, BETA
+        self.num_experts, self.experts_per_token = E, k
+
+
+class MoeLayer(torch.nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.moe_config = cfg
+        self.global_num_experts = cfg.num_experts
+        self.expert_map = None
+        self.swiglu_limit, self.swiglu_alpha, self.swiglu_beta = LIMIT, ALPHA, BETA
+
+
+def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
+    """per_bits[e] = (w1, w3, w2) bits."""
+    from m3_convert.serve.moe import HummingMoEKernel, humming_moe_class, load_expert
+    prefix = "model.layers.9.block_sparse_moe.experts"
+    modules = {f"{prefix}.{e}.{s}": {"bits": b, "group_size": G} for e in range(E) for s, b in zip(("w1", "w3", "w2"), per_bits[e])}
+    d = decide.select_moe(prefix, modules, E, hidden, inter, frozenset({decide.HUMMING}))   # humming at every width
+    cfg = MoeConfig(hidden, inter, E, k)
+    layer = MoeLayer(cfg)
+    method = humming_moe_class()(d, cfg, HummingMoEKernel())
+    with torch.device(DEV):
+        method.create_weights(layer, E, hidden, inter, torch.bfloat16)
+    W13, W2 = [], []
+    ckpt_bytes = 0
+    for e in range(E):
+        ws = {}
+        for s, b in zip(("w1", "w3", "w2"), per_bits[e]):
+            n, kk = (inter, hidden) if s != "w2" else (hidden, inter)
+            qw, qz, sc = random_gptq((), n, kk, b, gen)
+            ckpt_bytes += sum(t.numel() * t.element_size() for t in (qw, qz, sc))
+            for leaf, t in (("qweight", qw), ("qzeros", qz), ("scales", sc)):
+                sub = "w2" if s == "w2" else "w13"
+                load_expert(layer, getattr(layer, f"{sub}_{leaf}"), t, sub, leaf, s, e)
+            ws[s] = decode(qw, sc, b)                      # exact float32 (29 GB for 128 real-size experts)
+        W13.append(torch.cat([ws["w1"], ws["w3"]]))
+        W2.append(ws["w2"])
+    W13b = [t.to(torch.bfloat16) for t in W13]            # the weights a bf16 engine would hold
+    W2b = [t.to(torch.bfloat16) for t in W2]
+    t0 = time.time()
+    method.process_weights_after_loading(layer)
+    prep = time.time() - t0
+    held = sum(p.numel() * p.element_size() for n_, p in layer.named_parameters())
+    rows = []
+    for m in ms:
+        x = torch.randn(m, hidden, device=DEV, generator=gen).to(torch.bfloat16)
+        ids = torch.rand(m, E, device=DEV, generator=gen).topk(k, dim=-1).indices.to(torch.int32)
+        w = torch.rand(m, k, device=DEV, generator=gen)
+        w = (w / w.sum(-1, keepdim=True) * 2.0).float()
+        y = method.apply(layer, x, w, ids, None, None)
+        ref = torch.zeros(m, hidden, device=DEV)
+        refb = torch.zeros(m, hidden, device=DEV)
+        for e in ids.unique().tolist():
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            xe = x[tok]
+            h = xe.float() @ W13[e].T                # float32 throughout, from the exact decode ...
+            g_, u_ = h[:, :inter].clamp(max=LIMIT), h[:, inter:].clamp(-LIMIT, LIMIT)
+            a = g_ * torch.sigmoid(ALPHA * g_) * (u_ + BETA)
+            ref.index_add_(0, tok, (a @ W2[e].T) * w[tok, slot, None])
+            hb = xe @ W13b[e].T                      # ... and the bf16 path a bf16 engine would take
+            gb, ub = hb[:, :inter].float().clamp(max=LIMIT), hb[:, inter:].float().clamp(-LIMIT, LIMIT)
+            ab = (gb * torch.sigmoid(ALPHA * gb) * (ub + BETA)).to(torch.bfloat16)
+            refb.index_add_(0, tok, (ab @ W2b[e].T).float() * w[tok, slot, None])
+        rows.append({"case": tag, "m": m, "experts": E, "top_k": k, "parts": [f"{p.name}x{len(p.slots)}" for p in d.parts],
+                     "humming": errs(y, ref), "bf16_path": errs(refb, ref),
+                     "repeat_identical": bool(torch.equal(y, method.apply(layer, x, w, ids, None, None))),
+                     "us_humming": round(timed(lambda: method.apply(layer, x, w, ids, None, None)), 1),
+                     "gpu_bytes": held, "gptq_bytes": ckpt_bytes, "prepare_s": round(prep, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    del layer, W13, W2, W13b, W2b
+    torch.cuda.empty_cache()
+    return rows
+
+
+def graph_case(gen):
+    """The mixed MoE apply captured in a CUDA graph and replayed on new inputs: same output as eager."""
+    from m3_convert.serve.moe import HummingMoEKernel, humming_moe_class, load_expert
+    E, hidden, inter, k, m = 16, 1024, 512, 4, 8
+    per = [(decide.QUANT_BITS[e % 4], decide.QUANT_BITS[(e + 1) % 4], decide.QUANT_BITS[(e + 2) % 4]) for e in range(E)]
+    prefix = "p"
+    modules = {f"{prefix}.{e}.{s}": {"bits": b, "group_size": G} for e in range(E) for s, b in zip(("w1", "w3", "w2"), per[e])}
+    d = decide.select_moe(prefix, modules, E, hidden, inter)
+    cfg = MoeConfig(hidden, inter, E, k)
+    layer = MoeLayer(cfg)
+    method = humming_moe_class()(d, cfg, HummingMoEKernel())
+    with torch.device(DEV):
+        method.create_weights(layer, E, hidden, inter, torch.bfloat16)
+    for e in range(E):
+        for s, b in zip(("w1", "w3", "w2"), per[e]):
+            n, kk = (inter, hidden) if s != "w2" else (hidden, inter)
+            sub = "w2" if s == "w2" else "w13"
+            for leaf, t in zip(("qweight", "qzeros", "scales"), random_gptq((), n, kk, b, gen)):
+                load_expert(layer, getattr(layer, f"{sub}_{leaf}"), t, sub, leaf, s, e)
+    method.process_weights_after_loading(layer)
+    x = torch.randn(m, hidden, device=DEV, generator=gen).to(torch.bfloat16)
+    ids = torch.rand(m, E, device=DEV, generator=gen).topk(k, dim=-1).indices.to(torch.int32)
+    w = torch.rand(m, k, device=DEV, generator=gen)
+    method.apply(layer, x, w, ids, None, None)            # warm-up (JIT) before capture
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        method.apply(layer, x, w, ids, None, None)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        out = method.apply(layer, x, w, ids, None, None)
+    res = []
+    for _ in range(3):
+        x.copy_(torch.randn(m, hidden, device=DEV, generator=gen).to(torch.bfloat16))
+        ids.copy_(torch.rand(m, E, device=DEV, generator=gen).topk(k, dim=-1).indices.to(torch.int32))
+        w.copy_(torch.rand(m, k, device=DEV, generator=gen))
+        g.replay()
+        eager = method.apply(layer, x, w, ids, None, None)
+        res.append(bool(torch.equal(out, eager)))
+    row = {"case": "cuda_graph_replay_equals_eager", "replays": res}
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def main():
+    out = sys.argv[1]
+    quick = "--quick" in sys.argv
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(20261202)
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "humming": compat.humming_version(),
+           "humming_problem": compat.humming_problem(), "dense": [], "moe": [], "graph": []}
+    t0 = time.time()
+    phases = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--phases=")), "graph,dense,moe").split(",")
+    widths = [int(b) for b in next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--moe-widths=")), "2,3,4,8").split(",")]
+    if "graph" in phases:
+        res["graph"] = graph_case(gen)
+    shapes = [(6144, 6144), (6144, 3072)] if not quick else [(6144, 3072)]
+    for bits in decide.QUANT_BITS if "dense" in phases else ():
+        for n, k in shapes:
+            res["dense"] += dense_case(bits, n, k, [1, 32, 512], gen)
+    E, H, I, K = 128, 6144, 3072, 4
+    for bits in widths if "moe" in phases else ():
+        res["moe"] += moe_case(f"uniform{bits}", [(bits, bits, bits)] * E, H, I, E, K, [1, 32, 512], gen)
+    mixed = [(decide.QUANT_BITS[e % 4], decide.QUANT_BITS[(e // 4) % 4], decide.QUANT_BITS[(e // 16) % 4]) for e in range(E)]
+    if "moe" in phases:
+        res["moe"] += moe_case("mixed", mixed, H, I, E, K, [1, 32, 512], gen)
+    res["seconds"] = round(time.time() - t0, 1)
+    json.dump(res, open(out, "w"), indent=1)
+    worst_d = max((r["humming"]["max_rel"] / max(r["torch_bf16"]["max_rel"], 1e-9) for r in res["dense"]), default=None)
+    worst_m = max((r["humming"]["norm_rel"] / max(r["bf16_path"]["norm_rel"], 1e-9) for r in res["moe"]), default=None)
+    print(f"kernel check: {len(res['dense'])} dense, {len(res['moe'])} MoE cases in {res['seconds']} s; worst humming/bf16 "
+          f"error ratio dense {worst_d} (max), MoE {worst_m} (norm); graph: {res['graph']}")
+
+
+if __name__ == "__main__":
+    main()

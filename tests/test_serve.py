@@ -1,0 +1,205 @@
+"""The plugin's serving decisions and its per-width expert loading, without vLLM (m3_convert.serve).
+
+The loader is checked on the real producer's tensors (gpu_mixed: every MoE layer mixes 2/3/4/8-bit experts):
+each tensor-parallel rank of a TP 1/2 layer must hold exactly its slice of every expert, at the stored width,
+so that its slots decode to exactly the rows (gate/up) or columns (down) of the full exact decode.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FIXTURES, all_tensors
+from m3_convert import gptq, names
+from m3_convert.serve import compat, decide
+from m3_convert.serve.linear import check_symmetric_zeros
+from m3_convert.serve.moe import create_expert_params, load_expert, part_view
+
+P = "model.layers.{L}.block_sparse_moe.experts"
+
+
+def _modules(per, L=1, group=128):
+    return {f"{P.format(L=L)}.{e}.{s}": {"bits": b, "group_size": group} for e, bits in enumerate(per)
+            for s, b in zip(("w1", "w3", "w2"), bits)}
+
+
+def test_parts_hold_every_slot_once_at_its_width():
+    per = [(2, 3, 4), (8, 8, 2), (3, 2, 3), (4, 4, 8)]
+    d = decide.select_moe(P.format(L=1), _modules(per), 4, 1024, 512)
+    assert d.kernel == decide.HUMMING and d.promoted == 0
+    assert [(p.name, p.slots) for p in d.parts] == [
+        ("w13_b2", (0, 5)), ("w13_b3", (1, 4)), ("w13_b4", (6, 7)), ("w13_b8", (2, 3)),
+        ("w2_b2", (1,)), ("w2_b3", (2,)), ("w2_b4", (0,)), ("w2_b8", (3,))]
+    index = decide.slot_index(d.parts)
+    for e, (b1, b3, b2) in enumerate(per):
+        for s, b in (("w1", b1), ("w3", b3), ("w2", b2)):
+            part, i = index[decide.slot_of(s, e)]
+            assert part.bits == b and part.slots[i] == decide.slot_of(s, e)[1]
+
+
+@pytest.mark.parametrize("per,kernels,want", [
+    ([(4, 4, 4)] * 4, decide.GPU_KERNELS, (decide.MARLIN, 4, 0)),             # uniform 4/8: vLLM's Marlin
+    ([(8, 8, 8)] * 4, decide.GPU_KERNELS, (decide.MARLIN, 8, 0)),
+    ([(3, 3, 3)] * 4, decide.GPU_KERNELS, (decide.HUMMING, None, 0)),          # 2/3-bit: humming, not promoted
+    ([(2, 3, 4), (8, 8, 8)] * 2, decide.GPU_KERNELS, (decide.HUMMING, None, 0)),
+    ([(2, 3, 4), (8, 8, 8)] * 2, decide.PROMOTE_KERNELS, (decide.MARLIN, 8, 6)),   # fallback: old behaviour
+    ([(3, 3, 3)] * 4, decide.PROMOTE_KERNELS, (decide.MARLIN, 4, 12)),
+])
+def test_moe_kernel_choice(per, kernels, want):
+    d = decide.select_moe(P.format(L=1), _modules(per), 4, 1024, 512, kernels)
+    assert (d.kernel, d.width, d.promoted) == want
+    assert bool(d.note) == (want[2] > 0)
+
+
+def test_marlin_shape_problem_goes_to_humming_instead_of_failing():
+    mods = _modules([(4, 4, 4)] * 4)
+    assert decide.marlin_moe_shape_problem(256, 128, 128)
+    d = decide.select_moe(P.format(L=1), mods, 4, 256, 128)
+    assert d.kernel == decide.HUMMING and "Marlin" in d.note
+    with pytest.raises(decide.ServeError, match="humming-kernels .* is unavailable"):
+        decide.select_moe(P.format(L=1), mods, 4, 256, 128, decide.PROMOTE_KERNELS)
+
+
+def test_marlin_moe_shape_guard():
+    """The vLLM Marlin MoE scale-permutation shape that served wrong experts on the GPU."""
+    assert decide.marlin_moe_shape_problem(256, 128, 128) is not None           # the GPU check's first gpu_tiny
+    assert decide.marlin_moe_shape_problem(6144, 3072 // 24, 128) is not None   # real M3 at tensor-parallel 24
+    assert decide.marlin_moe_shape_problem(6144, 3072 // 8, 128) is None        # real M3 at tensor-parallel 8
+    assert decide.marlin_moe_shape_problem(256, 256, 128) is None               # gpu_tiny now
+
+
+def test_tensor_parallel_shapes_refused_when_the_packing_cannot_split():
+    mods = _modules([(3, 3, 3)] * 4)
+    with pytest.raises(decide.ServeError, match="64 inputs per rank is not a whole number of 128-wide groups"):
+        decide.select_moe(P.format(L=1), mods, 4, 1024, 64)                  # 256 / TP 4
+    assert decide.split_problem(3072 // 8, 3, 128, "in") is None             # real M3, TP 8
+    assert decide.split_problem(48, 3, 128, "out") == "48 features per rank do not fill whole 3-bit packing words"
+
+
+def test_moe_refusals_name_the_layer():
+    mods = _modules([(4, 4, 4)] * 2)
+    mods[f"{P.format(L=1)}.1.w2"] = {"bits": None}
+    with pytest.raises(decide.ServeError, match=r"model.layers.1.block_sparse_moe.experts mixes bf16 and GPTQ"):
+        decide.select_moe(P.format(L=1), mods, 2, 1024, 512)
+    mods = _modules([(4, 4, 4)] * 2)
+    mods[f"{P.format(L=1)}.1.w2"]["group_size"] = 64
+    with pytest.raises(decide.ServeError, match="mixes group sizes"):
+        decide.select_moe(P.format(L=1), mods, 2, 1024, 512)
+    mods = _modules([(4, 4, 4)] * 2)
+    del mods[f"{P.format(L=1)}.0.w3"]
+    with pytest.raises(decide.ServeError, match=r"no entry for model.layers.1.block_sparse_moe.experts.0.w3"):
+        decide.select_moe(P.format(L=1), mods, 2, 1024, 512)
+
+
+def test_linear_kernel_choice():
+    shards = names.fused_shards()
+    qkv = lambda b: {f"model.layers.0.self_attn.{n}_proj": {"bits": b, "group_size": 128} for n in "qkv"}
+    sel = lambda b: decide.select_linear("model.layers.0.self_attn.qkv_proj", qkv(b), shards)
+    assert (sel(4).kernel, sel(4).width, sel(8).kernel, sel(8).width) == (decide.GPTQ, 4, decide.GPTQ, 8)
+    assert (sel(3).kernel, sel(3).width, sel(2).kernel, sel(2).width) == (decide.HUMMING, 3, decide.HUMMING, 2)
+    d = decide.select_linear("model.layers.0.self_attn.qkv_proj", qkv(2), shards, decide.PROMOTE_KERNELS)
+    assert (d.kernel, d.bits, d.width, d.promoted) == (decide.GPTQ, 2, 4, True)
+    assert decide.select_linear("model.layers.0.self_attn.qkv_proj", qkv(None), shards).kernel == decide.BF16
+    mixed = dict(qkv(4), **{"model.layers.0.self_attn.v_proj": {"bits": 8, "group_size": 128}})
+    with pytest.raises(decide.ServeError, match="model.layers.0.self_attn.qkv_proj mixes quantization schemes"):
+        decide.select_linear("model.layers.0.self_attn.qkv_proj", mixed, shards)
+
+
+def test_gpu_bytes_native_vs_promoted():
+    """The real M3 MoE layer: 128 experts of 3072 x 6144; one 8-bit expert among 2-bit ones makes promotion hold
+    the whole layer at 8 bits (3.74x), native holds each at its width (plus scales, no zeros)."""
+    per = [(2, 2, 2)] * 127 + [(8, 8, 8)]
+    mods = _modules(per)
+    native = decide.select_moe(P.format(L=1), mods, 128, 6144, 3072)
+    promoted = decide.select_moe(P.format(L=1), mods, 128, 6144, 3072, decide.PROMOTE_KERNELS)
+    n, p = decide.moe_bytes(native, 128, 6144, 3072), decide.moe_bytes(promoted, 128, 6144, 3072)
+    codes = 3 * 6144 * 3072 * (127 * 2 + 8) // 8
+    scales = 3 * 6144 * 3072 // 128 * 2 * 128
+    assert n == codes + scales
+    assert p == 3 * 6144 * 3072 * 8 * 128 // 8 + scales
+    assert 3.7 < p / n < 3.8
+    # humming pads a part's N to 256: real M3 at TP 8 (384 per rank) holds w13 halves at 512
+    assert decide.humming_bytes(384, 6144, 2, 128) == 512 * 6144 * 2 // 8 + 512 * 48 * 2
+
+
+def test_compact_tuning_keeps_the_default_kernel_of_each_size():
+    full = [[0, 2, {"k": "a"}], [2, 16, {"k": "b"}], [16, 100, {"k": "c"}], [100, 1 << 30, {"k": "d"}]]
+    out = compat.compact_tuning(full, rows=(1, 8, 32, 1024))
+    assert out == [[0, 1, {"k": "a"}], [1, 8, {"k": "b"}], [8, 32, {"k": "c"}], [32, 1 << 30, {"k": "d"}]]
+    for m in (1, 7, 8, 30, 5000):
+        assert compat.block_m([[lo, hi, {"block_shape": [i, 0, 0]}] for i, (lo, hi, _) in enumerate(out)], m) == \
+            next(i for i, (lo, hi, _) in enumerate(out) if lo < m <= hi)
+
+
+def test_symmetric_zero_check():
+    t = all_tensors(FIXTURES / "gpu_mixed")
+    for name, v in t.items():
+        if name.endswith(".qzeros"):
+            base = name[: -len(".qzeros")]
+            bits = gptq.infer_shape(t[base + ".qweight"].shape, v.shape, t[base + ".scales"].shape).bits
+            check_symmetric_zeros(v, bits, base)           # every module of the real producer is symmetric
+    qz = t["model.language_model.layers.1.mlp.experts.0.gate_proj.qzeros"].clone()
+    qz.view(-1)[5] ^= 1
+    with pytest.raises(ValueError, match=r"m3_gptq: E0\.qzeros: not the symmetric 2-bit zero point 2"):
+        check_symmetric_zeros(qz, 2, "E0")
+
+
+class _MoeConfig:
+    def __init__(self, rank, size):
+        self.tp_rank, self.tp_size = rank, size
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, rank, size):
+        super().__init__()
+        self.moe_config = _MoeConfig(rank, size)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_each_rank_holds_exactly_its_slice_of_every_mixed_width_expert(tp):
+    src = FIXTURES / "gpu_mixed"
+    tc = json.loads((src / "config.json").read_text())["text_config"]
+    E, H, I = tc["num_local_experts"], tc["hidden_size"], tc["intermediate_size"]
+    t = all_tensors(src)
+    for L in (1, 2, 3):
+        mods, full = {}, {}
+        for e in range(E):
+            for s, hf in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+                base = f"model.language_model.layers.{L}.mlp.experts.{e}.{hf}"
+                qw, qz, sc = (t[f"{base}.{x}"] for x in ("qweight", "qzeros", "scales"))
+                mods[f"{P.format(L=L)}.{e}.{s}"] = {"bits": gptq.infer_shape(qw.shape, qz.shape, sc.shape).bits, "group_size": 128}
+                full[e, s] = (qw, qz, sc)
+        d = decide.select_moe(P.format(L=L), mods, E, H, I // tp)
+        assert d.kernel == decide.HUMMING and {p.bits for p in d.parts} == {2, 3, 4, 8}
+        for rank in range(tp):
+            layer = _Layer(rank, tp)
+            create_expert_params(layer, d, H, I // tp, E, torch.bfloat16)
+            for (e, s), tensors in full.items():
+                sub = "w2" if s == "w2" else "w13"
+                for leaf, v in zip(("qweight", "qzeros", "scales"), tensors):
+                    load_expert(layer, getattr(layer, f"{sub}_{leaf}"), v, sub, leaf, s, e)
+            seen = 0
+            for part in d.parts:
+                views = [part_view(layer, part, leaf) for leaf in ("qweight", "qzeros", "scales")]
+                for i, slot in enumerate(part.slots):
+                    e, s = (slot // 2, decide.W13_HALVES[slot % 2]) if part.sublayer == "w13" else (slot, "w2")
+                    got = gptq.dequantize(*(v[i].numpy() for v in views))
+                    want = gptq.dequantize(*(x.numpy() for x in full[e, s]))
+                    r0, r1 = rank * I // tp, (rank + 1) * I // tp
+                    want = want[r0:r1] if part.sublayer == "w13" else want[:, r0:r1]
+                    assert np.array_equal(got, want), (L, rank, part.name, e, s)
+                    seen += 1
+            assert seen == 3 * E
+
+
+def test_loader_names_the_tensor_whose_bits_disagree():
+    src = FIXTURES / "gpu_mixed"
+    t = all_tensors(src)
+    per = [(4, 4, 4)] * 7 + [(2, 2, 2)]       # the config claims 4 bits; expert 0's gate is 8-bit in the tensors
+    d = decide.select_moe(P.format(L=3), _modules(per, L=3), 8, 256, 256)
+    layer = _Layer(0, 1)
+    create_expert_params(layer, d, 256, 256, 8, torch.bfloat16)
+    qw = t["model.language_model.layers.3.mlp.experts.0.gate_proj.qweight"]
+    with pytest.raises(decide.ServeError, match=r"model.layers.3.block_sparse_moe.experts.0.w1.qweight: shape \[64, 256\]"):
+        load_expert(layer, layer.w13_qweight, qw, "w13", "qweight", "w1", 0)
