@@ -7,7 +7,7 @@ FULL   := $(VENV)/.m3-vllm
 EXAMPLE ?= tests/fixtures/data/ar_model_naming
 OUT    ?= example-out
 
-.PHONY: demo test bench clean golden
+.PHONY: demo test test-fast bench clean golden
 
 $(BASE): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(BASE)
 
 test: $(FULL)
 	$(BIN)/python -m pytest -q tests
+
+# the tests that need no vLLM (every converter, verifier and plugin-decision test; no vLLM model is built)
+test-fast: $(BASE)
+	$(BIN)/python -m pytest -q -m "not vllm" tests
 
 bench: $(BASE)
 	$(BIN)/python bench/bench.py

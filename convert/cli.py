@@ -10,7 +10,7 @@ import time
 
 import click
 
-from .errors import EXIT_USAGE, M3Error, UsageError
+from .errors import EXIT_USAGE, M3Error, OutputError, UsageError
 
 
 def parse_size(text: str) -> int:
@@ -109,6 +109,10 @@ def summary_text(plan, result, elapsed):
         lines.append(f"left out ({cat}, not part of the text model): {d['tensors']} tensors, {human(d['bytes'])}")
     for note, n in s["notes"].items():
         lines.append(f"note: {note}: {n}")
+    d = s.get("disk")
+    if d:
+        verdict = "fits" if d["needed_bytes"] <= d["free_bytes"] else "DOES NOT FIT (m3-convert refuses; --skip-space-check)"
+        lines.append(f"disk   : needs {human(d['needed_bytes'])}, {human(d['free_bytes'])} free on {d['filesystem']}: {verdict}")
     if s["copied_files"]:
         lines.append("copied : " + ", ".join(s["copied_files"]))
     if s.get("ignored_files"):
@@ -158,12 +162,14 @@ def prefetch_budget() -> int:
               help="Plain (non-GPTQ) tensors: 'source' writes them as stored (exact bytes, F32/F16/BF16); 'bf16' rounds "
               "F32/F16 ones to bf16 exactly as vLLM does when it loads them (it holds them in bf16), halving their bytes; "
               "the router, which vLLM holds in float32, stays as stored. m3-verify --against proves every cast.")
+@click.option("--skip-space-check", is_flag=True, help="Write even when OUT_DIR's filesystem has less free space than "
+              "the output needs (by default m3-convert refuses before writing anything, exit 4).")
 @click.option("--gpu-memory", default=95.0, show_default=True, type=click.FloatRange(min=1),
               help="GiB of memory per GPU, for the summary's line on whether the weights fit at tensor-parallel 1/2/4/8.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary on stdout.")
 def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, target, stock_min_bits, keep_vision, keep_mtp,
-         plain_dtype, gpu_memory, quiet, as_json):
+         plain_dtype, skip_space_check, gpu_memory, quiet, as_json):
     """Convert an AutoRound (GPTQ) MiniMax-M3 checkpoint in IN_DIR into vLLM's native
     MiniMaxM3SparseForCausalLM layout in OUT_DIR.
 
@@ -217,6 +223,8 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
                            "every shard is rewritten", err=True)
         if target == "m3-plugin":
             plan.stats["gpu_weight_bytes"] = planmod.serving_projection(plan, gpu_memory)
+        space = execute.space_plan(plan, out_dir, resume=resume, workers=workers)
+        plan.stats["disk"] = space
         t_plan = time.time() - t0
         gc.freeze()   # the plan's ~10^5 objects live to the end: keep the collector from re-scanning them
         if dry_run:
@@ -227,6 +235,10 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
                 click.echo(summary_text(plan, None, 0))
                 click.echo(f"planned in {t_plan:.2f} s (dry run: nothing written)")
             return
+        if space["needed_bytes"] > space["free_bytes"] and not skip_space_check:
+            raise OutputError(f"not enough space for the output: needs {human(space['needed_bytes'])}, "
+                              f"{human(space['free_bytes'])} free on {space['filesystem']} (nothing written; "
+                              "--skip-space-check writes anyway)")
         bar = None
         if not quiet and not as_json:
             from tqdm import tqdm

@@ -56,7 +56,8 @@ def layout_from_text_config(tc: dict) -> names.Layout:
 
 
 def convert_config(src: dict):
-    """Source config.json (dict) -> (output config.json dict without quantization_config, Layout)."""
+    """Source config.json (dict) -> (output config.json dict without quantization_config, Layout): the text config
+    vLLM reads, every field it would otherwise fill with the real M3's defaults written explicitly, in steps."""
     if src.get("model_type") == "minimax_m3_vl" and isinstance(src.get("text_config"), dict):
         tc_src = src["text_config"]
     elif src.get("model_type") in ("minimax_m3_vl_text", "minimax_m3_text", "minimax_m3"):
@@ -68,8 +69,27 @@ def convert_config(src: dict):
     n = _need(tc_src, "num_hidden_layers")
     if not isinstance(n, int) or n <= 0:
         raise CheckpointError(F, "text_config.num_hidden_layers", f"bad value {n!r}")
+    _layer_layout(tc, tc_src, n)
+    _activation_and_rope(tc, tc_src)
+    _moe_fields(tc, tc_src)
+    tc["model_type"] = "minimax_m3_text"
+    tc["architectures"] = ["MiniMaxM3SparseForCausalLM"]
+    tc["torch_dtype"] = "bfloat16"
+    tc.pop("dtype", None)
+    out = {
+        "architectures": ["MiniMaxM3SparseForCausalLM"],
+        "model_type": "minimax_m3_vl",
+        "torch_dtype": "bfloat16",
+        "text_config": tc,
+    }
+    for k in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"):
+        if k in src:
+            out[k] = src[k]
+    return out, layout_from_text_config(tc)
 
-    # layer layout
+
+def _layer_layout(tc, tc_src, n):
+    """moe_layer_freq from mlp_layer_types, sparse_attention_config from layer_types and the index_* fields."""
     if "mlp_layer_types" in tc_src and tc_src["mlp_layer_types"] is not None:
         mlt = tc_src["mlp_layer_types"]
         if not isinstance(mlt, list) or len(mlt) != n or any(v not in ("dense", "sparse") for v in mlt):
@@ -98,13 +118,16 @@ def convert_config(src: dict):
     sac.setdefault("sparse_score_type", "max")
     tc["sparse_attention_config"] = sac
 
-    # activation
+
+
+def _activation_and_rope(tc, tc_src):
+    """hidden_act "swigluoai" (transformers forces "silu"), the SwiGLU parameters, rope_theta and
+    partial_rotary_factor out of rope_parameters (vLLM reads them flat)."""
     tc["hidden_act"] = "swigluoai"
     for k in ("swiglu_alpha", "swiglu_limit"):
         _need(tc_src, k)
     tc.setdefault("swiglu_beta", 1.0)
 
-    # rope
     rp = tc_src.get("rope_parameters") or {}
     theta = rp.get("rope_theta", tc_src.get("rope_theta"))
     if theta is None:
@@ -120,7 +143,10 @@ def convert_config(src: dict):
     tc["partial_rotary_factor"] = prf
     tc["rotary_dim"] = rot
 
-    # MoE
+
+
+def _moe_fields(tc, tc_src):
+    """n_shared_experts (vLLM builds no shared expert without it), the widths and routing fields vLLM reads."""
     inter = _need(tc_src, "intermediate_size")
     if "n_shared_experts" in tc_src:
         nse = tc_src["n_shared_experts"]
@@ -142,21 +168,6 @@ def convert_config(src: dict):
     tc.setdefault("use_qk_norm", True)
     tc.setdefault("qk_norm_type", "per_head")
     tc.setdefault("attention_output_gate", False)
-    tc["model_type"] = "minimax_m3_text"
-    tc["architectures"] = ["MiniMaxM3SparseForCausalLM"]
-    tc["torch_dtype"] = "bfloat16"
-    tc.pop("dtype", None)
-
-    out = {
-        "architectures": ["MiniMaxM3SparseForCausalLM"],
-        "model_type": "minimax_m3_vl",
-        "torch_dtype": "bfloat16",
-        "text_config": tc,
-    }
-    for k in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"):
-        if k in src:
-            out[k] = src[k]
-    return out, layout_from_text_config(tc)
 
 
 VL_ARCH = "MiniMaxM3SparseForConditionalGeneration"

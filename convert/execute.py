@@ -25,12 +25,12 @@ import numpy as np
 
 from . import gptq, st
 from .errors import CheckpointError, OutputError
-from .plan import CAST, COPY, DEQUANT, INDEX_FILE, PROMOTE, SLICE, Plan
+from .plan import CAST, COPY, DEQUANT, PROMOTE, SLICE, Plan
+from .st import CHUNK, INDEX_FILE, sha256_file  # noqa: F401  (sha256_file: resume and m3-verify)
 
-CHUNK = 16 * 1024 * 1024
 STATE_DIR = ".m3-convert"
 STATE_FILE = "state.json"
-TOOL_VERSION = "m3-convert/1"
+from .quantcfg import FORMAT as TOOL_VERSION  # noqa: E402  (one home for the format tag)
 
 
 class FaultHook:
@@ -292,7 +292,10 @@ def _write_promote(src, w, o, progress):
     if o.cols is not None:
         arr = arr[:, o.cols[0]:o.cols[1]]
     bits, new_bits = o.promote
-    data = np.ascontiguousarray(gptq.promote_packed(arr, bits, new_bits, o.name))
+    try:
+        data = np.ascontiguousarray(gptq.promote_packed(arr, bits, new_bits, o.name))
+    except gptq.GPTQError as e:
+        raise CheckpointError(os.path.basename(t.file), t.name, f"promoting to {o.name}: {e}") from None
     if tuple(data.shape) != tuple(o.shape) or data.dtype != np.int32:
         raise OutputError(f"{o.name}: promotion gave {data.dtype} {list(data.shape)}, planned {list(o.shape)}")
     w.write(data)
@@ -364,22 +367,6 @@ def shard_recipe(plan: Plan, fname, tensors) -> str:
     return h.hexdigest()
 
 
-def sha256_file(path, progress=None):
-    """sha256 of a whole file, streamed (used by --resume and by m3-verify's integrity pass)."""
-    h = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(mv[:n])
-            if progress:
-                progress(n)
-    return h.hexdigest()
-
-
 def _write_file(path, chunks, sync=True):
     """Write ``chunks`` to ``.NAME.partial``, fsync (unless the caller syncs later), rename onto ``path``;
     returns the sha256 of the bytes."""
@@ -395,6 +382,11 @@ def _write_file(path, chunks, sync=True):
             if sync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        _unlink_quiet(tmp)
+        if e.filename is None:     # a write/flush error names no file: name the one being written
+            raise OSError(e.errno, e.strerror or str(e), os.path.basename(path)) from None
+        raise
     except BaseException:
         _unlink_quiet(tmp)
         raise
@@ -430,13 +422,71 @@ def _previous_outputs(out_dir):
         pass
     try:
         with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
-            ours = json.load(f).get("quantization_config", {}).get("format") == "m3-convert/1"
+            ours = json.load(f).get("quantization_config", {}).get("format") == TOOL_VERSION
         if ours:
             with open(os.path.join(out_dir, "SHA256SUMS"), encoding="utf-8") as f:
                 names |= {line.rstrip("\n").split("  ", 1)[-1] for line in f}
     except (OSError, ValueError, UnicodeDecodeError, AttributeError):
         pass
     return {n for n in names if isinstance(n, str) and _OUR_SHARD.match(n)}
+
+
+def shard_file_bytes(tensors) -> int:
+    """The exact size of an output shard: its header (st.build_header, as written) and its tensors."""
+    return len(st.build_header([(o.name, o.dtype, o.shape, o.nbytes) for o in tensors])) + sum(o.nbytes for o in tensors)
+
+
+def space_plan(plan: Plan, out_dir: str, resume: bool = False, workers: int = 1) -> dict:
+    """What the run adds to OUT_DIR's filesystem at its peak, and what is free there (os.statvfs).
+
+    needed = bytes to write (shards not kept by --resume, metadata, copied files, manifest)
+             - bytes of files in OUT_DIR the run replaces or removes (freed once each is replaced)
+             + the largest ``workers`` of those replaced shards (the old file stays until its successor's rename)."""
+    state = {}
+    if resume:
+        try:
+            with open(os.path.join(out_dir, STATE_DIR, STATE_FILE)) as f:
+                state = json.load(f).get("shards", {})
+        except (OSError, ValueError, AttributeError):
+            state = {}
+
+    def size(name):
+        try:
+            return os.path.getsize(os.path.join(out_dir, name))
+        except OSError:
+            return None
+    write = reclaim = 0
+    replaced = []
+    for fname, tensors in plan.shards:
+        n = shard_file_bytes(tensors)
+        old = size(fname)
+        rec = state.get(fname)
+        if rec and old == n == rec.get("size") and rec.get("recipe") == shard_recipe(plan, fname, tensors):
+            continue                                        # --resume keeps it (after re-hashing)
+        write += n
+        if old is not None:
+            reclaim += old
+            replaced.append(old)
+    meta = [(f, os.path.getsize(os.path.join(plan.in_dir, f))) for f in plan.copied_files]
+    index = 0 if len(plan.shards) == 1 else 64 + sum(len(o.name) + 40 for o in plan.tensors)
+    meta += [("config.json", len(json_bytes(plan.out_config))), (INDEX_FILE, index),
+             ("SHA256SUMS", 100 * (len(plan.shards) + len(plan.copied_files) + 4)), ("quantization_config.json", 1 << 16)]
+    for f, n in meta:
+        write += n
+        old = size(f)
+        reclaim += old or 0
+    for stale in _previous_outputs(out_dir) - {f for f, _ in plan.shards}:
+        reclaim += size(stale) or 0                         # removed by this run
+    needed = max(0, write - reclaim + sum(sorted(replaced)[-workers:]))
+    probe = os.path.abspath(out_dir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    st_ = os.statvfs(probe)
+    mount = probe
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    return {"needed_bytes": needed, "free_bytes": st_.f_bavail * st_.f_frsize, "filesystem": mount,
+            "write_bytes": write, "reclaimed_bytes": reclaim}
 
 
 def start_writeback(fd):
@@ -609,7 +659,12 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
         fname, tensors = item
         recipe = shard_recipe(plan, fname, tensors)   # before reading: the input fingerprints this shard is made from
         tmp = os.path.join(out_dir, "." + fname + ".partial")
-        size, digest = write_shard(tmp, tensors, progress)
+        try:
+            size, digest = write_shard(tmp, tensors, progress)
+        except OSError as e:
+            if e.filename is None:     # name what was being written (a write or fsync error carries no name)
+                raise OSError(e.errno, e.strerror or str(e), fname) from None
+            raise
         os.replace(tmp, os.path.join(out_dir, fname))
         with state_lock:
             state["shards"][fname] = {"recipe": recipe, "size": size, "sha256": digest}
@@ -634,13 +689,22 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
         files.update(meta.result())
     except OSError as e:
         meta.wait()
-        raise OutputError(f"writing into {out_dir} failed: {e.strerror or e} ({getattr(e, 'filename', '') or ''})") from None
+        raise OutputError(f"writing into {out_dir} failed: {e.strerror or e}" + (f" ({os.path.basename(str(e.filename))})"
+                                                                                 if e.filename else "")) from None
     except BaseException:
         meta.wait()
         raise
 
+    write_manifest(out_dir, files, previous, single_shard=len(plan.shards) == 1)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return {"written_shards": [f for f, _ in todo], "reused_shards": reused, "files": len(files)}
+
+
+def write_manifest(out_dir: str, files: dict, previous: set, single_shard: bool):
+    """The last step: stale files of an earlier run removed, every file synced to disk, then SHA256SUMS
+    ({file: sha256} in ``sha256sum -c`` format), the one file that claims the output complete."""
     try:
-        if len(plan.shards) == 1:
+        if single_shard:
             stale = os.path.join(out_dir, INDEX_FILE)
             if os.path.exists(stale):
                 os.unlink(stale)
@@ -653,9 +717,8 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
             _fsync_path(os.path.join(out_dir, f))
         sums = "".join(f"{files[f]}  {f}\n" for f in sorted(files))
         _fsync_path(out_dir)
-        _atomic_write(sums_path, sums.encode())
+        _atomic_write(os.path.join(out_dir, "SHA256SUMS"), sums.encode())
         _fsync_path(out_dir)
     except OSError as e:
-        raise OutputError(f"writing into {out_dir} failed: {e.strerror or e}") from None
-    shutil.rmtree(state_dir, ignore_errors=True)
-    return {"written_shards": [f for f, _ in todo], "reused_shards": reused, "files": len(files)}
+        where = f" ({os.path.basename(str(e.filename))})" if e.filename else " (SHA256SUMS and the final sync)"
+        raise OutputError(f"writing into {out_dir} failed: {e.strerror or e}{where}") from None

@@ -89,7 +89,8 @@ def _infer_shape(qweight_shape, qzeros_shape, scales_shape) -> GPTQShape:
     if in_features % groups:
         raise GPTQError(f"{in_features} inputs not divisible into {groups} groups")
     if bits == 3 and (qweight_shape[0] % 3 or qzeros_shape[1] % 3):
-        raise GPTQError("3-bit tensors must hold whole 3-word packs")
+        raise GPTQError(f"3-bit tensors must hold whole 3-word packs: qweight has {qweight_shape[0]} rows, qzeros "
+                        f"{qzeros_shape[1]} columns (each a multiple of 3)")
     return GPTQShape(bits, in_features, out, in_features // groups)
 
 
@@ -113,7 +114,7 @@ def _unpack_last(words: np.ndarray, bits: int) -> np.ndarray:
     if bits == 3:
         n = w.shape[-1]
         if n % 3:
-            raise GPTQError("3-bit packing needs a multiple of 3 words")
+            raise GPTQError(f"3-bit packing needs a multiple of 3 words, got {n}")
         trip = w.reshape(*w.shape[:-1], n // 3, 3).astype(np.uint64)
         out = np.empty((*w.shape[:-1], n // 3, 32), dtype=np.uint16)
         for j in range(32):
@@ -124,17 +125,17 @@ def _unpack_last(words: np.ndarray, bits: int) -> np.ndarray:
                 v = v | (trip[..., word + 1] << np.uint64(32 - off))
             out[..., j] = (v & np.uint64(mask)).astype(np.uint16)
         return out.reshape(*w.shape[:-1], (n // 3) * 32)
-    raise GPTQError(f"unsupported bits {bits}")
+    raise GPTQError(f"unsupported bits {bits} (valid: {VALID_BITS})")
 
 
 def _pack_last(codes: np.ndarray, bits: int) -> np.ndarray:
     """Inverse of :func:`_unpack_last`: ``[..., m]`` codes -> ``[..., m*bits/32]`` int32 words."""
     c = codes.astype(np.uint64)
     if c.size and int(c.max()) >= (1 << bits):
-        raise GPTQError(f"code out of range for {bits} bits")
+        raise GPTQError(f"code {int(c.max())} out of range for {bits} bits (largest {(1 << bits) - 1})")
     m = c.shape[-1]
     if m % 32:
-        raise GPTQError(f"packing needs a multiple of 32 values, got {m}")
+        raise GPTQError(f"{bits}-bit packing needs a multiple of 32 values, got {m}")
     if bits in (2, 4, 8):
         per = 32 // bits
         c = c.reshape(*c.shape[:-1], m // per, per)
@@ -152,7 +153,7 @@ def _pack_last(codes: np.ndarray, bits: int) -> np.ndarray:
                 trip[..., word + 1] |= c[..., j] >> np.uint64(32 - off)
         trip &= np.uint64(0xFFFFFFFF)
         return trip.reshape(*c.shape[:-2], (m // 32) * 3).astype(np.uint32).view(np.int32)
-    raise GPTQError(f"unsupported bits {bits}")
+    raise GPTQError(f"unsupported bits {bits} (valid: {VALID_BITS})")
 
 
 def unpack_qweight(qweight: np.ndarray, bits: int) -> np.ndarray:
@@ -249,7 +250,8 @@ def _shift(codes: np.ndarray, bits: int, new_bits: int) -> np.ndarray:
         raise GPTQError(f"cannot promote {bits} -> {new_bits} bits")
     out = codes.astype(np.int64) + ((1 << (new_bits - 1)) - (1 << (bits - 1)))
     if out.size and (out.min() < 0 or out.max() >= (1 << new_bits)):
-        raise GPTQError("promotion out of range")
+        raise GPTQError(f"promotion {bits} -> {new_bits} bits out of range: codes would span {int(out.min())}..{int(out.max())}, "
+                        f"outside 0..{(1 << new_bits) - 1}")
     return out
 
 

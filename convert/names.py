@@ -154,6 +154,9 @@ MODULES: tuple[Module, ...] = (
     Module("mlp.shared_experts.down_proj", ("block_sparse_moe.shared_experts.down_proj",), SHARED, LINEAR),
 )
 
+#: the shared expert's fused [gate; up] (its width must be intermediate_size * n_shared_experts)
+SHARED_GATE_UP = next(m for m in MODULES if m.where == SHARED and m.role == GATE_UP)
+
 #: modules outside the decoder layers (absolute names)
 GLOBAL_MODULES: tuple[Module, ...] = (
     Module("model.language_model.embed_tokens", ("model.embed_tokens",), ALL, EMBED),

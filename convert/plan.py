@@ -18,8 +18,7 @@ from . import gptq, names, st
 from .errors import CheckpointError
 from .quantcfg import SourceQuantConfig, natural_key
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+from .st import INDEX_FILE, SINGLE_FILE  # noqa: E402,F401  (one home: st.py)
 EXTRA_FILE = "model_extra_tensors.safetensors"
 #: files the converter writes itself; never copied from the input
 GENERATED = {"config.json", "quantization_config.json", INDEX_FILE, "SHA256SUMS"}
@@ -189,270 +188,403 @@ def _fname(t: st.TensorInfo) -> str:
 
 def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-plugin", min_bits: int | None = None,
               keep_vision: bool = False, keep_mtp: bool = False, plain_dtype: str = "source") -> Plan:
-    """Plan the conversion from the headers alone. The cyclic garbage collector is paused while the
-    ~100k small objects are built (they hold no cycles; its repeated full passes cost ~30% of planning)."""
+    """Plan the conversion from the headers alone, in named phases: collect (every source tensor sorted into what
+    it is) -> decide (one typed Decision per source module) -> emit (the output tensors of each decision, one
+    function per action) -> vision and MTP -> finalize (quantization config, shards, stats).
+    The cyclic garbage collector is paused while the ~100k small objects are built (they hold no cycles; its
+    repeated full passes cost ~30% of planning)."""
+    opts = Options(target, min_bits, keep_vision, keep_mtp, plain_dtype)
+    opts.validate()
     was = gc.isenabled()
     gc.disable()
     try:
-        return _make_plan(in_dir, max_shard_size, target, min_bits, keep_vision, keep_mtp, plain_dtype)
+        return _make_plan(in_dir, max_shard_size, opts)
     finally:
         if was:
             gc.enable()
 
 
-def _make_plan(in_dir, max_shard_size, target, min_bits, keep_vision, keep_mtp, plain_dtype) -> Plan:
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}")
-    if plain_dtype not in PLAIN_DTYPE_MODES:
-        raise ValueError(f"unknown plain dtype mode {plain_dtype!r}")
-    if min_bits is not None and (target != "stock-vllm" or min_bits not in gptq.VALID_BITS):
-        raise ValueError("min_bits applies to --target stock-vllm only and must be 2, 3, 4 or 8")
-    stock = target == "stock-vllm"
-    if keep_mtp and (not keep_vision or stock):
-        raise ValueError("keep_mtp needs keep_vision (the VL layout) and the m3-plugin target")
+@dataclass(frozen=True)
+class Options:
+    target: str = "m3-plugin"
+    min_bits: int | None = None
+    keep_vision: bool = False
+    keep_mtp: bool = False
+    plain_dtype: str = "source"
+
+    @property
+    def stock(self) -> bool:
+        return self.target == "stock-vllm"
+
+    def validate(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}")
+        if self.plain_dtype not in PLAIN_DTYPE_MODES:
+            raise ValueError(f"unknown plain dtype mode {self.plain_dtype!r}")
+        if self.min_bits is not None and (not self.stock or self.min_bits not in gptq.VALID_BITS):
+            raise ValueError("min_bits applies to --target stock-vllm only and must be 2, 3, 4 or 8")
+        if self.keep_mtp and (not self.keep_vision or self.stock):
+            raise ValueError("keep_mtp needs keep_vision (the VL layout) and the m3-plugin target")
+
+
+@dataclass
+class Collected:
+    """Phase 1: every source tensor sorted into what it is."""
+    groups: dict = field(default_factory=lambda: defaultdict(dict))   # (Module, src module, layer, expert) -> leaf -> TensorInfo
+    vision: dict = field(default_factory=dict)   # (VisionModule, layer, leaf) -> TensorInfo (--keep-vision)
+    mtp: dict = field(default_factory=dict)      # output name -> OutTensor (--keep-mtp)
+    dropped: Counter = field(default_factory=Counter)
+    dropped_bytes: Counter = field(default_factory=Counter)
+
+
+# Phase 2's actions: what happens to one source module
+ROUTER_COPY, PLAIN_COPY, PLAIN_SPLIT, DEQUANTIZE, GPTQ_COPY, GPTQ_SPLIT = (
+    "router", "plain", "plain-split", "dequantize", "gptq", "gptq-split")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Phase 2: one source module and what is written for it."""
+    module: names.Module
+    src_module: str
+    layer: int | None
+    expert: int | None
+    leaves: dict
+    action: str
+    order: tuple                     # where its first source byte is: output order follows input order
+    shape: gptq.GPTQShape | None = None
+    width: int | None = None         # bits written: the source's, or wider (--target stock-vllm promotes)
+
+    @property
+    def match(self) -> names.Match:
+        return names.Match(self.module, self.src_module, "weight", self.layer, self.expert)
+
+
+@dataclass
+class Emitted:
+    """Phase 3's output: the tensors and the per-module quantization map, with what was counted on the way."""
+    out: list = field(default_factory=list)
+    modules_q: dict = field(default_factory=dict)     # official module -> {"bits": b|None, "group_size": g}
+    bits_hist: Counter = field(default_factory=Counter)
+    ops: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+    promotion: dict = field(default_factory=dict)     # layer -> [native bytes, output bytes] of qweight+qzeros
+
+
+def _make_plan(in_dir, max_shard_size, opts: Options) -> Plan:
     src_cfg, qcfg, has_qjson = load_configs(in_dir)
     out_cfg, layout = cfgmod.convert_config(src_cfg)
     files, headers = read_sources(in_dir)
-
     file_rank = {os.path.join(in_dir, f): i for i, f in enumerate(files)}
-    groups: dict = defaultdict(dict)         # (Module, src_module, layer, expert) -> leaf -> TensorInfo
-    vision: dict = {}                        # (VisionModule, layer, leaf) -> TensorInfo (--keep-vision)
-    mtp: dict = {}                           # output name -> OutTensor (--keep-mtp)
-    dropped = Counter()
-    dropped_bytes = Counter()
+    col = collect(files, headers, layout, opts, src_cfg, file_rank)
+    decisions, notes = decide(col.groups, qcfg, layout, out_cfg, opts, file_rank)
+    em = Emitted(notes=notes)
+    for d in decisions:
+        EMIT[d.action](em, d)
+    out, out_cfg = add_vision_and_mtp(em.out, col, out_cfg, src_cfg, layout, opts, file_rank)
+    return finalize(in_dir, src_cfg, out_cfg, qcfg, has_qjson, layout, out, em, col, files, headers, opts, max_shard_size)
+
+
+# ---------------------------------------------------------------- phase 1: collect
+def collect(files, headers, layout, opts: Options, src_cfg, file_rank) -> Collected:
+    """Every source tensor to its module rule (names.resolve), or to vision / MTP / left out; anything else, a layer
+    or expert the config does not have, or a second spelling of one tensor stops the run."""
+    col = Collected()
     for fname in files:
         for t in headers[fname].tensors.values():
             canon, m = names.resolve(t.name)
             cat = names.excluded_category(canon) if m is None else None
-            if cat == "vision" and keep_vision:
-                vm = names.vision_match(canon)
-                if vm is None:
-                    raise CheckpointError(fname, t.name, "vision tensor with no rule in the name table: vLLM's VL class would "
-                                          "raise KeyError on it (refusing to drop it silently)")
-                if vm in vision:
-                    raise CheckpointError(fname, t.name, f"two spellings of the same tensor ({vision[vm].name})")
-                if t.dtype not in names.PLAIN_DTYPES:
-                    raise CheckpointError(fname, t.name, f"vision tensor in {t.dtype}, expected one of {'/'.join(names.PLAIN_DTYPES)}")
-                vision[vm] = t
-                continue
-            if cat == "mtp" and keep_mtp:
-                _mtp_tensor(mtp, canon, t, fname, src_cfg, file_rank)
-                continue
-            if cat:
-                dropped[cat] += 1
-                dropped_bytes[cat] += t.nbytes
-                continue
-            if m is None:
+            if cat == "vision" and opts.keep_vision:
+                _collect_vision(col.vision, canon, t, fname)
+            elif cat == "mtp" and opts.keep_mtp:
+                _mtp_tensor(col.mtp, canon, t, fname, src_cfg, file_rank)
+            elif cat:
+                col.dropped[cat] += 1
+                col.dropped_bytes[cat] += t.nbytes
+            elif m is None:
                 raise CheckpointError(fname, t.name, "unknown tensor: no rule in the name table maps it (refusing to drop it silently)")
-            if m.layer is not None:
-                if m.layer >= layout.num_layers:
-                    raise CheckpointError(fname, t.name, f"layer {m.layer} but config has {layout.num_layers} layers")
-                if not layout.applies(m.module.where, m.layer):
-                    raise CheckpointError(fname, t.name, f"config says layer {m.layer} has no {m.module.src} "
-                                          f"(sparse_attention={layout.sparse_attn[m.layer]}, moe={layout.moe[m.layer]})")
-            if m.expert is not None and m.expert >= layout.num_experts:
-                raise CheckpointError(fname, t.name, f"expert {m.expert} but config has {layout.num_experts} experts")
-            key = (m.module, m.src_module, m.layer, m.expert)
-            if m.leaf in groups[key]:
-                raise CheckpointError(fname, t.name, f"two spellings of the same tensor ({groups[key][m.leaf].name})")
-            groups[key][m.leaf] = t
+            else:
+                _check_layout(m, t, fname, layout)
+                key = (m.module, m.src_module, m.layer, m.expert)
+                if m.leaf in col.groups[key]:
+                    raise CheckpointError(fname, t.name, f"two spellings of the same tensor ({col.groups[key][m.leaf].name})")
+                col.groups[key][m.leaf] = t
+    return col
 
-    # per-module decisions --------------------------------------------------
-    out: list[OutTensor] = []
-    modules_q: dict[str, dict] = {}          # official module -> {"bits": b|None, "group_size": g}
-    bits_hist = Counter()
-    ops = Counter()
+
+def _collect_vision(vision, canon, t, fname):
+    vm = names.vision_match(canon)
+    if vm is None:
+        raise CheckpointError(fname, t.name, "vision tensor with no rule in the name table: vLLM's VL class would "
+                              "raise KeyError on it (refusing to drop it silently)")
+    if vm in vision:
+        raise CheckpointError(fname, t.name, f"two spellings of the same tensor ({vision[vm].name})")
+    if t.dtype not in names.PLAIN_DTYPES:
+        raise CheckpointError(fname, t.name, f"vision tensor in {t.dtype}, expected one of {'/'.join(names.PLAIN_DTYPES)}")
+    vision[vm] = t
+
+
+def _check_layout(m, t, fname, layout):
+    if m.layer is not None:
+        if m.layer >= layout.num_layers:
+            raise CheckpointError(fname, t.name, f"layer {m.layer} but config has {layout.num_layers} layers")
+        if not layout.applies(m.module.where, m.layer):
+            raise CheckpointError(fname, t.name, f"config says layer {m.layer} has no {m.module.src} "
+                                  f"(sparse_attention={layout.sparse_attn[m.layer]}, moe={layout.moe[m.layer]})")
+    if m.expert is not None and m.expert >= layout.num_experts:
+        raise CheckpointError(fname, t.name, f"expert {m.expert} but config has {layout.num_experts} experts")
+
+
+# ---------------------------------------------------------------- phase 2: decide
+def decide(groups, qcfg, layout, out_cfg, opts: Options, file_rank):
+    """One Decision per source module (in collection order), and the notes the decisions produce."""
     notes = Counter()
     gptq_info = {}                           # key -> (GPTQShape, Scheme) for quantized linears
-    promotion: dict = {}                     # layer -> [native bytes, output bytes] of GPTQ qweight+qzeros
     for key, leaves in groups.items():
-        module, src_mod, layer, expert = key
-        info = _classify(module, src_mod, leaves, qcfg)
+        info = _classify(key[0], key[1], leaves, qcfg)
         if info is not None:
             gptq_info[key] = info
+    dequant = _dequant_keys(groups, gptq_info, layout, opts, notes)
+    widths = _stock_widths(groups, gptq_info, dequant, layout, opts.min_bits) if opts.stock else {}
+    if opts.stock:
+        _note_marlin_shape(gptq_info, widths, out_cfg["text_config"], notes)
+    _check_shared_expert_width(groups, layout, out_cfg)
+    decisions = []
+    for key, leaves in groups.items():
+        module = key[0]
+        first = min(leaves.values(), key=lambda t: (file_rank[t.file], t.begin))
+        q = gptq_info.get(key)
+        if module.role == names.ROUTER:
+            _check_routing_bias(leaves, key[1], out_cfg["text_config"])
+            action = ROUTER_COPY
+        elif q is None:
+            action = PLAIN_SPLIT if module.role == names.GATE_UP else PLAIN_COPY
+        elif key in dequant:
+            action = DEQUANTIZE
+        else:
+            action = GPTQ_SPLIT if module.role == names.GATE_UP else GPTQ_COPY
+        shape = q[0] if q else None
+        decisions.append(Decision(*key, leaves, action, (file_rank[first.file], first.begin), shape,
+                                  widths.get(key, shape.bits) if shape else None))
+    return decisions, notes
 
-    # dense-attention q/k/v stay quantized only when the fused qkv can use one scheme
+
+def _dequant_keys(groups, gptq_info, layout, opts: Options, notes) -> set:
+    """The GPTQ modules written in bf16: q/k/v of sparse-attention layers (vLLM fuses them with the bf16 indexer),
+    q/k/v of dense-attention layers whose schemes differ (vLLM's fused qkv has one; the stock target promotes
+    them instead), and a GPTQ index projection."""
     qkv_by_layer = defaultdict(list)
     for k in groups:
         if k[0].role == names.QKV:
             qkv_by_layer[k[2]].append(k)
-
-    dequant_keys = set()
+    dequant = set()
     for layer in range(layout.num_layers):
         ks = qkv_by_layer.get(layer, [])
         quant = [gptq_info.get(k) for k in ks]
         if layout.sparse_attn[layer]:
-            dequant_keys.update(k for k, q in zip(ks, quant) if q is not None)
+            dequant.update(k for k, q in zip(ks, quant) if q is not None)
+            continue
+        schemes = {(q[0].bits, q[0].group_size) if q else None for q in quant}
+        if len(schemes) > 1:
+            if opts.stock and None not in schemes and len({g for _, g in schemes}) == 1:
+                continue   # promoted to the widest width (INC needs one scheme per fused module)
+            dequant.update(k for k, q in zip(ks, quant) if q is not None)
+            notes["dense-attention layers with mixed q/k/v schemes (de-quantized)"] += 1
+    dequant.update(key for key in gptq_info if key[0].role == names.INDEX)
+    return dequant
+
+
+def _note_marlin_shape(gptq_info, widths, tc, notes):
+    from .serve.decide import marlin_moe_shape_problem   # pure; imports no vLLM
+    moe_groups = {gptq_info[k][0].group_size for k in widths if k[0].role == names.EXPERT}
+    if any(marlin_moe_shape_problem(tc["hidden_size"], tc["intermediate_size"], g) for g in moe_groups):
+        notes["WARNING: expert intermediate_size <= group_size: stock vLLM's Marlin MoE serves wrong experts "
+              "for this shape (m3-verify --vllm reports it; the m3-plugin target serves it with humming)"] += 1
+
+
+# ---------------------------------------------------------------- phase 3: emit, one function per action
+def _emit_router(em: Emitted, d: Decision):
+    for leaf, t in d.leaves.items():
+        em.out.append(OutTensor(names.Match(d.module, d.src_module, leaf, d.layer, d.expert).dst_tensor(), t.dtype, t.shape,
+                                COPY, (t,), order=d.order + (t.begin,)))
+        em.ops[COPY] += 1
+
+
+def _emit_plain(em: Emitted, d: Decision):
+    dst = d.match.dst_modules()[0]
+    t = d.leaves["weight"]
+    em.out.append(OutTensor(dst + ".weight", t.dtype, t.shape, COPY, (t,), order=d.order))
+    em.ops[COPY] += 1
+    if d.module.role in LINEAR_ROLES:
+        em.modules_q[dst] = {"bits": None}
+
+
+def _emit_plain_split(em: Emitted, d: Decision):
+    t = d.leaves["weight"]
+    if len(t.shape) != 2 or t.shape[0] % 2:
+        raise CheckpointError(_fname(t), t.name, f"fused gate_up weight shape {list(t.shape)} cannot be split in two")
+    half = t.shape[0] // 2
+    m = d.match
+    for i, (a, b) in enumerate(((0, half), (half, t.shape[0]))):
+        em.out.append(OutTensor(m.dst_tensor(i).rsplit(".", 1)[0] + ".weight", t.dtype, (half, t.shape[1]), SLICE, (t,),
+                                rows=(a, b), order=d.order + (i,)))
+        em.modules_q[m.dst_modules()[i]] = {"bits": None}
+    em.ops["split"] += 1
+
+
+def _gptq_sources(em: Emitted, d: Decision) -> tuple:
+    gi = d.leaves.get("g_idx")
+    if gi is not None:
+        em.notes["trivial g_idx tensors left out (== arange(in)//group_size)"] += 1
+    return (d.leaves["qweight"], d.leaves["qzeros"], d.leaves["scales"]) + ((gi,) if gi is not None else ())
+
+
+def _emit_dequantize(em: Emitted, d: Decision):
+    srcs = _gptq_sources(em, d)
+    dst = d.match.dst_modules()[0]
+    em.out.append(OutTensor(dst + ".weight", names.DEQUANT_DTYPE, (d.shape.out_features, d.shape.in_features), DEQUANT,
+                            srcs, order=d.order))
+    em.modules_q[dst] = {"bits": None}
+    em.ops["dequant"] += 1
+    em.bits_hist[f"{d.shape.bits}->bf16"] += 1
+
+
+def _emit_gptq(em: Emitted, d: Decision):
+    _gptq_sources(em, d)
+    shape, W = d.shape, d.width
+    dst = d.match.dst_modules()[0]
+    ps = gptq.packed_shapes(shape.in_features, shape.out_features, shape.group_size, W)
+    for j, leaf in enumerate(("qweight", "qzeros", "scales")):
+        t = d.leaves[leaf]
+        if W != shape.bits and leaf != "scales":
+            em.out.append(OutTensor(f"{dst}.{leaf}", t.dtype, ps[leaf], PROMOTE, (t,), order=d.order + (j,), promote=(shape.bits, W)))
         else:
-            schemes = {(q[0].bits, q[0].group_size) if q else None for q in quant}
-            if len(schemes) > 1:
-                if stock and None not in schemes and len({g for _, g in schemes}) == 1:
-                    continue   # promoted to the widest width below (INC needs one scheme per fused module)
-                dequant_keys.update(k for k, q in zip(ks, quant) if q is not None)
-                notes["dense-attention layers with mixed q/k/v schemes (de-quantized)"] += 1
-    for key, q in gptq_info.items():
-        if key[0].role == names.INDEX:
-            dequant_keys.add(key)
-    promote_to = _stock_widths(groups, gptq_info, dequant_keys, layout, min_bits) if stock else {}
-    if stock:
-        from .serve.decide import marlin_moe_shape_problem   # pure; imports no vLLM
-        tc = out_cfg["text_config"]
-        moe_groups = {gptq_info[k][0].group_size for k in promote_to if k[0].role == names.EXPERT}
-        if any(marlin_moe_shape_problem(tc["hidden_size"], tc["intermediate_size"], g) for g in moe_groups):
-            notes["WARNING: expert intermediate_size <= group_size: stock vLLM's Marlin MoE serves wrong experts "
-                  "for this shape (m3-verify --vllm reports it; the m3-plugin target refuses it)"] += 1
+            em.out.append(OutTensor(f"{dst}.{leaf}", t.dtype, t.shape, COPY, (t,), order=d.order + (j,)))
+    em.modules_q[dst] = {"bits": W, "group_size": shape.group_size}
+    em.bits_hist[str(shape.bits) if W == shape.bits else f"{shape.bits}->{W}"] += 1
+    _account(em.promotion, d.layer, shape, shape.out_features, W)
+    em.ops["copy_gptq" if W == shape.bits else "promote"] += 1
 
-    for key, leaves in groups.items():
-        module, src_mod, layer, expert = key
-        m = names.Match(module, src_mod, "weight", layer, expert)
-        first = min(leaves.values(), key=lambda t: (file_rank[t.file], t.begin))
-        order = (file_rank[first.file], first.begin)
-        q = gptq_info.get(key)
-        linear = module.role in (names.LINEAR, names.EXPERT, names.QKV, names.INDEX, names.GATE_UP)
-        if module.role == names.ROUTER:
-            _check_routing_bias(leaves, src_mod, out_cfg["text_config"])
-            for leaf, t in leaves.items():
-                out.append(OutTensor(names.Match(module, src_mod, leaf, layer, expert).dst_tensor(), t.dtype, t.shape, COPY, (t,), order=order + (t.begin,)))
-                ops[COPY] += 1
-            continue
-        if q is None:
-            t = leaves["weight"]
-            if module.role == names.GATE_UP:
-                if len(t.shape) != 2 or t.shape[0] % 2:
-                    raise CheckpointError(_fname(t), t.name, f"fused gate_up weight shape {list(t.shape)} cannot be split in two")
-                half = t.shape[0] // 2
-                for i, (a, b) in enumerate(((0, half), (half, t.shape[0]))):
-                    out.append(OutTensor(m.dst_tensor(i).rsplit(".", 1)[0] + ".weight", t.dtype, (half, t.shape[1]), SLICE, (t,), rows=(a, b), order=order + (i,)))
-                    modules_q[m.dst_modules()[i]] = {"bits": None}
-                ops["split"] += 1
-            else:
-                out.append(OutTensor(m.dst_modules()[0] + ".weight", t.dtype, t.shape, COPY, (t,), order=order))
-                ops[COPY] += 1
-                if linear:
-                    modules_q[m.dst_modules()[0]] = {"bits": None}
-            continue
-        shape, scheme = q
-        qw, qz, sc = leaves["qweight"], leaves["qzeros"], leaves["scales"]
-        gi = leaves.get("g_idx")
-        if gi is not None:
-            notes["trivial g_idx tensors left out (== arange(in)//group_size)"] += 1
-        srcs = (qw, qz, sc) + ((gi,) if gi is not None else ())
-        if key in dequant_keys:
-            dst = m.dst_modules()[0]
-            out.append(OutTensor(dst + ".weight", "BF16", (shape.out_features, shape.in_features), DEQUANT, srcs, order=order))
-            modules_q[dst] = {"bits": None}
-            ops["dequant"] += 1
-            bits_hist[f"{shape.bits}->bf16"] += 1
-            continue
-        if module.role == names.GATE_UP:
-            if shape.out_features % 2:
-                raise CheckpointError(_fname(qw), qw.name, f"fused gate_up has an odd number of outputs ({shape.out_features})")
-            half = shape.out_features // 2
-            if not gptq.split_point_ok(half, shape.bits):
-                raise CheckpointError(_fname(qz), qz.name, f"cannot split {shape.bits}-bit gate_up at output {half}: "
-                                      f"{half}*{shape.bits}/32 is not a whole qzeros word, the split is not on a packing-word boundary (lossless split impossible)")
-            zhalf = half * shape.bits // 32
-            W = promote_to.get(key, shape.bits)
-            if W != shape.bits and not gptq.split_point_ok(half, W):
-                raise CheckpointError(_fname(qz), qz.name, f"cannot split gate_up promoted to {W} bits at output {half}: not on a packing-word boundary")
-            for i, (a, b, za, zb) in enumerate(((0, half, 0, zhalf), (half, shape.out_features, zhalf, qz.shape[1]))):
-                dst = m.dst_modules()[i]
-                if W == shape.bits:
-                    out.append(OutTensor(dst + ".qweight", qw.dtype, (qw.shape[0], b - a), SLICE, (qw,), cols=(a, b), order=order + (i, 0)))
-                    out.append(OutTensor(dst + ".qzeros", qz.dtype, (qz.shape[0], zb - za), SLICE, (qz,), cols=(za, zb), order=order + (i, 1)))
-                else:
-                    ps = gptq.packed_shapes(shape.in_features, b - a, shape.group_size, W)
-                    out.append(OutTensor(dst + ".qweight", qw.dtype, ps["qweight"], PROMOTE, (qw,), cols=(a, b),
-                                         order=order + (i, 0), promote=(shape.bits, W)))
-                    out.append(OutTensor(dst + ".qzeros", qz.dtype, ps["qzeros"], PROMOTE, (qz,), cols=(za, zb),
-                                         order=order + (i, 1), promote=(shape.bits, W)))
-                out.append(OutTensor(dst + ".scales", sc.dtype, (sc.shape[0], b - a), SLICE, (sc,), cols=(a, b), order=order + (i, 2)))
-                modules_q[dst] = {"bits": W, "group_size": shape.group_size}
-                bits_hist[str(shape.bits) if W == shape.bits else f"{shape.bits}->{W}"] += 1
-                _account(promotion, layer, shape, half, W)
-            ops["split"] += 1
-            continue
-        dst = m.dst_modules()[0]
-        W = promote_to.get(key, shape.bits)
-        ps = gptq.packed_shapes(shape.in_features, shape.out_features, shape.group_size, W)
-        for j, leaf in enumerate(("qweight", "qzeros", "scales")):
-            t = leaves[leaf]
-            if W != shape.bits and leaf != "scales":
-                out.append(OutTensor(f"{dst}.{leaf}", t.dtype, ps[leaf], PROMOTE, (t,), order=order + (j,), promote=(shape.bits, W)))
-            else:
-                out.append(OutTensor(f"{dst}.{leaf}", t.dtype, t.shape, COPY, (t,), order=order + (j,)))
-        modules_q[dst] = {"bits": W, "group_size": shape.group_size}
-        bits_hist[str(shape.bits) if W == shape.bits else f"{shape.bits}->{W}"] += 1
-        _account(promotion, layer, shape, shape.out_features, W)
-        ops["copy_gptq" if W == shape.bits else "promote"] += 1
 
-    if keep_vision:
+def _emit_gptq_split(em: Emitted, d: Decision):
+    """A fused [gate; up] GPTQ module split by outputs on a packing-word boundary: still GPTQ, lossless."""
+    _gptq_sources(em, d)
+    shape, W = d.shape, d.width
+    qw, qz, sc = d.leaves["qweight"], d.leaves["qzeros"], d.leaves["scales"]
+    if shape.out_features % 2:
+        raise CheckpointError(_fname(qw), qw.name, f"fused gate_up has an odd number of outputs ({shape.out_features})")
+    half = shape.out_features // 2
+    if not gptq.split_point_ok(half, shape.bits):
+        raise CheckpointError(_fname(qz), qz.name, f"cannot split {shape.bits}-bit gate_up at output {half}: "
+                              f"{half}*{shape.bits}/32 is not a whole qzeros word, the split is not on a packing-word boundary (lossless split impossible)")
+    if W != shape.bits and not gptq.split_point_ok(half, W):
+        raise CheckpointError(_fname(qz), qz.name, f"cannot split gate_up promoted to {W} bits at output {half}: not on a packing-word boundary")
+    zhalf = half * shape.bits // 32
+    for i, (a, b, za, zb) in enumerate(((0, half, 0, zhalf), (half, shape.out_features, zhalf, qz.shape[1]))):
+        dst = d.match.dst_modules()[i]
+        if W == shape.bits:
+            em.out.append(OutTensor(dst + ".qweight", qw.dtype, (qw.shape[0], b - a), SLICE, (qw,), cols=(a, b), order=d.order + (i, 0)))
+            em.out.append(OutTensor(dst + ".qzeros", qz.dtype, (qz.shape[0], zb - za), SLICE, (qz,), cols=(za, zb), order=d.order + (i, 1)))
+        else:
+            ps = gptq.packed_shapes(shape.in_features, b - a, shape.group_size, W)
+            em.out.append(OutTensor(dst + ".qweight", qw.dtype, ps["qweight"], PROMOTE, (qw,), cols=(a, b),
+                                    order=d.order + (i, 0), promote=(shape.bits, W)))
+            em.out.append(OutTensor(dst + ".qzeros", qz.dtype, ps["qzeros"], PROMOTE, (qz,), cols=(za, zb),
+                                    order=d.order + (i, 1), promote=(shape.bits, W)))
+        em.out.append(OutTensor(dst + ".scales", sc.dtype, (sc.shape[0], b - a), SLICE, (sc,), cols=(a, b), order=d.order + (i, 2)))
+        em.modules_q[dst] = {"bits": W, "group_size": shape.group_size}
+        em.bits_hist[str(shape.bits) if W == shape.bits else f"{shape.bits}->{W}"] += 1
+        _account(em.promotion, d.layer, shape, half, W)
+    em.ops["split"] += 1
+
+
+LINEAR_ROLES = (names.LINEAR, names.EXPERT, names.QKV, names.INDEX, names.GATE_UP)
+EMIT = {ROUTER_COPY: _emit_router, PLAIN_COPY: _emit_plain, PLAIN_SPLIT: _emit_plain_split, DEQUANTIZE: _emit_dequantize,
+        GPTQ_COPY: _emit_gptq, GPTQ_SPLIT: _emit_gptq_split}
+
+
+# ---------------------------------------------------------------- phase 4: vision and MTP
+def add_vision_and_mtp(out, col: Collected, out_cfg, src_cfg, layout, opts: Options, file_rank):
+    """--keep-vision: the text under language_model., the vision tower added, the VL config; --keep-mtp: the MTP
+    block(s), every tensor present."""
+    if opts.keep_vision:
         for o in out:
             o.name = names.VL_TEXT_PREFIX + o.name
         out_cfg = cfgmod.vl_config(out_cfg, src_cfg)
-        out += _vision_tensors(vision, out_cfg["vision_config"]["num_hidden_layers"], file_rank)
-    if keep_mtp:
+        out += _vision_tensors(col.vision, out_cfg["vision_config"]["num_hidden_layers"], file_rank)
+    if opts.keep_mtp:
         n_mtp = out_cfg["text_config"]["num_mtp_modules"] = _num_mtp(src_cfg)
-        missing = sorted(set(names.expected_mtp(n_mtp, layout.num_experts)) - set(mtp), key=natural_key)
+        missing = sorted(set(names.expected_mtp(n_mtp, layout.num_experts)) - set(col.mtp), key=natural_key)
         if missing:
             raise CheckpointError("(all shards)", missing[0], f"MTP tensor missing from the source ({len(missing)} missing): "
                                   "vLLM's MiniMaxM3MTP would leave its parameter uninitialised without an error")
-        out += list(mtp.values())
-    if plain_dtype == "bf16":
-        ops[CAST] = _cast_plain(out)      # tensors (text, vision, MTP), beside the plain modules counted as COPY
+        out += list(col.mtp.values())
+    return out, out_cfg
+
+
+# ---------------------------------------------------------------- phase 5: finalize
+def finalize(in_dir, src_cfg, out_cfg, qcfg, has_qjson, layout, out, em: Emitted, col: Collected, files, headers,
+             opts: Options, max_shard_size) -> Plan:
+    if opts.plain_dtype == "bf16":
+        em.ops[CAST] = _cast_plain(out)      # tensors (text, vision, MTP), beside the plain modules counted as COPY
     out.sort(key=lambda o: o.order)
-    _check_shared_expert_width(groups, layout, out_cfg)
-
-    group_sizes = Counter(v["group_size"] for v in modules_q.values() if v["bits"])
-    g_default = group_sizes.most_common(1)[0][0] if group_sizes else qcfg.default.group_size
-    from .quantcfg import output_config, stock_output_config
-    layout_tag = "vl" if keep_vision else None
-    if stock:
-        # sym: every module written is symmetric (_classify refuses the others), whatever the source's default says
-        qout = stock_output_config(modules_q, g_default, True, qcfg.source_summary(), min_bits, layout_tag)
-    else:
-        qout = output_config(modules_q, g_default, True, qcfg.source_summary(), layout_tag,
-                             out_cfg["text_config"]["num_mtp_modules"] if keep_mtp else None,
-                             plain_dtype if plain_dtype != "source" else None)
+    qout = _output_quant_config(em.modules_q, qcfg, out_cfg, opts)
     out_cfg["quantization_config"] = qout
-
     plan = Plan(in_dir, src_cfg, out_cfg, qout, has_qjson, layout, out)
     plan.inputs = headers
     plan.shards = shard(out, max_shard_size)
     plan.copied_files, ignored = other_files(in_dir, files)
-    bytes_in = sum(t.nbytes for h in headers.values() for t in h.tensors.values())
-    plan.stats = {
+    plan.stats = _stats(plan, em, col, files, headers, ignored, opts)
+    return plan
+
+
+def _output_quant_config(modules_q, qcfg, out_cfg, opts: Options) -> dict:
+    group_sizes = Counter(v["group_size"] for v in modules_q.values() if v["bits"])
+    g_default = group_sizes.most_common(1)[0][0] if group_sizes else qcfg.default.group_size
+    from .quantcfg import output_config, stock_output_config
+    layout_tag = "vl" if opts.keep_vision else None
+    if opts.stock:
+        # sym: every module written is symmetric (_classify refuses the others), whatever the source's default says
+        return stock_output_config(modules_q, g_default, True, qcfg.source_summary(), opts.min_bits, layout_tag)
+    return output_config(modules_q, g_default, True, qcfg.source_summary(), layout_tag,
+                         out_cfg["text_config"]["num_mtp_modules"] if opts.keep_mtp else None,
+                         opts.plain_dtype if opts.plain_dtype != "source" else None)
+
+
+def _stats(plan: Plan, em: Emitted, col: Collected, files, headers, ignored, opts: Options) -> dict:
+    out = plan.tensors
+    stats = {
         "input_files": len(files),
         "input_tensors": sum(len(h.tensors) for h in headers.values()),
-        "input_bytes": bytes_in,
+        "input_bytes": sum(t.nbytes for h in headers.values() for t in h.tensors.values()),
         "output_tensors": len(out),
         "output_bytes": sum(o.nbytes for o in out),
         "output_shards": len(plan.shards),
-        "modules": dict(sorted(ops.items())),
+        "modules": dict(sorted(em.ops.items())),
         "tensors_by_op": dict(Counter(o.op for o in out)),
-        "bits_histogram": dict(sorted(bits_hist.items())),
-        "dropped": {c: {"tensors": dropped[c], "bytes": dropped_bytes[c]} for c in sorted(dropped)},
-        "notes": dict(notes),
-        "target": target,
-        "mtp_kept": {"tensors": len(mtp), "bytes": sum(o.nbytes for o in mtp.values())} if keep_mtp else None,
-        "vision_kept": {"tensors": len(vision), "bytes": sum(t.nbytes for t in vision.values())} if keep_vision else None,
+        "bits_histogram": dict(sorted(em.bits_hist.items())),
+        "dropped": {c: {"tensors": col.dropped[c], "bytes": col.dropped_bytes[c]} for c in sorted(col.dropped)},
+        "notes": dict(em.notes),
+        "target": opts.target,
+        "mtp_kept": {"tensors": len(col.mtp), "bytes": sum(o.nbytes for o in col.mtp.values())} if opts.keep_mtp else None,
+        "vision_kept": {"tensors": len(col.vision), "bytes": sum(t.nbytes for t in col.vision.values())} if opts.keep_vision else None,
         "copied_files": list(plan.copied_files),
         "ignored_files": ignored,
         "plain_dtypes": _plain_dtype_stats(out),
-        "plain_dtype_mode": plain_dtype,
+        "plain_dtype_mode": opts.plain_dtype,
     }
-    if not stock:
-        plan.stats["gpu_weight_bytes"] = serving_projection(plan)
-    if stock:
-        native, promoted = (sum(v[i] for v in promotion.values()) for i in (0, 1))
-        plan.stats["promotion"] = {
-            "min_bits": min_bits,
+    if not opts.stock:
+        stats["gpu_weight_bytes"] = serving_projection(plan)
+    else:
+        native, promoted = (sum(v[i] for v in em.promotion.values()) for i in (0, 1))
+        stats["promotion"] = {
+            "min_bits": opts.min_bits,
             "gptq_bytes_native": native, "gptq_bytes_output": promoted,
             "extra_bytes": promoted - native,
-            "per_layer": {str(L): {"native": v[0], "output": v[1]} for L, v in sorted(promotion.items(), key=lambda kv: -1 if kv[0] is None else kv[0])
-                          if v[1] != v[0]},
+            "per_layer": {str(L): {"native": v[0], "output": v[1]}
+                          for L, v in sorted(em.promotion.items(), key=lambda kv: -1 if kv[0] is None else kv[0]) if v[1] != v[0]},
         }
-    return plan
+    return stats
 
 
 def _check_routing_bias(leaves, src_mod, tc):
@@ -676,7 +808,7 @@ def _check_shared_expert_width(groups, layout, out_cfg):
     """Cross-check config-derived sizes the model would silently get wrong."""
     tc = out_cfg["text_config"]
     for (module, src_mod, layer, expert), leaves in groups.items():
-        if module.src == "mlp.shared_experts.gate_up_proj":
+        if module is names.SHARED_GATE_UP:
             t = leaves.get("scales") or leaves.get("weight")
             outs = t.shape[-1] if "scales" in leaves else t.shape[0]
             want = 2 * tc["intermediate_size"] * tc["n_shared_experts"]

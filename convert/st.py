@@ -7,6 +7,7 @@ Checkpoints are untrusted input: every field is checked before any use.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -27,6 +28,9 @@ DTYPES = {
 }
 _ITEMSIZE = {k: v[0] for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CHUNK = 16 * 1024 * 1024       # the unit every streamed read and hash works in
 
 
 class TensorInfo(NamedTuple):
@@ -153,3 +157,19 @@ def build_header(entries) -> bytes:
     js = (",".join(parts) + "}").encode("utf-8")
     js += b" " * (-len(js) % 8)
     return struct.pack("<Q", len(js)) + js
+
+
+def sha256_file(path, progress=None):
+    """sha256 of a whole file, streamed (used by --resume and by m3-verify's integrity pass)."""
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    mv = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(mv[:n])
+            if progress:
+                progress(n)
+    return h.hexdigest()

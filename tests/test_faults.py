@@ -7,6 +7,7 @@ wall-clock times from outside (kill -9).  After each: nothing claims completenes
 """
 import json
 import os
+import re
 import random
 import signal
 import struct
@@ -107,23 +108,49 @@ def test_resume_redoes_a_shard_that_changed(reference_run, tmp_path):
     assert (out / "SHA256SUMS").read_text() == ref_sums
 
 
-def test_disk_full_real_small_filesystem(tmp_path):
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 1 MiB tmpfs (mounting needs root: skipped, and said so, where it is not allowed)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode == 0
-    try:
-        out = mnt / "out"
-        env = dict(os.environ)
-        if not mounted:   # no mount permission: the same OSError(ENOSPC), raised by the fault hook
-            env["M3_CONVERT_ENOSPC_AT_BYTES"] = str(1 << 20)
-        p = subprocess.run(CLI + [str(SRC), str(out)], capture_output=True, text=True, env=env)
-        assert p.returncode == 4, p.stderr
-        assert "No space left on device" in p.stderr and "Traceback" not in p.stderr
-        assert not (out / "SHA256SUMS").exists()
-        assert not [f for f in os.listdir(out) if f.endswith(".partial")]
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(mnt)])
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip()}): the free-space tests need a real small filesystem")
+    yield mnt
+    subprocess.run(["umount", str(mnt)])
+
+
+def test_refused_up_front_when_the_disk_is_too_small(small_fs):
+    out = small_fs / "out"
+    p = subprocess.run(CLI + [str(SRC), str(out)], capture_output=True, text=True)
+    assert p.returncode == 4, p.stderr
+    assert re.search(r"not enough space for the output: needs \d+\.\d\d MiB, 1\.00 MiB free on " + re.escape(str(small_fs)), p.stderr), p.stderr
+    assert not out.exists()                              # nothing written, not even the directory
+    dry = subprocess.run(CLI + [str(SRC), str(out), "--dry-run"], capture_output=True, text=True)
+    assert dry.returncode == 0 and re.search(r"disk   : needs .* MiB, 1\.00 MiB free on .*: DOES NOT FIT", dry.stdout), dry.stdout
+    js = json.loads(subprocess.run(CLI + [str(SRC), str(out), "--dry-run", "--json"], capture_output=True, text=True).stdout)
+    assert js["disk"]["needed_bytes"] > js["disk"]["free_bytes"] == 1 << 20
+
+
+def test_disk_full_real_small_filesystem(small_fs):
+    """Told to try anyway, the write fails on the real filesystem: exit 4, the file being written named, no
+    manifest, no partial files."""
+    out = small_fs / "out"
+    p = subprocess.run(CLI + [str(SRC), str(out), "--skip-space-check"], capture_output=True, text=True)
+    assert p.returncode == 4, p.stderr
+    assert re.search(r"No space left on device \((model[-0-9of]*\.safetensors|[a-z_.]+json)\)", p.stderr), p.stderr
+    assert "()" not in p.stderr and "Traceback" not in p.stderr
+    assert not (out / "SHA256SUMS").exists()
+    assert not [f for f in os.listdir(out) if f.endswith(".partial")]
+
+
+def test_disk_full_names_the_shard(tmp_path):
+    """The same error raised by the fault hook inside the first shard (no mount needed): the shard is named."""
+    out = tmp_path / "o"
+    env = dict(os.environ, M3_CONVERT_ENOSPC_AT_BYTES=str(200_000))
+    p = subprocess.run(CLI + [str(SRC), str(out)] + ARGS, capture_output=True, text=True, env=env)
+    assert p.returncode == 4
+    assert re.search(r"failed: No space left on device \(model-00001-of-\d+\.safetensors\)", p.stderr), p.stderr
 
 
 def test_disk_full_in_the_metadata_phase(reference_run, tmp_path):

@@ -320,12 +320,13 @@ def test_against_catches_a_changed_promoted_code(stock, tmp_path):
     fname = _flip_byte_in_tensor(d, t)
     rehash(d)
     code, lines = verify_lines(d, "--against", FIXTURES / "gpu_tiny")
-    assert code == 1 and len(lines) == 1 and lines[0].startswith(f"against: {fname}: {t}: is not ") and "promoted" in lines[0], lines
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(f"against: {fname}: {t}: promoted ") and \
+        "bits, but does not decode to the source" in lines[0], lines
 
 
 def test_against_decode_proof_catches_a_promotion_bug_the_byte_check_shares(tmp_path, monkeypatch):
-    """A wrong promotion rule in gptq (codes shifted, zeros not) is used by the converter and by the
-    byte comparison alike, so only the decode proof (written module vs source module) can catch it."""
+    """A wrong promotion rule in gptq (codes shifted, zeros not), used by the converter: m3-verify never promotes,
+    it decodes the written module and the source module and compares the values."""
     from test_verify import verify_lines
     good_shift = gptq._shift
 
@@ -336,4 +337,4 @@ def test_against_decode_proof_catches_a_promotion_bug_the_byte_check_shares(tmp_
     r = run_convert(FIXTURES / "gpu_tiny", d, "--target", "stock-vllm", "--quiet")
     assert r.exit_code == 0, r.output
     code, lines = verify_lines(d, "--against", FIXTURES / "gpu_tiny")
-    assert code == 1 and lines and all("promoted module does not de-quantize to the source values" in l for l in lines), lines
+    assert code == 1 and lines and all("bits, but does not decode to the source" in l for l in lines), lines

@@ -4,8 +4,9 @@
 * structure: headers, index, and the exact key set / shapes / dtypes / bits
   that vLLM's MiniMaxM3SparseForCausalLM expects for OUT_DIR/config.json,
   computed from the converter's own name table (m3_convert.names);
-* against: every output tensor equal to its source (re-planned from IN_DIR
-  with the converter's planner, so the rules are never written twice).
+* against: every output tensor and config field equal to what the source gives, by m3-verify's own
+  derivation (verify/against.py: its own source normaliser, inverse name map and config reading; it
+  shares no planner, executor or name-table code with the converter).
 """
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ import numpy as np
 from m3_convert import config as cfgmod
 from m3_convert import gptq, names, st
 from m3_convert.errors import CheckpointError
-from m3_convert.execute import CHUNK, sha256_file
-from m3_convert.plan import CAST, COPY, DEQUANT, INDEX_FILE, PROMOTE, SINGLE_FILE, SLICE
-from m3_convert.quantcfg import FORMAT, QUANT_METHOD, STOCK_METHOD, stock_extra_config
+from m3_convert.st import INDEX_FILE, SINGLE_FILE, sha256_file
+from m3_convert.quantcfg import FORMAT, QUANT_METHOD, STOCK_METHOD, natural_key as _nat, stock_extra_config
 
 
 @dataclass
@@ -387,127 +387,8 @@ def check_structure(out_dir):
             yield Finding("structure", f, name, f"shape {list(t.shape)}, expected {list(shape)}")
 
 
-def _nat(s):
-    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", s)]
-
-
 # ---------------------------------------------------------------- against the source
-def _ranges_equal(fd_a, a0, fd_b, b0, n):
-    off = 0
-    while off < n:
-        k = min(CHUNK, n - off)
-        if os.pread(fd_a, k, a0 + off) != os.pread(fd_b, k, b0 + off):
-            return False
-        off += k
-    return True
-
-
 def check_against(out_dir, in_dir, progress=None):
-    from m3_convert.plan import make_plan
-    cfg = _load_json(out_dir, "config.json")
-    qc = cfg.get("quantization_config") or {}
-    target = qc.get("target") or "m3-plugin"
-    try:
-        plan = make_plan(in_dir, target=target, min_bits=qc.get("min_bits") if target == "stock-vllm" else None,
-                         keep_vision=qc.get("layout") == "vl", keep_mtp=bool(qc.get("mtp_blocks")),
-                         plain_dtype=qc.get("plain_dtype") or "source")
-    except CheckpointError as e:
-        yield Finding("against", e.file, e.tensor, f"source cannot be planned: {e.msg}")
-        return
-    except ValueError as e:
-        yield Finding("against", "config.json", "quantization_config", f"cannot re-plan with these settings: {e}")
-        return
-    if cfg != json.loads(json.dumps(plan.out_config)):
-        diff = sorted(k for k in set(cfg) | set(plan.out_config) if cfg.get(k) != plan.out_config.get(k))
-        yield Finding("against", "config.json", None, f"differs from the config derived from the source (keys: {', '.join(diff)})")
-    headers, hfind = output_headers(out_dir)
-    yield from (Finding("against", f.file, f.tensor, f.message) for f in hfind)
-    actual = {t.name: t for h in headers.values() for t in h.tensors.values()}
-    planned = {o.name: o for o in plan.tensors}
-    for name in sorted(set(actual) - set(planned), key=_nat):
-        yield Finding("against", os.path.basename(actual[name].file), name, "has no source tensor")
-    for name in sorted(set(planned) - set(actual), key=_nat):
-        yield Finding("against", "(all shards)", name, "source tensor missing from the output")
-    fds = {}
-
-    def fd(path):
-        if path not in fds:
-            fds[path] = os.open(path, os.O_RDONLY)
-        return fds[path]
-    recent = OrderedDict()   # the last 8 tensors read (GPTQ parts, never a whole shard): each read once per module
-
-    def read(info):
-        key = (info.file, info.begin)
-        arr = recent.get(key)
-        if arr is None:
-            arr = recent[key] = st.read_array(fd(info.file), info)
-            if len(recent) > 8:
-                recent.popitem(last=False)
-        return arr
-    decoded = {}             # one slot: the source module's decode, shared by the two halves of a split
-    try:
-        for name in sorted(set(planned) & set(actual), key=_nat):
-            o, t = planned[name], actual[name]
-            fname = os.path.basename(t.file)
-            if t.dtype != o.dtype or tuple(t.shape) != tuple(o.shape):
-                yield Finding("against", fname, name, f"{t.dtype} {list(t.shape)} but the source gives {o.dtype} {list(o.shape)}")
-                continue
-            if o.op == COPY:
-                s = o.srcs[0]
-                ok = _ranges_equal(fd(s.file), s.begin, fd(t.file), t.begin, t.nbytes)
-                msg = "bytes differ from the source tensor " + s.name
-            elif o.op == SLICE:
-                s = o.srcs[0]
-                src = read(s)
-                src = src[o.rows[0]:o.rows[1]] if o.rows else src[:, o.cols[0]:o.cols[1]]
-                ok = np.array_equal(src, read(t))
-                msg = f"differs from its half of {s.name}"
-                if ok and name.endswith(".qweight"):   # prove the split half de-quantizes to the source rows
-                    ok = _decodes_to_source(planned, name, read, actual, decoded)
-                    msg = f"split half does not de-quantize to the source rows of {s.name}"
-            elif o.op == PROMOTE:
-                s = o.srcs[0]
-                src = read(s)
-                src = src if o.cols is None else src[:, o.cols[0]:o.cols[1]]
-                ok = np.array_equal(gptq.promote_packed(src, *o.promote, name), read(t))
-                msg = f"is not {s.name} promoted {o.promote[0]} -> {o.promote[1]} bits"
-                if ok and name.endswith(".qweight"):   # prove the promoted module de-quantizes to the source values
-                    ok = _decodes_to_source(planned, name, read, actual, decoded)
-                    msg = f"promoted module does not de-quantize to the source values of {s.name}"
-            elif o.op == CAST:
-                s = o.srcs[0]
-                src = read(s)
-                src = src[o.rows[0]:o.rows[1]] if o.rows else src
-                ok = np.array_equal(gptq.to_bf16(src.astype(np.float32)), read(t))
-                msg = f"is not {s.name} ({s.dtype}) rounded to bf16"
-            elif o.op == DEQUANT:
-                arrs = [read(s) for s in o.srcs]
-                ref = gptq.to_bf16(gptq.dequantize(arrs[0], arrs[1], arrs[2], arrs[3] if len(arrs) > 3 else None))
-                ok = np.array_equal(ref, read(t))
-                msg = f"is not the exact bf16 decode of {o.srcs[0].name}"
-            else:
-                ok, msg = False, f"unknown op {o.op}"
-            if progress:
-                progress(t.nbytes)
-            if not ok:
-                yield Finding("against", fname, name, msg)
-    finally:
-        for x in fds.values():
-            os.close(x)
-
-
-def _decodes_to_source(planned, qweight_name, read, actual, decoded):
-    """De-quantize the module as written and the whole source module it comes from; the written one must
-    equal the source rows (outputs) it covers. Proves a split point and a promotion lossless.
-    ``decoded``: a one-slot cache of the source decode (the two halves of a split share it)."""
-    base = qweight_name[: -len(".qweight")]
-    leaves = ("qweight", "qzeros", "scales")
-    parts = [planned[f"{base}.{leaf}"] for leaf in leaves]
-    key = tuple((p.srcs[0].file, p.srcs[0].begin) for p in parts)
-    full = decoded.get(key)
-    if full is None:
-        decoded.clear()
-        full = decoded[key] = gptq.dequantize(*[read(p.srcs[0]) for p in parts])
-    written = gptq.dequantize(*[read(actual[f"{base}.{leaf}"]) for leaf in leaves])
-    a, b = parts[0].cols or (0, full.shape[0])
-    return np.array_equal(written, full[a:b])
+    """--against: m3-verify's own derivation from the source (verify/against.py), nothing shared with the planner."""
+    from .against import check_against as run
+    yield from run(out_dir, in_dir, output_headers, Finding, progress)

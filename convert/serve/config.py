@@ -15,7 +15,7 @@ from . import compat, decide
 
 log = logging.getLogger("m3_convert.serve")
 
-QUANT_METHOD = "m3_gptq"
+from ..quantcfg import QUANT_METHOD  # noqa: E402  (one home: the output schema)
 CHOICES: dict[str, str] = {}    # layer prefix -> "method/kernel" chosen in this process (logs, GPU check, verify)
 _platform = None
 

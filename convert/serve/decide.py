@@ -41,7 +41,7 @@ BF16, GPTQ, HUMMING, MARLIN = "bf16", "gptq", "humming", "marlin"
 GPU_KERNELS = frozenset({GPTQ, HUMMING})
 #: the old, promoting behaviour (env M3_GPTQ_KERNELS=promote; the benchmark's "promoted" arm)
 PROMOTE_KERNELS = frozenset({GPTQ})
-QUANT_BITS = (2, 3, 4, 8)
+from ..gptq import VALID_BITS as QUANT_BITS  # noqa: E402  (one home: the GPTQ math)
 #: humming pads N to a multiple of its tile (sm90 heuristics: block_n 128 or 256; vLLM pads to 256)
 HUMMING_PAD_N = 256
 EXPERT_SHARDS = ("w1", "w3", "w2")      # gate, up, down (official names; m3_convert.names.EXPERT_SHARDS)
