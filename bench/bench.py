@@ -16,7 +16,10 @@ and on the same disk, it measures:
   ratios, because this kind of virtual disk drifts in speed from one minute to the next;
 * peak RSS of m3-convert (``/usr/bin/time -v``) for each ``--workers`` value;
 * planning time of the full topology (``m3-convert --dry-run --json``'s plan_seconds);
-* ``m3-verify --integrity-only`` vs ``sha256sum -c SHA256SUMS`` over the same files (cold cache both).
+* ``m3-verify --integrity-only`` vs ``sha256sum -c SHA256SUMS`` over the same files (cold cache both);
+* the floor of any converter that writes every byte and hashes it: ``max(cp -r, SHA-256 of every byte with the
+  files spread over all cores)`` (OpenSSL's SHA-256 through hashlib, the one m3-convert uses), and what a user does
+  by hand without m3-convert: ``cp -r`` then ``sha256sum *``; m3-convert's time over each, per round.
 
 Prints a markdown table and writes bench/out/results-cold.json (or results-warm.json).
 """
@@ -145,25 +148,32 @@ def generate(size, out, seed=0):
         wm.update({k: fname for k in s})
     # mtp, as auto-round copies it
     write_shard(os.path.join(out, "model_extra_tensors.safetensors"), {"mtp.0.enorm.weight": bf16(rng, (H,)), "mtp.0.eh_proj.weight": bf16(rng, (H, 2 * H))})
-    qc = {"bits": 16, "group_size": 128, "sym": True, "data_type": "int", "quant_method": "auto-round",
-          "packing_format": "auto_round:auto_gptq", "autoround_version": "0.16.1", "extra_config": extra}
-    tc = {"model_type": "minimax_m3_vl_text", "hidden_size": H, "intermediate_size": I, "dense_intermediate_size": Id,
-          "shared_intermediate_size": I, "n_shared_experts": 1, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-          "num_key_value_heads": KV, "head_dim": HD, "vocab_size": VOCAB, "num_local_experts": E, "num_experts_per_tok": 4,
-          "layer_types": ["full_attention"] * 3 + ["minimax_m3_sparse"] * (LAYERS - 3),
-          "mlp_layer_types": ["dense"] * 3 + ["sparse"] * (LAYERS - 3), "index_n_heads": KV, "index_head_dim": HD,
-          "index_block_size": 128, "index_topk_blocks": 16, "index_local_blocks": 1, "hidden_act": "silu",
-          "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "routed_scaling_factor": 2.0, "rotary_dim": 64,
-          "rope_parameters": {"rope_theta": 5000000.0, "partial_rotary_factor": 0.5, "rope_type": "default"},
-          "rms_norm_eps": 1e-6, "max_position_embeddings": 524288}
-    cfg = {"architectures": ["MiniMaxM3SparseForConditionalGeneration"], "model_type": "minimax_m3_vl", "text_config": tc,
-           "quantization_config": qc}
+    cfg, qc = source_config(extra, H, I, Id, HEADS, KV, VOCAB)
     json.dump(cfg, open(os.path.join(out, "config.json"), "w"), indent=1)
     json.dump(qc, open(os.path.join(out, "quantization_config.json"), "w"), indent=1)
     total = sum(v[1].nbytes for s in shards for v in s.values())
     json.dump({"metadata": {"total_size": total}, "weight_map": wm}, open(os.path.join(out, "model.safetensors.index.json"), "w"))
     open(os.path.join(out, "LICENSE"), "w").write("bench\n")
     return len(wm)
+
+
+def source_config(extra, H, I, Id, heads, kv, vocab, layers=LAYERS, experts=E, hd=HD):
+    """(config.json, quantization_config) as the AutoRound export of a MiniMax-M3-VL writes them: transformers'
+    text_config (layer_types, index_* fields, rope_parameters; hidden_act "silu"), global bits 16 + extra_config."""
+    qc = {"bits": 16, "group_size": 128, "sym": True, "data_type": "int", "quant_method": "auto-round",
+          "packing_format": "auto_round:auto_gptq", "autoround_version": "0.16.1", "extra_config": extra}
+    tc = {"model_type": "minimax_m3_vl_text", "hidden_size": H, "intermediate_size": I, "dense_intermediate_size": Id,
+          "shared_intermediate_size": I, "n_shared_experts": 1, "num_hidden_layers": layers, "num_attention_heads": heads,
+          "num_key_value_heads": kv, "head_dim": hd, "vocab_size": vocab, "num_local_experts": experts, "num_experts_per_tok": 4,
+          "layer_types": ["full_attention"] * 3 + ["minimax_m3_sparse"] * (layers - 3),
+          "mlp_layer_types": ["dense"] * 3 + ["sparse"] * (layers - 3), "index_n_heads": kv, "index_head_dim": hd,
+          "index_block_size": 128, "index_topk_blocks": 16, "index_local_blocks": 1, "hidden_act": "silu",
+          "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "routed_scaling_factor": 2.0, "rotary_dim": 64,
+          "rope_parameters": {"rope_theta": 5000000.0, "partial_rotary_factor": 0.5, "rope_type": "default"},
+          "rms_norm_eps": 1e-6, "max_position_embeddings": 524288}
+    cfg = {"architectures": ["MiniMaxM3SparseForConditionalGeneration"], "model_type": "minimax_m3_vl", "text_config": tc,
+           "quantization_config": qc}
+    return cfg, qc
 
 
 def drop_caches():
@@ -220,7 +230,26 @@ def du(path):
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
 
+def hash_all(path, cores):
+    """SHA-256 of every file under ``path``, ``cores`` files at a time (one process each): the hashing floor."""
+    from concurrent.futures import ProcessPoolExecutor
+    files = sorted((os.path.join(path, f) for f in os.listdir(path)), key=os.path.getsize, reverse=True)
+    with ProcessPoolExecutor(cores) as ex:
+        list(ex.map(_hash_file, files))
+
+
+def _hash_file(p):
+    import hashlib
+    h = hashlib.sha256()
+    with open(p, "rb", buffering=0) as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--hash-all":
+        return hash_all(sys.argv[2], int(sys.argv[3]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,5")
     ap.add_argument("--workers", default="1,2")
@@ -236,8 +265,9 @@ def main():
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
     results = {"cache": "cold (drop_caches before each command)" if cold else "warm (input read into the page cache before each command)",
-               "repeat": args.repeat,
-               "cpus": os.cpu_count(), "runs": []}
+               "repeat": args.repeat, "cpus": os.cpu_count(),
+               "sha_extensions": "sha_ni" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None,
+               "runs": []}
     for size in (int(s) for s in args.sizes.split(",")):
         src = os.path.join(args.work, f"in{size}")
         t0 = time.time()
@@ -255,7 +285,13 @@ def main():
         def rm(path):
             return lambda: shutil.rmtree(path, ignore_errors=True)
         cp_out = os.path.join(args.work, "cp")
-        cmds = {"cp": (f"cp -r {src} {cp_out} && sync", rm(cp_out))}
+        cores = os.cpu_count() or 1
+        cmds = {"cp": (f"cp -r {src} {cp_out} && sync", rm(cp_out)),
+                # by hand: copy, then checksum the copy (what m3-convert replaces)
+                "cp_sha": (f"cp -r {src} {cp_out}h && sync && cd {cp_out}h && sha256sum * > /dev/null", rm(cp_out + "h")),
+                # the floor's other term: SHA-256 (OpenSSL, through hashlib: what m3-convert uses) of every input byte,
+                # the files spread over all cores
+                "sha_all": (f"{sys.executable} {os.path.abspath(__file__)} --hash-all {src} {cores}", None)}
         for w in ws:
             out = os.path.join(args.work, f"conv{w}")
             cmds[f"w{w}"] = (f"{conv} {src} {out} --quiet --workers {w} --max-shard-size {shard} && sync", rm(out))
@@ -263,12 +299,18 @@ def main():
         cp = [r[0] for r in res["cp"]]
         row["cp_s"] = round(median(cp), 2)
         row["cp_runs_s"] = [round(x, 2) for x in cp]
+        row["cp_sha256sum_s"] = round(median([r[0] for r in res["cp_sha"]]), 2)
+        row["sha256_all_cores_s"] = round(median([r[0] for r in res["sha_all"]]), 2)
+        floor = [max(a, b[0]) for a, b in zip(cp, res["sha_all"])]          # per round: max(cp, hashing on all cores)
+        row["floor_s"] = round(median(floor), 2)
         for w in ws:
             walls = [r[0] for r in res[f"w{w}"]]
             row[f"convert_w{w}_s"] = round(median(walls), 2)
             row[f"convert_w{w}_runs_s"] = [round(x, 2) for x in walls]
             row[f"convert_w{w}_rss_mib"] = round(max(r[1] for r in res[f"w{w}"]))
             row[f"ratio_w{w}"] = round(median([a / b for a, b in zip(walls, cp)]), 2)   # median of per-round ratios
+            row[f"vs_floor_w{w}"] = round(median([a / b for a, b in zip(walls, floor)]), 2)
+            row[f"vs_by_hand_w{w}"] = round(median([a / b[0] for a, b in zip(walls, res["cp_sha"])]), 2)
         out = os.path.join(args.work, f"conv{ws[-1]}")   # one converted output to check, written once more
         subprocess.run(cmds[f"w{ws[-1]}"][0], shell=True, check=True)
         res = rounds({"sha256sum": (f"cd {out} && sha256sum -c --quiet SHA256SUMS", None),
@@ -286,13 +328,16 @@ def main():
             shutil.rmtree(out)
     json.dump(results, open(os.path.join(args.work, f"results-{'cold' if cold else 'warm'}.json"), "w"), indent=1)
     ws = args.workers.split(",")
-    print(f"\ncache: {results['cache']}; medians of {args.repeat} interleaved rounds; {results['cpus']} CPUs\n")
-    print("| input | tensors | cp -r | " + " | ".join(f"m3-convert --workers {w} (ratio, peak RSS)" for w in ws)
+    print(f"\ncache: {results['cache']}; medians of {args.repeat} interleaved rounds; {results['cpus']} CPUs, "
+          f"SHA extensions (sha_ni): {results['sha_extensions']}\n")
+    print("| input | tensors | cp -r | cp -r + sha256sum | floor: max(cp, SHA-256 on all cores) | "
+          + " | ".join(f"m3-convert --workers {w} (vs cp, vs by hand, vs floor, peak RSS)" for w in ws)
           + " | plan (--dry-run) | sha256sum -c | m3-verify --integrity-only (ratio) |")
-    print("|---" * (6 + len(ws)) + "|")
+    print("|---" * (8 + len(ws)) + "|")
     for r in results["runs"]:
-        print(f"| {r['size_gib']} GiB | {r['tensors']} | {r['cp_s']} s | "
-              + " | ".join(f"{r[f'convert_w{w}_s']} s ({r[f'ratio_w{w}']}x, {r[f'convert_w{w}_rss_mib']} MiB)" for w in ws)
+        print(f"| {r['size_gib']} GiB | {r['tensors']} | {r['cp_s']} s | {r['cp_sha256sum_s']} s | {r['floor_s']} s | "
+              + " | ".join(f"{r[f'convert_w{w}_s']} s ({r[f'ratio_w{w}']}x, {r[f'vs_by_hand_w{w}']}x, {r[f'vs_floor_w{w}']}x, "
+                           f"{r[f'convert_w{w}_rss_mib']} MiB)" for w in ws)
               + f" | {r['plan_s']:.2f} s | {r['sha256sum_s']} s | {r['verify_integrity_s']} s ({r['verify_ratio']}x) |")
 
 

@@ -26,7 +26,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 
+from bench import source_config  # noqa: E402
 from m3_convert.st import build_header  # noqa: E402
 
 P = "model.language_model"
@@ -103,19 +105,7 @@ def write(out_dir, seed=0):
             f.truncate(len(head) + sum(e[3] for e in entries))     # a hole: no data written
         wm.update({n: fname for n, _, _ in s})
         total += sum(e[3] for e in entries)
-    qc = {"bits": 16, "group_size": 128, "sym": True, "data_type": "int", "quant_method": "auto-round",
-          "packing_format": "auto_round:auto_gptq", "autoround_version": "0.16.1", "extra_config": extra}
-    tc = {"model_type": "minimax_m3_vl_text", "hidden_size": H, "intermediate_size": I, "dense_intermediate_size": ID,
-          "shared_intermediate_size": I, "n_shared_experts": 1, "num_hidden_layers": L_, "num_attention_heads": HEADS,
-          "num_key_value_heads": KV, "head_dim": HD, "vocab_size": V, "num_local_experts": E, "num_experts_per_tok": 4,
-          "layer_types": ["full_attention"] * 3 + ["minimax_m3_sparse"] * (L_ - 3),
-          "mlp_layer_types": ["dense"] * 3 + ["sparse"] * (L_ - 3), "index_n_heads": NIDX, "index_head_dim": HD,
-          "index_block_size": 128, "index_topk_blocks": 16, "index_local_blocks": 1, "hidden_act": "silu",
-          "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "routed_scaling_factor": 2.0, "rotary_dim": 64,
-          "rope_parameters": {"rope_theta": 5000000.0, "partial_rotary_factor": 0.5, "rope_type": "default"},
-          "rms_norm_eps": 1e-6, "max_position_embeddings": 524288}
-    cfg = {"architectures": ["MiniMaxM3SparseForConditionalGeneration"], "model_type": "minimax_m3_vl", "text_config": tc,
-           "quantization_config": qc}
+    cfg, _ = source_config(extra, H, I, ID, HEADS, KV, V, layers=L_, experts=E, hd=HD)   # bench.py's: index heads = KV
     json.dump(cfg, open(os.path.join(out_dir, "config.json"), "w"), indent=1)
     json.dump({"metadata": {"total_size": total}, "weight_map": wm}, open(os.path.join(out_dir, "model.safetensors.index.json"), "w"))
     q = [(nbytes(dt, sh), n) for n, dt, sh in ts if n.endswith((".qweight",))]

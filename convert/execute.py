@@ -302,9 +302,9 @@ def _write_promote(src, w, o, progress):
     progress(data.nbytes)
 
 
-def write_shard(path_tmp, tensors, progress):
-    """Write one output shard; returns (size, sha256)."""
-    header = st.build_header([(o.name, o.dtype, o.shape, o.nbytes) for o in tensors])
+def write_shard(path_tmp, tensors, progress, header=None):
+    """Write one output shard (``header``: its header bytes, if already built); returns (size, sha256)."""
+    header = header or shard_header(tensors)
     src = SourceFiles()
     ring = BufferRing(n=1)   # row blocks for column slices (copies go through the kernel)
     w = HashingWriter(path_tmp)
@@ -431,9 +431,16 @@ def _previous_outputs(out_dir):
     return {n for n in names if isinstance(n, str) and _OUR_SHARD.match(n)}
 
 
-def shard_file_bytes(tensors) -> int:
-    """The exact size of an output shard: its header (st.build_header, as written) and its tensors."""
-    return len(st.build_header([(o.name, o.dtype, o.shape, o.nbytes) for o in tensors])) + sum(o.nbytes for o in tensors)
+def shard_header(tensors) -> bytes:
+    return st.build_header([(o.name, o.dtype, o.shape, o.nbytes) for o in tensors])
+
+
+def shard_file_bytes(plan: Plan, fname, tensors) -> int:
+    """The exact size of an output shard: its header (as written; kept on the plan for write_shard) and its tensors."""
+    headers = plan.__dict__.setdefault("shard_headers", {})
+    if fname not in headers:
+        headers[fname] = shard_header(tensors)
+    return len(headers[fname]) + sum(o.nbytes for o in tensors)
 
 
 def space_plan(plan: Plan, out_dir: str, resume: bool = False, workers: int = 1) -> dict:
@@ -458,7 +465,7 @@ def space_plan(plan: Plan, out_dir: str, resume: bool = False, workers: int = 1)
     write = reclaim = 0
     replaced = []
     for fname, tensors in plan.shards:
-        n = shard_file_bytes(tensors)
+        n = shard_file_bytes(plan, fname, tensors)
         old = size(fname)
         rec = state.get(fname)
         if rec and old == n == rec.get("size") and rec.get("recipe") == shard_recipe(plan, fname, tensors):
@@ -660,7 +667,7 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
         recipe = shard_recipe(plan, fname, tensors)   # before reading: the input fingerprints this shard is made from
         tmp = os.path.join(out_dir, "." + fname + ".partial")
         try:
-            size, digest = write_shard(tmp, tensors, progress)
+            size, digest = write_shard(tmp, tensors, progress, plan.__dict__.get("shard_headers", {}).get(fname))
         except OSError as e:
             if e.filename is None:     # name what was being written (a write or fsync error carries no name)
                 raise OSError(e.errno, e.strerror or str(e), fname) from None

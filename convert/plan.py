@@ -573,9 +573,7 @@ def _stats(plan: Plan, em: Emitted, col: Collected, files, headers, ignored, opt
         "plain_dtypes": _plain_dtype_stats(out),
         "plain_dtype_mode": opts.plain_dtype,
     }
-    if not opts.stock:
-        stats["gpu_weight_bytes"] = serving_projection(plan)
-    else:
+    if opts.stock:        # (the m3-plugin target's GPU projection: serving_projection, called by the CLI)
         native, promoted = (sum(v[i] for v in em.promotion.values()) for i in (0, 1))
         stats["promotion"] = {
             "min_bits": opts.min_bits,

@@ -217,7 +217,7 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
                      "us_humming": round(timed(lambda: method.apply(layer, x, w, ids, None, None)), 1),
                      "gpu_bytes": held, "gptq_bytes": ckpt_bytes, "prepare_s": round(prep, 1)})
         print(json.dumps(rows[-1]), flush=True)
-    del layer, W13, W2, W13b, W2b
+    W13 = W2 = W13b = W2b = layer = None      # freed before the next case
     torch.cuda.empty_cache()
     return rows
 

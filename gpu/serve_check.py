@@ -107,7 +107,6 @@ def linear_errors(model, model_dir):
     """Each quantized linear layer, through vLLM's kernel, vs x @ W^T with W the exact decode of its shards."""
     import numpy as np
     import torch
-    from safetensors import safe_open
 
     from m3_convert import gptq
     from m3_convert.names import fused_shards
@@ -154,7 +153,6 @@ def moe_errors(model, model_dir):
     """Each quantized MoE layer's routed experts through the served method (vLLM's module and its quant_method's
     apply) on random tokens routed at random, vs sum_k w_k * W2_e(swiglu_oai(W13_e x)) in float32 from the exact
     decode of the checkpoint's experts; beside it the same through bf16 weights and intermediates (the floor)."""
-    import numpy as np
     import torch
 
     from m3_convert import gptq
@@ -169,7 +167,7 @@ def moe_errors(model, model_dir):
         prefix = getattr(mod, "layer_name", name).removeprefix("language_model.")
         if f"{prefix}.0.w1" not in modules:
             continue
-        E, H, inter = mod.global_num_experts, mod.hidden_size, mod.intermediate_size_per_partition
+        E, H = mod.global_num_experts, mod.hidden_size
         lim, al, be = (float(getattr(mod, a)) for a in ("swiglu_limit", "swiglu_alpha", "swiglu_beta"))
         dec = {}
         for e in range(E):

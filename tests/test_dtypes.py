@@ -9,7 +9,6 @@ those vLLM holds in bf16 exactly as torch's .to(torch.bfloat16) (vLLM's load) an
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 

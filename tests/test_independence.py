@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 import m3_convert.plan as planmod
 from conftest import FIXTURES, run_convert, run_verify

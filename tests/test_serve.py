@@ -203,3 +203,30 @@ def test_loader_names_the_tensor_whose_bits_disagree():
     qw = t["model.language_model.layers.3.mlp.experts.0.gate_proj.qweight"]
     with pytest.raises(decide.ServeError, match=r"model.layers.3.block_sparse_moe.experts.0.w1.qweight: shape \[64, 256\]"):
         load_expert(layer, layer.w13_qweight, qw, "w13", "qweight", "w1", 0)
+
+
+def test_dry_run_reports_gpu_bytes_native_and_promoted(tmp_path):
+    """--dry-run --json: gpu_weight_bytes from the headers alone. Routed experts native = every expert's codes at its
+    stored width + its bf16 scales (computed here from the source tensors' shapes), promoted = every expert of a
+    layer at the layer's widest width; TP sizes whose per-rank shapes cannot be served are named, not counted."""
+    from conftest import run_convert
+    r = run_convert(FIXTURES / "gpu_mixed", tmp_path / "o", "--dry-run", "--json", "--gpu-memory", "80")
+    g = json.loads(r.output)["gpu_weight_bytes"]
+    t = all_tensors(FIXTURES / "gpu_mixed")
+    native = promoted = 0
+    for L in (1, 2, 3):
+        widths, sizes = [], []
+        for e in range(8):
+            for hf in ("gate_proj", "up_proj", "down_proj"):
+                base = f"model.language_model.layers.{L}.mlp.experts.{e}.{hf}"
+                sh = gptq.infer_shape(t[base + ".qweight"].shape, t[base + ".qzeros"].shape, t[base + ".scales"].shape)
+                widths.append(sh.bits)
+                sizes.append((sh.in_features * sh.out_features, sh.groups * sh.out_features * 2))
+        native += sum(n * b // 8 + s for (n, s), b in zip(sizes, widths))
+        promoted += sum(n * max(widths) // 8 + s for n, s in sizes)
+    assert g["by_kind"]["routed_experts"] == {"native": native, "promoted": promoted}
+    assert g["native"] < g["promoted"] and g["gpu_memory_gib"] == 80
+    assert g["tp"]["1"]["fits"] and g["tp"]["2"]["promoted_problems"] and not g["tp"]["2"]["problems"]
+    assert "64 inputs per rank is not a whole number of 128-wide groups" in g["tp"]["4"]["problems"][0]
+    text = run_convert(FIXTURES / "gpu_mixed", tmp_path / "o", "--dry-run", "--gpu-memory", "80").output
+    assert "GPU    : weights" in text and "TP 4: cannot be served" in text and "fits 80 GiB GPUs" in text

@@ -13,11 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-import numpy as np
 
 from m3_convert import config as cfgmod
 from m3_convert import gptq, names, st

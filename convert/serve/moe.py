@@ -23,7 +23,6 @@ log = logging.getLogger("m3_convert.serve")
 
 @functools.lru_cache(maxsize=None)
 def humming_moe_class():
-    import torch
     from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 
     class M3HummingMoEMethod(FusedMoEMethodBase):
