@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from bench import source_config  # noqa: E402
-from m3_convert.st import build_header  # noqa: E402
+from m3_convert.gptq import packed_shapes  # noqa: E402
+from m3_convert.st import DTYPES, build_header  # noqa: E402
 
 P = "model.language_model"
 L_, H, HEADS, KV, HD, I, ID, E, V, NIDX = 60, 6144, 64, 4, 128, 3072, 12288, 128, 200064, 4
@@ -38,9 +39,8 @@ SHARD = 5 * 10**9
 
 
 def gptq(prefix, n_in, n_out, bits):
-    g = n_in // 128
-    return [(f"{prefix}.qweight", "I32", (n_in * bits // 32, n_out)), (f"{prefix}.qzeros", "I32", (g, n_out * bits // 32)),
-            (f"{prefix}.scales", "F16", (g, n_out))]
+    return [(f"{prefix}.{leaf}", "F16" if leaf == "scales" else "I32", shape)
+            for leaf, shape in packed_shapes(n_in, n_out, 128, bits).items()]
 
 
 def tensors(rng):
@@ -75,7 +75,7 @@ def tensors(rng):
 
 
 def nbytes(dtype, shape):
-    n = {"I32": 4, "F16": 2, "BF16": 2}[dtype]
+    n = DTYPES[dtype][0]
     for d in shape:
         n *= d
     return n
@@ -108,12 +108,10 @@ def write(out_dir, seed=0):
     cfg, _ = source_config(extra, H, I, ID, HEADS, KV, V, layers=L_, experts=E, hd=HD)   # bench.py's: index heads = KV
     json.dump(cfg, open(os.path.join(out_dir, "config.json"), "w"), indent=1)
     json.dump({"metadata": {"total_size": total}, "weight_map": wm}, open(os.path.join(out_dir, "model.safetensors.index.json"), "w"))
-    q = [(nbytes(dt, sh), n) for n, dt, sh in ts if n.endswith((".qweight",))]
-    bits = [v["bits"] for v in extra.values()]
-    params = {n.rsplit(".", 1)[0]: sh for n, _, sh in ts if n.endswith(".scales")}
+    params = {n.rsplit(".", 1)[0]: sh for n, _, sh in ts if n.endswith(".scales")}    # [in/128, out]
     wsum = sum(extra[m]["bits"] * params[m][0] * 128 * params[m][1] for m in extra)
     weights = sum(params[m][0] * 128 * params[m][1] for m in extra)
-    return total, len(shards), round(wsum / weights, 3), len(bits), len(q)
+    return total, len(shards), round(wsum / weights, 3), len(extra)
 
 
 def main():
@@ -123,7 +121,7 @@ def main():
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args()
     shutil.rmtree(a.work, ignore_errors=True)
-    total, n_shards, avg_bits, n_q, _ = write(a.work)
+    total, n_shards, avg_bits, n_q = write(a.work)
     du = subprocess.run(["du", "-sk", a.work], capture_output=True, text=True).stdout.split()[0]
     print(f"real-topology checkpoint: {n_shards} shards, {total / 2**30:.1f} GiB apparent, {int(du) / 1024:.1f} MiB on disk; "
           f"{n_q} GPTQ modules, {avg_bits} bits per GPTQ weight")

@@ -21,7 +21,7 @@ Arms, each in its own process (one CUDA context each), same GPU, one run:
                 at 4 bits: the plugin before issue 15);
 * ``bf16``:     no quantization at all;
 * ``native_streamk`` (not in the default arms): ``native`` with humming's default stream-K kernels
-                (M3_HUMMING_EXACT=0: faster at small batch, not exact), for comparison.
+                (M3_HUMMING_EXACT=0: not batch-invariant; not run yet), for comparison.
 
 Per arm: GPU bytes of the weights, decode tokens/s at batch 1 and 32 (CUDA graphs on unless ``--eager``),
 prefill tokens/s of a 2048-token prompt, and for batch-1 decode the bytes of weights one token reads (every
@@ -90,8 +90,8 @@ def write_model(d: str, arm: str, layers: int, vocab: int) -> dict:
            "tie_word_embeddings": False, "text_config": dict(tc, torch_dtype="bfloat16")}
     mods = quant_modules(tc)
     if arm != "bf16":
-        cfg["quantization_config"] = {"quant_method": "m3_gptq", "format": "m3-convert/1", "packing_format": "auto_round:auto_gptq",
-                                      "zero_point": "gptq_v1", "group_size": 128, "sym": True, "desc_act": False, "modules": mods}
+        from m3_convert.quantcfg import output_config
+        cfg["quantization_config"] = output_config(mods, 128, True, {})     # what m3-convert writes
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     bits = [v["bits"] for k, v in mods.items() if ".experts." in k]

@@ -26,19 +26,20 @@ import numpy as np
 from . import gptq, st
 from .errors import CheckpointError, OutputError
 from .plan import CAST, COPY, DEQUANT, PROMOTE, SLICE, Plan
-from .st import CHUNK, INDEX_FILE, sha256_file  # noqa: F401  (sha256_file: resume and m3-verify)
+from .quantcfg import FORMAT as TOOL_VERSION       # the format tag: journal, shard recipes, "is this ours?"
+from .st import CHUNK, INDEX_FILE, sha256_file
 
 STATE_DIR = ".m3-convert"
 STATE_FILE = "state.json"
-from .quantcfg import FORMAT as TOOL_VERSION  # noqa: E402  (one home for the format tag)
 
 
 class FaultHook:
     """Test-only fault injection, off unless its environment variables are set.
 
     M3_CONVERT_KILL_AT_BYTES=N   SIGKILL this process once N output bytes (all files) are written;
-    M3_CONVERT_ENOSPC_AT_BYTES=N raise ENOSPC ("No space left on device") at that point instead.
-    Used by tests/test_faults.py for crash trials and disk-full simulation.
+    M3_CONVERT_ENOSPC_AT_BYTES=N raise ENOSPC ("No space left on device") at that point instead;
+    M3_CONVERT_FREE_BYTES=N      the free space the space check sees (space_plan), instead of statvfs's.
+    Used by tests/test_faults.py for crash trials and disk-full simulation where no small filesystem can be mounted.
     """
 
     def __init__(self):
@@ -302,9 +303,8 @@ def _write_promote(src, w, o, progress):
     progress(data.nbytes)
 
 
-def write_shard(path_tmp, tensors, progress, header=None):
-    """Write one output shard (``header``: its header bytes, if already built); returns (size, sha256)."""
-    header = header or shard_header(tensors)
+def write_shard(path_tmp, tensors, header, progress):
+    """Write one output shard (``header``: its header bytes, Plan.shard_header); returns (size, sha256)."""
     src = SourceFiles()
     ring = BufferRing(n=1)   # row blocks for column slices (copies go through the kernel)
     w = HashingWriter(path_tmp)
@@ -367,6 +367,17 @@ def shard_recipe(plan: Plan, fname, tensors) -> str:
     return h.hexdigest()
 
 
+def _named(e: OSError, name: str) -> OSError:
+    """``e`` naming the file being written: a write, flush or fsync error carries no file name of its own."""
+    return e if e.filename is not None else OSError(e.errno, e.strerror or str(e), name)
+
+
+def _write_failed(out_dir: str, e: OSError, unnamed: str = "") -> OutputError:
+    """The exit-4 error of a failed write: the OS's words and the file (or what was being done)."""
+    where = os.path.basename(str(e.filename)) if e.filename else unnamed
+    return OutputError(f"writing into {out_dir} failed: {e.strerror or e}" + (f" ({where})" if where else ""))
+
+
 def _write_file(path, chunks, sync=True):
     """Write ``chunks`` to ``.NAME.partial``, fsync (unless the caller syncs later), rename onto ``path``;
     returns the sha256 of the bytes."""
@@ -384,9 +395,7 @@ def _write_file(path, chunks, sync=True):
         os.replace(tmp, path)
     except OSError as e:
         _unlink_quiet(tmp)
-        if e.filename is None:     # a write/flush error names no file: name the one being written
-            raise OSError(e.errno, e.strerror or str(e), os.path.basename(path)) from None
-        raise
+        raise _named(e, os.path.basename(path)) from None
     except BaseException:
         _unlink_quiet(tmp)
         raise
@@ -431,16 +440,9 @@ def _previous_outputs(out_dir):
     return {n for n in names if isinstance(n, str) and _OUR_SHARD.match(n)}
 
 
-def shard_header(tensors) -> bytes:
-    return st.build_header([(o.name, o.dtype, o.shape, o.nbytes) for o in tensors])
-
-
 def shard_file_bytes(plan: Plan, fname, tensors) -> int:
-    """The exact size of an output shard: its header (as written; kept on the plan for write_shard) and its tensors."""
-    headers = plan.__dict__.setdefault("shard_headers", {})
-    if fname not in headers:
-        headers[fname] = shard_header(tensors)
-    return len(headers[fname]) + sum(o.nbytes for o in tensors)
+    """The exact size of an output shard: its header (as the writer writes it) and its tensors."""
+    return len(plan.shard_header(fname, tensors)) + sum(o.nbytes for o in tensors)
 
 
 def space_plan(plan: Plan, out_dir: str, resume: bool = False, workers: int = 1) -> dict:
@@ -492,7 +494,8 @@ def space_plan(plan: Plan, out_dir: str, resume: bool = False, workers: int = 1)
     mount = probe
     while not os.path.ismount(mount):
         mount = os.path.dirname(mount)
-    return {"needed_bytes": needed, "free_bytes": st_.f_bavail * st_.f_frsize, "filesystem": mount,
+    free = int(os.environ.get("M3_CONVERT_FREE_BYTES") or st_.f_bavail * st_.f_frsize)     # (test-only hook)
+    return {"needed_bytes": needed, "free_bytes": free, "filesystem": mount,
             "write_bytes": write, "reclaimed_bytes": reclaim}
 
 
@@ -667,11 +670,9 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
         recipe = shard_recipe(plan, fname, tensors)   # before reading: the input fingerprints this shard is made from
         tmp = os.path.join(out_dir, "." + fname + ".partial")
         try:
-            size, digest = write_shard(tmp, tensors, progress, plan.__dict__.get("shard_headers", {}).get(fname))
+            size, digest = write_shard(tmp, tensors, plan.shard_header(fname, tensors), progress)
         except OSError as e:
-            if e.filename is None:     # name what was being written (a write or fsync error carries no name)
-                raise OSError(e.errno, e.strerror or str(e), fname) from None
-            raise
+            raise _named(e, fname) from None
         os.replace(tmp, os.path.join(out_dir, fname))
         with state_lock:
             state["shards"][fname] = {"recipe": recipe, "size": size, "sha256": digest}
@@ -696,8 +697,7 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
         files.update(meta.result())
     except OSError as e:
         meta.wait()
-        raise OutputError(f"writing into {out_dir} failed: {e.strerror or e}" + (f" ({os.path.basename(str(e.filename))})"
-                                                                                 if e.filename else "")) from None
+        raise _write_failed(out_dir, e) from None
     except BaseException:
         meta.wait()
         raise
@@ -727,5 +727,4 @@ def write_manifest(out_dir: str, files: dict, previous: set, single_shard: bool)
         _atomic_write(os.path.join(out_dir, "SHA256SUMS"), sums.encode())
         _fsync_path(out_dir)
     except OSError as e:
-        where = f" ({os.path.basename(str(e.filename))})" if e.filename else " (SHA256SUMS and the final sync)"
-        raise OutputError(f"writing into {out_dir} failed: {e.strerror or e}{where}") from None
+        raise _write_failed(out_dir, e, "SHA256SUMS and the final sync") from None

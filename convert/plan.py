@@ -17,8 +17,8 @@ from . import config as cfgmod
 from . import gptq, names, st
 from .errors import CheckpointError
 from .quantcfg import SourceQuantConfig, natural_key
+from .st import INDEX_FILE, SINGLE_FILE
 
-from .st import INDEX_FILE, SINGLE_FILE  # noqa: E402,F401  (one home: st.py)
 EXTRA_FILE = "model_extra_tensors.safetensors"
 #: files the converter writes itself; never copied from the input
 GENERATED = {"config.json", "quantization_config.json", INDEX_FILE, "SHA256SUMS"}
@@ -80,6 +80,15 @@ class Plan:
     copied_files: list = field(default_factory=list)
     inputs: dict = field(default_factory=dict)   # shard path -> Header
     stats: dict = field(default_factory=dict)
+    shard_headers: dict = field(default_factory=dict)   # output shard -> its header bytes (built once, on demand)
+
+    def shard_header(self, fname: str, tensors) -> bytes:
+        """The header of output shard ``fname`` exactly as written: built once, read by the space check (the
+        shard's size) and by the writer."""
+        h = self.shard_headers.get(fname)
+        if h is None:
+            h = self.shard_headers[fname] = st.build_header([(o.name, o.dtype, o.shape, o.nbytes) for o in tensors])
+        return h
 
 
 def _load_json(path, what):

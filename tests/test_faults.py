@@ -110,33 +110,40 @@ def test_resume_redoes_a_shard_that_changed(reference_run, tmp_path):
 
 @pytest.fixture
 def small_fs(tmp_path):
-    """A real 1 MiB tmpfs (mounting needs root: skipped, and said so, where it is not allowed)."""
+    """(directory, env, mounted): a real 1 MiB tmpfs; where mounting is not allowed (it needs root), a plain
+    directory and the test-only hooks that give the same two conditions (1 MiB free for the space check, ENOSPC
+    once 1 MiB is written). Never skipped."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if p.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip()}): the free-space tests need a real small filesystem")
-    yield mnt
-    subprocess.run(["umount", str(mnt)])
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode == 0
+    env = dict(os.environ) if mounted else dict(os.environ, M3_CONVERT_FREE_BYTES=str(1 << 20),
+                                                       M3_CONVERT_ENOSPC_AT_BYTES=str(1 << 20))
+    yield mnt, env, mounted
+    if mounted:
+        subprocess.run(["umount", str(mnt)])
 
 
 def test_refused_up_front_when_the_disk_is_too_small(small_fs):
-    out = small_fs / "out"
-    p = subprocess.run(CLI + [str(SRC), str(out)], capture_output=True, text=True)
+    mnt, env, mounted = small_fs
+    out = mnt / "out"
+    p = subprocess.run(CLI + [str(SRC), str(out)], capture_output=True, text=True, env=env)
     assert p.returncode == 4, p.stderr
-    assert re.search(r"not enough space for the output: needs \d+\.\d\d MiB, 1\.00 MiB free on " + re.escape(str(small_fs)), p.stderr), p.stderr
+    fs = re.escape(str(mnt)) if mounted else r"/\S*"
+    assert re.search(r"not enough space for the output: needs \d+\.\d\d MiB, 1\.00 MiB free on " + fs, p.stderr), p.stderr
     assert not out.exists()                              # nothing written, not even the directory
-    dry = subprocess.run(CLI + [str(SRC), str(out), "--dry-run"], capture_output=True, text=True)
+    dry = subprocess.run(CLI + [str(SRC), str(out), "--dry-run"], capture_output=True, text=True, env=env)
     assert dry.returncode == 0 and re.search(r"disk   : needs .* MiB, 1\.00 MiB free on .*: DOES NOT FIT", dry.stdout), dry.stdout
-    js = json.loads(subprocess.run(CLI + [str(SRC), str(out), "--dry-run", "--json"], capture_output=True, text=True).stdout)
+    js = json.loads(subprocess.run(CLI + [str(SRC), str(out), "--dry-run", "--json"], capture_output=True, text=True,
+                                   env=env).stdout)
     assert js["disk"]["needed_bytes"] > js["disk"]["free_bytes"] == 1 << 20
 
 
 def test_disk_full_real_small_filesystem(small_fs):
-    """Told to try anyway, the write fails on the real filesystem: exit 4, the file being written named, no
-    manifest, no partial files."""
-    out = small_fs / "out"
-    p = subprocess.run(CLI + [str(SRC), str(out), "--skip-space-check"], capture_output=True, text=True)
+    """Told to try anyway, the write fails (on the real filesystem where it can be mounted): exit 4, the file being
+    written named, no manifest, no partial files."""
+    mnt, env, _ = small_fs
+    out = mnt / "out"
+    p = subprocess.run(CLI + [str(SRC), str(out), "--skip-space-check"], capture_output=True, text=True, env=env)
     assert p.returncode == 4, p.stderr
     assert re.search(r"No space left on device \((model[-0-9of]*\.safetensors|[a-z_.]+json)\)", p.stderr), p.stderr
     assert "()" not in p.stderr and "Traceback" not in p.stderr

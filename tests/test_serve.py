@@ -183,7 +183,7 @@ def test_each_rank_holds_exactly_its_slice_of_every_mixed_width_expert(tp):
             for part in d.parts:
                 views = [part_view(layer, part, leaf) for leaf in ("qweight", "qzeros", "scales")]
                 for i, slot in enumerate(part.slots):
-                    e, s = (slot // 2, decide.W13_HALVES[slot % 2]) if part.sublayer == "w13" else (slot, "w2")
+                    e, s = decide.expert_of(part.sublayer, slot)
                     got = gptq.dequantize(*(v[i].numpy() for v in views))
                     want = gptq.dequantize(*(x.numpy() for x in full[e, s]))
                     r0, r1 = rank * I // tp, (rank + 1) * I // tp

@@ -13,43 +13,14 @@ import numpy as np
 
 
 def main(rank, world, port, out_dir):
-    import torch
-    from safetensors import safe_open
-    from vllm.config import LoadConfig, ModelConfig, ParallelConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
-    from vllm.model_executor.model_loader.utils import initialize_model
-    from vllm.plugins import load_general_plugins
-    from vllm.utils.torch_utils import set_default_torch_dtype
-
-    from m3_convert import gptq, vllm_plugin
+    from m3_convert import gptq
     from m3_convert.names import fused_shards
     from m3_convert.serve import decide
-    from m3_convert.serve.config import use_platform
     from m3_convert.serve.moe import part_view
-    from m3_verify.reference import CpuPlatform
+    from m3_verify.vllm_check import _build_model, _checkpoint
 
-    load_general_plugins()
-    vllm_plugin.register()
-    use_platform(CpuPlatform())
-    mc = ModelConfig(model=out_dir, dtype="bfloat16", skip_tokenizer_init=True, enforce_eager=True)
-    vc = VllmConfig(model_config=mc, load_config=LoadConfig(load_format="safetensors"),
-                    parallel_config=ParallelConfig(tensor_parallel_size=world))
-    ctx = set_current_vllm_config(vc)      # kept referenced: the context resets the config when collected
-    ctx.__enter__()
-    init_distributed_environment(world_size=world, rank=rank, local_rank=rank, backend="gloo",
-                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
-    ensure_model_parallel_initialized(world, 1)
-    import vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method as ufm
-    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
-    ufm.select_unquantized_moe_backend = lambda moe_config: (UnquantizedMoeBackend.TRITON, None)   # CPU build blocker
-    with set_default_torch_dtype(torch.bfloat16), torch.device("cpu"):
-        model = initialize_model(vllm_config=vc)
-
-    ckpt = {}
-    for f in sorted(os.listdir(out_dir)):
-        if f.endswith(".safetensors"):
-            with safe_open(os.path.join(out_dir, f), "pt") as h:
-                ckpt.update({k: h.get_tensor(k) for k in h.keys()})
+    model, _, _ = _build_model(out_dir, rank=rank, world=world, port=port)    # m3-verify --vllm's own build
+    ckpt = {k: t for _, k, t in _checkpoint(out_dir)}
     model.load_weights(iter(ckpt.items()))
     cfg = json.load(open(os.path.join(out_dir, "config.json")))
     tc, modules = cfg["text_config"], cfg["quantization_config"]["modules"]
@@ -103,7 +74,7 @@ def main(rank, world, port, out_dir):
             for part in d.parts:
                 views = [part_view(mod, part, leaf) for leaf in ("qweight", "qzeros", "scales")]
                 for i, slot in enumerate(part.slots):
-                    e, s = (slot // 2, decide.W13_HALVES[slot % 2]) if part.sublayer == "w13" else (slot, "w2")
+                    e, s = decide.expert_of(part.sublayer, slot)
                     got = gptq.dequantize(*(v[i].numpy() for v in views))
                     w = full(f"{d.prefix}.{e}.{s}")
                     cut = (lambda r: w[r * inter:(r + 1) * inter]) if part.sublayer == "w13" else (lambda r: w[:, r * inter:(r + 1) * inter])

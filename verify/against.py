@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import OrderedDict
 
 import numpy as np
 
@@ -191,8 +192,13 @@ def _category(canon: str):
 
 # ---------------------------------------------------------------- the check
 class _Reader:
+    """Reads for the check: each tensor read once while it is needed (the two halves of a split [gate; up] read
+    their source once: the last 8 source arrays are kept, never a whole shard), each source module decoded once."""
+
     def __init__(self):
         self.fds = {}
+        self.recent = OrderedDict()       # (file, begin) -> array
+        self.decoded = (None, None)       # (source qweight (file, begin), its exact decode)
 
     def fd(self, path):
         if path not in self.fds:
@@ -201,6 +207,23 @@ class _Reader:
 
     def array(self, info):
         return st.read_array(self.fd(info.file), info)
+
+    def source(self, info):
+        """A source tensor, kept among the last 8 read (the GPTQ triple of the module the next output shares)."""
+        key = (info.file, info.begin)
+        arr = self.recent.get(key)
+        if arr is None:
+            arr = self.recent[key] = self.array(info)
+            if len(self.recent) > 8:
+                self.recent.popitem(last=False)
+        return arr
+
+    def decode(self, s):
+        """The exact decode of source module ``s`` (leaf -> TensorInfo), kept for the other half of a split."""
+        key = (s["qweight"].file, s["qweight"].begin)
+        if self.decoded[0] != key:
+            self.decoded = (key, gptq.dequantize(*(self.source(s[x]) for x in QUANT_LEAVES)))
+        return self.decoded[1]
 
     def rows(self, info, a, b):
         """Rows [a, b) of a tensor (its first axis), read alone."""
@@ -327,14 +350,14 @@ def _gptq_module(mod, out, s, half, stock, io):
         per = ss.bits / 32
         za, zb = int(a * per), int(b * per)
         for leaf, (x, y) in (("qweight", (a, b)), ("scales", (a, b)), ("qzeros", (za, zb))):
-            if not np.array_equal(io.array(out[leaf]), io.array(s[leaf])[:, x:y]):
+            if not np.array_equal(io.array(out[leaf]), io.source(s[leaf])[:, x:y]):
                 yield f, f"{mod}.{leaf}", f"differs from columns {x}:{y} of the source {s[leaf].name} (its {'gate' if half == 0 else 'up'} half)"
         return
     if not stock or so.bits < ss.bits:
         yield f, f"{mod}.qweight", f"written at {so.bits} bits, but the source {s['qweight'].name} is {ss.bits}-bit"
         return
     got = gptq.dequantize(*(io.array(out[x]) for x in QUANT_LEAVES))
-    want = gptq.dequantize(*(io.array(s[x]) for x in QUANT_LEAVES))[a:b]
+    want = io.decode(s)[a:b]
     if not np.array_equal(got, want):
         yield f, f"{mod}.qweight", f"promoted {ss.bits} -> {so.bits} bits, but does not decode to the source {s['qweight'].name}"
 
@@ -352,7 +375,7 @@ def _dequantized(mod, t, s, half, io):
         return
     ss = gptq.infer_shape(s["qweight"].shape, s["qzeros"].shape, s["scales"].shape)
     a, b = _cols(ss.out_features, half)
-    want = gptq.to_bf16(gptq.dequantize(*(io.array(s[x]) for x in QUANT_LEAVES))[a:b])
+    want = gptq.to_bf16(io.decode(s)[a:b])
     if not np.array_equal(io.array(t), want):
         yield f, t.name, f"is not the exact decode of {s['qweight'].name} rounded to bf16"
 

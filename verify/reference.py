@@ -10,15 +10,14 @@ only make the methods complete (``process_weights_after_loading`` / ``apply``): 
 from __future__ import annotations
 
 import functools
-import os
 
-from m3_convert.serve import decide
+from m3_convert.serve import compat, decide
 
 
 class CpuPlatform:
     @property
     def kernels(self):
-        return decide.PROMOTE_KERNELS if os.environ.get("M3_GPTQ_KERNELS", "").lower() == "promote" else decide.GPU_KERNELS
+        return decide.PROMOTE_KERNELS if compat.promote_forced() else decide.GPU_KERNELS
 
     def linear_method(self, d):
         from m3_convert.serve.linear import gptq_linear_class

@@ -86,9 +86,10 @@ def _run_child(out_dir, mode, env, timeout, report):
 
 
 # ---------------------------------------------------------------- child side
-def _build_model(out_dir, mtp=False):
+def _build_model(out_dir, mtp=False, rank=0, world=1, port=None):
     """vLLM's own model for OUT_DIR/config.json; with ``mtp`` its MTP drafter instead (MiniMaxM3MTP), configured the
-    way vLLM's speculative decoding does it (SpeculativeConfig(method="mtp") promotes text_config to the draft)."""
+    way vLLM's speculative decoding does it (SpeculativeConfig(method="mtp") promotes text_config to the draft).
+    ``rank`` of ``world`` tensor-parallel ranks (gloo, rendezvous on ``port``; tests/tp_worker.py runs each)."""
     import socket
 
     import torch
@@ -118,14 +119,17 @@ def _build_model(out_dir, mtp=False):
         vc = VllmConfig(model_config=mc, load_config=lc, speculative_config=sc, parallel_config=pc)
         draft = sc.draft_model_config
     else:
-        vc = VllmConfig(model_config=mc, load_config=lc)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = set_current_vllm_config(vc)
+        from vllm.config import ParallelConfig
+        vc = VllmConfig(model_config=mc, load_config=lc, parallel_config=ParallelConfig(tensor_parallel_size=world))
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    ctx = set_current_vllm_config(vc)       # entered for good: the context resets the config when it exits
     ctx.__enter__()
-    init_distributed_environment(world_size=1, rank=0, local_rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
-    ensure_model_parallel_initialized(1, 1)
+    init_distributed_environment(world_size=world, rank=rank, local_rank=rank, backend="gloo",
+                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
+    ensure_model_parallel_initialized(world, 1)
     bypassed = []
     if not current_platform.is_cuda_alike():
         # CPU-only build blocker (listed in the README): no CPU MoE kernel for swigluoai_uninterleave.
@@ -356,6 +360,7 @@ def _assemble_parts(pname, parts, qmods, cfg):
     import torch
 
     from m3_convert.serve import decide
+    from m3_convert.serve.config import current_platform
     tc = cfg["text_config"]
     sub, leaf = pname.rsplit(".", 1)[-1].split("_", 1)
     by = {}
@@ -363,14 +368,14 @@ def _assemble_parts(pname, parts, qmods, cfg):
         mod = src.rsplit(".", 1)[0]                      # <layer prefix>.<e>.<w1|w3|w2>
         by[(e, mod.rsplit(".", 1)[-1])] = t
     prefix = parts[0][3].rsplit(".", 3)[0]               # model.layers.L.block_sparse_moe.experts
-    kernels = decide.PROMOTE_KERNELS if os.environ.get("M3_GPTQ_KERNELS", "").lower() == "promote" else decide.GPU_KERNELS
-    d = decide.select_moe(prefix, qmods, tc["num_local_experts"], tc["hidden_size"], tc["intermediate_size"], kernels)
+    d = decide.select_moe(prefix, qmods, tc["num_local_experts"], tc["hidden_size"], tc["intermediate_size"],
+                          current_platform().kernels)      # the platform the model was built on (CPU: m3_verify's)
     out = []
     for p in d.parts:
         if p.sublayer != sub:
             continue
         for slot in p.slots:
-            e, shard = (slot // 2, decide.W13_HALVES[slot % 2]) if sub == "w13" else (slot, "w2")
+            e, shard = decide.expert_of(sub, slot)
             if (e, shard) not in by:
                 raise ValueError(f"expert {e} {shard} missing")
             out.append(by[(e, shard)].reshape(-1))

@@ -80,11 +80,16 @@ def weighted_sum(down, topk_weights, out):
 
 
 # ---------------------------------------------------------------- humming-kernels
+def promote_forced() -> bool:
+    """``M3_GPTQ_KERNELS=promote``: the promoting fallback on purpose (the benchmark's and the tests' old behaviour)."""
+    return os.environ.get("M3_GPTQ_KERNELS", "").lower() == "promote"
+
+
 @functools.lru_cache(maxsize=1)
 def humming_problem() -> str | None:
     """Why humming-kernels cannot serve here (None: it can): a CUDA GPU of compute capability >= 8.0
     (bf16 activations) and the package importable."""
-    if os.environ.get("M3_GPTQ_KERNELS", "").lower() == "promote":
+    if promote_forced():
         return "M3_GPTQ_KERNELS=promote"
     try:
         import torch
@@ -133,7 +138,7 @@ def humming_locks(device):
 def humming_exact() -> bool:
     """Batch-invariant mode (the default): no stream-K, so partial tiles are never summed in bf16 (exact and
     deterministic on the H200: gpu/README.md). M3_HUMMING_EXACT=0 selects humming's default stream-K kernels
-    (faster at small batch, errors about twice bf16's, not deterministic), for measurement."""
+    (not batch-invariant; their speed and error on the H200 not measured yet), for measurement."""
     return os.environ.get("M3_HUMMING_EXACT", "1") != "0"
 
 

