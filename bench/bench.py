@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Benchmark m3-convert and m3-verify against cp / sha256sum, at the real model's topology.
 
-    python bench/bench.py [--sizes 1,5] [--work bench/out] [--workers 1,2] [--repeat 3] [--warm] [--keep]
+    python bench/bench.py [--sizes 1,5] [--work bench/out] [--workers 2,4] [--repeat 3] [--warm] [--no-sha-ext] [--keep]
 
 Generates (seeded) AutoRound-style checkpoints with the real MiniMax-M3 topology: 60 layers
 (0-2 dense attention + dense MLP, 3-59 sparse attention + MoE), 128 experts with mixed 2/3/4/8-bit
-GPTQ per module, fused gate_up, the real checkpoint's "model naming" and GPTQ v1 packing, ~90k
-tensors, at reduced width so that the checkpoint is about 1 GiB or about 5 GiB.  Then, in one run
-and on the same disk, it measures:
+GPTQ per module, fused gate_up, the real checkpoint's "model naming" and GPTQ v1 packing, ~67k
+tensors, at reduced width so that the checkpoint is about 1 GiB or about 5 GiB, in about as many shards as the
+real checkpoint has (35: its shards are 5 GB, these 36 / 160 MiB).  Then, in one run and on the same disk, it
+measures:
 
 * ``cp -r IN OUT && sync`` vs ``m3-convert IN OUT`` (which fsyncs every file), each after
   ``echo 3 > /proc/sys/vm/drop_caches`` (cold cache for both; if dropping caches is not permitted,
@@ -16,10 +17,22 @@ and on the same disk, it measures:
   ratios, because this kind of virtual disk drifts in speed from one minute to the next;
 * peak RSS of m3-convert (``/usr/bin/time -v``) for each ``--workers`` value;
 * planning time of the full topology (``m3-convert --dry-run --json``'s plan_seconds);
-* ``m3-verify --integrity-only`` vs ``sha256sum -c SHA256SUMS`` over the same files (cold cache both);
+* ``m3-verify --integrity-only`` vs ``sha256sum -c SHA256SUMS`` over the same files (cold cache both) and vs its own
+  floor, SHA-256 of those files spread over all cores;
 * the floor of any converter that writes every byte and hashes it: ``max(cp -r, SHA-256 of every byte with the
   files spread over all cores)`` (OpenSSL's SHA-256 through hashlib, the one m3-convert uses), and what a user does
-  by hand without m3-convert: ``cp -r`` then ``sha256sum *``; m3-convert's time over each, per round.
+  by hand without m3-convert: ``cp -r`` then ``sha256sum *``; m3-convert's time over each, per round;
+* m3-convert's fixed part, ``--dry-run --quiet`` (interpreter, headers, plan, space check: everything a conversion
+  does before its first byte), per round, and the streaming part's ratios (conversion minus fixed part, over each
+  floor): the fixed part is ~1 s for these ~67k tensors at any size, the streaming part grows with the bytes;
+* the CPU seconds (user + system) of every command, and from them a second, stricter floor for this machine: a
+  converter must also copy every byte (kernel CPU, as ``cp`` spends it) on the same cores that hash, so it cannot
+  finish before ``max(cp -r, (CPU of cp + CPU of hashing) / cores)``.
+
+``--no-sha-ext`` runs every command with ``OPENSSL_ia32cap=:~0x20000000``, which hides the SHA extensions
+(SHA-NI) from OpenSSL, the SHA-256 that hashlib, so m3-convert, m3-verify and the floor's hashing, use: the
+regime of a machine without them, reproducibly on one that has them (``sha256sum`` is coreutils' own code and
+never uses them). The SHA-256 rate per core the commands actually got is measured and printed either way.
 
 Prints a markdown table and writes bench/out/results-cold.json (or results-warm.json).
 """
@@ -45,8 +58,8 @@ from m3_convert.st import build_header  # noqa: E402
 P = "model.language_model"
 SIZES = {  # name -> (hidden, expert/shared intermediate, dense intermediate, shard bytes)
     0: (128, 128, 256, 32 << 20),      # ~0.2 GiB: the full topology for tests (tests/test_topology.py)
-    1: (384, 256, 1024, 128 << 20),
-    5: (896, 512, 2048, 512 << 20),
+    1: (384, 256, 1024, 36 << 20),     # 1.18 GiB in 34 shards
+    5: (896, 512, 2048, 160 << 20),    # 5.35 GiB in 35 shards, as many as the real 176 GiB checkpoint's 5 GB ones
 }
 LAYERS, E, HEADS, KV, HD, VOCAB = 60, 128, 4, 1, 128, 8192
 
@@ -214,7 +227,7 @@ def median(xs):
 
 
 def _timed_once(cmd, cold, warm_dir):
-    """Run a shell command under /usr/bin/time -v: (wall s, peak RSS MiB, stdout)."""
+    """Run a shell command under /usr/bin/time -v: (wall s, peak RSS MiB, stdout, CPU s = user + system)."""
     if not (cold and drop_caches()):
         warm(warm_dir)
     t0 = time.time()
@@ -223,7 +236,16 @@ def _timed_once(cmd, cold, warm_dir):
     if p.returncode:
         raise SystemExit(f"failed: {cmd}\n{p.stderr[-3000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) / 1024
-    return wall, rss, p.stdout
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", p.stderr).group(1)) for k in ("User", "System"))
+    return wall, rss, p.stdout, cpu
+
+
+def sha_rate():
+    """MB/s of hashlib's SHA-256 on one core, in a fresh interpreter (the environment's OPENSSL_ia32cap applies)."""
+    code = ("import hashlib, os, time; b = os.urandom(64 << 20); best = 0\n"
+            "for _ in range(5):\n t = time.perf_counter(); hashlib.sha256(b).digest(); best = max(best, len(b) / (time.perf_counter() - t))\n"
+            "print(round(best / 1e6))")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def du(path):
@@ -252,13 +274,17 @@ def main():
         return hash_all(sys.argv[2], int(sys.argv[3]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,5")
-    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--workers", default="2,4")
     ap.add_argument("--work", default=os.path.join(HERE, "out"))
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--warm", action="store_true", help="read the input into the page cache before each command instead of "
                     "dropping caches: takes the disk out and measures the CPU cost (the fixed per-tensor part included)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds of the timed commands; medians are reported")
+    ap.add_argument("--no-sha-ext", action="store_true", help="hide the SHA extensions from OpenSSL (OPENSSL_ia32cap) in "
+                    "every command: the regime of a machine without SHA-NI")
     args = ap.parse_args()
+    if args.no_sha_ext:
+        os.environ["OPENSSL_ia32cap"] = ":~0x20000000"   # CPUID leaf 7 EBX bit 29 (SHA), OpenSSL's second word
     bindir = os.path.dirname(sys.executable)
     conv, ver = os.path.join(bindir, "m3-convert"), os.path.join(bindir, "m3-verify")
     cold = False if args.warm else drop_caches()
@@ -267,7 +293,7 @@ def main():
     results = {"cache": "cold (drop_caches before each command)" if cold else "warm (input read into the page cache before each command)",
                "repeat": args.repeat, "cpus": os.cpu_count(),
                "sha_extensions": "sha_ni" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None,
-               "runs": []}
+               "sha_extensions_hidden": args.no_sha_ext, "sha256_mb_s_per_core": sha_rate(), "runs": []}
     for size in (int(s) for s in args.sizes.split(",")):
         src = os.path.join(args.work, f"in{size}")
         t0 = time.time()
@@ -279,8 +305,9 @@ def main():
         row = {"size_gib": round(nbytes / 2**30, 2), "tensors": n_tensors, "generate_s": round(gen_s, 1)}
         R = args.repeat
         ws = [int(x) for x in args.workers.split(",")]
-        _, _, js = _timed_once(f"{conv} {src} {args.work}/dry --dry-run --json", False, src)
-        row["plan_s"] = json.loads(js)["plan_seconds"]
+        js = json.loads(_timed_once(f"{conv} {src} {args.work}/dry --dry-run --json", False, src)[2])
+        row["plan_s"] = js["plan_seconds"]
+        row["output_over_input_bytes"] = round(js["output_bytes"] / nbytes, 4)
 
         def rm(path):
             return lambda: shutil.rmtree(path, ignore_errors=True)
@@ -290,8 +317,11 @@ def main():
                 # by hand: copy, then checksum the copy (what m3-convert replaces)
                 "cp_sha": (f"cp -r {src} {cp_out}h && sync && cd {cp_out}h && sha256sum * > /dev/null", rm(cp_out + "h")),
                 # the floor's other term: SHA-256 (OpenSSL, through hashlib: what m3-convert uses) of every input byte,
-                # the files spread over all cores
-                "sha_all": (f"{sys.executable} {os.path.abspath(__file__)} --hash-all {src} {cores}", None)}
+                # the files spread over all cores (the output has output_over_input_bytes as many: q/k/v de-quantized)
+                "sha_all": (f"{sys.executable} {os.path.abspath(__file__)} --hash-all {src} {cores}", None),
+                # m3-convert's fixed part: interpreter, headers, plan, space check (what a --quiet conversion does
+                # before its first byte; --dry-run --quiet computes nothing else)
+                "plan": (f"{conv} {src} {args.work}/dry --dry-run --quiet", None)}
         for w in ws:
             out = os.path.join(args.work, f"conv{w}")
             cmds[f"w{w}"] = (f"{conv} {src} {out} --quiet --workers {w} --max-shard-size {shard} && sync", rm(out))
@@ -301,45 +331,65 @@ def main():
         row["cp_runs_s"] = [round(x, 2) for x in cp]
         row["cp_sha256sum_s"] = round(median([r[0] for r in res["cp_sha"]]), 2)
         row["sha256_all_cores_s"] = round(median([r[0] for r in res["sha_all"]]), 2)
+        for k in ("cp", "cp_sha", "sha_all"):
+            row[f"{k}_cpu_s"] = round(median([r[3] for r in res[k]]), 2)
         floor = [max(a, b[0]) for a, b in zip(cp, res["sha_all"])]          # per round: max(cp, hashing on all cores)
+        # per round: copying and hashing share the cores
+        work = [max(a[0], (a[3] + b[3]) / cores) for a, b in zip(res["cp"], res["sha_all"])]
         row["floor_s"] = round(median(floor), 2)
+        plan = [r[0] for r in res["plan"]]
+        row["fixed_s"] = round(median(plan), 2)
+        row["work_floor_s"] = round(median(work), 2)
         for w in ws:
             walls = [r[0] for r in res[f"w{w}"]]
             row[f"convert_w{w}_s"] = round(median(walls), 2)
             row[f"convert_w{w}_runs_s"] = [round(x, 2) for x in walls]
+            row[f"convert_w{w}_cpu_s"] = round(median([r[3] for r in res[f"w{w}"]]), 2)
             row[f"convert_w{w}_rss_mib"] = round(max(r[1] for r in res[f"w{w}"]))
             row[f"ratio_w{w}"] = round(median([a / b for a, b in zip(walls, cp)]), 2)   # median of per-round ratios
             row[f"vs_floor_w{w}"] = round(median([a / b for a, b in zip(walls, floor)]), 2)
+            row[f"vs_work_floor_w{w}"] = round(median([a / b for a, b in zip(walls, work)]), 2)
             row[f"vs_by_hand_w{w}"] = round(median([a / b[0] for a, b in zip(walls, res["cp_sha"])]), 2)
+            # the streaming part alone (the same round's fixed part taken off): what grows with the checkpoint
+            row[f"stream_vs_floor_w{w}"] = round(median([(a - p) / b for a, p, b in zip(walls, plan, floor)]), 2)
+            row[f"stream_vs_work_floor_w{w}"] = round(median([(a - p) / b for a, p, b in zip(walls, plan, work)]), 2)
         out = os.path.join(args.work, f"conv{ws[-1]}")   # one converted output to check, written once more
         subprocess.run(cmds[f"w{ws[-1]}"][0], shell=True, check=True)
         res = rounds({"sha256sum": (f"cd {out} && sha256sum -c --quiet SHA256SUMS", None),
-                      "verify": (f"{ver} {out} --integrity-only --quiet", None)}, cold, out, R)
+                      "verify": (f"{ver} {out} --integrity-only --quiet", None),
+                      "sha_all": (f"{sys.executable} {os.path.abspath(__file__)} --hash-all {out} {cores}", None)}, cold, out, R)
         sha = [r[0] for r in res["sha256sum"]]
         ver_ = [r[0] for r in res["verify"]]
+        vfloor = [r[0] for r in res["sha_all"]]
         row["sha256sum_s"] = round(median(sha), 2)
         row["verify_integrity_s"] = round(median(ver_), 2)
+        row["verify_floor_s"] = round(median(vfloor), 2)
         row["verify_rss_mib"] = round(max(r[1] for r in res["verify"]))
         row["verify_ratio"] = round(median([a / b for a, b in zip(ver_, sha)]), 2)
+        row["verify_vs_floor"] = round(median([a / b for a, b in zip(ver_, vfloor)]), 2)
         results["runs"].append(row)
         print(json.dumps(row), flush=True)
         if not args.keep:
             shutil.rmtree(src)
             shutil.rmtree(out)
-    json.dump(results, open(os.path.join(args.work, f"results-{'cold' if cold else 'warm'}.json"), "w"), indent=1)
+    tag = ("cold" if cold else "warm") + ("-nosha" if args.no_sha_ext else "")
+    json.dump(results, open(os.path.join(args.work, f"results-{tag}.json"), "w"), indent=1)
     ws = args.workers.split(",")
     print(f"\ncache: {results['cache']}; medians of {args.repeat} interleaved rounds; {results['cpus']} CPUs, "
-          f"SHA extensions (sha_ni): {results['sha_extensions']}\n")
-    print("| input | tensors | cp -r | cp -r + sha256sum | floor: max(cp, SHA-256 on all cores) | "
-          + " | ".join(f"m3-convert --workers {w} (vs cp, vs by hand, vs floor, peak RSS)" for w in ws)
-          + " | plan (--dry-run) | sha256sum -c | m3-verify --integrity-only (ratio) |")
-    print("|---" * (8 + len(ws)) + "|")
+          f"SHA extensions (sha_ni): {results['sha_extensions']}"
+          + (" (hidden from OpenSSL: --no-sha-ext)" if args.no_sha_ext else "")
+          + f"; hashlib SHA-256 {results['sha256_mb_s_per_core']} MB/s per core\n")
+    print("| input | cp -r | cp -r + sha256sum | floor: max(cp, SHA-256 / cores) | work floor: max(cp, CPU of cp + SHA-256 / cores) | "
+          + " | ".join(f"m3-convert --workers {w} (vs floor, vs work floor, vs by hand; CPU; peak RSS) | streaming part "
+                       f"(vs floor, vs work floor)" for w in ws)
+          + " | fixed part | m3-verify --integrity-only (vs sha256sum -c, vs its floor) |")
+    print("|---" * (7 + 2 * len(ws)) + "|")
     for r in results["runs"]:
-        print(f"| {r['size_gib']} GiB | {r['tensors']} | {r['cp_s']} s | {r['cp_sha256sum_s']} s | {r['floor_s']} s | "
-              + " | ".join(f"{r[f'convert_w{w}_s']} s ({r[f'ratio_w{w}']}x, {r[f'vs_by_hand_w{w}']}x, {r[f'vs_floor_w{w}']}x, "
-                           f"{r[f'convert_w{w}_rss_mib']} MiB)" for w in ws)
-              + f" | {r['plan_s']:.2f} s | {r['sha256sum_s']} s | {r['verify_integrity_s']} s ({r['verify_ratio']}x) |")
-
+        print(f"| {r['size_gib']} GiB | {r['cp_s']} s | {r['cp_sha256sum_s']} s | {r['floor_s']} s | {r['work_floor_s']} s | "
+              + " | ".join(f"{r[f'convert_w{w}_s']} s ({r[f'vs_floor_w{w}']}x, {r[f'vs_work_floor_w{w}']}x, {r[f'vs_by_hand_w{w}']}x; "
+                           f"{r[f'convert_w{w}_cpu_s']} s; {r[f'convert_w{w}_rss_mib']} MiB) | "
+                           f"{r[f'stream_vs_floor_w{w}']}x, {r[f'stream_vs_work_floor_w{w}']}x" for w in ws)
+              + f" | {r['fixed_s']} s | {r['verify_integrity_s']} s ({r['verify_ratio']}x, {r['verify_vs_floor']}x) |")
 
 if __name__ == "__main__":
     main()

@@ -265,6 +265,17 @@ def test_dry_run_reports_plan_and_writes_nothing(tmp_path):
     assert "left out (vision" in r.output and "left out (mtp" in r.output and "bits" in r.output
 
 
+def test_dry_run_quiet_prints_nothing_and_leaves_the_collector_on(tmp_path):
+    """--dry-run --quiet (the benchmark's fixed part) prints nothing; the collector, off while planning, is on again
+    after a run, a dry run and a refused run, for a process that calls main() (tests, notebooks)."""
+    import gc
+    r = run_convert(FIXTURES / "ar_model_naming", tmp_path / "never", "--dry-run", "--quiet")
+    assert r.exit_code == 0 and r.output == "" and not (tmp_path / "never").exists()
+    assert gc.isenabled()
+    assert run_convert(FIXTURES / "ar_model_naming", tmp_path / "o", "--quiet").exit_code == 0 and gc.isenabled()
+    assert run_convert(tmp_path / "missing", tmp_path / "o2", "--quiet").exit_code == 2 and gc.isenabled()
+
+
 def test_summary_names_what_was_left_out(tmp_path):
     r = run_convert(FIXTURES / "ar_reverted_naming", tmp_path / "o")
     assert r.exit_code == 0
