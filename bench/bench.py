@@ -24,17 +24,17 @@ measures:
   by hand without m3-convert: ``cp -r`` then ``sha256sum *``; m3-convert's time over each, per round;
 * m3-convert's fixed part, ``--dry-run --quiet`` (interpreter, headers, plan, space check: everything a conversion
   does before its first byte), per round, and the streaming part's ratios (conversion minus fixed part, over each
-  floor): the fixed part is ~1 s for these ~67k tensors at any size, the streaming part grows with the bytes;
+  floor): the fixed part is 1.2-1.6 s for these ~67k tensors at any size, the streaming part grows with the bytes;
 * the CPU seconds (user + system) of every command, and from them a second, stricter floor for this machine: a
   converter must also copy every byte (kernel CPU, as ``cp`` spends it) on the same cores that hash, so it cannot
   finish before ``max(cp -r, (CPU of cp + CPU of hashing) / cores)``.
 
 ``--no-sha-ext`` runs every command with ``OPENSSL_ia32cap=:~0x20000000``, which hides the SHA extensions
-(SHA-NI) from OpenSSL, the SHA-256 that hashlib, so m3-convert, m3-verify and the floor's hashing, use: the
+(SHA-NI) from OpenSSL, whose SHA-256 hashlib uses (in m3-convert, m3-verify and the floor's hashing alike): the
 regime of a machine without them, reproducibly on one that has them (``sha256sum`` is coreutils' own code and
 never uses them). The SHA-256 rate per core the commands actually got is measured and printed either way.
 
-Prints a markdown table and writes bench/out/results-cold.json (or results-warm.json).
+Prints a markdown table and writes bench/out/results-{cold,warm}[-nosha].json.
 """
 from __future__ import annotations
 
