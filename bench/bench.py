@@ -269,6 +269,106 @@ def _hash_file(p):
     return h.hexdigest()
 
 
+def measure(size, args, conv, ver, cold):
+    """One input size: generate it, time every command in interleaved rounds, return the row of results."""
+    src = os.path.join(args.work, f"in{size}")
+    t0 = time.time()
+    n_tensors = generate(size, src)
+    subprocess.run(["sync"], check=True)   # the generator's dirty pages: not charged to the first command
+    gen_s = time.time() - t0
+    nbytes = du(src)
+    shard = SIZES[size][3]
+    row = {"size_gib": round(nbytes / 2**30, 2), "tensors": n_tensors, "generate_s": round(gen_s, 1)}
+    R = args.repeat
+    ws = [int(x) for x in args.workers.split(",")]
+    js = json.loads(_timed_once(f"{conv} {src} {args.work}/dry --dry-run --json", False, src)[2])
+    row["plan_s"] = js["plan_seconds"]
+    row["output_over_input_bytes"] = round(js["output_bytes"] / nbytes, 4)
+
+    def rm(path):
+        return lambda: shutil.rmtree(path, ignore_errors=True)
+    cp_out = os.path.join(args.work, "cp")
+    cores = os.cpu_count() or 1
+    cmds = {"cp": (f"cp -r {src} {cp_out} && sync", rm(cp_out)),
+            # by hand: copy, then checksum the copy (what m3-convert replaces)
+            "cp_sha": (f"cp -r {src} {cp_out}h && sync && cd {cp_out}h && sha256sum * > /dev/null", rm(cp_out + "h")),
+            # the floor's other term: SHA-256 (OpenSSL, through hashlib: what m3-convert uses) of every input byte,
+            # the files spread over all cores (the output has output_over_input_bytes as many: q/k/v de-quantized)
+            "sha_all": (f"{sys.executable} {os.path.abspath(__file__)} --hash-all {src} {cores}", None),
+            # m3-convert's fixed part: interpreter, headers, plan, space check (what a --quiet conversion does
+            # before its first byte; --dry-run --quiet computes nothing else)
+            "plan": (f"{conv} {src} {args.work}/dry --dry-run --quiet", None)}
+    for w in ws:
+        out = os.path.join(args.work, f"conv{w}")
+        cmds[f"w{w}"] = (f"{conv} {src} {out} --quiet --workers {w} --max-shard-size {shard} && sync", rm(out))
+    res = rounds(cmds, cold, src, R)
+    cp = [r[0] for r in res["cp"]]
+    row["cp_s"] = round(median(cp), 2)
+    row["cp_runs_s"] = [round(x, 2) for x in cp]
+    row["cp_sha256sum_s"] = round(median([r[0] for r in res["cp_sha"]]), 2)
+    row["sha256_all_cores_s"] = round(median([r[0] for r in res["sha_all"]]), 2)
+    for k in ("cp", "cp_sha", "sha_all"):
+        row[f"{k}_cpu_s"] = round(median([r[3] for r in res[k]]), 2)
+    floor = [max(a, b[0]) for a, b in zip(cp, res["sha_all"])]          # per round: max(cp, hashing on all cores)
+    # per round: copying and hashing share the cores
+    work = [max(a[0], (a[3] + b[3]) / cores) for a, b in zip(res["cp"], res["sha_all"])]
+    row["floor_s"] = round(median(floor), 2)
+    plan = [r[0] for r in res["plan"]]
+    row["fixed_s"] = round(median(plan), 2)
+    row["work_floor_s"] = round(median(work), 2)
+    for w in ws:
+        walls = [r[0] for r in res[f"w{w}"]]
+        row[f"convert_w{w}_s"] = round(median(walls), 2)
+        row[f"convert_w{w}_runs_s"] = [round(x, 2) for x in walls]
+        row[f"convert_w{w}_cpu_s"] = round(median([r[3] for r in res[f"w{w}"]]), 2)
+        row[f"convert_w{w}_rss_mib"] = round(max(r[1] for r in res[f"w{w}"]))
+        row[f"ratio_w{w}"] = round(median([a / b for a, b in zip(walls, cp)]), 2)   # median of per-round ratios
+        row[f"vs_floor_w{w}"] = round(median([a / b for a, b in zip(walls, floor)]), 2)
+        row[f"vs_work_floor_w{w}"] = round(median([a / b for a, b in zip(walls, work)]), 2)
+        row[f"vs_by_hand_w{w}"] = round(median([a / b[0] for a, b in zip(walls, res["cp_sha"])]), 2)
+        # the streaming part alone (the same round's fixed part taken off): what grows with the checkpoint
+        row[f"stream_vs_floor_w{w}"] = round(median([(a - p) / b for a, p, b in zip(walls, plan, floor)]), 2)
+        row[f"stream_vs_work_floor_w{w}"] = round(median([(a - p) / b for a, p, b in zip(walls, plan, work)]), 2)
+    out = os.path.join(args.work, f"conv{ws[-1]}")   # one converted output to check, written once more
+    subprocess.run(cmds[f"w{ws[-1]}"][0], shell=True, check=True)
+    res = rounds({"sha256sum": (f"cd {out} && sha256sum -c --quiet SHA256SUMS", None),
+                  "verify": (f"{ver} {out} --integrity-only --quiet", None),
+                  "sha_all": (f"{sys.executable} {os.path.abspath(__file__)} --hash-all {out} {cores}", None)}, cold, out, R)
+    sha = [r[0] for r in res["sha256sum"]]
+    ver_ = [r[0] for r in res["verify"]]
+    vfloor = [r[0] for r in res["sha_all"]]
+    row["sha256sum_s"] = round(median(sha), 2)
+    row["verify_integrity_s"] = round(median(ver_), 2)
+    row["verify_floor_s"] = round(median(vfloor), 2)
+    row["verify_rss_mib"] = round(max(r[1] for r in res["verify"]))
+    row["verify_ratio"] = round(median([a / b for a, b in zip(ver_, sha)]), 2)
+    row["verify_vs_floor"] = round(median([a / b for a, b in zip(ver_, vfloor)]), 2)
+    if not args.keep:
+        shutil.rmtree(src)
+        shutil.rmtree(out)
+    return row
+
+
+def print_table(results, args):
+    """The markdown table of ``results`` (what the README quotes)."""
+    ws = args.workers.split(",")
+    print(f"\ncache: {results['cache']}; medians of {args.repeat} interleaved rounds; {results['cpus']} CPUs, "
+          f"SHA extensions (sha_ni): {results['sha_extensions']}"
+          + (" (hidden from OpenSSL: --no-sha-ext)" if args.no_sha_ext else "")
+          + f"; hashlib SHA-256 {results['sha256_mb_s_per_core']} MB/s per core\n")
+    print("| input | cp -r | cp -r + sha256sum | floor: max(cp, SHA-256 / cores) | work floor: max(cp, CPU of cp + SHA-256 / cores) | "
+          + " | ".join(f"m3-convert --workers {w} (vs floor, vs work floor, vs by hand; CPU; peak RSS) | streaming part "
+                       f"(vs floor, vs work floor)" for w in ws)
+          + " | fixed part | m3-verify --integrity-only (vs sha256sum -c, vs its floor) |")
+    print("|---" * (7 + 2 * len(ws)) + "|")
+    for r in results["runs"]:
+        print(f"| {r['size_gib']} GiB | {r['cp_s']} s | {r['cp_sha256sum_s']} s | {r['floor_s']} s | {r['work_floor_s']} s | "
+              + " | ".join(f"{r[f'convert_w{w}_s']} s ({r[f'vs_floor_w{w}']}x, {r[f'vs_work_floor_w{w}']}x, {r[f'vs_by_hand_w{w}']}x; "
+                           f"{r[f'convert_w{w}_cpu_s']} s; {r[f'convert_w{w}_rss_mib']} MiB) | "
+                           f"{r[f'stream_vs_floor_w{w}']}x, {r[f'stream_vs_work_floor_w{w}']}x" for w in ws)
+              + f" | {r['fixed_s']} s | {r['verify_integrity_s']} s ({r['verify_ratio']}x, {r['verify_vs_floor']}x) |")
+
+
 def main():
     if len(sys.argv) == 4 and sys.argv[1] == "--hash-all":
         return hash_all(sys.argv[2], int(sys.argv[3]))
@@ -295,101 +395,12 @@ def main():
                "sha_extensions": "sha_ni" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None,
                "sha_extensions_hidden": args.no_sha_ext, "sha256_mb_s_per_core": sha_rate(), "runs": []}
     for size in (int(s) for s in args.sizes.split(",")):
-        src = os.path.join(args.work, f"in{size}")
-        t0 = time.time()
-        n_tensors = generate(size, src)
-        subprocess.run(["sync"], check=True)   # the generator's dirty pages: not charged to the first command
-        gen_s = time.time() - t0
-        nbytes = du(src)
-        shard = SIZES[size][3]
-        row = {"size_gib": round(nbytes / 2**30, 2), "tensors": n_tensors, "generate_s": round(gen_s, 1)}
-        R = args.repeat
-        ws = [int(x) for x in args.workers.split(",")]
-        js = json.loads(_timed_once(f"{conv} {src} {args.work}/dry --dry-run --json", False, src)[2])
-        row["plan_s"] = js["plan_seconds"]
-        row["output_over_input_bytes"] = round(js["output_bytes"] / nbytes, 4)
-
-        def rm(path):
-            return lambda: shutil.rmtree(path, ignore_errors=True)
-        cp_out = os.path.join(args.work, "cp")
-        cores = os.cpu_count() or 1
-        cmds = {"cp": (f"cp -r {src} {cp_out} && sync", rm(cp_out)),
-                # by hand: copy, then checksum the copy (what m3-convert replaces)
-                "cp_sha": (f"cp -r {src} {cp_out}h && sync && cd {cp_out}h && sha256sum * > /dev/null", rm(cp_out + "h")),
-                # the floor's other term: SHA-256 (OpenSSL, through hashlib: what m3-convert uses) of every input byte,
-                # the files spread over all cores (the output has output_over_input_bytes as many: q/k/v de-quantized)
-                "sha_all": (f"{sys.executable} {os.path.abspath(__file__)} --hash-all {src} {cores}", None),
-                # m3-convert's fixed part: interpreter, headers, plan, space check (what a --quiet conversion does
-                # before its first byte; --dry-run --quiet computes nothing else)
-                "plan": (f"{conv} {src} {args.work}/dry --dry-run --quiet", None)}
-        for w in ws:
-            out = os.path.join(args.work, f"conv{w}")
-            cmds[f"w{w}"] = (f"{conv} {src} {out} --quiet --workers {w} --max-shard-size {shard} && sync", rm(out))
-        res = rounds(cmds, cold, src, R)
-        cp = [r[0] for r in res["cp"]]
-        row["cp_s"] = round(median(cp), 2)
-        row["cp_runs_s"] = [round(x, 2) for x in cp]
-        row["cp_sha256sum_s"] = round(median([r[0] for r in res["cp_sha"]]), 2)
-        row["sha256_all_cores_s"] = round(median([r[0] for r in res["sha_all"]]), 2)
-        for k in ("cp", "cp_sha", "sha_all"):
-            row[f"{k}_cpu_s"] = round(median([r[3] for r in res[k]]), 2)
-        floor = [max(a, b[0]) for a, b in zip(cp, res["sha_all"])]          # per round: max(cp, hashing on all cores)
-        # per round: copying and hashing share the cores
-        work = [max(a[0], (a[3] + b[3]) / cores) for a, b in zip(res["cp"], res["sha_all"])]
-        row["floor_s"] = round(median(floor), 2)
-        plan = [r[0] for r in res["plan"]]
-        row["fixed_s"] = round(median(plan), 2)
-        row["work_floor_s"] = round(median(work), 2)
-        for w in ws:
-            walls = [r[0] for r in res[f"w{w}"]]
-            row[f"convert_w{w}_s"] = round(median(walls), 2)
-            row[f"convert_w{w}_runs_s"] = [round(x, 2) for x in walls]
-            row[f"convert_w{w}_cpu_s"] = round(median([r[3] for r in res[f"w{w}"]]), 2)
-            row[f"convert_w{w}_rss_mib"] = round(max(r[1] for r in res[f"w{w}"]))
-            row[f"ratio_w{w}"] = round(median([a / b for a, b in zip(walls, cp)]), 2)   # median of per-round ratios
-            row[f"vs_floor_w{w}"] = round(median([a / b for a, b in zip(walls, floor)]), 2)
-            row[f"vs_work_floor_w{w}"] = round(median([a / b for a, b in zip(walls, work)]), 2)
-            row[f"vs_by_hand_w{w}"] = round(median([a / b[0] for a, b in zip(walls, res["cp_sha"])]), 2)
-            # the streaming part alone (the same round's fixed part taken off): what grows with the checkpoint
-            row[f"stream_vs_floor_w{w}"] = round(median([(a - p) / b for a, p, b in zip(walls, plan, floor)]), 2)
-            row[f"stream_vs_work_floor_w{w}"] = round(median([(a - p) / b for a, p, b in zip(walls, plan, work)]), 2)
-        out = os.path.join(args.work, f"conv{ws[-1]}")   # one converted output to check, written once more
-        subprocess.run(cmds[f"w{ws[-1]}"][0], shell=True, check=True)
-        res = rounds({"sha256sum": (f"cd {out} && sha256sum -c --quiet SHA256SUMS", None),
-                      "verify": (f"{ver} {out} --integrity-only --quiet", None),
-                      "sha_all": (f"{sys.executable} {os.path.abspath(__file__)} --hash-all {out} {cores}", None)}, cold, out, R)
-        sha = [r[0] for r in res["sha256sum"]]
-        ver_ = [r[0] for r in res["verify"]]
-        vfloor = [r[0] for r in res["sha_all"]]
-        row["sha256sum_s"] = round(median(sha), 2)
-        row["verify_integrity_s"] = round(median(ver_), 2)
-        row["verify_floor_s"] = round(median(vfloor), 2)
-        row["verify_rss_mib"] = round(max(r[1] for r in res["verify"]))
-        row["verify_ratio"] = round(median([a / b for a, b in zip(ver_, sha)]), 2)
-        row["verify_vs_floor"] = round(median([a / b for a, b in zip(ver_, vfloor)]), 2)
+        row = measure(size, args, conv, ver, cold)
         results["runs"].append(row)
         print(json.dumps(row), flush=True)
-        if not args.keep:
-            shutil.rmtree(src)
-            shutil.rmtree(out)
     tag = ("cold" if cold else "warm") + ("-nosha" if args.no_sha_ext else "")
     json.dump(results, open(os.path.join(args.work, f"results-{tag}.json"), "w"), indent=1)
-    ws = args.workers.split(",")
-    print(f"\ncache: {results['cache']}; medians of {args.repeat} interleaved rounds; {results['cpus']} CPUs, "
-          f"SHA extensions (sha_ni): {results['sha_extensions']}"
-          + (" (hidden from OpenSSL: --no-sha-ext)" if args.no_sha_ext else "")
-          + f"; hashlib SHA-256 {results['sha256_mb_s_per_core']} MB/s per core\n")
-    print("| input | cp -r | cp -r + sha256sum | floor: max(cp, SHA-256 / cores) | work floor: max(cp, CPU of cp + SHA-256 / cores) | "
-          + " | ".join(f"m3-convert --workers {w} (vs floor, vs work floor, vs by hand; CPU; peak RSS) | streaming part "
-                       f"(vs floor, vs work floor)" for w in ws)
-          + " | fixed part | m3-verify --integrity-only (vs sha256sum -c, vs its floor) |")
-    print("|---" * (7 + 2 * len(ws)) + "|")
-    for r in results["runs"]:
-        print(f"| {r['size_gib']} GiB | {r['cp_s']} s | {r['cp_sha256sum_s']} s | {r['floor_s']} s | {r['work_floor_s']} s | "
-              + " | ".join(f"{r[f'convert_w{w}_s']} s ({r[f'vs_floor_w{w}']}x, {r[f'vs_work_floor_w{w}']}x, {r[f'vs_by_hand_w{w}']}x; "
-                           f"{r[f'convert_w{w}_cpu_s']} s; {r[f'convert_w{w}_rss_mib']} MiB) | "
-                           f"{r[f'stream_vs_floor_w{w}']}x, {r[f'stream_vs_work_floor_w{w}']}x" for w in ws)
-              + f" | {r['fixed_s']} s | {r['verify_integrity_s']} s ({r['verify_ratio']}x, {r['verify_vs_floor']}x) |")
+    print_table(results, args)
 
 if __name__ == "__main__":
     main()

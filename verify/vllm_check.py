@@ -154,11 +154,11 @@ def _checkpoint(out_dir):
 
 def run_child(out_dir, mtp=False):
     """``mtp``: check vLLM's MTP drafter instead: every one of its parameters filled exactly from the checkpoint's
-    ``language_model.model.mtp.layers.*`` tensors (plus the shared embedding and lm_head)."""
-    import torch
+    ``language_model.model.mtp.layers.*`` tensors (plus the shared embedding and lm_head).
 
-    from m3_convert import gptq, names
-
+    Phases: build vLLM's model from config.json (and report the fields vLLM would default); poison every parameter;
+    load the checkpoint through vLLM's own ``load_weights``; derive each parameter's expected value from the
+    checkpoint and the fusion rules; compare."""
     findings = []
 
     def find(file, tensor, msg):
@@ -170,24 +170,65 @@ def run_child(out_dir, mtp=False):
     except Exception as e:
         find("config.json", None, f"vLLM cannot build the {'MTP drafter' if mtp else 'model'}: {type(e).__name__}: {e}")
         return {"findings": findings}
-    # fields vLLM would take from its own (real-M3) defaults because config.json lacks them
-    tc_json = cfg.get("text_config", {})
-    tc_vllm = mc.hf_text_config
-    for k in () if mtp else ("n_shared_experts", "moe_layer_freq", "sparse_attention_config", "rope_theta", "hidden_act", "swiglu_beta",
-              "swiglu_limit", "swiglu_alpha", "partial_rotary_factor", "routed_scaling_factor", "use_routing_bias",
-              "scoring_func", "dense_intermediate_size"):
-        if k not in tc_json:
-            find("config.json", f"text_config.{k}", f"missing: vLLM silently uses its default {getattr(tc_vllm, k, None)!r}")
-    qmods = cfg.get("quantization_config", {}).get("modules", {})
+    if not mtp:
+        _defaulted_fields(cfg, mc, find)
     params = dict(model.named_parameters())
+    _poison(params)
+    try:
+        loaded, ckpt, where = _load(model, out_dir, mtp)
+    except _LoadFailed as e:
+        find(e.file, e.tensor, e.message)
+        return {"findings": findings}
+    corrupt = os.environ.get("M3_VERIFY_CORRUPT_PARAM")   # test-only: proves the value comparison below can fail
+    if corrupt in params:
+        import torch
+        with torch.no_grad():
+            params[corrupt].data.view(-1)[0] += 1
+    expected, unused = _expected_regions(ckpt, params, cfg, mtp)
+    for k in unused:
+        find(where[k], k, "checkpoint tensor has no parameter in vLLM's model (vLLM would skip it silently)")
+    _compare(params, expected, loaded, cfg, find)
+    chosen = {}
+    qc = getattr(model, "quant_config", None) or getattr(getattr(model, "model", None), "quant_config", None)
+    if qc is not None and hasattr(qc, "chosen"):
+        chosen = dict(qc.chosen)
+    return {"findings": findings, "params": len(params), "tensors": len(ckpt), "bypassed": bypassed,
+            "methods": chosen}
+
+
+#: text_config fields vLLM would take from its own (real-M3) defaults if config.json lacked them
+DEFAULTED_FIELDS = ("n_shared_experts", "moe_layer_freq", "sparse_attention_config", "rope_theta", "hidden_act",
+                    "swiglu_beta", "swiglu_limit", "swiglu_alpha", "partial_rotary_factor", "routed_scaling_factor",
+                    "use_routing_bias", "scoring_func", "dense_intermediate_size")
+
+
+def _defaulted_fields(cfg, mc, find):
+    tc_json = cfg.get("text_config", {})
+    for k in DEFAULTED_FIELDS:
+        if k not in tc_json:
+            find("config.json", f"text_config.{k}", f"missing: vLLM silently uses its default {getattr(mc.hf_text_config, k, None)!r}")
+
+
+def _poison(params):
+    """NaN in every float parameter, POISON_INT in every integer one: a region no tensor writes stays visible."""
     for p in params.values():
         if p.dtype.is_floating_point:
             p.data.fill_(float("nan"))
         else:
             p.data.fill_(POISON_INT)
 
-    ckpt = {}      # the tensors compared below (in --mtp mode only the drafter's: the rest is not held)
-    where = {}
+
+class _LoadFailed(Exception):
+    def __init__(self, file, tensor, message):
+        super().__init__(message)
+        self.file, self.tensor, self.message = file, tensor, message
+
+
+def _load(model, out_dir, mtp):
+    """Every checkpoint tensor through vLLM's ``load_weights``: (names it reports loaded, {tensor: value} of those
+    compared below (with ``mtp`` only the drafter's: the rest is not held), {tensor: file})."""
+    from m3_convert import names
+    ckpt, where = {}, {}
     last = [None]  # the tensor handed to load_weights last (named when it fails)
 
     def gen():
@@ -200,16 +241,15 @@ def run_child(out_dir, mtp=False):
     try:
         loaded = model.load_weights(gen())
     except Exception as e:
-        find(where.get(last[0], "?"), last[0], f"vLLM's load_weights failed here: {type(e).__name__}: {str(e)[:300]}")
-        return {"findings": findings}
+        raise _LoadFailed(where.get(last[0], "?"), last[0],
+                          f"vLLM's load_weights failed here: {type(e).__name__}: {str(e)[:300]}") from None
+    return loaded, ckpt, where
 
-    corrupt = os.environ.get("M3_VERIFY_CORRUPT_PARAM")   # test-only: proves the value comparison below can fail
-    if corrupt in params:
-        with torch.no_grad():
-            params[corrupt].data.view(-1)[0] += 1
 
-    # expected value of every parameter region, from the checkpoint and the fusion rules
-    expected: dict[str, list] = {}   # param name -> [(index/None, position, tensor, source name)]
+def _expected_regions(ckpt, params, cfg, mtp):
+    """({param name: [(expert or None, position, tensor, source name)]}, [checkpoint tensors no parameter takes])."""
+    from m3_convert import names
+    expected: dict[str, list] = {}
     unused = []
     vl = cfg.get("quantization_config", {}).get("layout") == "vl"
     pre = names.VL_TEXT_PREFIX if vl else ""
@@ -240,21 +280,25 @@ def run_child(out_dir, mtp=False):
             unused.append(k)
             continue
         expected.setdefault(pname, []).append((expert, pos, t, kt))
-    for k in unused:
-        find(where[k], k, "checkpoint tensor has no parameter in vLLM's model (vLLM would skip it silently)")
+    return expected, unused
 
+
+def _compare(params, expected, loaded, cfg, find):
+    """Every parameter reported loaded, filled (no poison left) and equal to its expected value."""
+    import torch
+
+    from m3_convert import gptq
+    qmods = cfg.get("quantization_config", {}).get("modules", {})
     # AutoGPTQMoEMethod's optional zero expert biases: M3 has none, and vLLM drops them after loading
     # when no checkpoint tensor filled them (auto_gptq.py, process_weights_after_loading)
     optional = {n for n in params if n.endswith(("w13_bias", "w2_bias"))}
-    not_returned = sorted(set(params) - set(loaded or ()) - optional)
-    for p in not_returned:
+    for p in sorted(set(params) - set(loaded or ()) - optional):
         find("(model)", p, "parameter not reported loaded by vLLM's load_weights")
     for pname, p in params.items():
         parts = expected.get(pname)
         if not parts:
-            if pname in optional:
-                continue
-            find("(model)", pname, "no checkpoint tensor fills this parameter")
+            if pname not in optional:
+                find("(model)", pname, "no checkpoint tensor fills this parameter")
             continue
         data = p.data
         try:
@@ -276,12 +320,6 @@ def run_child(out_dir, mtp=False):
             same = want == data
         if not bool(same.all()):
             find("(model)", pname, f"{int((~same).sum())} values differ from the checkpoint ({', '.join(s for _, _, _, s in parts[:3])}...)")
-    chosen = {}
-    qc = getattr(model, "quant_config", None) or getattr(getattr(model, "model", None), "quant_config", None)
-    if qc is not None and hasattr(qc, "chosen"):
-        chosen = dict(qc.chosen)
-    return {"findings": findings, "params": len(params), "tensors": len(ckpt), "bypassed": bypassed,
-            "methods": chosen}
 
 
 def _param_name(base, expert, leaf, params):
@@ -407,9 +445,6 @@ def run_stock_child(out_dir):
     from vllm.model_executor.layers.fused_moe import RoutedExperts
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.layers.quantization.inc import INCConfig
-    from vllm.model_executor.layers.quantization.inc.schemes.factory import resolve_scheme
-    from vllm.model_executor.layers.quantization.inc.schemes.inc_wna16_scheme import CUDA_HUMMING_SUPPORTED_BITS
-    from vllm.model_executor.layers.quantization.utils.marlin_utils import check_moe_marlin_supports_layer
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
     from m3_convert import names
@@ -452,55 +487,68 @@ def run_stock_child(out_dir):
         # RoutedExperts (vLLM >= 0.30) lives at <layer>.experts.routed_experts but asks for its quant method
         # under the MoE layer's name (routed_experts.py: self._get_quant_method(self.layer_name, ...))
         prefix = mod.layer_name if isinstance(mod, RoutedExperts) else path
-        if prefix.startswith(names.VLLM_VISION_PREFIX):   # VL: the vision tower is outside block_name_to_quantize
-            qm = inc.get_quant_method(mod, prefix)
-            methods[prefix] = type(qm).__name__
-            if not type(qm).__name__.startswith("Unquantized"):
-                find(prefix, f"vision module but INC gives {type(qm).__name__}")
-            continue
-        seen.add(prefix)
-        if prefix not in want:
-            find(prefix, "vLLM builds this module but the converted checkpoint has no scheme for it")
-            continue
-        bits, group = want[prefix]
-        if prefix not in (inc.extra_config or {}):
-            find(f"quantization_config.extra_config[{prefix!r}]", "missing: INC would fall back to the top-level scheme")
-        try:
-            lc = inc.config_parser.resolve(mod, prefix)
-        except Exception as e:
-            find(prefix, f"INC cannot resolve it: {type(e).__name__}: {e}")
-            continue
-        if bits is None:
-            if lc.quantized:
-                find(prefix, f"bf16 in the checkpoint but INC resolves {lc.bits}-bit")
-                continue
-            qm = inc.get_quant_method(mod, prefix)
-            methods[prefix] = type(qm).__name__
-            if not type(qm).__name__.startswith("Unquantized"):
-                find(prefix, f"bf16 in the checkpoint but INC gives {type(qm).__name__}")
-            continue
-        if (lc.quantized, lc.bits, lc.group_size, lc.sym) != (True, bits, group, True):
-            find(prefix, f"INC resolves bits={lc.bits} group_size={lc.group_size} sym={lc.sym} quantized={lc.quantized}; "
-                         f"the tensors are {bits}-bit, group {group}, symmetric")
-            continue
-        scheme = type(resolve_scheme(lc)).__name__
-        if isinstance(mod, RoutedExperts):
-            if bits in CUDA_HUMMING_SUPPORTED_BITS:
-                cuda = "HummingMoEMethod"
-            elif check_moe_marlin_supports_layer(mod, group):
-                cuda = "AutoGPTQMoEMethod (Marlin)"
-                from m3_convert.serve.decide import marlin_moe_shape_problem
-                problem = marlin_moe_shape_problem(mod.hidden_size, mod.intermediate_size_per_partition, group)
-                if problem:   # stock vLLM has no plugin to refuse it at load
-                    find(prefix, "on CUDA at this tensor-parallel size: " + problem)
-            else:
-                cuda = "MoeWNA16Method"
-        else:
-            cuda = "HummingLinearMethod" if bits in CUDA_HUMMING_SUPPORTED_BITS else "INCLinearMethod(AutoGPTQ: Marlin/Machete)"
-        methods[prefix] = f"{scheme} {bits}-bit -> CUDA {cuda}"
+        if not prefix.startswith(names.VLLM_VISION_PREFIX):
+            seen.add(prefix)
+        method = _stock_module_method(mod, prefix, inc, want, find)
+        if method is not None:
+            methods[prefix] = method
     for prefix in sorted(set(want) - seen):
         find(prefix, "scheme for a module vLLM does not build")
     return {"findings": findings, "modules": len(seen), "bypassed": bypassed, "methods": methods}
+
+
+def _stock_module_method(mod, prefix, inc, want, find):
+    """INC's resolution of one module of vLLM's model against the scheme its tensors give (``want``): the method
+    it would run on CUDA (read off vLLM's own rule), or None where a finding says why there is none."""
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+    from vllm.model_executor.layers.quantization.inc.schemes.factory import resolve_scheme
+    from vllm.model_executor.layers.quantization.inc.schemes.inc_wna16_scheme import CUDA_HUMMING_SUPPORTED_BITS
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import check_moe_marlin_supports_layer
+
+    from m3_convert import names
+    if prefix.startswith(names.VLLM_VISION_PREFIX):   # VL: the vision tower is outside block_name_to_quantize
+        qm = type(inc.get_quant_method(mod, prefix)).__name__
+        if not qm.startswith("Unquantized"):
+            find(prefix, f"vision module but INC gives {qm}")
+        return qm
+    if prefix not in want:
+        find(prefix, "vLLM builds this module but the converted checkpoint has no scheme for it")
+        return None
+    bits, group = want[prefix]
+    if prefix not in (inc.extra_config or {}):
+        find(f"quantization_config.extra_config[{prefix!r}]", "missing: INC would fall back to the top-level scheme")
+    try:
+        lc = inc.config_parser.resolve(mod, prefix)
+    except Exception as e:
+        find(prefix, f"INC cannot resolve it: {type(e).__name__}: {e}")
+        return None
+    if bits is None:
+        if lc.quantized:
+            find(prefix, f"bf16 in the checkpoint but INC resolves {lc.bits}-bit")
+            return None
+        qm = type(inc.get_quant_method(mod, prefix)).__name__
+        if not qm.startswith("Unquantized"):
+            find(prefix, f"bf16 in the checkpoint but INC gives {qm}")
+        return qm
+    if (lc.quantized, lc.bits, lc.group_size, lc.sym) != (True, bits, group, True):
+        find(prefix, f"INC resolves bits={lc.bits} group_size={lc.group_size} sym={lc.sym} quantized={lc.quantized}; "
+                     f"the tensors are {bits}-bit, group {group}, symmetric")
+        return None
+    scheme = type(resolve_scheme(lc)).__name__
+    if isinstance(mod, RoutedExperts):
+        if bits in CUDA_HUMMING_SUPPORTED_BITS:
+            cuda = "HummingMoEMethod"
+        elif check_moe_marlin_supports_layer(mod, group):
+            cuda = "AutoGPTQMoEMethod (Marlin)"
+            from m3_convert.serve.decide import marlin_moe_shape_problem
+            problem = marlin_moe_shape_problem(mod.hidden_size, mod.intermediate_size_per_partition, group)
+            if problem:   # stock vLLM has no plugin to refuse it at load
+                find(prefix, "on CUDA at this tensor-parallel size: " + problem)
+        else:
+            cuda = "MoeWNA16Method"
+    else:
+        cuda = "HummingLinearMethod" if bits in CUDA_HUMMING_SUPPORTED_BITS else "INCLinearMethod(AutoGPTQ: Marlin/Machete)"
+    return f"{scheme} {bits}-bit -> CUDA {cuda}"
 
 
 def main():
