@@ -123,6 +123,33 @@ def summary_text(plan, result, elapsed):
     return "\n".join(lines)
 
 
+def check_options(target, stock_min_bits, keep_vision, keep_mtp):
+    """Option combinations m3-convert refuses (exit 2)."""
+    if keep_mtp and not keep_vision:
+        raise UsageError("--keep-mtp needs --keep-vision: vLLM's MTP drafter names its layers model.layers.K, which "
+                         "collide with the text-only class's own layers (\"Duplicate layer name\"); the VL class "
+                         "nests the text model under language_model.")
+    if keep_mtp and target == "stock-vllm":
+        raise UsageError("--keep-mtp is not supported with --target stock-vllm yet (use the default target)")
+    if stock_min_bits and target != "stock-vllm":
+        raise UsageError("--stock-min-bits needs --target stock-vllm")
+
+
+def check_resume_without_journal(plan, out_dir, quiet):
+    """--resume into an OUT_DIR with no journal: only files this run would write may be there."""
+    from . import execute
+    from .st import INDEX_FILE
+    own = {f for f, _ in plan.shards} | set(plan.copied_files) | {"config.json", "quantization_config.json",
+                                                                 INDEX_FILE, "SHA256SUMS", execute.STATE_DIR}
+    foreign = sorted(f for f in os.listdir(out_dir) if f not in own and not (f.startswith(".") and f.endswith(".partial")))
+    if foreign:
+        raise UsageError(f"--resume: OUT_DIR {out_dir} has no m3-convert journal and holds files m3-convert "
+                         f"would not write ({', '.join(foreign[:3])}); use --force to write into it anyway")
+    if not quiet:
+        click.echo("resume: no journal in OUT_DIR (the last run finished or never started a shard); "
+                   "every shard is rewritten", err=True)
+
+
 def prefetch_budget() -> int:
     """Bytes of input to prefetch while planning: a quarter of the available memory, at most 2 GiB."""
     try:
@@ -201,29 +228,14 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
     try:
         shard_size = parse_size(max_shard_size)
         pending = check_dirs(in_dir, out_dir, force, resume, dry_run)
-        if keep_mtp and not keep_vision:
-            raise UsageError("--keep-mtp needs --keep-vision: vLLM's MTP drafter names its layers model.layers.K, which "
-                             "collide with the text-only class's own layers (\"Duplicate layer name\"); the VL class "
-                             "nests the text model under language_model.")
-        if keep_mtp and target == "stock-vllm":
-            raise UsageError("--keep-mtp is not supported with --target stock-vllm yet (use the default target)")
-        if stock_min_bits and target != "stock-vllm":
-            raise UsageError("--stock-min-bits needs --target stock-vllm")
+        check_options(target, stock_min_bits, keep_vision, keep_mtp)
         if not dry_run:   # overlap the first reads with planning (a kernel hint; nothing is read into this process)
             execute.prefetch(sorted(os.path.join(in_dir, f) for f in os.listdir(in_dir) if f.endswith(".safetensors")),
                              prefetch_budget())
         plan = planmod.make_plan(in_dir, shard_size, target=target, min_bits=int(stock_min_bits) if stock_min_bits else None,
                                  keep_vision=keep_vision, keep_mtp=keep_mtp, plain_dtype=plain_dtype)
         if pending == "check-own-files":
-            own = {f for f, _ in plan.shards} | set(plan.copied_files) | {"config.json", "quantization_config.json",
-                                                                         planmod.INDEX_FILE, "SHA256SUMS", execute.STATE_DIR}
-            foreign = sorted(f for f in os.listdir(out_dir) if f not in own and not (f.startswith(".") and f.endswith(".partial")))
-            if foreign:
-                raise UsageError(f"--resume: OUT_DIR {out_dir} has no m3-convert journal and holds files m3-convert "
-                                 f"would not write ({', '.join(foreign[:3])}); use --force to write into it anyway")
-            if not quiet:
-                click.echo("resume: no journal in OUT_DIR (the last run finished or never started a shard); "
-                           "every shard is rewritten", err=True)
+            check_resume_without_journal(plan, out_dir, quiet)
         if target == "m3-plugin" and (as_json or not quiet):    # computed only when shown: 0.3 s for 90k tensors
             plan.stats["gpu_weight_bytes"] = planmod.serving_projection(plan, gpu_memory)
         space = execute.space_plan(plan, out_dir, resume=resume, workers=workers)
