@@ -13,7 +13,7 @@ measures:
 * ``cp -r IN OUT && sync`` vs ``m3-convert IN OUT`` (which fsyncs every file), each after
   ``echo 3 > /proc/sys/vm/drop_caches`` (cold cache for both; if dropping caches is not permitted,
   both run warm after one full read of the input, and the table says so), in interleaved rounds
-  (cp, convert --workers 1, convert --workers 2, cp, ...): the ratio is the median of the per-round
+  (every command below once per round, in the same order): each ratio is the median of the per-round
   ratios, because this kind of virtual disk drifts in speed from one minute to the next;
 * peak RSS of m3-convert (``/usr/bin/time -v``) for each ``--workers`` value;
 * planning time of the full topology (``m3-convert --dry-run --json``'s plan_seconds);
@@ -22,12 +22,10 @@ measures:
 * the floor of any converter that writes every byte and hashes it: ``max(cp -r, SHA-256 of every byte with the
   files spread over all cores)`` (OpenSSL's SHA-256 through hashlib, the one m3-convert uses), and what a user does
   by hand without m3-convert: ``cp -r`` then ``sha256sum *``; m3-convert's time over each, per round;
-* m3-convert's fixed part, ``--dry-run --quiet`` (interpreter, headers, plan, space check: everything a conversion
-  does before its first byte), per round, and the streaming part's ratios (conversion minus fixed part, over each
+* m3-convert's fixed part, ``--dry-run --quiet`` with the conversion's shard size and workers (interpreter,
+  headers, plan, space check: what a conversion does before its first byte, less its prefetch hint), per round, and the streaming part's ratios (conversion minus fixed part, over each
   floor): the fixed part is 1.2-1.6 s for these ~67k tensors at any size, the streaming part grows with the bytes;
-* the CPU seconds (user + system) of every command, and from them a second, stricter floor for this machine: a
-  converter must also copy every byte (kernel CPU, as ``cp`` spends it) on the same cores that hash, so it cannot
-  finish before ``max(cp -r, (CPU of cp + CPU of hashing) / cores)``.
+* the CPU seconds (user + system) of every command.
 
 ``--no-sha-ext`` runs every command with ``OPENSSL_ia32cap=:~0x20000000``, which hides the SHA extensions
 (SHA-NI) from OpenSSL, whose SHA-256 hashlib uses (in m3-convert, m3-verify and the floor's hashing alike): the
@@ -47,7 +45,30 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+
+def hash_all(path, cores):
+    """SHA-256 of every file under ``path``, ``cores`` files at a time (one process each): the hashing floor."""
+    from concurrent.futures import ProcessPoolExecutor
+    files = sorted((os.path.join(path, f) for f in os.listdir(path)), key=os.path.getsize, reverse=True)
+    with ProcessPoolExecutor(cores) as ex:
+        list(ex.map(_hash_file, files))
+
+
+def _hash_file(p):
+    import hashlib
+    h = hashlib.sha256()
+    with open(p, "rb", buffering=0) as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--hash-all":
+    # the floor's hashing, dispatched before the imports below: its time is interpreter start and SHA-256 only
+    hash_all(sys.argv[2], int(sys.argv[3]))
+    sys.exit(0)
+
+import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -204,10 +225,10 @@ def warm(path):
 
 
 def rounds(cmds, cold, warm_dir, repeat):
-    """Run ``cmds`` ({label: (shell command, cleanup or None)}) in interleaved rounds (cp, convert, convert,
-    cp, ...), so that every command meets the same disk: this virtual disk's throughput drifts between
+    """Run ``cmds`` ({label: (shell command, cleanup or None)}) in interleaved rounds (each command once per
+    round, in order), so that every command meets the same disk: this virtual disk's throughput drifts between
     runs, and back-to-back repeats of one command would compare different disks. Returns {label: [(wall s,
-    peak RSS MiB, stdout)] per round}."""
+    peak RSS MiB, stdout, CPU s)] per round}."""
     out = {k: [] for k in cmds}
     for _ in range(repeat):
         for label, (cmd, cleanup) in cmds.items():
@@ -252,23 +273,6 @@ def du(path):
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
 
-def hash_all(path, cores):
-    """SHA-256 of every file under ``path``, ``cores`` files at a time (one process each): the hashing floor."""
-    from concurrent.futures import ProcessPoolExecutor
-    files = sorted((os.path.join(path, f) for f in os.listdir(path)), key=os.path.getsize, reverse=True)
-    with ProcessPoolExecutor(cores) as ex:
-        list(ex.map(_hash_file, files))
-
-
-def _hash_file(p):
-    import hashlib
-    h = hashlib.sha256()
-    with open(p, "rb", buffering=0) as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def measure(size, args, conv, ver, cold):
     """One input size: generate it, time every command in interleaved rounds, return the row of results."""
     src = os.path.join(args.work, f"in{size}")
@@ -297,7 +301,7 @@ def measure(size, args, conv, ver, cold):
             "sha_all": (f"{sys.executable} {os.path.abspath(__file__)} --hash-all {src} {cores}", None),
             # m3-convert's fixed part: interpreter, headers, plan, space check (what a --quiet conversion does
             # before its first byte; --dry-run --quiet computes nothing else)
-            "plan": (f"{conv} {src} {args.work}/dry --dry-run --quiet", None)}
+            "plan": (f"{conv} {src} {args.work}/dry --dry-run --quiet --max-shard-size {shard} --workers {ws[-1]}", None)}
     for w in ws:
         out = os.path.join(args.work, f"conv{w}")
         cmds[f"w{w}"] = (f"{conv} {src} {out} --quiet --workers {w} --max-shard-size {shard} && sync", rm(out))
@@ -310,12 +314,9 @@ def measure(size, args, conv, ver, cold):
     for k in ("cp", "cp_sha", "sha_all"):
         row[f"{k}_cpu_s"] = round(median([r[3] for r in res[k]]), 2)
     floor = [max(a, b[0]) for a, b in zip(cp, res["sha_all"])]          # per round: max(cp, hashing on all cores)
-    # per round: copying and hashing share the cores
-    work = [max(a[0], (a[3] + b[3]) / cores) for a, b in zip(res["cp"], res["sha_all"])]
     row["floor_s"] = round(median(floor), 2)
     plan = [r[0] for r in res["plan"]]
     row["fixed_s"] = round(median(plan), 2)
-    row["work_floor_s"] = round(median(work), 2)
     for w in ws:
         walls = [r[0] for r in res[f"w{w}"]]
         row[f"convert_w{w}_s"] = round(median(walls), 2)
@@ -324,11 +325,9 @@ def measure(size, args, conv, ver, cold):
         row[f"convert_w{w}_rss_mib"] = round(max(r[1] for r in res[f"w{w}"]))
         row[f"ratio_w{w}"] = round(median([a / b for a, b in zip(walls, cp)]), 2)   # median of per-round ratios
         row[f"vs_floor_w{w}"] = round(median([a / b for a, b in zip(walls, floor)]), 2)
-        row[f"vs_work_floor_w{w}"] = round(median([a / b for a, b in zip(walls, work)]), 2)
         row[f"vs_by_hand_w{w}"] = round(median([a / b[0] for a, b in zip(walls, res["cp_sha"])]), 2)
         # the streaming part alone (the same round's fixed part taken off): what grows with the checkpoint
         row[f"stream_vs_floor_w{w}"] = round(median([(a - p) / b for a, p, b in zip(walls, plan, floor)]), 2)
-        row[f"stream_vs_work_floor_w{w}"] = round(median([(a - p) / b for a, p, b in zip(walls, plan, work)]), 2)
     out = os.path.join(args.work, f"conv{ws[-1]}")   # one converted output to check, written once more
     subprocess.run(cmds[f"w{ws[-1]}"][0], shell=True, check=True)
     res = rounds({"sha256sum": (f"cd {out} && sha256sum -c --quiet SHA256SUMS", None),
@@ -356,22 +355,20 @@ def print_table(results, args):
           f"SHA extensions (sha_ni): {results['sha_extensions']}"
           + (" (hidden from OpenSSL: --no-sha-ext)" if args.no_sha_ext else "")
           + f"; hashlib SHA-256 {results['sha256_mb_s_per_core']} MB/s per core\n")
-    print("| input | cp -r | cp -r + sha256sum | floor: max(cp, SHA-256 / cores) | work floor: max(cp, CPU of cp + SHA-256 / cores) | "
-          + " | ".join(f"m3-convert --workers {w} (vs floor, vs work floor, vs by hand; CPU; peak RSS) | streaming part "
-                       f"(vs floor, vs work floor)" for w in ws)
+    print("| input | cp -r | cp -r + sha256sum | floor: max(cp, SHA-256 / cores) | "
+          + " | ".join(f"m3-convert --workers {w} (vs floor, vs by hand; CPU; peak RSS) | streaming part "
+                       f"(vs floor)" for w in ws)
           + " | fixed part | m3-verify --integrity-only (vs sha256sum -c, vs its floor) |")
-    print("|---" * (7 + 2 * len(ws)) + "|")
+    print("|---" * (6 + 2 * len(ws)) + "|")
     for r in results["runs"]:
-        print(f"| {r['size_gib']} GiB | {r['cp_s']} s | {r['cp_sha256sum_s']} s | {r['floor_s']} s | {r['work_floor_s']} s | "
-              + " | ".join(f"{r[f'convert_w{w}_s']} s ({r[f'vs_floor_w{w}']}x, {r[f'vs_work_floor_w{w}']}x, {r[f'vs_by_hand_w{w}']}x; "
+        print(f"| {r['size_gib']} GiB | {r['cp_s']} s | {r['cp_sha256sum_s']} s | {r['floor_s']} s | "
+              + " | ".join(f"{r[f'convert_w{w}_s']} s ({r[f'vs_floor_w{w}']}x, {r[f'vs_by_hand_w{w}']}x; "
                            f"{r[f'convert_w{w}_cpu_s']} s; {r[f'convert_w{w}_rss_mib']} MiB) | "
-                           f"{r[f'stream_vs_floor_w{w}']}x, {r[f'stream_vs_work_floor_w{w}']}x" for w in ws)
+                           f"{r[f'stream_vs_floor_w{w}']}x" for w in ws)
               + f" | {r['fixed_s']} s | {r['verify_integrity_s']} s ({r['verify_ratio']}x, {r['verify_vs_floor']}x) |")
 
 
 def main():
-    if len(sys.argv) == 4 and sys.argv[1] == "--hash-all":
-        return hash_all(sys.argv[2], int(sys.argv[3]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,5")
     ap.add_argument("--workers", default="2,4")

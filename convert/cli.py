@@ -101,7 +101,7 @@ def summary_text(plan, result, elapsed):
             promoted = "cannot be served" if row["promoted_problems"] else human(row["promoted_per_gpu"])
             lines.append(f"         TP {tp}: {human(row['native_per_gpu'])} per GPU (promoted {promoted}){fit}")
     if s.get("mtp_kept"):
-        lines.append(f"kept   : MTP block(s), {s['mtp_kept']['tensors']} tensors, {human(s['mtp_kept']['bytes'])} (bf16, for vLLM's MiniMaxM3MTP)")
+        lines.append(f"kept   : MTP block(s), {s['mtp_kept']['tensors']} tensors, {human(s['mtp_kept']['bytes'])} (for vLLM's MiniMaxM3MTP)")
     if s.get("vision_kept"):
         lines.append(f"kept   : vision tower and projector, {s['vision_kept']['tensors']} tensors, {human(s['vision_kept']['bytes'])} "
                      "(checkpoint for vLLM's MiniMaxM3SparseForConditionalGeneration)")
@@ -137,10 +137,8 @@ def check_options(target, stock_min_bits, keep_vision, keep_mtp):
 
 def check_resume_without_journal(plan, out_dir, quiet):
     """--resume into an OUT_DIR with no journal: only files this run would write may be there."""
-    from . import execute
-    from .st import INDEX_FILE
-    own = {f for f, _ in plan.shards} | set(plan.copied_files) | {"config.json", "quantization_config.json",
-                                                                 INDEX_FILE, "SHA256SUMS", execute.STATE_DIR}
+    from . import execute, plan as planmod
+    own = {f for f, _ in plan.shards} | set(plan.copied_files) | planmod.GENERATED | {execute.STATE_DIR}
     foreign = sorted(f for f in os.listdir(out_dir) if f not in own and not (f.startswith(".") and f.endswith(".partial")))
     if foreign:
         raise UsageError(f"--resume: OUT_DIR {out_dir} has no m3-convert journal and holds files m3-convert "
@@ -184,7 +182,7 @@ def prefetch_budget() -> int:
               "original names, a vision_config vLLM reads). Serve with image input, or text-only with "
               "--language-model-only.")
 @click.option("--keep-mtp", is_flag=True, help="Also write the MTP (multi-token prediction) block for vLLM's MiniMaxM3MTP "
-              "speculative decoding, in bf16 (needs --keep-vision: vLLM's MTP layer names collide with the text-only class). "
+              "speculative decoding, in its stored dtype (needs --keep-vision: vLLM's MTP layer names collide with the text-only class). "
               "Serve with --speculative-config '{\"method\": \"mtp\", \"num_speculative_tokens\": 1}'.")
 @click.option("--dtype", "plain_dtype", type=click.Choice(["source", "bf16"]), default="source", show_default=True,
               help="Plain (non-GPTQ) tensors: 'source' writes them as stored (exact bytes, F32/F16/BF16); 'bf16' rounds "
@@ -221,29 +219,28 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
     """
     from . import execute, plan as planmod
     t0 = time.time()
-    gc_was_on = gc.isenabled()
-    gc.disable()   # planning allocates ~10^6 objects and no cycles: generation-2 passes over them cost 0.2 s of 1.4 s
     if workers is None:
         workers = min(8, 2 * (os.cpu_count() or 1))   # bench/bench.py: 4 workers beat 2 on 2 cores (2-12%)
     try:
-        shard_size = parse_size(max_shard_size)
-        pending = check_dirs(in_dir, out_dir, force, resume, dry_run)
-        check_options(target, stock_min_bits, keep_vision, keep_mtp)
-        if not dry_run:   # overlap the first reads with planning (a kernel hint; nothing is read into this process)
-            execute.prefetch(sorted(os.path.join(in_dir, f) for f in os.listdir(in_dir) if f.endswith(".safetensors")),
-                             prefetch_budget())
-        plan = planmod.make_plan(in_dir, shard_size, target=target, min_bits=int(stock_min_bits) if stock_min_bits else None,
-                                 keep_vision=keep_vision, keep_mtp=keep_mtp, plain_dtype=plain_dtype)
-        if pending == "check-own-files":
-            check_resume_without_journal(plan, out_dir, quiet)
-        if target == "m3-plugin" and (as_json or not quiet):    # computed only when shown: 0.3 s for 90k tensors
-            plan.stats["gpu_weight_bytes"] = planmod.serving_projection(plan, gpu_memory)
-        space = execute.space_plan(plan, out_dir, resume=resume, workers=workers)
-        plan.stats["disk"] = space
+        # everything before the first byte with the collector off (plan.gc_paused; the plan itself and the space
+        # check's shard headers: ~0.2 s of ~1.4 s at 67k tensors)
+        with planmod.gc_paused():
+            shard_size = parse_size(max_shard_size)
+            pending = check_dirs(in_dir, out_dir, force, resume, dry_run)
+            check_options(target, stock_min_bits, keep_vision, keep_mtp)
+            if not dry_run:   # overlap the first reads with planning (a kernel hint; nothing is read into this process)
+                execute.prefetch(sorted(os.path.join(in_dir, f) for f in os.listdir(in_dir) if f.endswith(".safetensors")),
+                                 prefetch_budget())
+            plan = planmod.make_plan(in_dir, shard_size, target=target, min_bits=int(stock_min_bits) if stock_min_bits else None,
+                                     keep_vision=keep_vision, keep_mtp=keep_mtp, plain_dtype=plain_dtype)
+            if pending == "check-own-files":
+                check_resume_without_journal(plan, out_dir, quiet)
+            if target == "m3-plugin" and (as_json or not quiet):    # computed only when shown: 0.3 s for 90k tensors
+                plan.stats["gpu_weight_bytes"] = planmod.serving_projection(plan, gpu_memory)
+            space = execute.space_plan(plan, out_dir, resume=resume, workers=workers)
+            plan.stats["disk"] = space
         t_plan = time.time() - t0
-        gc.freeze()   # the plan's ~10^5 objects live to the end: keep the collector from re-scanning them
-        if gc_was_on:
-            gc.enable()
+        gc.freeze()   # the plan's ~4x10^5 objects live to the end: keep the collector from re-scanning them
         if dry_run:
             if as_json:
                 click.echo(json.dumps({"dry_run": True, "plan_seconds": round(t_plan, 3), **plan.stats,
@@ -281,8 +278,6 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
         sys.exit(130)
     finally:
         gc.unfreeze()   # only matters when called in-process (tests): the next plan is not kept frozen
-        if gc_was_on:
-            gc.enable()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 * copies are raw byte ranges (adjacent source ranges are coalesced into one
   large read), through one reusable buffer per worker;
-* splits read the source in row blocks and write the column slice;
+* splits read the source in row blocks and write the column slice; casts (--dtype bf16) round row blocks;
+* promotions re-pack a qweight / qzeros at a wider width;
 * de-quantization reads the packed triple once and decodes by output-row block;
 * every file is written to ``.NAME.partial`` and renamed when complete; the
   resume journal (``.m3-convert/state.json``) is updated after each shard;
@@ -38,7 +39,7 @@ class FaultHook:
 
     M3_CONVERT_KILL_AT_BYTES=N   SIGKILL this process once N output bytes (all files) are written;
     M3_CONVERT_ENOSPC_AT_BYTES=N raise ENOSPC ("No space left on device") at that point instead;
-    M3_CONVERT_FREE_BYTES=N      the free space the space check sees (space_plan), instead of statvfs's.
+    M3_CONVERT_FREE_BYTES=N      the free space the space check sees instead of statvfs's (read by space_plan).
     Used by tests/test_faults.py for crash trials and disk-full simulation where no small filesystem can be mounted.
     """
 
@@ -281,7 +282,7 @@ def _write_cast(src, w, o, ring, progress):
         done()   # the cast below is a new array; the buffer itself is never queued for hashing
         view = memoryview(buf)[: (b - a) * row_bytes]
         _pread_into(fd, view, t.begin + a * row_bytes, t)
-        data = gptq.to_bf16(np.frombuffer(view, dtype=npdt).astype(np.float32))
+        data = gptq.to_bf16(np.frombuffer(view, dtype=npdt))   # to_bf16 widens F16 itself; F32 is not copied
         w.write(data)
         progress(data.nbytes)
 

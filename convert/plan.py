@@ -7,6 +7,7 @@ tiny ``g_idx`` vectors of auto_gptq exports (to prove they are trivial).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -52,10 +53,10 @@ class OutTensor:
     name: str
     dtype: str
     shape: tuple
-    op: str                          # copy | slice | dequant | promote
-    srcs: tuple                      # TensorInfo(s): copy/slice/promote: (t,), dequant: (qweight, qzeros, scales[, g_idx])
+    op: str                          # copy | slice | dequant | promote | cast
+    srcs: tuple                      # TensorInfo(s): copy/slice/promote/cast: (t,), dequant: (qweight, qzeros, scales[, g_idx])
     cols: tuple | None = None        # slice/promote: (start, stop) along the last axis of a 2-D tensor
-    rows: tuple | None = None        # slice: (start, stop) along the first axis (contiguous bytes)
+    rows: tuple | None = None        # slice/cast: (start, stop) along the first axis (contiguous bytes)
     order: tuple = ()
     promote: tuple | None = None     # promote: (bits, new_bits) of a qweight/qzeros (gptq.promote_*)
 
@@ -200,14 +201,22 @@ def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-pl
     """Plan the conversion from the headers alone, in named phases: collect (every source tensor sorted into what
     it is) -> decide (one typed Decision per source module) -> emit (the output tensors of each decision, one
     function per action) -> vision and MTP -> finalize (quantization config, shards, stats).
-    The cyclic garbage collector is paused while the ~100k small objects are built (they hold no cycles; its
-    repeated full passes cost ~30% of planning)."""
+    The cyclic garbage collector is paused while the plan's objects are built (gc_paused)."""
     opts = Options(target, min_bits, keep_vision, keep_mtp, plain_dtype)
     opts.validate()
+    with gc_paused():
+        return _make_plan(in_dir, max_shard_size, opts)
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """The cyclic garbage collector off for the block (as it was before, after it): a plan's objects hold no cycles,
+    and at 67k tensors ~4x10^5 of them are alive at the end, so each full pass costs ~0.09 s, many times over
+    while they are built. The CLI holds it over everything before the first byte is written."""
     was = gc.isenabled()
     gc.disable()
     try:
-        return _make_plan(in_dir, max_shard_size, opts)
+        yield
     finally:
         if was:
             gc.enable()
@@ -665,7 +674,8 @@ def _num_mtp(src_cfg):
 
 
 def _mtp_tensor(mtp, canon, t, fname, src_cfg, file_rank):
-    """--keep-mtp: one source MTP tensor -> its output tensor(s), bf16 as the source (a fused gate_up split by rows)."""
+    """--keep-mtp: one source MTP tensor -> its output tensor(s), in its stored dtype (a fused gate_up split by rows;
+    --dtype bf16 rounds F32/F16 ones later, _cast_plain)."""
     mm = names.mtp_match(canon)
     if mm is None:
         raise CheckpointError(fname, t.name, "MTP tensor with no rule in the name table: vLLM's MiniMaxM3MTP would skip "
@@ -698,7 +708,8 @@ def _add_mtp(mtp, o, fname, t):
 
 
 def _vision_tensors(vision, num_layers, file_rank):
-    """--keep-vision: every vision tensor the VL class has, copied as is; a missing one stops the run
+    """--keep-vision: every vision tensor the VL class has, copied as is (--dtype bf16: F32/F16 rounded, _cast_plain);
+    a missing one stops the run
     (vLLM would leave its parameter uninitialised without an error)."""
     out = []
     want = set(names.expected_vision(num_layers))
@@ -782,7 +793,7 @@ def _classify(module, src_mod, leaves, qcfg: SourceQuantConfig):
             have = leaves.get("qweight") or any_t
             raise CheckpointError(_fname(have), f"{src_mod}.{need}", f"missing partner tensor (module has {sorted(leafset)})")
     qw, qz, sc = leaves["qweight"], leaves["qzeros"], leaves["scales"]
-    for t, dt in ((qw, "I32"), (qz, "I32"), (sc, "F16")):
+    for t, dt in ((qw, names.GPTQ_DTYPES["qweight"]), (qz, names.GPTQ_DTYPES["qzeros"]), (sc, names.GPTQ_DTYPES["scales"])):
         if t.dtype != dt:
             raise CheckpointError(_fname(t), t.name, f"expected {dt}, found {t.dtype}")
     try:
@@ -799,7 +810,7 @@ def _classify(module, src_mod, leaves, qcfg: SourceQuantConfig):
         raise CheckpointError(_fname(qw), qw.name, "asymmetric (sym=false) GPTQ is not supported")
     gi = leaves.get("g_idx")
     if gi is not None:
-        if gi.dtype != "I32" or gi.shape != (shape.in_features,):
+        if gi.dtype != names.GPTQ_DTYPES["g_idx"] or gi.shape != (shape.in_features,):
             raise CheckpointError(_fname(gi), gi.name, f"g_idx must be I32 [{shape.in_features}], found {gi.dtype} {list(gi.shape)}")
         fd = os.open(gi.file, os.O_RDONLY)
         try:

@@ -141,3 +141,25 @@ def test_dtype_bf16_loads_exactly_in_vllm(name, tmp_path):
     r = run_verify(out_dir, "--vllm", "--json")
     rep = json.loads(r.output)
     assert r.exit_code == 0 and rep["ok"], rep["findings"]
+
+
+def test_against_refuses_a_rounding_nobody_asked_for(tmp_path):
+    """m3-verify --against accepts F32 -> BF16 rounding only where --dtype bf16 asked for it (the config records
+    plain_dtype) and never for the router, which vLLM holds in float32: its own rule, not the planner's."""
+    out_dir = tmp_path / "o"
+    assert run_convert(FIXTURES / "ar_f32", out_dir, "--dtype", "bf16", "--quiet").exit_code == 0
+    ts = all_tensors(out_dir)
+    router = next(k for k in ts if k.endswith("block_sparse_moe.gate.weight"))
+    assert ts[router].dtype == torch.float32
+    edit_checkpoint_single(out_dir, router, ts[router].to(torch.bfloat16))     # the router rounded too
+    rehash(out_dir)
+    found = json.loads(run_verify(out_dir, "--against", FIXTURES / "ar_f32", "--json").output)["findings"]
+    assert [(f["check"], f["tensor"]) for f in found] == [("against", router)]
+    assert "router in float32" in found[0]["message"]
+    cfg = json.loads((out_dir / "config.json").read_text())
+    del cfg["quantization_config"]["plain_dtype"]                               # as if --dtype source wrote it
+    (out_dir / "config.json").write_text(json.dumps(cfg))
+    rehash(out_dir)
+    found = json.loads(run_verify(out_dir, "--against", FIXTURES / "ar_f32", "--json").output)["findings"]
+    rounded = {f["tensor"] for f in found if "plain_dtype does not say bf16" in f["message"]}
+    assert "model.norm.weight" in rounded and len(rounded) >= 25 and router not in rounded

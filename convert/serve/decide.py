@@ -24,7 +24,8 @@ Rules, in order (the widths held on the GPU are the stored ones unless a rule sa
 * MoE: all experts bf16 -> ``bf16``; one width, 4 or 8, and a shape vLLM's Marlin MoE serves right ->
   ``marlin`` (``gptq``); anything else (mixed widths, 2/3-bit, the Marlin shape problem) -> ``humming``
   parts at the stored widths; without humming, every expert promoted to the layer's widest width (>= 4)
-  and served by Marlin (the old behaviour: exact, up to 2.5x the memory).
+  and served by Marlin (the old behaviour: exact, up to 4x the memory of a 2-bit expert in a layer with an 8-bit one; 2.35x
+  for the real topology's mix, bench/project_memory.py).
 
 The gate and up projections of one expert may differ in width (AutoRound chooses per module). vLLM fuses
 them into one w13 row block per expert; the humming parts instead hold each half as a *virtual expert*
