@@ -20,13 +20,18 @@ Arms, each in its own process (one CUDA context each), same GPU, one run:
 * ``promoted``: the plugin with ``M3_GPTQ_KERNELS=promote`` (every MoE layer at its widest width, 2/3-bit linears
                 at 4 bits: the plugin before issue 15);
 * ``bf16``:     no quantization at all;
+* ``native_serial`` (not in the default arms): ``native`` with a MoE layer's width parts run one after another
+                (M3_MOE_STREAMS=0), as before issue 25 (the default runs them at once on side streams);
 * ``native_streamk`` (not in the default arms): ``native`` with humming's default stream-K kernels
                 (M3_HUMMING_EXACT=0: not batch-invariant; 2026-12-02 on an H200: 1.02x native's decode), for comparison.
+
+With ``M3_BENCH_PROFILE=1`` each arm also profiles one batch-1 generation (:func:`profile_decode`: wall vs GPU-busy
+time per step, kernels per step, top kernels, launches outside CUDA graphs).
 
 Per arm: GPU bytes of the weights, decode tokens/s at batch 1 and 32 (CUDA graphs on unless ``--eager``),
 prefill tokens/s of a 2048-token prompt, and for batch-1 decode the bytes of weights one token reads (every
 dense weight, top-k of 128 routed experts at the layer's mean expert size, the lm_head) over the time per
-token, against the HBM bandwidth (the H200's 4.8 TB/s datasheet figure and a device-to-device copy measured
+token, against the HBM bandwidth (the datasheet figure of the card, DATASHEET_BPS, and a device-to-device copy measured
 in the same process).
 """
 from __future__ import annotations
@@ -43,7 +48,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 EXPERT_MIX = {2: 0.35, 3: 0.45, 4: 0.12, 8: 0.08}
-DATASHEET_BPS = 4.8e12
+#: HBM bandwidth on the datasheet, by the name torch reports (H100 SXM5 80 GB: 3.35 TB/s; H200: 4.8 TB/s)
+DATASHEET_BPS = {"H100": 3.35e12, "H200": 4.8e12}
+
+
+def datasheet_bps() -> float:
+    import torch
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in DATASHEET_BPS.items() if k in name), float("nan"))
 
 
 def text_config(layers: int, vocab: int) -> dict:
@@ -133,12 +145,51 @@ def weight_bytes(model):
     return total, int(active)
 
 
+def profile_decode(run, steps: int) -> dict:
+    """torch.profiler over one batch-1 generation of ``steps`` decode steps (issue 25): wall time per step, GPU-busy
+    time per step (the union of kernel intervals), kernels per step and the top kernels by GPU time, and the CPU-side
+    launches: ``cudaLaunchKernel``-like calls outside CUDA graphs (the decode steps should have none) against
+    ``cudaGraphLaunch`` calls."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        run()
+        wall = time.perf_counter() - t
+    kern, launches, graphs = [], 0, 0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kern.append((e.time_range.start, e.time_range.end, e.name))
+        elif e.name.startswith(("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")):
+            launches += 1
+        elif e.name.startswith("cudaGraphLaunch"):
+            graphs += 1
+    kern.sort()
+    busy, end = 0.0, float("-inf")
+    for a, b, _ in kern:                     # union of [start, end) intervals, us
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    by = {}
+    for a, b, n in kern:
+        by.setdefault(n, [0, 0.0])
+        by[n][0] += 1
+        by[n][1] += b - a
+    top = sorted(by.items(), key=lambda kv: -kv[1][1])[:25]
+    return {"steps": steps, "wall_ms_per_step": round(wall * 1e3 / steps, 3),
+            "gpu_busy_ms_per_step": round(busy / 1e3 / steps, 3), "kernels_per_step": round(len(kern) / steps, 1),
+            "kernel_launches_outside_graphs": launches, "graph_launches": graphs,
+            "top_kernels": [{"name": n[:120], "calls": c, "us_per_step": round(us / steps, 2)} for n, (c, us) in top]}
+
+
 def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if arm == "promoted":
         os.environ["M3_GPTQ_KERNELS"] = "promote"
     if arm == "native_streamk":
         os.environ["M3_HUMMING_EXACT"] = "0"
+    if arm == "native_serial":        # the width parts of a MoE layer one after another (before issue 25)
+        os.environ["M3_MOE_STREAMS"] = "0"
     d = f"/tmp/m3bench/{arm}"
     info = write_model(d, "bf16" if arm == "bf16" else "native", layers, vocab)
     from m3_convert import vllm_plugin
@@ -172,13 +223,17 @@ def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
         per_step = (min(long_) - min(short)) / 128
         res[f"decode_bs{bs}_tok_s"] = round(bs / per_step, 1)
         res[f"decode_bs{bs}_ms_per_step"] = round(per_step * 1e3, 3)
+    if os.environ.get("M3_BENCH_PROFILE"):
+        res["profile_bs1"] = profile_decode(lambda: gen(1, 8, 33), steps=32)
     pf = [gen(1, 2048, 1) for _ in range(3)]
     res["prefill_2k_tok_s"] = round(2048 / statistics.median(pf), 0)
     bw = copy_bandwidth()
     step = res["decode_bs1_ms_per_step"] / 1e3
     res["copy_bandwidth_Bps"] = round(bw / 1e9, 1) * 1e9
     res["decode_bs1_bytes_per_s"] = round(active / step / 1e9, 1) * 1e9
-    res["decode_bs1_fraction_of_datasheet_hbm"] = round(active / step / DATASHEET_BPS, 3)
+    res["gpu"] = __import__("torch").cuda.get_device_name()
+    res["datasheet_Bps"] = datasheet_bps()
+    res["decode_bs1_fraction_of_datasheet_hbm"] = round(active / step / res["datasheet_Bps"], 3)
     res["decode_bs1_fraction_of_measured_copy"] = round(active / step / bw, 3)
     res["methods"] = dict(vllm_plugin.CHOICES) if arm != "bf16" else {}
     with open(os.path.join(out, f"speed_{arm}.json"), "w") as f:
@@ -215,7 +270,7 @@ def main():
         print(f"{arm}: {time.time() - t:.0f} s", flush=True)
     with open(os.path.join(a.out, "speed_summary.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    print("| arm | weights GiB | decode bs1 tok/s | decode bs32 tok/s | prefill 2k tok/s | bs1 bytes/token | bs1 % of HBM (4.8 TB/s; copy) |")
+    print("| arm | weights GiB | decode bs1 tok/s | decode bs32 tok/s | prefill 2k tok/s | bs1 bytes/token | bs1 % of HBM (datasheet; copy) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['arm']} | {r['weight_bytes'] / 2**30:.2f} | {r['decode_bs1_tok_s']} | {r['decode_bs32_tok_s']} | "

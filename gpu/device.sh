@@ -7,18 +7,26 @@
 #   serve [RUN ...]         gpu/serve_check.py vLLM runs, each in its own process (fixtures converted here, on
 #                           the device); RUN: tiny mixed mixed-promoted mixed-bf16 mixed-bug (default: these),
 #                           tiny-promoted tiny-bf16 tiny-bug (issue 8's pair), vl vlmtp (--keep-vision --keep-mtp
-#                           output served text-only, with/without MTP) stock4 (--target stock-vllm: no plugin)
+#                           output served text-only, with/without MTP) stock4 (--target stock-vllm: vLLM alone,
+#                           the package off the path)
 #   speed [ARGS]            bench/serve_bench.py: native vs promoted vs bf16 at the real M3 widths (issue 15)
 #   compare                 the comparison table of everything under /tmp/gpures (and gpu/results)
 # The transformers reference of issue 8 (serve_check.py hf) needs transformers 5.19 carried (gpu/README.md).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export VLLM_ENABLE_V1_MULTIPROCESSING=0
+# torch 2.14 was built against cuDNN 9.24; the image's 9.19 is what loads (gpu/stage.sh leaves cuDNN out): its
+# Python-side version check would refuse it, and M3 on Hopper calls no cuDNN kernel
+export PYTORCH_SKIP_CUDNN_COMPATIBILITY_CHECK=1
 OUT=${OUT:-/tmp/out}
 RES=/tmp/gpures            # survives between calls while the machine stays warm; copied to $OUT each time
 W=/tmp/m3work
 mkdir -p "$OUT" "$RES" "$W"
-export PYTHONPATH=/tmp/m3site:/tmp/site
+# the CuTe DSL package sits where nvidia_cutlass_dsl's .pth would put it (a .pth on PYTHONPATH is not read)
+SITE=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
+# torchvision 0.29.0 (vLLM 0.33's pin) is staged: the image's, built for its torch 2.11, fails to import beside 2.14
+# ("operator torchvision::nms does not exist"), and vLLM 0.33's serving path imports torchvision.transforms.v2
+export PYTHONPATH=/tmp/m3site:$SITE
 step=$1; shift
 case "$step" in
   stage)
@@ -26,14 +34,29 @@ case "$step" in
   install)
     if [ ! -d /tmp/site/vllm ]; then
       t=$(date +%s)
-      mkdir -p /tmp/site
-      cat /tmp/stage/p* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/tmp/site')" || exit 1
-      echo "unpacked in $(( $(date +%s) - t )) s: $(du -sh /tmp/site | cut -f1)"
+      mkdir -p /tmp/site /tmp/wheels
+      cat /tmp/stage/p* | tar x -C /tmp || exit 1
+      # every wheel unpacked into one site tree, 16 at a time, file modes kept (triton's ptxas must stay executable;
+      # the image has no unzip)
+      python3 - <<'PY' || exit 1
+import glob, os, zipfile
+from concurrent.futures import ProcessPoolExecutor
+def unpack(w):
+    with zipfile.ZipFile(w) as z:
+        for i in z.infolist():
+            p = z.extract(i, "/tmp/site")
+            mode = i.external_attr >> 16
+            if mode & 0o111:
+                os.chmod(p, mode & 0o777)
+with ProcessPoolExecutor(16) as ex:
+    list(ex.map(unpack, sorted(glob.glob("/tmp/wheels/*.whl"), key=os.path.getsize, reverse=True)))
+PY
+      echo "unpacked $(ls /tmp/wheels/*.whl | wc -l) wheels in $(( $(date +%s) - t )) s: $(du -sh /tmp/site | cut -f1)"
     fi
     rm -rf /tmp/m3site
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/m3site . || exit 1
     python3 -c "import torch, vllm, humming; print('torch', torch.__version__, torch.cuda.get_device_name(0), '| vllm', vllm.__version__, '| humming', humming.__version__)"
-    python3 -c "from m3_convert.serve import compat; print('humming problem:', compat.humming_problem())"
+    python3 -c "from m3_convert.serve import compat; print('humming problem:', compat.humming_problem(), '| vllm problem:', compat.vllm_version_problem())"
     nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv
     ;;
   kernels)
@@ -63,7 +86,7 @@ case "$step" in
           tiny-bug) python3 gpu/serve_check.py vllm "$W/tiny-bug" bug "$RES" ;;
           vl) M3_LM_ONLY=1 python3 gpu/serve_check.py vllm "$W/vl" vl "$RES" ;;
           vlmtp) M3_LM_ONLY=1 M3_MTP=1 python3 gpu/serve_check.py vllm "$W/vl" vlmtp "$RES" ;;
-          stock4) python3 gpu/serve_check.py vllm "$W/stock4" stock4 "$RES" ;;
+          stock4) PYTHONPATH=$SITE M3_NO_PLUGIN=1 python3 gpu/serve_check.py vllm "$W/stock4" stock4 "$RES" ;;
           mixed-promoted) M3_GPTQ_KERNELS=promote M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/mixed" mixed_promoted "$RES" ;;
           mixed*) M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/$r" "${r//-/_}" "$RES" ;;
         esac 2>&1 | grep -v "^\s*$" | grep -E "^(native|mixed|quant|bf16|bug|vl|stock)|loaded in|per-layer|MoE layers|GPU bytes|Error|error|Traceback|assert" | cut -c1-2000 | tail -12

@@ -13,7 +13,9 @@ stand-in layers holding random GPTQ tensors (random codes, the symmetric v1 zero
   experts mix all four (gate and up of one expert differing), M = 1, 32, 512 tokens routed at random: the
   method's apply vs sum_k w_k * W2_e(swiglu_oai(W13_e x)) in float32 from the exact decode, beside the same
   computed with bf16 weights and bf16 intermediates (the floor);
-* the time of each call (CUDA events, median of 20 after warm-up, L2 not flushed).
+* the time of each call (CUDA events, median of 20 after warm-up, L2 not flushed); for MoE also with the width parts
+  run one after another (``us_serial``, M3_MOE_STREAMS=0) beside the default (parts at once on side streams, issue
+  25), and whether both give the same bits (``serial_identical``).
 
 Relative errors are max|y - ref| / max|ref| and ||y - ref|| / ||ref||; every output element is checked finite.
 """
@@ -211,9 +213,15 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
             gb, ub = hb[:, :inter].float().clamp(max=LIMIT), hb[:, inter:].float().clamp(-LIMIT, LIMIT)
             ab = (gb * torch.sigmoid(ALPHA * gb) * (ub + BETA)).to(torch.bfloat16)
             refb.index_add_(0, tok, (ab @ W2b[e].T).float() * w[tok, slot, None])
+        streams, layer.m3_streams = layer.m3_streams, []      # the parts one after another (M3_MOE_STREAMS=0)
+        y_serial = method.apply(layer, x, w, ids, None, None)
+        us_serial = round(timed(lambda: method.apply(layer, x, w, ids, None, None)), 1)
+        layer.m3_streams = streams
         rows.append({"case": tag, "m": m, "experts": E, "top_k": k, "parts": [f"{p.name}x{len(p.slots)}" for p in d.parts],
                      "humming": errs(y, ref), "bf16_path": errs(refb, ref),
                      "repeat_identical": bool(torch.equal(y, method.apply(layer, x, w, ids, None, None))),
+                     "side_streams": len(streams), "serial_identical": bool(torch.equal(y, y_serial)),
+                     "us_serial": us_serial,
                      "us_humming": round(timed(lambda: method.apply(layer, x, w, ids, None, None)), 1),
                      "gpu_bytes": held, "gptq_bytes": ckpt_bytes, "prepare_s": round(prep, 1)})
         print(json.dumps(rows[-1]), flush=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Local preparation for the GPU checks (run here, on the CPU): the vLLM build staged in parts for the device calls.
-#   bash gpu/prepare.sh      -> .stage/pNN (gpu/stage.sh: vLLM 0.26.0 + the 53 wheels of ../shared/gpu, xz)
+#   bash gpu/prepare.sh      -> .stage/pNN (gpu/stage.sh: vLLM 0.33.0 + the wheels of gpu/vllm-0.33.0-wheels.txt)
 # The fixtures travel with every call (tracked files) and are converted on the device (gpu/device.sh serve).
 # gpu/prompts.json and gpu/prompts_gpu_mixed.json are committed (gpu/make_prompts.py made them).
 set -euo pipefail

@@ -2,24 +2,24 @@
 # Stage a vLLM build for the lent GPU machine in as few device calls as possible (run here, on the CPU).
 #
 #   bash gpu/stage.sh [WHEEL_LIST] [PART_MIB]
-#     WHEEL_LIST  pinned wheel list (default ../shared/gpu/vllm-0.26.0-wheels.txt: vLLM 0.26.0 + the 53 wheels the
-#                 torch 2.11.0+cu130 image lacks; humming-kernels 0.1.10 and pyelftools among them)
+#     WHEEL_LIST  pinned wheel list (default gpu/vllm-0.33.0-wheels.txt: vLLM 0.33.0, torch 2.14.0 and what the
+#                 torch 2.11.0+cu130 image lacks or holds at an incompatible version; for vLLM 0.26.0 use
+#                 gpu/vllm-0.26.0-wheels.txt)
 #     PART_MIB    size of one part (default: 62 MiB minus what travels with every call: the tracked and untracked
 #                 files of the checkout; a staging call carries nothing else)
 #
-# Every wheel is unpacked into one site tree (what `pip install --no-deps --target` makes: packages + their
-# dist-info, entry points included), minus what serving MiniMax-M3 on an H200 never loads: vLLM's FlashAttention-2
-# library (305 MB; FA3 serves Hopper: v1/attention/backends/fa_utils.py), its Rust frontend binary and the
-# CPython 3.13/3.14 builds of DeepGEMM. The tree is compressed with xz -9 (the wheels' zip deflate leaves the
-# CUDA fat binaries ~2.6x larger) and split into .stage/pNN. Measured for vLLM 0.26.0: 344 MB of wheels ->
-# ~150 MB staged.
+# The wheels travel as they are (zip deflate), in one tar split into .stage/pNN, minus files serving MiniMax-M3 on
+# Hopper never loads (STRIP below: vLLM's FlashAttention-2 library, 308 MB unpacked: FA3 serves Hopper; its Rust
+# frontend; the SM100-only fmha and DeepGEMM's CPython 3.13/3.14 builds; triton's Blackwell ptxas and its CUPTI
+# profiling libraries). Recompressing does not pay: xz -9 takes a 200 MB slice of torch's libtorch_cuda.so to
+# 131 MB in 169 s on 2 cores, gzip -6 to 138 MB in 7 s (2026-12-06), and the wheels already hold it deflated.
 #
 # Device side (each line one `run` call, back to back: the machine goes back 30 s after a call):
 #   carry [".stage/pNN"]:  bash gpu/device.sh stage NN          (copies the part to /tmp/stage)
-#   then any step of gpu/device.sh, whose `install` joins the parts and unpacks them into /tmp/site.
+#   then any step of gpu/device.sh, whose `install` joins the parts and unpacks every wheel into /tmp/site.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-list=${1:-../shared/gpu/vllm-0.26.0-wheels.txt}
+list=${1:-gpu/vllm-0.33.0-wheels.txt}
 cache=${VLLM_WHEEL_CACHE:-$HOME/.cache/vllm-gpu-wheels}/$(basename "$list" .txt)
 mkdir -p "$cache" .stage
 grep -qx '/.stage/' .git/info/exclude 2>/dev/null || printf '/.stage/\n' >> .git/info/exclude
@@ -30,24 +30,37 @@ while read -r spec; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux_2_27_x86_64 --platform manylinux_2_31_x86_64 --platform manylinux_2_34_x86_64 \
-    --platform manylinux_2_35_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_5_x86_64 \
-    --platform manylinux1_x86_64 -d "$cache" "$spec"
+    --platform manylinux_2_35_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_18_x86_64 \
+    --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -d "$cache" "$spec"
 done < "$list"
 n=$(ls "$cache"/*.whl | wc -l); want=$(grep -c . "$list")
 [ "$n" -eq "$want" ] || { echo "have $n wheels for $want lines of $list" >&2; exit 1; }
-tree=$(mktemp -d)
-trap 'rm -rf "$tree"' EXIT
-for w in "$cache"/*.whl; do unzip -q -o "$w" -d "$tree"; done
-rm -f "$tree"/vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so "$tree"/vllm/vllm-rs "$tree"/vllm/third_party/deep_gemm/_C.cpython-31[34]-*.so
-rm -f .stage/p* .stage/site.tar.xz
-(cd "$tree" && tar cf - .) | xz -9 -T0 > .stage/site.tar.xz
+
+# wheel name prefix -> paths (zip patterns) left out
+STRIP=(
+  "vllm-|vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/vllm-rs vllm/third_party/fmha_sm100/* vllm/third_party/deep_gemm/_C.cpython-313* vllm/third_party/deep_gemm/_C.cpython-314*"
+  "triton-|triton/backends/nvidia/bin/ptxas-blackwell triton/backends/nvidia/lib/cupti-blackwell/* triton/backends/nvidia/lib/cupti/*_static.a"
+)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/wheels"
+for w in "$cache"/*.whl; do ln -s "$w" "$work/wheels/"; done
+for rule in "${STRIP[@]}"; do
+  prefix=${rule%%|*}; paths=${rule#*|}
+  for w in "$cache"/$prefix*.whl; do
+    [ -e "$w" ] || continue
+    rm "$work/wheels/$(basename "$w")"; cp "$w" "$work/wheels/"
+    # shellcheck disable=SC2086
+    zip -q -d "$work/wheels/$(basename "$w")" $paths || true
+  done
+done
+rm -f .stage/p*
 if [ -z "${2:-}" ]; then
-  carried=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s}')
+  carried=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
   part=$(( (62 << 20) - carried ))
 else
   part=$(( $2 << 20 ))
 fi
-split -b "$part" -d .stage/site.tar.xz .stage/p
-rm .stage/site.tar.xz
-echo "$(ls .stage/p* | wc -l) parts of $((part >> 20)) MiB"
+tar chf - -C "$work" wheels | split -b "$part" -d - .stage/p
+echo "$(ls .stage/p* | wc -l) parts of $((part >> 20)) MiB: $(du -shL "$work/wheels" | cut -f1) of wheels"
 ls -la .stage

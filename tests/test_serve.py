@@ -230,3 +230,70 @@ def test_dry_run_reports_gpu_bytes_native_and_promoted(tmp_path):
     assert "64 inputs per rank is not a whole number of 128-wide groups" in g["tp"]["4"]["problems"][0]
     text = run_convert(FIXTURES / "gpu_mixed", tmp_path / "o", "--dry-run", "--gpu-memory", "80").output
     assert "GPU    : weights" in text and "TP 4: cannot be served" in text and "fits 80 GiB GPUs" in text
+
+
+# ---------------------------------------------------------------- issue 24: what the MoE method relies on
+class _Attrs:
+    """A stand-in carrying only the attributes vLLM's RoutedExperts (0.32/0.33) sets before create_weights."""
+
+    def __init__(self, **kw):
+        self.activation, self.apply_router_weight_on_input, self.expert_map = "swigluoai_uninterleave", False, None
+        self.local_num_experts = self.global_num_experts = 128
+        self.swiglu_limit, self.swiglu_alpha, self.swiglu_beta = 7.0, 1.702, 1.0
+        self.moe_config = None
+        self.__dict__.update(kw)
+
+
+def test_swiglu_parameters_are_read_never_defaulted():
+    assert compat.swiglu(_Attrs()) == (7.0, 1.702, 1.0)
+    cfg = _Attrs(moe_config=None)                      # vLLM keeps them on the layer and on its moe_config
+    cfg.swiglu_beta = None
+    cfg.moe_config = type("C", (), {"swiglu_beta": 1.0})()
+    assert compat.swiglu(cfg) == (7.0, 1.702, 1.0)
+    for name in compat.SWIGLU_FIELDS:                  # a None anywhere stops the load: no alpha 1 / beta 0 default
+        with pytest.raises(ValueError, match=name):
+            compat.swiglu(_Attrs(**{name: None}))
+
+
+@pytest.mark.parametrize("kw, want", [
+    ({}, None),
+    ({"activation": type("E", (), {"value": "swigluoai_uninterleave"})()}, None),     # vLLM's MoEActivation enum
+    ({"activation": "silu"}, "activation 'silu'"),
+    ({"apply_router_weight_on_input": True}, "apply_router_weight_on_input"),
+    ({"expert_map": object()}, "expert map"),
+    ({"local_num_experts": 64}, "64 local of 128"),
+])
+def test_moe_contract_refuses_what_the_kernels_do_not_compute(kw, want):
+    got = compat.moe_contract_problem(_Attrs(**kw))
+    assert (got is None) if want is None else (want in got)
+
+
+def test_only_the_vllm_releases_run_are_served(monkeypatch):
+    monkeypatch.delenv("M3_GPTQ_ANY_VLLM", raising=False)
+    for v in compat.SUPPORTED_VLLM:
+        assert compat.vllm_version_problem(v) is None
+    assert compat.vllm_version_problem("0.32.0+cpu") is None
+    msg = compat.vllm_version_problem("0.31.0")
+    assert "vLLM 0.31.0" in msg and all(v in msg for v in compat.SUPPORTED_VLLM)
+    monkeypatch.setenv("M3_GPTQ_ANY_VLLM", "1")
+    assert compat.vllm_version_problem("0.31.0") is None
+
+
+def test_uniform_moe_layers_ask_vllm_for_marlin():
+    moe = type("Cfg", (), {"moe_backend": "auto"})()
+    assert compat.marlin_moe_config(moe) is moe and moe.moe_backend == "marlin"
+    old = type("Cfg026", (), {})()                     # vLLM 0.26: no moe_backend field, nothing to ask
+    assert compat.marlin_moe_config(old) is old and not hasattr(old, "moe_backend")
+
+
+def test_plugin_refuses_act_order_and_other_conventions(monkeypatch):
+    from m3_convert.serve.config import full_config_problem
+    monkeypatch.setattr(compat, "vllm_version_problem", lambda: None)
+    ok = {"quant_method": "m3_gptq", "modules": {}, "desc_act": False, "zero_point": "gptq_v1"}
+    assert full_config_problem(ok) is None
+    assert "desc_act must be false" in full_config_problem({**ok, "desc_act": True})
+    assert "desc_act must be false" in full_config_problem({k: v for k, v in ok.items() if k != "desc_act"})
+    assert "zero_point" in full_config_problem({**ok, "zero_point": "gptq_v2"})
+    assert "per-module map" in full_config_problem({**ok, "modules": None})
+    monkeypatch.setattr(compat, "vllm_version_problem", lambda: "m3_gptq: vLLM 0.31.0 has not been run")
+    assert "0.31.0" in full_config_problem(ok)

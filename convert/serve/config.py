@@ -37,7 +37,7 @@ class CudaPlatform:
         if d.kernel == decide.HUMMING:
             return humming_moe_class()(d, moe, HummingMoEKernel())
         from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQMoEMethod
-        return promoting_marlin_class(AutoGPTQMoEMethod)(d, moe)
+        return promoting_marlin_class(AutoGPTQMoEMethod)(d, compat.marlin_moe_config(moe))
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,20 +87,16 @@ def route(prefix: str, full: dict):
 @functools.lru_cache(maxsize=None)
 def config_class():
     import torch
-    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
     from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
-
-    from ..names import fused_shards
 
     class M3GPTQConfig(QuantizationConfig):
         """Per-module GPTQ settings written by m3-convert (README, 'The quantization_config schema')."""
 
         def __init__(self, full: dict):
             super().__init__()
-            if full.get("quant_method") != QUANT_METHOD or not isinstance(full.get("modules"), dict):
-                raise ValueError("m3_gptq: quantization_config lacks the m3-convert per-module map")
-            if full.get("zero_point") != "gptq_v1":
-                raise ValueError(f"m3_gptq: unsupported zero_point convention {full.get('zero_point')!r}")
+            problem = full_config_problem(full)
+            if problem:
+                raise ValueError(problem)
             self.full = full
             self.modules = full["modules"]
             self.chosen: dict[str, str] = {}     # prefix -> method class name (tests and logs)
@@ -134,48 +130,70 @@ def config_class():
             return QUANT_METHOD if (hf_quant_cfg or {}).get("quant_method") == QUANT_METHOD else None
 
         def get_quant_method(self, layer, prefix):
-            method, label = self._choose(layer, prefix)
+            method, label = choose(self, layer, prefix)
             if method is not None:
                 self.chosen[prefix] = CHOICES[prefix] = label or type(method).__name__
             return method
 
-        def _choose(self, layer, prefix):
-            text, bf16 = route(prefix, self.full)
-            is_moe = compat.is_moe_layer(layer)
-            if bf16:
-                if isinstance(layer, LinearBase):
-                    return UnquantizedLinearMethod(), None
-                if is_moe:
-                    from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
-                    return UnquantizedFusedMoEMethod(layer.moe_config), None
-                return None, None
-            if isinstance(layer, LinearBase):
-                platform = current_platform()
-                d = decide.select_linear(text, self.modules, fused_shards(), platform.kernels)
-                self.decisions[prefix] = d
-                if d.kernel == decide.BF16:
-                    return UnquantizedLinearMethod(), None
-                if d.note:
-                    log.warning("m3_gptq: %s: %s (%.2fx the memory of the stored codes)", prefix, d.note, d.width / d.bits)
-                m = platform.linear_method(d)
-                return m, f"{type(m).__name__}/{d.kernel}{d.width}"
-            if is_moe:
-                platform = current_platform()
-                mc = layer.moe_config
-                d = decide.select_moe(text, self.modules, layer.global_num_experts, mc.hidden_dim,
-                                      mc.intermediate_size_per_partition, platform.kernels)
-                self.decisions[prefix] = d
-                if d.kernel == decide.BF16:
-                    from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
-                    return UnquantizedFusedMoEMethod(layer.moe_config), None
-                if d.note:
-                    log.warning("m3_gptq: %s: %s", prefix, d.note)
-                m = platform.moe_method(d, layer.moe_config)
-                widths = "+".join(f"{p.name}x{len(p.slots)}" for p in d.parts) if d.parts else f"{d.kernel}{d.width}"
-                return m, f"{type(m).__name__}/{widths}"
-            return None, None   # embeddings, lm_head, attention: vLLM's defaults (bf16)
-
     return M3GPTQConfig
+
+
+def full_config_problem(full: dict) -> str | None:
+    """Why the plugin refuses this ``quantization_config`` (None: it serves it)."""
+    if full.get("quant_method") != QUANT_METHOD or not isinstance(full.get("modules"), dict):
+        return "m3_gptq: quantization_config lacks the m3-convert per-module map"
+    problem = compat.vllm_version_problem()
+    if problem:
+        return problem
+    if full.get("desc_act") is not False:     # vLLM drops every g_idx tensor (base_config.py, 0.32/0.33)
+        return ("m3_gptq: quantization_config.desc_act must be false: vLLM drops g_idx, so an act-order checkpoint "
+                "would be served wrong (m3-convert refuses one)")
+    if full.get("zero_point") != "gptq_v1":
+        return f"m3_gptq: unsupported zero_point convention {full.get('zero_point')!r}"
+    return None
+
+
+def choose(cfg, layer, prefix):
+    """(method, label) for one vLLM layer of a checkpoint under ``cfg`` (M3GPTQConfig); (None, None): vLLM's
+    default (embeddings, lm_head, attention). The decision is recorded in ``cfg.decisions``."""
+    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+
+    from ..names import fused_shards
+    text, bf16 = route(prefix, cfg.full)
+    is_moe = compat.is_moe_layer(layer)
+    if bf16:
+        if isinstance(layer, LinearBase):
+            return UnquantizedLinearMethod(), None
+        return (_unquantized_moe(layer), None) if is_moe else (None, None)
+    if isinstance(layer, LinearBase):
+        platform = current_platform()
+        d = decide.select_linear(text, cfg.modules, fused_shards(), platform.kernels)
+        cfg.decisions[prefix] = d
+        if d.kernel == decide.BF16:
+            return UnquantizedLinearMethod(), None
+        if d.note:
+            log.warning("m3_gptq: %s: %s (%.2fx the memory of the stored codes)", prefix, d.note, d.width / d.bits)
+        m = platform.linear_method(d)
+        return m, f"{type(m).__name__}/{d.kernel}{d.width}"
+    if is_moe:
+        platform = current_platform()
+        mc = layer.moe_config
+        d = decide.select_moe(text, cfg.modules, layer.global_num_experts, mc.hidden_dim,
+                              mc.intermediate_size_per_partition, platform.kernels)
+        cfg.decisions[prefix] = d
+        if d.kernel == decide.BF16:
+            return _unquantized_moe(layer), None
+        if d.note:
+            log.warning("m3_gptq: %s: %s", prefix, d.note)
+        m = platform.moe_method(d, layer.moe_config)
+        widths = "+".join(f"{p.name}x{len(p.slots)}" for p in d.parts) if d.parts else f"{d.kernel}{d.width}"
+        return m, f"{type(m).__name__}/{widths}"
+    return None, None
+
+
+def _unquantized_moe(layer):
+    from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+    return UnquantizedFusedMoEMethod(layer.moe_config)
 
 
 _registered = False

@@ -348,7 +348,8 @@ def _kind(vllm_module: str) -> str:
 def gpu_projection(text_config: dict, modules: dict, shapes: dict, plain: dict, shards: dict, module_of,
                    tp_sizes=(1, 2, 4, 8), gpu_gib: float | None = None) -> dict:
     """GPU bytes of the weights the plugin will hold, native (stored widths) and promoted (the fallback), per
-    layer kind, in all and per GPU at each tensor-parallel size.
+    layer kind, in all and per GPU at each tensor-parallel size. A kind, total or per-GPU figure is None where a
+    layer of it cannot be served that way (the reason is in ``problems`` / ``promoted_problems``): never 0.
 
     ``modules``: the output's per-module map (official names); ``shapes``: official module -> (in, out) of every
     Linear; ``plain``: every other tensor name -> element count; ``module_of``: official module -> the vLLM
@@ -380,8 +381,11 @@ def gpu_projection(text_config: dict, modules: dict, shapes: dict, plain: dict, 
                         else:
                             n //= tp
                         b = linear_bytes(d, n, k)
-                except ServeError as e:      # this layer cannot be served at this size: reported, not counted
+                except ServeError as e:      # this layer cannot be served at this size: reported, never counted as 0
                     row["problems" if arm == "native" else "promoted_problems"].append(str(e))
+                    row[arm][kind] = None
+                    continue
+                if row[arm][kind] is None:
                     continue
                 row[arm][kind] += b
         for name, count in plain.items():
@@ -390,15 +394,17 @@ def gpu_projection(text_config: dict, modules: dict, shapes: dict, plain: dict, 
             kind = "embeddings" if split else "other"
             row["native"][kind] += b
             row["promoted"][kind] += b
-        for arm in ("native", "promoted"):
-            row[f"{arm}_per_gpu"] = sum(row[arm].values())
+        for arm in ("native", "promoted"):       # None: some layer of this arm cannot be served at this size
+            v = row[arm].values()
+            row[f"{arm}_per_gpu"] = None if None in v else sum(v)
         if gpu_gib:
-            free = gpu_gib * 2**30 - row["native_per_gpu"]
-            row["fits"] = free > 0 and not row["problems"]         # a layer that cannot be served never fits
-            row["left_per_gpu"] = int(free)
+            free = None if row["native_per_gpu"] is None else gpu_gib * 2**30 - row["native_per_gpu"]
+            row["fits"] = free is not None and free > 0         # a layer that cannot be served never fits
+            row["left_per_gpu"] = None if free is None else int(free)
         out["tp"][str(tp)] = row
     one = out["tp"][str(tp_sizes[0])]
-    out["native"], out["promoted"] = one["native_per_gpu"] * tp_sizes[0], one["promoted_per_gpu"] * tp_sizes[0]
+    out["native"], out["promoted"] = (None if one[f"{a}_per_gpu"] is None else one[f"{a}_per_gpu"] * tp_sizes[0]
+                                      for a in ("native", "promoted"))
     out["by_kind"] = {k: {"native": one["native"][k], "promoted": one["promoted"][k]} for k in KINDS}
     out["gpu_memory_gib"] = gpu_gib
     return out

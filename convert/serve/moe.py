@@ -32,9 +32,11 @@ def humming_moe_class():
 
         def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                            **extra):
-            if getattr(layer, "expert_map", None) is not None or num_experts != layer.global_num_experts:
-                raise decide.ServeError(f"m3_gptq: {self.decision.prefix}: expert parallelism with per-expert widths "
-                                        "is not supported; use tensor parallelism")
+            problem = compat.moe_contract_problem(layer)
+            if problem is None and num_experts != layer.global_num_experts:
+                problem = f"{num_experts} local of {layer.global_num_experts} experts (expert parallelism): use tensor parallelism"
+            if problem:
+                raise decide.ServeError(f"m3_gptq: {self.decision.prefix}: vLLM asks the MoE method for {problem}")
             create_expert_params(layer, self.decision, hidden_size, intermediate_size_per_partition, num_experts,
                                  params_dtype)
 
@@ -145,6 +147,7 @@ class HummingMoEKernel:
         layer.register_buffer("locks", compat.humming_locks(dev), persistent=False)
         layer.m3_cc = compat.humming_compute_config("indexed")
         layer.m3_act = compat.swiglu(layer)
+        layer.m3_streams = compat.moe_streams(dev, max(len(layer.m3_w13), len(layer.m3_w2)) - 1)
         torch.cuda.synchronize(dev)
 
     def apply(self, layer, x, topk_weights, topk_ids):
@@ -157,14 +160,35 @@ class HummingMoEKernel:
         ids = topk_ids.to(torch.int32)
         vids = torch.stack((2 * ids, 2 * ids + 1), dim=-1).view(M, 2 * k)     # (token, 2k + h): gate, up
         gate_up = torch.empty(M * k, 2 * inter, dtype=x.dtype, device=x.device)
-        for part in layer.m3_w13:
-            self._gemm(layer, part, x, gate_up.view(M * 2 * k, inter), vids, 2 * k)
+        self._parts(layer, layer.m3_w13, x, gate_up.view(M * 2 * k, inter), vids, 2 * k)
         act = torch.empty(M * k, inter, dtype=x.dtype, device=x.device)
         compat.swiglu_oai(act, gate_up, *layer.m3_act)
         down = torch.empty(M * k, hidden, dtype=x.dtype, device=x.device)
-        for part in layer.m3_w2:
-            self._gemm(layer, part, act, down, ids, 1)
+        self._parts(layer, layer.m3_w2, act, down, ids, 1)
         return compat.weighted_sum(down.view(M, k, hidden), topk_weights, out)
+
+    def _parts(self, layer, parts, inputs, outputs, ids, top_k):
+        """Every part of one sublayer over its rows. Parts write disjoint rows of ``outputs`` and read only
+        ``inputs``/``ids``, so they may run at once: with side streams (compat.moe_streams) each part after the
+        first runs on its own stream, forked from and joined back into the current one (recorded as such inside
+        a CUDA graph capture); every buffer is allocated before the fork and freed after the join. The bits are
+        those of running them one after another: each part's kernel is the same, on the same rows."""
+        import torch
+        streams = layer.m3_streams
+        if not streams or len(parts) < 2:
+            for part in parts:
+                self._gemm(layer, part, inputs, outputs, ids, top_k)
+            return
+        cur = torch.cuda.current_stream()
+        side = streams[:len(parts) - 1]
+        for s in side:
+            s.wait_stream(cur)
+        self._gemm(layer, parts[0], inputs, outputs, ids, top_k)
+        for part, s in zip(parts[1:], side):
+            with torch.cuda.stream(s):
+                self._gemm(layer, part, inputs, outputs, ids, top_k)
+        for s in side:
+            cur.wait_stream(s)
 
     @staticmethod
     def _gemm(layer, part, inputs, outputs, ids, top_k):
