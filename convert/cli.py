@@ -10,7 +10,7 @@ import time
 
 import click
 
-from .errors import EXIT_USAGE, M3Error, OutputError, UsageError
+from .errors import EXIT_USAGE, CheckpointError, M3Error, OutputError, UsageError, report_unexpected, unexpected_error
 
 
 def parse_size(text: str) -> int:
@@ -37,10 +37,20 @@ def human(n: float) -> str:
     return str(n)
 
 
+def fail(line, code, as_json, json_error=None):
+    """Exit ``code`` after the one-line error on stderr (``line``; None: already printed); with --json also the
+    JSON a caller parses on stdout: ``{"ok": false, "exit_code": N, "error": "..."}``."""
+    if line:
+        click.echo(line, err=True)
+    if as_json:
+        click.echo(json.dumps({"ok": False, "exit_code": code, "error": line or json_error}, indent=2))
+    sys.exit(code)
+
+
 def check_dirs(in_dir: str, out_dir: str, force: bool, resume: bool, dry_run: bool):
     from .execute import STATE_DIR
-    if not os.path.isdir(in_dir):
-        raise UsageError(f"IN_DIR {in_dir} is not a directory")
+    if not os.path.isdir(in_dir):     # an input that cannot be read: exit 3, as an unreadable file in it
+        raise CheckpointError(in_dir, None, "IN_DIR is not a directory" if os.path.exists(in_dir) else "IN_DIR does not exist")
     rin, rout = os.path.realpath(in_dir), os.path.realpath(out_dir)
     if rin == rout:
         raise UsageError("OUT_DIR is IN_DIR: refusing to convert in place")
@@ -50,6 +60,9 @@ def check_dirs(in_dir: str, out_dir: str, force: bool, resume: bool, dry_run: bo
         raise UsageError(f"IN_DIR {in_dir} is inside OUT_DIR {out_dir}: refusing")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"OUT_DIR {out_dir} exists and is not a directory")
+    if os.path.isdir(out_dir) and not dry_run:
+        from .execute import refuse_if_busy
+        refuse_if_busy(out_dir)        # another m3-convert writing there: refused, with its pid, whatever the options
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not dry_run:
         has_state = os.path.isdir(os.path.join(out_dir, STATE_DIR))
         if resume and has_state:
@@ -88,8 +101,13 @@ def summary_text(plan, result, elapsed):
         lines.append("plain  : " + ", ".join(f"{v['tensors']} {k} ({human(v['bytes'])})" for k, v in pd.items()) + hint)
     g = s.get("gpu_weight_bytes")
     if g:
-        lines.append(f"GPU    : weights {human(g['native'])} at their stored widths (the plugin's fallback without "
-                     f"humming-kernels, every layer promoted: {human(g['promoted'])}); KV cache and activations come on top")
+        one = next(iter(g["tp"].values()))
+        promoted = (human(g["promoted"]) if g["promoted"] is not None
+                    else f"cannot be served: {one['promoted_problems'][0]}")
+        native = (f"weights {human(g['native'])} at their stored widths" if g["native"] is not None
+                  else f"cannot be served at TP 1: {one['problems'][0]}")
+        lines.append(f"GPU    : {native} (the plugin's fallback without humming-kernels, every layer promoted: "
+                     f"{promoted}); KV cache and activations come on top")
         for tp, row in g["tp"].items():
             fit = ""
             if row["problems"]:
@@ -118,7 +136,8 @@ def summary_text(plan, result, elapsed):
     if s.get("ignored_files"):
         lines.append("ignored: " + ", ".join(s["ignored_files"]))
     if result is not None:
-        lines.append(f"wrote {len(result['written_shards'])} shards, reused {len(result['reused_shards'])} (--resume, re-hashed), "
+        reused = f", reused {len(result['reused_shards'])} (--resume, re-hashed)" if result.get("resumed") else ""
+        lines.append(f"wrote {len(result['written_shards'])} shards{reused}, "
                      f"{result['files']} files in SHA256SUMS, {elapsed:.1f} s")
     return "\n".join(lines)
 
@@ -146,6 +165,16 @@ def check_resume_without_journal(plan, out_dir, quiet):
     if not quiet:
         click.echo("resume: no journal in OUT_DIR (the last run finished or never started a shard); "
                    "every shard is rewritten", err=True)
+
+
+def print_dry_run(plan, t_plan, as_json, quiet):
+    """--dry-run's report: the summary, or the JSON one with every planned shard."""
+    if as_json:
+        click.echo(json.dumps({"dry_run": True, "plan_seconds": round(t_plan, 3), **plan.stats,
+                               "shards": [{"file": f, "tensors": len(ts), "bytes": sum(o.nbytes for o in ts)} for f, ts in plan.shards]}, indent=2))
+    elif not quiet:
+        click.echo(summary_text(plan, None, 0))
+        click.echo(f"planned in {t_plan:.2f} s (dry run: nothing written)")
 
 
 def prefetch_budget() -> int:
@@ -194,8 +223,10 @@ def prefetch_budget() -> int:
               help="GiB of memory per GPU, for the summary's line on whether the weights fit at tensor-parallel 1/2/4/8.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary on stdout.")
+@click.option("--debug", is_flag=True, help="On an error no check anticipated, print its traceback too (for a bug "
+              "report; also M3_CONVERT_DEBUG=1).")
 def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, target, stock_min_bits, keep_vision, keep_mtp,
-         plain_dtype, skip_space_check, gpu_memory, quiet, as_json):
+         plain_dtype, skip_space_check, gpu_memory, quiet, as_json, debug):
     """Convert an AutoRound (GPTQ) MiniMax-M3 checkpoint in IN_DIR into vLLM's native
     MiniMaxM3SparseForCausalLM layout in OUT_DIR.
 
@@ -212,9 +243,11 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
         quantization_config, the index, and SHA256SUMS last.
 
     \b
-    Exit codes: 0 done; 2 bad usage / OUT_DIR refused; 3 invalid input checkpoint
-    (the message names the file and tensor); 4 write failure (e.g. disk full);
-    130 interrupted (continue with --resume).
+    Exit codes: 0 done; 2 bad usage / OUT_DIR refused (also while another m3-convert
+    writes it: the message names its pid); 3 invalid input checkpoint (the message
+    names the file and tensor; also any error no check anticipated, in one line:
+    --debug for its traceback); 4 write failure (e.g. disk full); 130 interrupted
+    (continue with --resume).
     Check the result with: m3-verify OUT_DIR --against IN_DIR
     """
     from . import execute, plan as planmod
@@ -242,13 +275,7 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
         t_plan = time.time() - t0
         gc.freeze()   # the plan's ~4x10^5 objects live to the end: keep the collector from re-scanning them
         if dry_run:
-            if as_json:
-                click.echo(json.dumps({"dry_run": True, "plan_seconds": round(t_plan, 3), **plan.stats,
-                                       "shards": [{"file": f, "tensors": len(ts), "bytes": sum(o.nbytes for o in ts)} for f, ts in plan.shards]}, indent=2))
-            elif not quiet:
-                click.echo(summary_text(plan, None, 0))
-                click.echo(f"planned in {t_plan:.2f} s (dry run: nothing written)")
-            return
+            return print_dry_run(plan, t_plan, as_json, quiet)
         if space["needed_bytes"] > space["free_bytes"] and not skip_space_check:
             raise OutputError(f"not enough space for the output: needs {human(space['needed_bytes'])}, "
                               f"{human(space['free_bytes'])} free on {space['filesystem']} (nothing written; "
@@ -268,14 +295,14 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
         elif not quiet:
             click.echo(summary_text(plan, result, elapsed))
     except click.BadParameter as e:
-        click.echo(f"m3-convert: error: {e.message}", err=True)
-        sys.exit(EXIT_USAGE)
+        fail(f"m3-convert: error: {e.message}", EXIT_USAGE, as_json)
     except M3Error as e:
-        click.echo(f"m3-convert: error: {e}", err=True)
-        sys.exit(e.exit_code)
+        fail(f"m3-convert: error: {e}", e.exit_code, as_json)
     except KeyboardInterrupt:
-        click.echo("m3-convert: interrupted (use --resume to continue)", err=True)
-        sys.exit(130)
+        fail("m3-convert: interrupted (use --resume to continue)", 130, as_json)
+    except Exception as e:     # no check anticipated it: still one line and exit 3, never a bare traceback
+        code = report_unexpected("m3-convert", e, debug)
+        fail(None, code, as_json, unexpected_error("m3-convert", e))
     finally:
         gc.unfreeze()   # only matters when called in-process (tests): the next plan is not kept frozen
 

@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import copy
 
-from . import names
+from . import names, rules
 from .errors import CheckpointError
 
 F = "config.json"
+#: the source's flat index_* fields -> sparse_attention_config's names (what vLLM reads)
+INDEX_FIELDS = (("index_n_heads", "sparse_num_index_heads"), ("index_head_dim", "sparse_index_dim"),
+                ("index_block_size", "sparse_block_size"), ("index_topk_blocks", "sparse_topk_blocks"),
+                ("index_local_blocks", "sparse_local_block"))
 
 
 def _need(tc, key, where="text_config"):
@@ -38,21 +42,32 @@ def _need(tc, key, where="text_config"):
     return tc[key]
 
 
+def _field(tc, key, default=rules.MISSING):
+    """``tc[key]`` checked by its rule (rules.TEXT_RULES) before anything computes with it."""
+    value = tc.get(key, default)
+    problem = rules.value_problem(rules.TEXT_RULES[key]._replace(required=True), value)
+    if problem:
+        raise CheckpointError(F, f"text_config.{key}", problem)
+    return value
+
+
+def _layer_flags(value, n, path):
+    """A per-layer 0/1 list (moe_layer_freq, sparse_attention_freq) of exactly ``n`` entries (rules.layer_flags_problem)."""
+    problem = rules.layer_flags_problem(value, n)
+    if problem:
+        raise CheckpointError(F, f"text_config.{path}", problem)
+    return value
+
+
 def layout_from_text_config(tc: dict) -> names.Layout:
     """Layer kinds from an *official* text_config (moe_layer_freq, sparse_attention_config)."""
-    n = _need(tc, "num_hidden_layers")
-    moe = tc.get("moe_layer_freq")
+    n = _field(tc, "num_hidden_layers")
+    moe = _layer_flags(tc.get("moe_layer_freq"), n, "moe_layer_freq")
     sac = tc.get("sparse_attention_config")
-    if not isinstance(moe, list) or len(moe) != n or any(v not in (0, 1) for v in moe):
-        raise CheckpointError(F, "text_config.moe_layer_freq", f"must be a list of {n} 0/1 values, got {moe!r}")
-    if not isinstance(sac, dict) or not isinstance(sac.get("sparse_attention_freq"), list) or len(sac["sparse_attention_freq"]) != n \
-            or any(v not in (0, 1) for v in sac["sparse_attention_freq"]):
-        raise CheckpointError(F, "text_config.sparse_attention_config.sparse_attention_freq", f"must be a list of {n} 0/1 values")
-    nse = tc.get("n_shared_experts")
-    if not isinstance(nse, int) or nse < 0:
-        raise CheckpointError(F, "text_config.n_shared_experts", f"must be a non-negative integer, got {nse!r}")
-    return names.Layout(n, tuple(bool(v) for v in sac["sparse_attention_freq"]), tuple(bool(v) for v in moe),
-                        _need(tc, "num_local_experts"), nse)
+    sparse = _layer_flags(sac.get("sparse_attention_freq") if isinstance(sac, dict) else None, n,
+                          "sparse_attention_config.sparse_attention_freq")
+    return names.Layout(n, tuple(bool(v) for v in sparse), tuple(bool(v) for v in moe), _field(tc, "num_local_experts"),
+                        _field(tc, "n_shared_experts"))
 
 
 def convert_config(src: dict):
@@ -66,12 +81,11 @@ def convert_config(src: dict):
         raise CheckpointError(F, "model_type", f"expected 'minimax_m3_vl' with a text_config, got {src.get('model_type')!r}")
     tc = {k: copy.deepcopy(v) for k, v in tc_src.items() if k not in ("quantization_config", "model_type", "architectures",
                                                                      "layer_types", "mlp_layer_types")}
-    n = _need(tc_src, "num_hidden_layers")
-    if not isinstance(n, int) or n <= 0:
-        raise CheckpointError(F, "text_config.num_hidden_layers", f"bad value {n!r}")
+    n = _field(tc_src, "num_hidden_layers")
     _layer_layout(tc, tc_src, n)
     _activation_and_rope(tc, tc_src)
     _moe_fields(tc, tc_src)
+    _check_text_config(tc, tc_src)
     tc["model_type"] = "minimax_m3_text"
     tc["architectures"] = ["MiniMaxM3SparseForCausalLM"]
     tc["torch_dtype"] = "bfloat16"
@@ -88,6 +102,34 @@ def convert_config(src: dict):
     return out, layout_from_text_config(tc)
 
 
+def _check_text_config(tc, tc_src):
+    """Every field vLLM reads, by the rules m3-verify checks an output with (rules.text_config_problems); the first
+    problem stops the run, named as the source spells the field."""
+    problems = rules.text_config_problems(tc)
+    if problems:
+        path, msg = problems[0]
+        if path == "rope_theta" and "rope_theta" not in tc_src:
+            path = "rope_parameters.rope_theta"
+        raise CheckpointError(F, source_spelling(f"text_config.{path}", tc_src), msg)
+
+
+def source_spelling(text: str, tc_src: dict) -> str:
+    """``text`` with the converted index field names (sparse_attention_config.sparse_*) written as the source spells
+    them (transformers' flat index_* fields, unless the source nests the converted name itself), for messages about
+    the source config."""
+    nested = tc_src.get("sparse_attention_config")
+    nested = nested if isinstance(nested, dict) else {}
+    for flat, legacy in INDEX_FIELDS:
+        if flat in tc_src or legacy not in nested:
+            text = text.replace(f"text_config.{rules.SAC}{legacy}", f"text_config.{flat}")
+    return text
+
+
+def text_config_of(src: dict) -> dict:
+    """The source's text config: ``text_config`` of the VL config, or the config itself (a text-only one)."""
+    return src["text_config"] if isinstance(src.get("text_config"), dict) else src
+
+
 def _layer_layout(tc, tc_src, n):
     """moe_layer_freq from mlp_layer_types, sparse_attention_config from layer_types and the index_* fields."""
     if "mlp_layer_types" in tc_src and tc_src["mlp_layer_types"] is not None:
@@ -97,7 +139,13 @@ def _layer_layout(tc, tc_src, n):
         tc["moe_layer_freq"] = [1 if v == "sparse" else 0 for v in mlt]
     elif "moe_layer_freq" not in tc:
         raise CheckpointError(F, "text_config.mlp_layer_types", "missing (and no moe_layer_freq): cannot tell MoE layers from dense ones")
-    sac = dict(tc_src.get("sparse_attention_config") or {})
+    else:
+        _layer_flags(tc["moe_layer_freq"], n, "moe_layer_freq")
+    sac = tc_src.get("sparse_attention_config")
+    sac = {} if sac is None else sac
+    if not isinstance(sac, dict):
+        raise CheckpointError(F, "text_config.sparse_attention_config", f"must be a JSON object, got {sac!r}")
+    sac = dict(sac)
     if tc_src.get("layer_types") is not None:
         lt = tc_src["layer_types"]
         if not isinstance(lt, list) or len(lt) != n or any(v not in ("full_attention", "minimax_m3_sparse") for v in lt):
@@ -105,13 +153,11 @@ def _layer_layout(tc, tc_src, n):
         sac["sparse_attention_freq"] = [1 if v == "minimax_m3_sparse" else 0 for v in lt]
     elif "sparse_attention_freq" not in sac:
         raise CheckpointError(F, "text_config.layer_types", "missing (and no sparse_attention_config): cannot tell sparse layers")
-    for flat, legacy in (("index_n_heads", "sparse_num_index_heads"), ("index_head_dim", "sparse_index_dim"),
-                         ("index_block_size", "sparse_block_size"), ("index_topk_blocks", "sparse_topk_blocks"),
-                         ("index_local_blocks", "sparse_local_block")):
+    else:
+        _layer_flags(sac["sparse_attention_freq"], n, "sparse_attention_config.sparse_attention_freq")
+    for flat, legacy in INDEX_FIELDS:      # (each required: rules.TEXT_RULES)
         if flat in tc_src:
             sac[legacy] = tc_src[flat]
-        elif legacy not in sac and any(sac["sparse_attention_freq"]):
-            raise CheckpointError(F, f"text_config.{flat}", "missing on a model with sparse-attention layers")
     sac.setdefault("use_sparse_attention", bool(any(sac["sparse_attention_freq"])))
     sac.setdefault("sparse_disable_index_value", list(sac["sparse_attention_freq"]))
     sac.setdefault("sparse_init_block", 0)
@@ -124,19 +170,24 @@ def _activation_and_rope(tc, tc_src):
     """hidden_act "swigluoai" (transformers forces "silu"), the SwiGLU parameters, rope_theta and
     partial_rotary_factor out of rope_parameters (vLLM reads them flat)."""
     tc["hidden_act"] = "swigluoai"
-    for k in ("swiglu_alpha", "swiglu_limit"):
-        _need(tc_src, k)
-    tc.setdefault("swiglu_beta", 1.0)
+    tc.setdefault("swiglu_beta", 1.0)      # swiglu_alpha and swiglu_limit: required (_check_text_config)
 
-    rp = tc_src.get("rope_parameters") or {}
+    rp = tc_src.get("rope_parameters")
+    rp = {} if rp is None else rp
+    if not isinstance(rp, dict):
+        raise CheckpointError(F, "text_config.rope_parameters", f"must be a JSON object, got {rp!r}")
     theta = rp.get("rope_theta", tc_src.get("rope_theta"))
     if theta is None:
         raise CheckpointError(F, "text_config.rope_parameters.rope_theta", "missing (vLLM would silently fall back to its default)")
     if "rope_theta" in tc_src and tc_src["rope_theta"] != theta:
         raise CheckpointError(F, "text_config.rope_theta", f"{tc_src['rope_theta']} disagrees with rope_parameters.rope_theta {theta}")
     tc["rope_theta"] = theta
-    head_dim = _need(tc_src, "head_dim")
+    head_dim = _field(tc_src, "head_dim")
     prf = rp.get("partial_rotary_factor", tc_src.get("partial_rotary_factor", 1.0))
+    problem = rules.value_problem(rules.TEXT_RULES["partial_rotary_factor"], prf)
+    if problem:
+        where = "rope_parameters.partial_rotary_factor" if "partial_rotary_factor" in rp else "partial_rotary_factor"
+        raise CheckpointError(F, f"text_config.{where}", problem)
     rot = int(head_dim * prf)
     if "rotary_dim" in tc_src and tc_src["rotary_dim"] != rot:
         raise CheckpointError(F, "text_config.rotary_dim", f"{tc_src['rotary_dim']} disagrees with head_dim*partial_rotary_factor = {rot}")
@@ -144,26 +195,20 @@ def _activation_and_rope(tc, tc_src):
     tc["rotary_dim"] = rot
 
 
-
 def _moe_fields(tc, tc_src):
     """n_shared_experts (vLLM builds no shared expert without it), the widths and routing fields vLLM reads."""
-    inter = _need(tc_src, "intermediate_size")
+    inter = _field(tc_src, "intermediate_size")
     if "n_shared_experts" in tc_src:
-        nse = tc_src["n_shared_experts"]
+        nse = _field(tc_src, "n_shared_experts")
     else:
-        sis = tc_src.get("shared_intermediate_size", inter)
+        sis = _field(tc_src, "shared_intermediate_size", inter)
         if sis % inter:
             raise CheckpointError(F, "text_config.shared_intermediate_size", f"{sis} is not a multiple of intermediate_size {inter}: vLLM cannot build it")
         nse = sis // inter
     tc["n_shared_experts"] = nse
-    tc.setdefault("shared_intermediate_size", inter * nse)
-    if "dense_intermediate_size" not in tc and any(v == 0 for v in tc["moe_layer_freq"]):
-        raise CheckpointError(F, "text_config.dense_intermediate_size", "missing on a model with dense-MLP layers")
+    tc.setdefault("shared_intermediate_size", inter * nse)   # dense_intermediate_size: rules.text_config_problems
     tc.setdefault("scoring_func", "sigmoid")
     tc.setdefault("use_routing_bias", True)
-    _need(tc_src, "routed_scaling_factor")
-    _need(tc_src, "num_local_experts")
-    _need(tc_src, "num_experts_per_tok")
     tc.setdefault("use_gemma_norm", True)
     tc.setdefault("use_qk_norm", True)
     tc.setdefault("qk_norm_type", "per_head")
@@ -171,8 +216,6 @@ def _moe_fields(tc, tc_src):
 
 
 VL_ARCH = "MiniMaxM3SparseForConditionalGeneration"
-#: vision_config sizes vLLM's vision tower reads (positive integers; m3-verify checks them too)
-VISION_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels", "patch_size")
 
 
 def vl_config(out: dict, src: dict) -> dict:
@@ -187,25 +230,24 @@ def vl_config(out: dict, src: dict) -> dict:
     if not isinstance(vc_src, dict):
         raise CheckpointError(F, "vision_config", "missing: --keep-vision needs the source's vision tower config")
     vc = copy.deepcopy(vc_src)
-    for k in VISION_SIZES + ("layer_norm_eps",):
-        _need(vc_src, k, "vision_config")
     cc = vc.get("img_token_compression_config")
     if not isinstance(cc, dict):
         cc = {"spatial_merge_size": _need(vc_src, "spatial_merge_size", "vision_config"),
               "temporal_patch_size": _need(vc_src, "temporal_patch_size", "vision_config")}
     vc["img_token_compression_config"] = cc
     rp = vc.get("rope_parameters") or {}
-    theta = vc.get("rope_theta", rp.get("rope_theta"))
-    if not isinstance(theta, (int, float)) or theta <= 0:
-        raise CheckpointError(F, "vision_config.rope_parameters.rope_theta", f"missing or not positive ({theta!r})")
+    theta = vc.get("rope_theta", rp.get("rope_theta") if isinstance(rp, dict) else None)
+    if theta is None:
+        raise CheckpointError(F, "vision_config.rope_parameters.rope_theta", "missing (vLLM ignores rope_parameters and would use 10000)")
     vc["rope_theta"] = theta
     vc.setdefault("hidden_act", "gelu")
-    if not isinstance(src.get("projector_hidden_size"), int):
-        raise CheckpointError(F, "projector_hidden_size", "missing: vLLM would size the projector by the text hidden size")
     res = dict(out)
     res["architectures"] = [VL_ARCH]
     res["vision_config"] = vc
     for k in ("projector_hidden_size", "image_token_index", "video_token_index"):
         if k in src:
             res[k] = src[k]
+    problems = rules.vision_config_problems(res)     # the rules m3-verify checks the output with
+    if problems:
+        raise CheckpointError(F, *problems[0])
     return res

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import mmap
@@ -20,18 +21,20 @@ import queue
 import re
 import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import gptq, st
-from .errors import CheckpointError, OutputError
+from .errors import CheckpointError, OutputError, UsageError, processing
 from .plan import CAST, COPY, DEQUANT, PROMOTE, SLICE, Plan
 from .quantcfg import FORMAT as TOOL_VERSION       # the format tag: journal, shard recipes, "is this ours?"
 from .st import CHUNK, INDEX_FILE, sha256_file
 
 STATE_DIR = ".m3-convert"
 STATE_FILE = "state.json"
+LOCK_FILE = "lock"          # in STATE_DIR: WriterLock
 
 
 class FaultHook:
@@ -39,19 +42,31 @@ class FaultHook:
 
     M3_CONVERT_KILL_AT_BYTES=N   SIGKILL this process once N output bytes (all files) are written;
     M3_CONVERT_ENOSPC_AT_BYTES=N raise ENOSPC ("No space left on device") at that point instead;
+    M3_CONVERT_PAUSE_AT_BYTES=N  pause there instead: create the file M3_CONVERT_PAUSE_FILE names and wait until it is
+                                 removed (at most 120 s), holding everything the run holds (its writer lock);
     M3_CONVERT_FREE_BYTES=N      the free space the space check sees instead of statvfs's (read by space_plan).
-    Used by tests/test_faults.py for crash trials and disk-full simulation where no small filesystem can be mounted.
+    Used by tests/test_faults.py for crash trials, a second writer during a live run, and disk-full simulation where
+    no small filesystem can be mounted.
     """
 
     def __init__(self):
         self.kill_at = int(os.environ.get("M3_CONVERT_KILL_AT_BYTES", "0") or 0)
         self.enospc_at = int(os.environ.get("M3_CONVERT_ENOSPC_AT_BYTES", "0") or 0)
+        self.pause_at = int(os.environ.get("M3_CONVERT_PAUSE_AT_BYTES", "0") or 0)
+        self.pause_file = os.environ.get("M3_CONVERT_PAUSE_FILE", "")
         self.written = 0
 
     def tick(self, n):
-        if not (self.kill_at or self.enospc_at):
+        if not (self.kill_at or self.enospc_at or self.pause_at):
             return
         self.written += n
+        if self.pause_at and self.written >= self.pause_at and self.pause_file:
+            self.pause_at = 0
+            with open(self.pause_file, "w"):
+                pass
+            deadline = time.monotonic() + 120
+            while os.path.exists(self.pause_file) and time.monotonic() < deadline:
+                time.sleep(0.01)
         if self.kill_at and self.written >= self.kill_at:
             import signal
             os.kill(os.getpid(), signal.SIGKILL)
@@ -61,6 +76,73 @@ class FaultHook:
 
 
 FAULT = FaultHook()
+
+
+class WriterLock:
+    """One writer per OUT_DIR: an exclusive ``flock`` on ``OUT_DIR/.m3-convert/lock`` (the journal's folder), taken
+    before anything in OUT_DIR is written or removed and held until the run ends, with the holder's pid written in
+    the file. The OS releases it when its process dies (kill -9 included), so ``--resume`` after a crash finds it
+    free; a second m3-convert (plain, ``--resume`` or ``--force``) is refused (UsageError, exit 2) naming the pid.
+    The file goes with the journal's folder when the run completes."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.path = os.path.join(out_dir, STATE_DIR, LOCK_FILE)
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise _write_failed(self.out_dir, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_pid(fd)
+            os.close(fd)
+            raise busy_error(self.out_dir, holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)       # releases the lock (the file itself goes with the journal's folder)
+        self.fd = None
+
+
+def _lock_pid(fd) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return text if text.isdigit() else "unknown"
+
+
+def busy_error(out_dir: str, pid: str) -> UsageError:
+    return UsageError(f"OUT_DIR {out_dir} is being written by another m3-convert (pid {pid}; lock "
+                      f"{os.path.join(STATE_DIR, LOCK_FILE)}): wait for it to finish or stop it (after a crash, "
+                      "--resume continues; the lock dies with its process)")
+
+
+def refuse_if_busy(out_dir: str):
+    """Refuse at once (busy_error) when a live m3-convert holds OUT_DIR's writer lock: the second run learns the
+    holder's pid before anything else is decided (WriterLock refuses it anyway when it starts writing). Creates
+    nothing; a free lock is taken and released at once."""
+    path = os.path.join(out_dir, STATE_DIR, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise busy_error(out_dir, _lock_pid(fd)) from None
+    except OSError:
+        pass
+    finally:
+        os.close(fd)       # (releases it if it was taken)
 
 
 class HashingWriter:
@@ -459,6 +541,7 @@ def space_plan(plan: Plan, out_dir: str, resume: bool = False, workers: int = 1)
                 state = json.load(f).get("shards", {})
         except (OSError, ValueError, AttributeError):
             state = {}
+        state = state if isinstance(state, dict) else {}
 
     def size(name):
         try:
@@ -471,7 +554,7 @@ def space_plan(plan: Plan, out_dir: str, resume: bool = False, workers: int = 1)
         n = shard_file_bytes(plan, fname, tensors)
         old = size(fname)
         rec = state.get(fname)
-        if rec and old == n == rec.get("size") and rec.get("recipe") == shard_recipe(plan, fname, tensors):
+        if isinstance(rec, dict) and old == n == rec.get("size") and rec.get("recipe") == shard_recipe(plan, fname, tensors):
             continue                                        # --resume keeps it (after re-hashing)
         write += n
         if old is not None:
@@ -630,8 +713,35 @@ class _Background:
 
 
 def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=None, log=print):
-    """Execute ``plan`` into ``out_dir`` (already checked by the CLI). Returns a summary dict."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Execute ``plan`` into ``out_dir`` (already checked by the CLI), holding OUT_DIR's writer lock (WriterLock)
+    from before anything there is written or removed to the end. Returns a summary dict."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise _write_failed(out_dir, e, out_dir) from None
+    with WriterLock(out_dir):
+        try:
+            return _run(plan, out_dir, workers, resume, bar, log)
+        except OSError as e:                  # (the shards' and the manifest's are named where they happen)
+            raise _write_failed(out_dir, e) from None
+
+
+def _load_journal(state_path, log) -> dict:
+    """The journal an interrupted run left (--resume), or a fresh one when it is unreadable."""
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        state = None
+    if not isinstance(state, dict) or not isinstance(state.get("shards"), dict):
+        log("resume: journal unreadable, starting over")
+        state = {"tool": TOOL_VERSION, "shards": {}}
+    return state
+
+
+def _run(plan: Plan, out_dir: str, workers: int, resume: bool, bar, log):
+    """run, under the writer lock: the shards (kept by --resume when their journal entry and bytes agree), the
+    metadata files beside them, then the manifest."""
     sums_path = os.path.join(out_dir, "SHA256SUMS")
     previous = _previous_outputs(out_dir)   # files an earlier m3-convert run wrote here (its manifest, journal)
     if os.path.exists(sums_path):
@@ -639,14 +749,7 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
     state_dir = os.path.join(out_dir, STATE_DIR)
     os.makedirs(state_dir, exist_ok=True)
     state_path = os.path.join(state_dir, STATE_FILE)
-    state = {"tool": TOOL_VERSION, "shards": {}}
-    if resume and os.path.exists(state_path):
-        try:
-            with open(state_path) as f:
-                state = json.load(f)
-        except (OSError, ValueError):
-            log("resume: journal unreadable, starting over")
-            state = {"tool": TOOL_VERSION, "shards": {}}
+    state = _load_journal(state_path, log) if resume and os.path.exists(state_path) else {"tool": TOOL_VERSION, "shards": {}}
     state_lock = threading.Lock()
     progress = Progress(bar)
     digests = {}
@@ -655,6 +758,7 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
     todo = []
     for fname, tensors in plan.shards:
         rec = state["shards"].get(fname) if resume else None
+        rec = rec if isinstance(rec, dict) else None
         path = os.path.join(out_dir, fname)
         if rec and os.path.isfile(path) and os.path.getsize(path) == rec.get("size") \
                 and rec.get("recipe") == shard_recipe(plan, fname, tensors):
@@ -671,7 +775,8 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
         recipe = shard_recipe(plan, fname, tensors)   # before reading: the input fingerprints this shard is made from
         tmp = os.path.join(out_dir, "." + fname + ".partial")
         try:
-            size, digest = write_shard(tmp, tensors, plan.shard_header(fname, tensors), progress)
+            with processing(fname):
+                size, digest = write_shard(tmp, tensors, plan.shard_header(fname, tensors), progress)
         except OSError as e:
             raise _named(e, fname) from None
         os.replace(tmp, os.path.join(out_dir, fname))
@@ -705,7 +810,7 @@ def run(plan: Plan, out_dir: str, workers: int = 1, resume: bool = False, bar=No
 
     write_manifest(out_dir, files, previous, single_shard=len(plan.shards) == 1)
     shutil.rmtree(state_dir, ignore_errors=True)
-    return {"written_shards": [f for f, _ in todo], "reused_shards": reused, "files": len(files)}
+    return {"written_shards": [f for f, _ in todo], "reused_shards": reused, "files": len(files), "resumed": resume}
 
 
 def write_manifest(out_dir: str, files: dict, previous: set, single_shard: bool):

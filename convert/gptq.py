@@ -1,7 +1,7 @@
 """GPTQ v1 packing math (``packing_format: auto_round:auto_gptq``), pure numpy.
 
 Everything here is a pure function of arrays; no I/O, no torch.  The layout
-(SPEC §1.2), for a Linear with ``in`` inputs, ``out`` outputs, ``b`` bits and
+(docs/FORMAT.md#gptq-packing), for a Linear with ``in`` inputs, ``out`` outputs, ``b`` bits and
 group size ``g``:
 
 * ``qweight`` int32 ``[in*b/32, out]``: codes packed along *in*, lowest bits first;
@@ -92,6 +92,57 @@ def _infer_shape(qweight_shape, qzeros_shape, scales_shape) -> GPTQShape:
         raise GPTQError(f"3-bit tensors must hold whole 3-word packs: qweight has {qweight_shape[0]} rows, qzeros "
                         f"{qzeros_shape[1]} columns (each a multiple of 3)")
     return GPTQShape(bits, in_features, out, in_features // groups)
+
+
+_F16_MAGNITUDE = np.uint16(0x7FFF)
+_F16_INF = np.uint16(0x7C00)          # |x| with every exponent bit set: inf (mantissa 0) or NaN
+
+
+def scales_problem(scales) -> str | None:
+    """None when every fp16 scale is finite, else what is wrong, e.g. ``"2 NaN and 1 inf scales (the first at
+    [group 3, output 17])"``: a non-finite scale decodes its whole group to NaN/inf, and vLLM serves it as it is.
+    ``scales``: a float16 array (or its raw bytes), any shape; the position is given for a 2-D ``[groups, out]``.
+    (A scale of exactly 0 is not refused: auto-round writes 0 where a group's scale underflows fp16 (its
+    weights are all that small; the scale is cast to float16, ``auto_round/data_type/int.py``), and the group then
+    decodes to zeros, as those weights round; see zero_scales.)"""
+    u = _f16_bits(scales)
+    bad = (u & _F16_MAGNITUDE) >= _F16_INF
+    if not bad.any():
+        return None
+    nan = int(np.count_nonzero(bad & ((u & np.uint16(0x3FF)) != 0)))
+    inf = int(np.count_nonzero(bad)) - nan
+    what = " and ".join(f"{n} {k}" for n, k in ((nan, "NaN"), (inf, "inf")) if n)
+    first = [int(i) for i in np.unravel_index(int(np.argmax(bad)), u.shape)]
+    where = f"[group {first[0]}, output {first[1]}]" if u.ndim == 2 else f"element {first}"
+    return f"{what} scale{'s' if nan + inf > 1 else ''} (the first at {where})"
+
+
+def batch_scales_problems(batch, view):
+    """(tensor, scales_problem) for each scales tensor of one batch of st.read_batches (``view``: their bytes back to
+    back) that holds a NaN or inf; the whole batch is checked at once first."""
+    if scales_problem(view) is None:
+        return
+    off = 0
+    for t in batch:
+        problem = scales_problem(np.frombuffer(view[off:off + t.nbytes], np.float16).reshape(t.shape))
+        if problem:
+            yield t, problem
+        off += t.nbytes
+
+
+def zero_scales(scales) -> int:
+    """How many fp16 scales are exactly 0 (or -0): their groups decode to zeros (see scales_problem)."""
+    return int(np.count_nonzero((_f16_bits(scales) & _F16_MAGNITUDE) == 0))
+
+
+def _f16_bits(scales) -> np.ndarray:
+    """The uint16 bit patterns of float16 scales given as an array or as raw bytes."""
+    if isinstance(scales, (bytes, bytearray, memoryview)):
+        return np.frombuffer(scales, np.uint16)
+    arr = np.ascontiguousarray(scales)
+    if arr.dtype != np.float16:
+        raise GPTQError(f"scales must be float16, got {arr.dtype}")
+    return arr.view(np.uint16)
 
 
 def _as_u32(words: np.ndarray) -> np.ndarray:

@@ -56,8 +56,8 @@ LEAVES_QUANT = ("qweight", "qzeros", "scales", "g_idx")
 
 # ---------------------------------------------------------------- dtypes: one policy (planner, m3-verify, --vllm)
 #: a plain (non-GPTQ) floating tensor may be stored in any of these. vLLM casts each to its parameter's dtype when
-#: it loads it (param.copy_), so all three serve; AutoRound writes F32 on a CPU without bf16 (gpu/KNOWN.md) and F16
-#: where it quantizes a float16 model in its own dtype.
+#: it loads it (param.copy_), so all three serve; AutoRound writes F32 on a CPU without bf16 and F16 where it
+#: quantizes a float16 model in its own dtype (docs/FORMAT.md#plain-dtypes).
 PLAIN_DTYPES = ("BF16", "F16", "F32")
 #: GPTQ tensors: the exact decode needs fp16 scales (float32 product of an fp16 scale and a <= 9-bit integer)
 GPTQ_DTYPES = {"qweight": "I32", "qzeros": "I32", "scales": "F16", "g_idx": "I32"}

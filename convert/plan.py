@@ -1,9 +1,11 @@
 """Planning: headers only -> every output tensor with the operation that makes it.
 
 read headers -> canonicalise names (names.ALIASES) -> match modules (names.MODULES)
--> check bits (tensor shapes vs quantization_config) -> decide copy / split /
-de-quantize -> lay out output shards.  No tensor data is read here except the
-tiny ``g_idx`` vectors of auto_gptq exports (to prove they are trivial).
+-> check bits (tensor shapes vs quantization_config) and every shape against the
+config (rules.py, the rules m3-verify checks an output with) -> decide copy / split /
+de-quantize -> check every GPTQ scale is finite -> lay out output shards.  The only
+tensor data read here: every GPTQ ``scales`` tensor (1/32 of the GPTQ bytes, read in
+batches) and the tiny ``g_idx`` vectors of auto_gptq exports (to prove them trivial).
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from . import config as cfgmod
-from . import gptq, names, st
-from .errors import CheckpointError
+from . import gptq, names, rules, st
+from .errors import CheckpointError, processing
 from .quantcfg import SourceQuantConfig, natural_key
 from .st import INDEX_FILE, SINGLE_FILE
 
@@ -165,7 +167,10 @@ def load_configs(in_dir: str):
 
 def read_sources(in_dir: str):
     files, weight_map = input_files(in_dir)
-    headers = {f: st.read_header(os.path.join(in_dir, f)) for f in files}
+    headers = {}
+    for f in files:
+        with processing(f):
+            headers[f] = st.read_header(os.path.join(in_dir, f))
     listed: dict = defaultdict(set)          # file -> tensor names the index places there
     if weight_map is not None:
         for tname, fname in weight_map.items():
@@ -290,12 +295,14 @@ class Emitted:
 
 
 def _make_plan(in_dir, max_shard_size, opts: Options) -> Plan:
-    src_cfg, qcfg, has_qjson = load_configs(in_dir)
-    out_cfg, layout = cfgmod.convert_config(src_cfg)
+    with processing("config.json"):
+        src_cfg, qcfg, has_qjson = load_configs(in_dir)
+        out_cfg, layout = cfgmod.convert_config(src_cfg)
     files, headers = read_sources(in_dir)
     file_rank = {os.path.join(in_dir, f): i for i, f in enumerate(files)}
     col = collect(files, headers, layout, opts, src_cfg, file_rank)
-    decisions, notes = decide(col.groups, qcfg, layout, out_cfg, opts, file_rank)
+    decisions, notes = decide(col.groups, qcfg, layout, out_cfg, opts, file_rank, cfgmod.text_config_of(src_cfg))
+    check_scales(decisions, notes)
     em = Emitted(notes=notes)
     for d in decisions:
         EMIT[d.action](em, d)
@@ -309,25 +316,31 @@ def collect(files, headers, layout, opts: Options, src_cfg, file_rank) -> Collec
     or expert the config does not have, or a second spelling of one tensor stops the run."""
     col = Collected()
     for fname in files:
-        for t in headers[fname].tensors.values():
-            canon, m = names.resolve(t.name)
-            cat = names.excluded_category(canon) if m is None else None
-            if cat == "vision" and opts.keep_vision:
-                _collect_vision(col.vision, canon, t, fname)
-            elif cat == "mtp" and opts.keep_mtp:
-                _mtp_tensor(col.mtp, canon, t, fname, src_cfg, file_rank)
-            elif cat:
-                col.dropped[cat] += 1
-                col.dropped_bytes[cat] += t.nbytes
-            elif m is None:
-                raise CheckpointError(fname, t.name, "unknown tensor: no rule in the name table maps it (refusing to drop it silently)")
-            else:
-                _check_layout(m, t, fname, layout)
-                key = (m.module, m.src_module, m.layer, m.expert)
-                if m.leaf in col.groups[key]:
-                    raise CheckpointError(fname, t.name, f"two spellings of the same tensor ({col.groups[key][m.leaf].name})")
-                col.groups[key][m.leaf] = t
+        with processing(fname):
+            _collect_file(col, headers[fname], fname, layout, opts, src_cfg, file_rank)
     return col
+
+
+def _collect_file(col: Collected, header, fname, layout, opts: Options, src_cfg, file_rank):
+    """collect, for the tensors of one input file."""
+    for t in header.tensors.values():
+        canon, m = names.resolve(t.name)
+        cat = names.excluded_category(canon) if m is None else None
+        if cat == "vision" and opts.keep_vision:
+            _collect_vision(col.vision, canon, t, fname)
+        elif cat == "mtp" and opts.keep_mtp:
+            _mtp_tensor(col.mtp, canon, t, fname, src_cfg, file_rank)
+        elif cat:
+            col.dropped[cat] += 1
+            col.dropped_bytes[cat] += t.nbytes
+        elif m is None:
+            raise CheckpointError(fname, t.name, "unknown tensor: no rule in the name table maps it (refusing to drop it silently)")
+        else:
+            _check_layout(m, t, fname, layout)
+            key = (m.module, m.src_module, m.layer, m.expert)
+            if m.leaf in col.groups[key]:
+                raise CheckpointError(fname, t.name, f"two spellings of the same tensor ({col.groups[key][m.leaf].name})")
+            col.groups[key][m.leaf] = t
 
 
 def _collect_vision(vision, canon, t, fname):
@@ -354,7 +367,7 @@ def _check_layout(m, t, fname, layout):
 
 
 # ---------------------------------------------------------------- phase 2: decide
-def decide(groups, qcfg, layout, out_cfg, opts: Options, file_rank):
+def decide(groups, qcfg, layout, out_cfg, opts: Options, file_rank, src_tc):
     """One Decision per source module (in collection order), and the notes the decisions produce."""
     notes = Counter()
     gptq_info = {}                           # key -> (GPTQShape, Scheme) for quantized linears
@@ -366,7 +379,8 @@ def decide(groups, qcfg, layout, out_cfg, opts: Options, file_rank):
     widths = _stock_widths(groups, gptq_info, dequant, layout, opts.min_bits) if opts.stock else {}
     if opts.stock:
         _note_marlin_shape(gptq_info, widths, out_cfg["text_config"], notes)
-    _check_shared_expert_width(groups, layout, out_cfg)
+    check_shapes(groups, gptq_info, out_cfg["text_config"], src_tc)
+    check_complete(groups, layout)
     decisions = []
     for key, leaves in groups.items():
         module = key[0]
@@ -529,13 +543,14 @@ def add_vision_and_mtp(out, col: Collected, out_cfg, src_cfg, layout, opts: Opti
         for o in out:
             o.name = names.VL_TEXT_PREFIX + o.name
         out_cfg = cfgmod.vl_config(out_cfg, src_cfg)
-        out += _vision_tensors(col.vision, out_cfg["vision_config"]["num_hidden_layers"], file_rank)
+        out += _vision_tensors(col.vision, out_cfg, file_rank)
     if opts.keep_mtp:
         n_mtp = out_cfg["text_config"]["num_mtp_modules"] = _num_mtp(src_cfg)
         missing = sorted(set(names.expected_mtp(n_mtp, layout.num_experts)) - set(col.mtp), key=natural_key)
         if missing:
             raise CheckpointError("(all shards)", missing[0], f"MTP tensor missing from the source ({len(missing)} missing): "
                                   "vLLM's MiniMaxM3MTP would leave its parameter uninitialised without an error")
+        _check_mtp_shapes(col.mtp, out_cfg["text_config"], n_mtp, layout.num_experts)
         out += list(col.mtp.values())
     return out, out_cfg
 
@@ -666,7 +681,7 @@ def serving_projection(plan, gpu_gib: float | None = None, tp_sizes=(1, 2, 4, 8)
 
 
 def _num_mtp(src_cfg):
-    tc = src_cfg.get("text_config") if isinstance(src_cfg.get("text_config"), dict) else src_cfg
+    tc = cfgmod.text_config_of(src_cfg)
     n = tc.get("num_mtp_modules", 1)
     if not isinstance(n, int) or n < 1:
         raise CheckpointError("config.json", "text_config.num_mtp_modules", f"must be a positive integer with --keep-mtp, got {n!r}")
@@ -707,10 +722,22 @@ def _add_mtp(mtp, o, fname, t):
     mtp[o.name] = o
 
 
-def _vision_tensors(vision, num_layers, file_rank):
+def _check_mtp_shapes(mtp, tc, n_mtp, num_experts):
+    """Every MTP tensor has the shape vLLM's MiniMaxM3MTP builds for the config (rules.mtp_shape)."""
+    for name, module, own, i in names.expected_mtp_modules(n_mtp, num_experts):
+        o = mtp[name]
+        want = rules.mtp_shape(tc, module.src if module else None, own, i, name.rsplit(".", 1)[1])
+        if tuple(o.shape) != tuple(want):
+            t = o.srcs[0]
+            raise CheckpointError(_fname(t), t.name, f"MTP tensor of shape {list(o.shape)} (as {name}), but the config "
+                                  f"gives {list(want)} (text_config: hidden_size, intermediate_size, num_local_experts, ...)")
+
+
+def _vision_tensors(vision, cfg, file_rank):
     """--keep-vision: every vision tensor the VL class has, copied as is (--dtype bf16: F32/F16 rounded, _cast_plain);
-    a missing one stops the run
-    (vLLM would leave its parameter uninitialised without an error)."""
+    a missing one, or one whose shape is not what vision_config gives (rules.vision_shape), stops the run
+    (vLLM would leave its parameter uninitialised without an error, or fail to load it)."""
+    num_layers = cfg["vision_config"]["num_hidden_layers"]
     out = []
     want = set(names.expected_vision(num_layers))
     for key in want:
@@ -722,6 +749,10 @@ def _vision_tensors(vision, num_layers, file_rank):
     for key, t in vision.items():
         if key not in want:
             raise CheckpointError(_fname(t), t.name, f"vision layer {key[1]} but vision_config has {num_layers} encoder layers")
+        shape = rules.vision_shape(key[0], key[2], cfg)
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(_fname(t), t.name, f"shape {list(t.shape)}, but vision_config (hidden_size, "
+                                  f"intermediate_size, num_channels, patch_size, ...) gives {list(shape)}")
         out.append(OutTensor(names.vision_tensor(*key), t.dtype, t.shape, COPY, (t,), order=(file_rank[t.file], t.begin)))
     return out
 
@@ -822,17 +853,61 @@ def _classify(module, src_mod, leaves, qcfg: SourceQuantConfig):
     return shape, scheme
 
 
-def _check_shared_expert_width(groups, layout, out_cfg):
-    """Cross-check config-derived sizes the model would silently get wrong."""
-    tc = out_cfg["text_config"]
-    for (module, src_mod, layer, expert), leaves in groups.items():
-        if module is names.SHARED_GATE_UP:
-            t = leaves.get("scales") or leaves.get("weight")
-            outs = t.shape[-1] if "scales" in leaves else t.shape[0]
-            want = 2 * tc["intermediate_size"] * tc["n_shared_experts"]
-            if outs != want:
-                raise CheckpointError(_fname(t), t.name, f"shared expert has {outs // 2} intermediate units; config gives "
-                                      f"intermediate_size*n_shared_experts = {want // 2}")
+def check_shapes(groups, gptq_info, tc, src_tc):
+    """Every source module has the shape the config gives it (rules.SHAPES, the table m3-verify checks an output
+    with): a config field that cannot describe the tensors stops the run, naming the field, its value and the tensor."""
+    want = {}                                 # symbolic shape -> its value for this config (computed once each)
+    for key, leaves in groups.items():
+        q = gptq_info.get(key)
+        t = leaves["qweight"] if q else leaves["weight"]
+        checks = [(rules.stored_shape(key[0].src), (q[0].out_features, q[0].in_features) if q else t.shape, t)]
+        if "e_score_correction_bias" in leaves:
+            checks.append((rules.ROUTER_BIAS, leaves["e_score_correction_bias"].shape, leaves["e_score_correction_bias"]))
+        for dims, actual, t in checks:
+            if dims not in want:
+                want[dims] = tuple(rules.dim_value(tc, d) for d in dims)
+            if tuple(actual) == want[dims]:
+                continue
+            what = (f"{key[1]} ({q[0].bits}-bit GPTQ in {_fname(t)}) has [out, in] = {list(actual)} by its "
+                    "qweight/qzeros/scales shapes" if q and t is leaves["qweight"] else
+                    f"{t.name} ({_fname(t)}) has shape {list(actual)}")
+            raise CheckpointError(cfgmod.F, cfgmod.source_spelling(rules.shape_disagreement(tc, dims, actual), src_tc),
+                                  f"disagrees with the tensors: {what}, the config gives {list(want[dims])}")
+
+
+def check_complete(groups, layout):
+    """Every module the config gives the text model is in the source (names.expected_modules, the key set m3-verify
+    expects): vLLM would leave a missing one uninitialised without an error."""
+    have = {(k[0], k[2], k[3]) for k in groups}
+    for module, layer, expert in names.expected_modules(layout):     # stops at the first missing one
+        if (module, layer, expert) in have:
+            continue
+        why = []
+        if layer is not None:
+            why.append(f"text_config.num_hidden_layers = {layout.num_layers}, layer {layer}: sparse_attention="
+                       f"{layout.sparse_attn[layer]}, moe={layout.moe[layer]}")
+        if expert is not None:
+            why.append(f"text_config.num_local_experts = {layout.num_experts}")
+        raise CheckpointError("(all shards)", names.source_module(module, layer, expert), "missing from the source, "
+                              f"but the config has it ({'; '.join(why) or 'every model has it'}): vLLM would leave its "
+                              "parameters uninitialised")
+
+
+def check_scales(decisions, notes):
+    """Every GPTQ scale of every module written is finite (gptq.scales_problem): a NaN or inf decodes its group to
+    NaN/inf, and vLLM would serve it. Reads each scales tensor once, in batches of one buffer (st.map_batches); exact
+    zeros are counted in a note (gptq.scales_problem says why they are not refused)."""
+    def scan(batch, view):
+        return list(gptq.batch_scales_problems(batch, view)), gptq.zero_scales(view)
+    found = st.map_batches([d.leaves["scales"] for d in decisions if d.shape is not None], scan)
+    for problems, _ in found:
+        for t, problem in problems:
+            raise CheckpointError(_fname(t), t.name, f"{problem}: module {t.name.rsplit('.', 1)[0]} would decode to "
+                                  "NaN/inf there, and vLLM would serve it")
+    zeros = sum(z for _, z in found)
+    if zeros:
+        notes["GPTQ scales exactly 0 (each decodes its group to zeros, as auto-round writes for weights below fp16's "
+              "range)"] += zeros
 
 
 def shard(tensors, max_size):

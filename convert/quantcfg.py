@@ -12,7 +12,7 @@ Output schema (the contract between converter, m3-verify and the vLLM shim)::
     {
       "quant_method": "m3_gptq",                 # registered by m3_convert.vllm_plugin
       "format": "m3-convert/1",
-      "packing_format": "auto_round:auto_gptq",  # GPTQ v1 packing (SPEC §1.2)
+      "packing_format": "auto_round:auto_gptq",  # GPTQ v1 packing (docs/FORMAT.md#gptq-packing)
       "zero_point": "gptq_v1",                   # stored qzeros = zero - 1
       "group_size": 128, "sym": true, "desc_act": false,
       "modules": {                               # EVERY Linear of the text model, official names

@@ -13,6 +13,17 @@ OTHERS = ["ar_alt", "gpu_tiny", "gpu_mixed"]   # other topologies (5 layers / n_
 DTYPES = ["ar_f32", "ar_f16"]    # the tiny model with every plain tensor F32 / F16 (auto-round without bf16 / in fp16)
 ALL = NAMINGS + OTHERS + DTYPES
 
+#: lines test_fuzz.py leaves for pytest's summary (its counts of tried / refused / converted / crashed)
+FUZZ_REPORT = pytest.StashKey[list]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = config.stash.get(FUZZ_REPORT, None)
+    if lines:
+        terminalreporter.section("m3 fuzz")
+        for line in lines:
+            terminalreporter.write_line(line)
+
 
 def need_vllm():
     """For tests that need vLLM: skip outside CI when it is absent; in CI (CI=true) a missing vLLM fails."""

@@ -1,6 +1,6 @@
 """m3-convert on real auto-round fixtures: names, numerics, config, determinism.
 
-The expected names here are an independent oracle written from SPEC §2.1 (vLLM's
+The expected names here are an independent oracle written from docs/FORMAT.md#output-names (vLLM's
 MiniMaxM3SparseForCausalLM), not the converter's own table; the numerical
 reference is auto-round's own decoder (stored in <fixture>.reference.safetensors
 by tests/fixtures/make_fixtures.py).
@@ -273,7 +273,7 @@ def test_dry_run_quiet_prints_nothing_and_leaves_the_collector_on(tmp_path):
     assert r.exit_code == 0 and r.output == "" and not (tmp_path / "never").exists()
     assert gc.isenabled()
     assert run_convert(FIXTURES / "ar_model_naming", tmp_path / "o", "--quiet").exit_code == 0 and gc.isenabled()
-    assert run_convert(tmp_path / "missing", tmp_path / "o2", "--quiet").exit_code == 2 and gc.isenabled()
+    assert run_convert(tmp_path / "missing", tmp_path / "o2", "--quiet").exit_code == 3 and gc.isenabled()
 
 
 def test_summary_names_what_was_left_out(tmp_path):
@@ -347,3 +347,42 @@ def test_quantization_config_only_in_its_own_file(converted, tmp_path):
     r = run_convert(d, tmp_path / "o", "--quiet")
     assert r.exit_code == 0, r.output
     _tensors_equal(all_tensors(tmp_path / "o"), all_tensors(converted["ar_model_naming"]))
+
+
+# ---------------------------------------------------------------- issue 27: output that never misleads
+def test_a_layer_that_cannot_be_served_promoted_is_never_counted_as_zero(tmp_path):
+    """ar_model_naming's MoE layer hits the Marlin shape problem, so the promoting fallback cannot serve it: the
+    promoted figures say so (null in --json), they are not the other layers' sum."""
+    r = run_convert(FIXTURES / "ar_model_naming", tmp_path / "o", "--dry-run", "--json")
+    g = json.loads(r.stdout)["gpu_weight_bytes"]
+    assert g["promoted"] is None and g["by_kind"]["routed_experts"]["promoted"] is None
+    assert g["native"] > 0 and g["by_kind"]["routed_experts"]["native"] > 0
+    assert g["tp"]["1"]["promoted_per_gpu"] is None and g["tp"]["1"]["promoted_problems"]
+    text = run_convert(FIXTURES / "ar_model_naming", tmp_path / "o", "--dry-run").output
+    assert "every layer promoted: cannot be served: m3_gptq: model.layers.1.block_sparse_moe.experts" in text
+
+
+def test_summary_mentions_reuse_only_when_resuming(tmp_path):
+    r = run_convert(FIXTURES / "ar_model_naming", tmp_path / "o")
+    assert r.exit_code == 0 and "wrote 1 shards, 6 files in SHA256SUMS" in r.output and "reused" not in r.output
+    r = run_convert(FIXTURES / "ar_model_naming", tmp_path / "o", "--resume")
+    assert r.exit_code == 0 and "wrote 1 shards, reused 0 (--resume, re-hashed)" in r.output   # no journal: rewritten
+
+
+def test_errors_print_json_with_json_and_a_missing_input_is_bad_input(tmp_path):
+    from conftest import run_verify
+    for run, args in ((run_convert, (tmp_path / "missing", tmp_path / "o")), (run_verify, (tmp_path / "missing",)),
+                      (run_verify, (tmp_path, "--against", tmp_path / "missing"))):
+        r = run(*args, "--json")
+        assert r.exit_code == 3, r.output
+        d = json.loads(r.stdout)
+        assert d["ok"] is False and d["exit_code"] == 3 and "does not exist" in d["error"]
+        assert "does not exist" in r.stderr
+    r = run_convert(FIXTURES / "ar_model_naming", tmp_path / "o2", "--keep-mtp", "--json")   # a usage error too
+    assert r.exit_code == 2 and json.loads(r.stdout)["exit_code"] == 2
+
+
+def test_verify_verdict_is_on_stdout(converted):
+    from conftest import run_verify
+    r = run_verify(converted["ar_model_naming"])
+    assert r.exit_code == 0 and r.stdout.startswith("OK: 0 finding(s)")

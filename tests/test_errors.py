@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import FIXTURES, copy_fixture, edit_checkpoint, edit_quant_config, run_convert, shard_of
@@ -77,18 +78,31 @@ def test_invalid_json_config(tmp_path):
 
 
 def test_three_bit_split_off_word_boundary(tmp_path):
-    """A fused 3-bit gate_up with 2 x 48 outputs: 48*3/32 = 4.5 qzeros words, so no lossless split exists."""
+    """A fused 3-bit gate_up with 2 x 48 outputs: 48*3/32 = 4.5 qzeros words, so no lossless split exists. The config
+    says 48 (dense_intermediate_size) and both dense layers have that width, so only the split is wrong."""
     d = copy_fixture(tmp_path)
     rng = np.random.default_rng(0)
     H, out = 256, 96
-    codes = rng.integers(0, 8, size=(H, out))
-    zeros = np.full((H // 128, out), 3)
-    add = {
-        L0 + "mlp.gate_up_proj.qweight": torch.from_numpy(gptq.pack_qweight(codes, 3)),
-        L0 + "mlp.gate_up_proj.qzeros": torch.from_numpy(gptq.pack_qzeros(zeros, 3)),
-        L0 + "mlp.gate_up_proj.scales": torch.ones(H // 128, out, dtype=torch.float16),
-    }
-    edit_checkpoint(d, remove=list(add), add=add)
+    add, remove = {}, []
+    for L in (0, 3):                       # the fixture's dense-MLP layers
+        p = f"model.language_model.layers.{L}.mlp."
+        codes = rng.integers(0, 8, size=(H, out))
+        add.update({p + "gate_up_proj.qweight": torch.from_numpy(gptq.pack_qweight(codes, 3)),
+                    p + "gate_up_proj.qzeros": torch.from_numpy(gptq.pack_qzeros(np.full((H // 128, out), 3), 3)),
+                    p + "gate_up_proj.scales": torch.ones(H // 128, out, dtype=torch.float16),
+                    p + "down_proj.weight": torch.zeros(H, out // 2, dtype=torch.bfloat16)})
+        remove += [p + f"{m}.{leaf}" for m in ("gate_up_proj", "down_proj") for leaf in ("qweight", "qzeros", "scales")]
+    edit_checkpoint(d, remove=remove)
+    edit_checkpoint(d, add=add)
+
+    def widths(q):
+        for L in (0, 3):
+            q["extra_config"][f"model.language_model.layers.{L}.mlp.gate_up_proj"] = {"bits": 3}
+            q["extra_config"][f"model.language_model.layers.{L}.mlp.down_proj"] = {"bits": 16}
+    edit_quant_config(d, widths)
+    c = json.loads((d / "config.json").read_text())
+    c["text_config"]["dense_intermediate_size"] = out // 2
+    (d / "config.json").write_text(json.dumps(c))
     convert_fails(d, tmp_path / "o", EXIT_INPUT, L0 + "mlp.gate_up_proj.qzeros", "packing", "3-bit")
 
 
@@ -179,3 +193,131 @@ def test_index_leaves_out_a_tensor_a_shard_has(tmp_path):
     shard = shard_of(d, t)
     _edit_index(d, lambda wm: wm.pop(t))
     convert_fails(d, tmp_path / "o", EXIT_INPUT, shard, t, "not listed in model.safetensors.index.json")
+
+
+# ---------------------------------------------------------------- config fields that cannot describe the tensors
+def _edit_text_config(d, **fields):
+    c = json.loads((d / "config.json").read_text())
+    c["text_config"].update(fields)
+    (d / "config.json").write_text(json.dumps(c))
+
+
+@pytest.mark.parametrize("field, value, needles", [
+    ("vocab_size", 10**9, ["text_config.vocab_size = 1000000000: disagrees with the tensors",
+                           "model.language_model.embed_tokens.weight (model-00005-of-00006.safetensors) has shape "
+                           "[512, 256], the config gives [1000000000, 256]"]),
+    ("hidden_size", None, ["config.json: text_config.hidden_size: must be an integer, got None"]),
+    ("num_key_value_heads", "1", ["config.json: text_config.num_key_value_heads: must be an integer, got '1'"]),
+    ("num_experts_per_tok", 5, ["text_config.num_experts_per_tok: 5 is more than num_local_experts 4"]),
+    ("num_local_experts", 8, ["text_config.num_local_experts = 8: disagrees with the tensors", "mlp.gate.weight",
+                              "has shape [4, 256], the config gives [8, 256]"]),
+    ("head_dim", True, ["text_config.head_dim: must be an integer, got True"]),
+    ("num_attention_heads", 4, ["text_config.num_attention_heads x text_config.head_dim = 4 x 128 = 512: disagrees"]),
+    ("index_head_dim", 64, ["config.json: text_config.index_head_dim = 64: disagrees with the tensors", "indexer"]),
+    ("dense_intermediate_size", 128, ["text_config.dense_intermediate_size", "model.language_model.layers.0.mlp."]),
+    ("intermediate_size", 64, ["text_config.intermediate_size = 64: disagrees", "mlp.experts."]),
+    ("rms_norm_eps", "1e-6", ["text_config.rms_norm_eps: must be a finite number, got '1e-6'"]),
+    ("rope_parameters", [], ["text_config.rope_parameters: must be a JSON object, got []"]),
+])
+def test_config_that_cannot_describe_the_tensors_is_refused_before_writing(tmp_path, field, value, needles):
+    d = copy_fixture(tmp_path)
+    _edit_text_config(d, **{field: value})
+    out = convert_fails(d, tmp_path / "o", EXIT_INPUT, *needles)
+    assert out.count("\n") == 1 and not (tmp_path / "o").exists(), out
+
+
+def test_a_module_the_config_has_but_the_source_lacks(tmp_path):
+    d = copy_fixture(tmp_path)
+    m = "model.language_model.layers.1.mlp.experts.3.gate_proj"
+    edit_checkpoint(d, remove=[f"{m}.{leaf}" for leaf in ("qweight", "qzeros", "scales")])
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, f"(all shards): {m}: missing from the source",
+                  "text_config.num_local_experts = 4", "uninitialised")
+
+
+def test_more_layers_in_the_config_than_in_the_source(tmp_path):
+    d = copy_fixture(tmp_path)
+    c = json.loads((d / "config.json").read_text())["text_config"]
+    _edit_text_config(d, num_hidden_layers=5, layer_types=c["layer_types"] + ["full_attention"],
+                      mlp_layer_types=c["mlp_layer_types"] + ["dense"])
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, "model.language_model.layers.4.input_layernorm: missing from the source",
+                  "text_config.num_hidden_layers = 5")
+
+
+# ---------------------------------------------------------------- GPTQ scales that are not finite
+def poke_f16(ckpt, tensor, flat_index, value):
+    """Overwrite one float16 element of a tensor in place (a real fixture's bytes otherwise unchanged)."""
+    from m3_convert import st
+    f = ckpt / shard_of(ckpt, tensor)
+    info = st.read_header(str(f)).tensors[tensor]
+    with open(f, "r+b") as fh:
+        fh.seek(info.begin + 2 * flat_index)
+        fh.write(np.array([value], dtype=np.float16).tobytes())
+    return f.name
+
+
+@pytest.mark.parametrize("module, value, what", [
+    ("model.language_model.layers.1.mlp.experts.0.gate_proj", np.nan, "1 NaN scale"),        # copied as GPTQ
+    ("model.language_model.layers.2.self_attn.q_proj", -np.inf, "1 inf scale"),              # de-quantized to bf16
+    ("model.language_model.layers.0.mlp.gate_up_proj", np.nan, "1 NaN scale"),               # split
+])
+def test_non_finite_scale_is_refused_naming_the_module(tmp_path, module, value, what):
+    d = copy_fixture(tmp_path)
+    shard = poke_f16(d, module + ".scales", 5, value)
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, f"{shard}: {module}.scales: {what} (the first at [group 0, output 5])",
+                  f"module {module} would decode to NaN/inf")
+    assert not (tmp_path / "o").exists()
+    r = run_convert(d, tmp_path / "o", "--dry-run")        # a dry run that passes means the real run passes
+    assert r.exit_code == EXIT_INPUT and what in r.output
+
+
+def test_zero_scale_is_converted_and_counted(tmp_path):
+    """auto-round writes a 0 scale where a group's weights underflow fp16: kept (the group decodes to zeros, exactly
+    the checkpoint's value), counted in the summary, and m3-verify accepts the output."""
+    from conftest import run_verify
+    d = copy_fixture(tmp_path)
+    poke_f16(d, "model.language_model.layers.1.mlp.experts.0.gate_proj.scales", 7, 0.0)
+    r = run_convert(d, tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    assert [v for k, v in json.loads(r.output)["notes"].items() if k.startswith("GPTQ scales exactly 0")] == [1]
+    assert run_verify(tmp_path / "o", "--against", d, "--quiet").exit_code == 0
+
+
+# ---------------------------------------------------------------- no input ends in a traceback
+def _planted_bug(monkeypatch):
+    """An exception no check anticipates, raised while the planner reads the second shard."""
+    from m3_convert import names
+    real = names.resolve
+
+    def resolve(name):
+        if name.startswith("model.language_model.layers.1.mlp.experts.2.") and name.endswith(".qweight"):
+            raise ZeroDivisionError("planted")
+        return real(name)
+    monkeypatch.setattr(names, "resolve", resolve)
+
+
+def test_unexpected_error_is_one_line_naming_the_file(monkeypatch, tmp_path):
+    _planted_bug(monkeypatch)
+    out = convert_fails(FIXTURES / "ar_model_naming", tmp_path / "o", EXIT_INPUT,
+                        "m3-convert: error: model-0000", ".safetensors: unexpected ZeroDivisionError: planted", "--debug")
+    assert out.count("\n") == 1 and not (tmp_path / "o").exists()
+    monkeypatch.setenv("M3_CONVERT_DEBUG", "1")
+    r = run_convert(FIXTURES / "ar_model_naming", tmp_path / "o")
+    assert r.exit_code == EXIT_INPUT and "Traceback" in r.output and "raise ZeroDivisionError" in r.output
+    monkeypatch.delenv("M3_CONVERT_DEBUG")
+    r = run_convert(FIXTURES / "ar_model_naming", tmp_path / "o", "--debug")
+    assert r.exit_code == EXIT_INPUT and "Traceback" in r.output
+
+
+def test_verify_unexpected_error_is_one_line(monkeypatch, converted):
+    from conftest import run_verify
+    from m3_verify import checks
+
+    def broken(out_dir):
+        raise ValueError("planted")
+        yield
+    monkeypatch.setattr(checks, "check_structure", broken)
+    r = run_verify(converted["ar_model_naming"], "--quiet")
+    assert r.exit_code == EXIT_INPUT and r.output.startswith("m3-verify: error: unexpected ValueError: planted"), r.output
+    assert "Traceback" not in r.output and r.output.count("\n") == 1
+    r = run_verify(converted["ar_model_naming"], "--quiet", "--debug")
+    assert r.exit_code == EXIT_INPUT and "Traceback" in r.output

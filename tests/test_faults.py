@@ -323,3 +323,94 @@ def test_index_file_name_that_is_not_a_string(tmp_path):
     idx["weight_map"][next(iter(idx["weight_map"]))] = ["x"]
     p.write_text(json.dumps(idx))
     convert_fails(d, tmp_path / "o", EXIT_INPUT, "model.safetensors.index.json", "['x'] is not a plain file name")
+
+
+# ---------------------------------------------------------------- one writer per OUT_DIR
+def test_a_second_writer_is_refused_naming_the_first(tmp_path):
+    """A live run holds OUT_DIR's writer lock (paused mid-shard by the test-only hook): a second m3-convert, plain,
+    --resume or --force, is refused with exit 2 and the first one's pid, before it writes or removes anything; the
+    first then finishes normally."""
+    from m3_convert import execute, plan as planmod
+    from m3_convert.errors import UsageError
+    out, pause = tmp_path / "o", tmp_path / "paused"
+    env = dict(os.environ, M3_CONVERT_PAUSE_AT_BYTES="100000", M3_CONVERT_PAUSE_FILE=str(pause))
+    first = subprocess.Popen(CLI + [str(SRC), str(out), "--workers", "1"] + ARGS, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not pause.exists():                  # bounded: the hook pauses at 100 kB, the run writes ~2 MB
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.02)
+        before = sorted(os.listdir(out))
+        for extra in ([], ["--resume"], ["--force"], ["--resume", "--force"]):
+            p = subprocess.run(CLI + [str(SRC), str(out)] + extra + ARGS, capture_output=True, text=True)
+            assert p.returncode == EXIT_USAGE, (extra, p.stderr)
+            assert f"is being written by another m3-convert (pid {first.pid}; lock .m3-convert/lock)" in p.stderr, p.stderr
+        with pytest.raises(UsageError, match=f"pid {first.pid}"):        # the lock itself, not only the CLI's check
+            execute.run(planmod.make_plan(str(SRC), 200_000), str(out))
+        assert sorted(os.listdir(out)) == before
+    finally:
+        pause.unlink(missing_ok=True)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert run_verify(out, "--quiet").exit_code == 0 and leftovers(out) == []
+    assert run_convert(SRC, out, "--force", "--quiet").exit_code == 0        # the lock went with the first run
+
+
+def test_a_killed_writer_leaves_no_lock_behind(reference_run, tmp_path):
+    """kill -9 mid-run: the lock file stays (with the dead pid) but the OS released the lock, so --resume runs."""
+    _, ref_sums, total = reference_run
+    out = tmp_path / "o"
+    env = dict(os.environ, M3_CONVERT_KILL_AT_BYTES=str(total // 2))
+    p = subprocess.Popen(CLI + [str(SRC), str(out)] + ARGS, env=env)
+    assert p.wait() == -signal.SIGKILL
+    assert (out / ".m3-convert" / "lock").read_text() == f"{p.pid}\n"
+    resume_and_compare(out, ref_sums)
+
+
+# ---------------------------------------------------------------- safetensors layout, on a real shard
+def _rewrite_header(path, edit):
+    """Rewrite a real shard's header JSON text with ``edit(text) -> (text, data)`` (data: the bytes after it)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    text, data = edit(raw[8:8 + n].decode(), raw[8 + n:])
+    hdr = text.encode()
+    hdr += b" " * (-len(hdr) % 8)
+    path.write_bytes(struct.pack("<Q", len(hdr)) + hdr + data)
+
+
+MANY = "model-00001-of-00006.safetensors"     # a shard with many tensors
+
+
+def _first_two(text):
+    obj = json.loads(text)
+    names = [k for k in obj if k != "__metadata__"]
+    return obj, sorted(names, key=lambda k: obj[k]["data_offsets"])[:2]
+
+
+def test_tensor_named_twice_in_a_real_shard(tmp_path):
+    d = copy_fixture(tmp_path)
+
+    def dup(text, data):
+        obj, (a, b) = _first_two(text)
+        entry = json.dumps(obj[b], separators=(",", ":"))
+        return text.replace(json.dumps(b) + ":" + entry, json.dumps(a) + ":" + entry, 1), data
+    _rewrite_header(d / MANY, dup)
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, MANY, "named twice in the header")
+
+
+def test_two_tensors_on_the_same_bytes_in_a_real_shard(tmp_path):
+    d = copy_fixture(tmp_path)
+
+    def alias(text, data):
+        obj, (a, b) = _first_two(text)          # b described as a copy of a, on a's bytes
+        obj[b] = dict(obj[a])
+        return json.dumps(obj), data
+    _rewrite_header(d / MANY, alias)
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, MANY, "byte range overlaps")
+
+
+def test_trailing_bytes_after_a_real_shard(tmp_path):
+    d = copy_fixture(tmp_path)
+    with open(d / SHARD, "ab") as f:
+        f.write(b"\0" * 16)
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, SHARD, "16 trailing bytes after the last tensor")

@@ -7,7 +7,7 @@ from m3_convert import gptq
 
 
 def ref_unpack_rows(qweight, bits):
-    """Literal reading of SPEC §1.2 with Python ints: one bit stream per column."""
+    """Literal reading of docs/FORMAT.md#gptq-packing with Python ints: one bit stream per column."""
     rows, cols = qweight.shape
     n_in = rows * 32 // bits
     out = np.zeros((n_in, cols), dtype=np.int64)

@@ -174,3 +174,38 @@ def test_missing_manifest_means_unfinished(good):
     os.unlink(good / "SHA256SUMS")
     code, lines = verify_lines(good)
     assert code == 1 and lines[0].startswith("integrity: SHA256SUMS: missing")
+
+
+def _poke_nan(d, tensor, flat_index):
+    import numpy as np
+    from m3_convert import st
+    idx_path = d / "model.safetensors.index.json"
+    f = d / (json.loads(idx_path.read_text())["weight_map"][tensor] if idx_path.exists() else "model.safetensors")
+    info = st.read_header(str(f)).tensors[tensor]
+    with open(f, "r+b") as fh:
+        fh.seek(info.begin + 2 * flat_index)
+        fh.write(np.array([np.nan], dtype=np.float16).tobytes())
+
+
+def test_nan_scale_in_an_output_is_a_finding(good):
+    """The converter refuses a NaN scale; an output that holds one anyway (edited afterwards, SHA256SUMS redone) is a
+    structure finding naming the module."""
+    t = "model.layers.1.block_sparse_moe.experts.2.w3.scales"
+    _poke_nan(good, t, 3)
+    rehash(good)
+    code, lines = verify_lines(good)
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("structure: model"), lines
+    assert lines[0].endswith(f": {t}: 1 NaN scale (the first at [group 0, output 3]): vLLM would serve NaN/inf from "
+                             f"{t[:-len('.scales')]}"), lines
+
+
+def test_nan_scale_in_the_source_of_a_dequantized_module_is_an_against_finding(converted, tmp_path):
+    """A de-quantized module keeps no scales in the output: --against checks the source's (here planted after the
+    conversion)."""
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "ar_model_naming", src)
+    t = "model.language_model.layers.2.self_attn.q_proj.scales"
+    _poke_nan(src, t, 0)
+    code, lines = verify_lines(converted["ar_model_naming"], "--against", src)
+    assert code == 1 and any(t in l and "1 NaN scale (the first at [group 0, output 0]): model.layers.2.self_attn.q_proj "
+                             "would hold NaN/inf" in l for l in lines), lines

@@ -2,9 +2,9 @@
 m3-verify's own reading, sharing nothing with the converter's planner, executor or name table.
 
 What is shared is checked by its own tests and carries no conversion rule: the safetensors header reader
-(m3_convert.st) and the GPTQ math (m3_convert.gptq: unpack, exact decode, bf16 rounding).
+(m3_convert.st) and the GPTQ math (m3_convert.gptq: unpack, exact decode, bf16 rounding, the finite-scales rule).
 
-Written here, from the source format (SPEC section 1-2), independently of m3_convert.names:
+Written here, from the source format (docs/FORMAT.md#input and #output-names), independently of m3_convert.names:
 
 * a source normaliser: any spelling the producers write (transformers' model naming, auto-round's partly
   reverted naming, MiniMax's own names in the MTP block and the vision tower) -> one canonical source name;
@@ -112,7 +112,7 @@ def sources_of(out_name: str, vl: bool) -> list:
 
 # ---------------------------------------------------------------- the config vLLM reads
 def expected_config(src: dict, vl: bool) -> dict:
-    """(dotted path -> value) that vLLM reads from config.json, from the source config (SPEC 2.2)."""
+    """(dotted path -> value) that vLLM reads from config.json, from the source config (docs/FORMAT.md#output-config)."""
     tc = src.get("text_config") if isinstance(src.get("text_config"), dict) else src
     rp = tc.get("rope_parameters") or {}
     exp = {"model_type": "minimax_m3_vl", "torch_dtype": "bfloat16",
@@ -319,6 +319,10 @@ def _check_module(mod, leaves, src, vl, stock, used, io, may_round=True):
             shape = gptq.infer_shape(s["qweight"].shape, s["qzeros"].shape, s["scales"].shape)
             if not gptq.is_trivial_g_idx(io.array(s["g_idx"]), shape):
                 yield os.path.basename(s["g_idx"].file), s["g_idx"].name, "act-order g_idx: the output cannot hold it"
+        if first and "scales" in s and s["scales"].dtype == "F16":    # the source's, whatever the output holds
+            problem = gptq.scales_problem(io.source(s["scales"]))
+            if problem:
+                yield os.path.basename(s["scales"].file), s["scales"].name, f"{problem}: {mod} would hold NaN/inf"
     if "qweight" in leaves:
         yield from _gptq_module(mod, leaves, s, half, stock, io)
     for leaf, t in leaves.items():

@@ -3,7 +3,9 @@
 * integrity: SHA256SUMS (``sha256sum -c`` format) against the files;
 * structure: headers, index, and the exact key set / shapes / dtypes / bits
   that vLLM's MiniMaxM3SparseForCausalLM expects for OUT_DIR/config.json,
-  computed from the converter's own name table (m3_convert.names);
+  computed from the converter's own name table (m3_convert.names) and config rules
+  (m3_convert.rules, which the planner applies to the source before writing), and
+  every GPTQ scale finite;
 * against: every output tensor and config field equal to what the source gives, by m3-verify's own
   derivation (verify/against.py: its own source normaliser, inverse name map and config reading; it
   shares no planner, executor or name-table code with the converter).
@@ -17,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from m3_convert import config as cfgmod
-from m3_convert import gptq, names, st
+from m3_convert import gptq, names, rules, st
 from m3_convert.errors import CheckpointError
 from m3_convert.st import INDEX_FILE, SINGLE_FILE, sha256_file
 from m3_convert.quantcfg import FORMAT, QUANT_METHOD, STOCK_METHOD, natural_key as _nat, stock_extra_config
@@ -147,27 +149,10 @@ def check_config(cfg):
         return
     if tc.get("hidden_act") != "swigluoai":
         yield Finding("structure", F, "text_config.hidden_act", f"must be 'swigluoai', got {tc.get('hidden_act')!r}")
-    th = tc.get("rope_theta")
-    if not isinstance(th, (int, float)) or th <= 0:
-        yield Finding("structure", F, "text_config.rope_theta", f"missing or not positive ({th!r}): vLLM would use its default")
-    for k in ("swiglu_alpha", "swiglu_beta", "swiglu_limit", "routed_scaling_factor", "partial_rotary_factor"):
-        if not isinstance(tc.get(k), (int, float)):
-            yield Finding("structure", F, f"text_config.{k}", f"missing or not a number ({tc.get(k)!r})")
-    for k in ("intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size"):
-        if not isinstance(tc.get(k), int) or tc.get(k) <= 0:
-            yield Finding("structure", F, f"text_config.{k}", f"missing or not a positive integer ({tc.get(k)!r})")
-    if "n_shared_experts" not in tc:
-        yield Finding("structure", F, "text_config.n_shared_experts", "missing: vLLM would use its default")
-    if "moe_layer_freq" not in tc:
-        yield Finding("structure", F, "text_config.moe_layer_freq", "missing: vLLM would use the real M3's layout")
-    sac = tc.get("sparse_attention_config")
-    if not isinstance(sac, dict):
+    for path, msg in rules.text_config_problems(tc):     # the rules the converter applies before writing
+        yield Finding("structure", F, f"text_config.{path}", msg)
+    if not isinstance(tc.get("sparse_attention_config"), dict):
         yield Finding("structure", F, "text_config.sparse_attention_config", "missing")
-    else:
-        for k in ("sparse_attention_freq", "sparse_num_index_heads", "sparse_index_dim", "sparse_topk_blocks", "sparse_block_size",
-                  "sparse_init_block", "sparse_local_block", "sparse_score_type"):
-            if k not in sac:
-                yield Finding("structure", F, f"text_config.sparse_attention_config.{k}", "missing")
     qc = cfg.get("quantization_config")
     if not isinstance(qc, dict):
         yield Finding("structure", F, "quantization_config", "missing")
@@ -182,24 +167,9 @@ def check_config(cfg):
 
 def _check_vision_config(cfg):
     """The fields vLLM's VL class reads from vision_config (as attributes: a missing one is an error at
-    build, or a silent default)."""
-    F = "config.json"
-    vc = cfg.get("vision_config")
-    if not isinstance(vc, dict):
-        yield Finding("structure", F, "vision_config", "missing")
-        return
-    from m3_convert.config import VISION_SIZES
-    for k in VISION_SIZES:
-        if not isinstance(vc.get(k), int) or vc[k] <= 0:
-            yield Finding("structure", F, f"vision_config.{k}", f"missing or not a positive integer ({vc.get(k)!r})")
-    cc = vc.get("img_token_compression_config")
-    if not isinstance(cc, dict) or not all(isinstance(cc.get(k), int) for k in ("spatial_merge_size", "temporal_patch_size")):
-        yield Finding("structure", F, "vision_config.img_token_compression_config",
-                      "missing or incomplete: vLLM reads spatial_merge_size and temporal_patch_size from it")
-    if not isinstance(vc.get("rope_theta"), (int, float)):
-        yield Finding("structure", F, "vision_config.rope_theta", "missing: vLLM ignores rope_parameters and would use 10000")
-    if not isinstance(cfg.get("projector_hidden_size"), int):
-        yield Finding("structure", F, "projector_hidden_size", "missing: vLLM would size the projector by the text hidden size")
+    build, or a silent default): rules.vision_config_problems, as the converter checks them."""
+    for path, msg in rules.vision_config_problems(cfg):
+        yield Finding("structure", "config.json", path, msg)
 
 
 def _check_stock_config(qc):
@@ -229,54 +199,6 @@ def _check_stock_config(qc):
                           f"is {have.get(k)!r} but the tensors' per-module bits give {derived.get(k)!r}")
 
 
-def expected_shapes(tc, module: names.Module):
-    """[out, in] (or [n] for 1-D) of each official module of this Module rule."""
-    H, V, hd = tc["hidden_size"], tc["vocab_size"], tc["head_dim"]
-    nH, nKV = tc["num_attention_heads"], tc["num_key_value_heads"]
-    sac = tc.get("sparse_attention_config", {})
-    nI, dI = sac.get("sparse_num_index_heads"), sac.get("sparse_index_dim")
-    I, Id = tc["intermediate_size"], tc.get("dense_intermediate_size")
-    Is = I * tc.get("n_shared_experts", 0)
-    E = tc["num_local_experts"]
-    table = {
-        "model.language_model.embed_tokens": [(V, H)], "model.language_model.norm": [(H,)], "lm_head": [(V, H)],
-        "input_layernorm": [(H,)], "post_attention_layernorm": [(H,)],
-        "self_attn.q_proj": [(nH * hd, H)], "self_attn.k_proj": [(nKV * hd, H)], "self_attn.v_proj": [(nKV * hd, H)],
-        "self_attn.o_proj": [(H, nH * hd)], "self_attn.q_norm": [(hd,)], "self_attn.k_norm": [(hd,)],
-        "self_attn.indexer.q_proj": [((nI or 0) * (dI or 0), H)], "self_attn.indexer.k_proj": [(dI, H)],
-        "self_attn.indexer.q_norm": [(dI,)], "self_attn.indexer.k_norm": [(dI,)],
-        "mlp.gate_up_proj": [(Id, H), (Id, H)], "mlp.down_proj": [(H, Id)],
-        "mlp.gate": [(E, H)],
-        "mlp.experts.{E}.gate_proj": [(I, H)], "mlp.experts.{E}.up_proj": [(I, H)], "mlp.experts.{E}.down_proj": [(H, I)],
-        "mlp.shared_experts.gate_up_proj": [(Is, H), (Is, H)], "mlp.shared_experts.down_proj": [(H, Is)],
-    }
-    return table[module.src]
-
-
-def vision_shape(m: names.VisionModule, leaf: str, cfg: dict):
-    """Shape of a vision tensor as vLLM 0.32's vision tower builds it (models/minimax_m3/common/vision_tower.py),
-    or None when config.json lacks a size (reported by the config check)."""
-    vc = cfg.get("vision_config") or {}
-    try:
-        Hv, Iv, C, p = vc["hidden_size"], vc["intermediate_size"], vc["num_channels"], vc["patch_size"]
-        cc = vc["img_token_compression_config"]
-        t, sm = cc["temporal_patch_size"], cc["spatial_merge_size"]
-        Ht, P = cfg["text_config"]["hidden_size"], cfg.get("projector_hidden_size") or cfg["text_config"]["hidden_size"]
-    except (KeyError, TypeError):
-        return None
-    rel = m.src.rsplit(".", 1)[-1] if "{L}" not in m.src else m.src.split("{L}.", 1)[1]
-    table = {   # module -> (weight shape, bias shape)
-        "proj": ((Hv, C, t, p, p), None), "pre_layrnorm": ((Hv,), (Hv,)),
-        "layer_norm1": ((Hv,), (Hv,)), "layer_norm2": ((Hv,), (Hv,)),
-        "self_attn.q_proj": ((Hv, Hv), (Hv,)), "self_attn.k_proj": ((Hv, Hv), (Hv,)), "self_attn.v_proj": ((Hv, Hv), (Hv,)),
-        "self_attn.out_proj": ((Hv, Hv), (Hv,)), "mlp.fc1": ((Iv, Hv), (Iv,)), "mlp.fc2": ((Hv, Iv), (Hv,)),
-        "linear_1": ((P, Hv), (P,)), "linear_2": ((Ht, P), (Ht,)),
-        "merge_linear_1": ((P, Ht * sm * sm), (P,)), "merge_linear_2": ((Ht, P), (Ht,)),
-    }
-    w, b = table[rel]
-    return w if leaf == "weight" else b
-
-
 LINEAR_ROLES = (names.LINEAR, names.EXPERT, names.QKV, names.INDEX, names.GATE_UP)
 PLAIN = names.PLAIN_DTYPES           # the one dtype policy (names.py): any plain float tensor vLLM casts on load
 
@@ -291,7 +213,7 @@ def expected_tensors(cfg):
     qmods = (cfg.get("quantization_config") or {}).get("modules", {})
     exp, findings, seen_mods = {}, [], set()
     for module, layer, expert in names.expected_modules(layout):
-        shapes = expected_shapes(tc, module)
+        shapes = rules.expected_shapes(tc, module.src)      # the table the planner checks the source with
         for i, dst in enumerate(names.official_modules(module, layer, expert)):
             shape = shapes[i]
             if module.role in LINEAR_ROLES:
@@ -320,18 +242,11 @@ def expected_tensors(cfg):
         exp = {names.VL_TEXT_PREFIX + k: v for k, v in exp.items()}
         vc = cfg.get("vision_config") or {}
         for m, L, leaf in names.expected_vision(int(vc.get("num_hidden_layers") or 0)):
-            exp[names.vision_tensor(m, L, leaf)] = (PLAIN, vision_shape(m, leaf, cfg))
+            exp[names.vision_tensor(m, L, leaf)] = (PLAIN, rules.vision_shape(m, leaf, cfg))
     n_mtp = (cfg.get("quantization_config") or {}).get("mtp_blocks")
     if n_mtp:   # names as written (the VL layout's language_model.model.mtp.layers.K.*)
         for name, module, own, i in names.expected_mtp_modules(int(n_mtp), layout.num_experts):
-            if module is None:
-                H = tc["hidden_size"]
-                shape = (H, 2 * H) if own == "eh_proj" else (H,)
-            elif name.endswith("e_score_correction_bias"):
-                shape = (tc["num_local_experts"],)
-            else:
-                shape = expected_shapes(tc, module)[i]
-            exp[name] = (PLAIN, shape)
+            exp[name] = (PLAIN, rules.mtp_shape(tc, module.src if module else None, own, i, name.rsplit(".", 1)[1]))
     for extra in sorted(set(qmods) - seen_mods):
         findings.append(Finding("structure", "config.json", f"quantization_config.modules[{extra!r}]", "names no module of this model"))
     # fused modules must share one scheme (vLLM builds one quant method per fused parameter)
@@ -382,6 +297,17 @@ def check_structure(out_dir):
             yield Finding("structure", f, name, f"dtype {t.dtype}, expected {'/'.join(dtypes)}")
         if shape is not None and tuple(t.shape) != tuple(shape):
             yield Finding("structure", f, name, f"shape {list(t.shape)}, expected {list(shape)}")
+    yield from check_scales(t for _, t in actual.values())
+
+
+def check_scales(tensors):
+    """Every GPTQ scale of the output is finite (gptq.scales_problem, the converter's rule): vLLM would serve a NaN or
+    inf as it is. Reads only the scales tensors (about 1/32 of the GPTQ bytes), in batches of one buffer."""
+    scales = [t for t in tensors if t.name.endswith(".scales") and t.dtype == names.GPTQ_DTYPES["scales"]]
+    for problems in st.map_batches(scales, lambda batch, view: list(gptq.batch_scales_problems(batch, view))):
+        for t, problem in problems:
+            yield Finding("structure", os.path.basename(t.file), t.name, f"{problem}: vLLM would serve NaN/inf from "
+                          f"{t.name.rsplit('.', 1)[0]}")
 
 
 # ---------------------------------------------------------------- against the source

@@ -8,7 +8,7 @@ import time
 
 import click
 
-from m3_convert.errors import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE
+from m3_convert.errors import EXIT_FINDINGS, EXIT_INPUT, EXIT_OK, report_unexpected, unexpected_error
 
 from . import checks
 
@@ -23,7 +23,9 @@ from . import checks
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="Files hashed in parallel.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="Print findings only (no progress, no summary).")
-def main(out_dir, in_dir, with_vllm, integrity_only, workers, as_json, quiet):
+@click.option("--debug", is_flag=True, help="On an error no check anticipated, print its traceback too (for a bug "
+              "report; also M3_CONVERT_DEBUG=1).")
+def main(out_dir, in_dir, with_vllm, integrity_only, workers, as_json, quiet, debug):
     """Check OUT_DIR, a directory written by m3-convert.
 
     \b
@@ -33,26 +35,42 @@ def main(out_dir, in_dir, with_vllm, integrity_only, workers, as_json, quiet):
     3. --against IN_DIR: every tensor equals its source;
     4. --vllm: vLLM's own loader accepts every tensor and fills every parameter.
 
-    Exit code 0 only when everything holds; 1 when there are findings (one line each,
-    naming the file and tensor); 2 on bad usage.
+    Exit code 0 only when everything holds; 1 when there are findings (one line each on stdout,
+    naming the file and tensor, then the verdict line OK/FAILED); 2 on bad usage; 3 when OUT_DIR or
+    --against is not a readable directory, or a check stopped on an error it did not anticipate
+    (one line naming the file; --debug for its traceback). With --json every outcome, errors
+    included, prints one JSON object on stdout.
     """
-    if not os.path.isdir(out_dir):
-        click.echo(f"m3-verify: error: {out_dir} is not a directory", err=True)
-        sys.exit(EXIT_USAGE)
-    if in_dir and not os.path.isdir(in_dir):
-        click.echo(f"m3-verify: error: --against {in_dir} is not a directory", err=True)
-        sys.exit(EXIT_USAGE)
+    for what, d in (("", out_dir), ("--against ", in_dir)):
+        if d and not os.path.isdir(d):     # an input that cannot be read: exit 3, as m3-convert's IN_DIR
+            _fail(f"m3-verify: error: {what}{d} {'is not a directory' if os.path.exists(d) else 'does not exist'}",
+                  EXIT_INPUT, as_json)
+    try:
+        findings, stages, vllm_report = _run_checks(out_dir, in_dir, with_vllm, integrity_only, workers, as_json, quiet)
+    except Exception as e:     # no check anticipated it: one line and exit 3, never a bare traceback
+        _fail(None, report_unexpected("m3-verify", e, debug), as_json, unexpected_error("m3-verify", e))
+    _report(findings, stages, vllm_report, out_dir, in_dir, as_json, quiet)
+
+
+def _fail(line, code, as_json, json_error=None):
+    """Exit ``code`` after the one-line error on stderr (None: already printed); with --json also
+    ``{"ok": false, "exit_code": N, "error": "..."}`` on stdout."""
+    if line:
+        click.echo(line, err=True)
+    if as_json:
+        click.echo(json.dumps({"ok": False, "exit_code": code, "error": line or json_error}, indent=2))
+    sys.exit(code)
+
+
+def _run_checks(out_dir, in_dir, with_vllm, integrity_only, workers, as_json, quiet):
+    """The checks main asks for: (findings, seconds per stage, the --vllm report or None)."""
     findings = []
-    bar = None
-    if not quiet and not as_json:
-        from tqdm import tqdm
-        bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="verifying", file=sys.stderr)
-    progress = (lambda n: bar.update(n)) if bar is not None else None
+    bars = _Bars(enabled=not quiet and not as_json)
     stages = {}
     vllm_report = None
     try:
         t = time.time()
-        findings += list(checks.check_integrity(out_dir, progress, workers))
+        findings += list(checks.check_integrity(out_dir, bars.stage("hashing"), workers))
         stages["integrity"] = round(time.time() - t, 3)
         if not integrity_only:
             t = time.time()
@@ -60,7 +78,7 @@ def main(out_dir, in_dir, with_vllm, integrity_only, workers, as_json, quiet):
             stages["structure"] = round(time.time() - t, 3)
             if in_dir:
                 t = time.time()
-                findings += list(checks.check_against(out_dir, in_dir, progress))
+                findings += list(checks.check_against(out_dir, in_dir, bars.stage("against")))
                 stages["against"] = round(time.time() - t, 3)
             if with_vllm:
                 from . import vllm_check
@@ -69,8 +87,34 @@ def main(out_dir, in_dir, with_vllm, integrity_only, workers, as_json, quiet):
                 findings += list(vllm_check.check_vllm(out_dir, report=vllm_report))
                 stages["vllm"] = round(time.time() - t, 3)
     finally:
-        if bar is not None:
-            bar.close()
+        bars.close()
+    return findings, stages, vllm_report
+
+
+class _Bars:
+    """One progress bar per stage on stderr, each counting the bytes that stage reads (the output's files while
+    hashing; the output's and the source's tensors compared with --against), so no bar counts one stage's bytes
+    into another's."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def stage(self, desc: str):
+        self.close()
+        if not self.enabled:
+            return None
+        from tqdm import tqdm
+        self.bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr)
+        return self.bar.update
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _report(findings, stages, vllm_report, out_dir, in_dir, as_json, quiet):
+    """Print the findings (or the JSON report) and exit 0 or 1."""
     ok = not findings
     if as_json:
         click.echo(json.dumps({"ok": ok, "out_dir": out_dir, "against": in_dir, "seconds": stages,
@@ -86,10 +130,10 @@ def main(out_dir, in_dir, with_vllm, integrity_only, workers, as_json, quiet):
                 what = f"{vllm_report.get('modules')} modules resolved by vLLM's INC config"
             if vllm_report.get("mtp"):
                 what += f"; MTP drafter: {vllm_report['mtp'].get('params')} parameters filled"
-            click.echo(f"vllm: {what}; CPU bypasses: {', '.join(vllm_report.get('bypassed') or ['none'])}", err=True)
+            click.echo(f"vllm: {what}; CPU bypasses: {', '.join(vllm_report.get('bypassed') or ['none'])}")
         if not quiet:
             done = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
-            click.echo(f"{'OK' if ok else 'FAILED'}: {len(findings)} finding(s) ({done})", err=True)
+            click.echo(f"{'OK' if ok else 'FAILED'}: {len(findings)} finding(s) ({done})")
     sys.exit(EXIT_OK if ok else EXIT_FINDINGS)
 
 
