@@ -71,7 +71,6 @@ if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--hash-all"
 import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
 
 from m3_convert import gptq  # noqa: E402
 from m3_convert.st import build_header  # noqa: E402

@@ -25,8 +25,6 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
 
 from bench import source_config  # noqa: E402
 from m3_convert.gptq import packed_shapes  # noqa: E402

@@ -45,7 +45,6 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
 
 EXPERT_MIX = {2: 0.35, 3: 0.45, 4: 0.12, 8: 0.08}
 #: HBM bandwidth on the datasheet, by the name torch reports (H100 SXM5 80 GB: 3.35 TB/s; H200: 4.8 TB/s)

@@ -1,32 +1,14 @@
 """m3-convert: the command line (thin: parse, check OUT_DIR, plan, execute, report)."""
 from __future__ import annotations
 
-import gc
 import json
-import os
-import re
 import sys
-import time
 
 import click
 
-from .errors import EXIT_USAGE, CheckpointError, M3Error, OutputError, UsageError, report_unexpected, unexpected_error
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.I)
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size (examples: 5GB, 500MB, 1GiB, 1048576)")
-    num = float(m.group(1))
-    unit = (m.group(2) or "").upper()
-    mult = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}.get(unit)
-    if mult is None:
-        raise click.BadParameter(f"unknown unit in {text!r}")
-    n = int(num * mult)
-    if n <= 0:
-        raise click.BadParameter("size must be positive")
-    return n
+from .errors import M3Error, report_unexpected, unexpected_error
+from .gptq import VALID_BITS
+from .plan import PLAIN_DTYPE_MODES, TARGETS
 
 
 def human(n: float) -> str:
@@ -47,36 +29,8 @@ def fail(line, code, as_json, json_error=None):
     sys.exit(code)
 
 
-def check_dirs(in_dir: str, out_dir: str, force: bool, resume: bool, dry_run: bool):
-    from .execute import STATE_DIR
-    if not os.path.isdir(in_dir):     # an input that cannot be read: exit 3, as an unreadable file in it
-        raise CheckpointError(in_dir, None, "IN_DIR is not a directory" if os.path.exists(in_dir) else "IN_DIR does not exist")
-    rin, rout = os.path.realpath(in_dir), os.path.realpath(out_dir)
-    if rin == rout:
-        raise UsageError("OUT_DIR is IN_DIR: refusing to convert in place")
-    if rout.startswith(rin + os.sep):
-        raise UsageError(f"OUT_DIR {out_dir} is inside IN_DIR {in_dir}: refusing (the output would be read as input)")
-    if rin.startswith(rout + os.sep):
-        raise UsageError(f"IN_DIR {in_dir} is inside OUT_DIR {out_dir}: refusing")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UsageError(f"OUT_DIR {out_dir} exists and is not a directory")
-    if os.path.isdir(out_dir) and not dry_run:
-        from .execute import refuse_if_busy
-        refuse_if_busy(out_dir)        # another m3-convert writing there: refused, with its pid, whatever the options
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not dry_run:
-        has_state = os.path.isdir(os.path.join(out_dir, STATE_DIR))
-        if resume and has_state:
-            return
-        if resume and not force:
-            return "check-own-files"   # decided after planning: only files m3-convert would write
-        if not force:
-            hint = " (an interrupted run: use --resume)" if has_state else ""
-            raise UsageError(f"OUT_DIR {out_dir} is not empty{hint}; use --force to write into it "
-                             "(files m3-convert writes are replaced, other files are left alone)")
-
-
-def summary_text(plan, result, elapsed):
-    s = plan.stats
+def summary_text(s, result, elapsed):
+    """The human summary of a conversion (``result`` None: of a dry run) from its stats (api.Result.stats)."""
     lines = [
         f"input : {s['input_files']} files, {s['input_tensors']} tensors, {human(s['input_bytes'])}",
         f"output: {s['output_shards']} shards, {s['output_tensors']} tensors, {human(s['output_bytes'])}",
@@ -142,49 +96,14 @@ def summary_text(plan, result, elapsed):
     return "\n".join(lines)
 
 
-def check_options(target, stock_min_bits, keep_vision, keep_mtp):
-    """Option combinations m3-convert refuses (exit 2)."""
-    if keep_mtp and not keep_vision:
-        raise UsageError("--keep-mtp needs --keep-vision: vLLM's MTP drafter names its layers model.layers.K, which "
-                         "collide with the text-only class's own layers (\"Duplicate layer name\"); the VL class "
-                         "nests the text model under language_model.")
-    if keep_mtp and target == "stock-vllm":
-        raise UsageError("--keep-mtp is not supported with --target stock-vllm yet (use the default target)")
-    if stock_min_bits and target != "stock-vllm":
-        raise UsageError("--stock-min-bits needs --target stock-vllm")
-
-
-def check_resume_without_journal(plan, out_dir, quiet):
-    """--resume into an OUT_DIR with no journal: only files this run would write may be there."""
-    from . import execute, plan as planmod
-    own = {f for f, _ in plan.shards} | set(plan.copied_files) | planmod.GENERATED | {execute.STATE_DIR}
-    foreign = sorted(f for f in os.listdir(out_dir) if f not in own and not (f.startswith(".") and f.endswith(".partial")))
-    if foreign:
-        raise UsageError(f"--resume: OUT_DIR {out_dir} has no m3-convert journal and holds files m3-convert "
-                         f"would not write ({', '.join(foreign[:3])}); use --force to write into it anyway")
-    if not quiet:
-        click.echo("resume: no journal in OUT_DIR (the last run finished or never started a shard); "
-                   "every shard is rewritten", err=True)
-
-
-def print_dry_run(plan, t_plan, as_json, quiet):
+def print_dry_run(res, as_json, quiet):
     """--dry-run's report: the summary, or the JSON one with every planned shard."""
     if as_json:
-        click.echo(json.dumps({"dry_run": True, "plan_seconds": round(t_plan, 3), **plan.stats,
-                               "shards": [{"file": f, "tensors": len(ts), "bytes": sum(o.nbytes for o in ts)} for f, ts in plan.shards]}, indent=2))
+        shards = [{"file": f, "tensors": len(ts), "bytes": sum(o.nbytes for o in ts)} for f, ts in res.plan.shards]
+        click.echo(json.dumps({"dry_run": True, "plan_seconds": res.plan_seconds, **res.stats, "shards": shards}, indent=2))
     elif not quiet:
-        click.echo(summary_text(plan, None, 0))
-        click.echo(f"planned in {t_plan:.2f} s (dry run: nothing written)")
-
-
-def prefetch_budget() -> int:
-    """Bytes of input to prefetch while planning: a quarter of the available memory, at most 2 GiB."""
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        avail = 1 << 30
-    return min(2 << 30, avail // 4)
+        click.echo(summary_text(res.stats, None, 0))
+        click.echo(f"planned in {res.plan_seconds:.2f} s (dry run: nothing written)")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -199,11 +118,11 @@ def prefetch_budget() -> int:
 @click.option("--workers", default=None, type=click.IntRange(1, 64),
               help="Shards written in parallel (default: twice the number of CPUs, at most 8: a shard waiting on the "
               "disk leaves its core to another one's hashing).")
-@click.option("--target", type=click.Choice(["m3-plugin", "stock-vllm"]), default="m3-plugin", show_default=True,
+@click.option("--target", type=click.Choice(TARGETS), default=TARGETS[0], show_default=True,
               help="m3-plugin: per-module bits, served by vLLM with this project's m3_gptq plugin (installed with "
               "m3-convert). stock-vllm: vLLM's own auto-round config, no plugin: every fused module and every MoE "
               "layer is made one width by lossless promotion (costs memory; the summary reports how much).")
-@click.option("--stock-min-bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
+@click.option("--stock-min-bits", type=click.Choice([str(b) for b in VALID_BITS]), default=None,
               help="With --target stock-vllm: also promote modules below this width (4 sends every layer to Marlin; "
               "without it 2/3-bit layers go to vLLM's humming kernels).")
 @click.option("--keep-vision", is_flag=True, help="Keep the vision tower and projector and write the checkpoint for vLLM's "
@@ -213,7 +132,7 @@ def prefetch_budget() -> int:
 @click.option("--keep-mtp", is_flag=True, help="Also write the MTP (multi-token prediction) block for vLLM's MiniMaxM3MTP "
               "speculative decoding, in its stored dtype (needs --keep-vision: vLLM's MTP layer names collide with the text-only class). "
               "Serve with --speculative-config '{\"method\": \"mtp\", \"num_speculative_tokens\": 1}'.")
-@click.option("--dtype", "plain_dtype", type=click.Choice(["source", "bf16"]), default="source", show_default=True,
+@click.option("--dtype", "plain_dtype", type=click.Choice(PLAIN_DTYPE_MODES), default=PLAIN_DTYPE_MODES[0], show_default=True,
               help="Plain (non-GPTQ) tensors: 'source' writes them as stored (exact bytes, F32/F16/BF16); 'bf16' rounds "
               "F32/F16 ones to bf16 exactly as vLLM does when it loads them (it holds them in bf16), halving their bytes; "
               "the router, which vLLM holds in float32, stays as stored. m3-verify --against proves every cast.")
@@ -250,52 +169,23 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
     (continue with --resume).
     Check the result with: m3-verify OUT_DIR --against IN_DIR
     """
-    from . import execute, plan as planmod
-    t0 = time.time()
-    if workers is None:
-        workers = min(8, 2 * (os.cpu_count() or 1))   # bench/bench.py: 4 workers beat 2 on 2 cores (2-12%)
+    from .api import convert
+    progress = _progress_bar if not quiet and not as_json else None
     try:
-        # everything before the first byte with the collector off (plan.gc_paused; the plan itself and the space
-        # check's shard headers: ~0.2 s of ~1.4 s at 67k tensors)
-        with planmod.gc_paused():
-            shard_size = parse_size(max_shard_size)
-            pending = check_dirs(in_dir, out_dir, force, resume, dry_run)
-            check_options(target, stock_min_bits, keep_vision, keep_mtp)
-            if not dry_run:   # overlap the first reads with planning (a kernel hint; nothing is read into this process)
-                execute.prefetch(sorted(os.path.join(in_dir, f) for f in os.listdir(in_dir) if f.endswith(".safetensors")),
-                                 prefetch_budget())
-            plan = planmod.make_plan(in_dir, shard_size, target=target, min_bits=int(stock_min_bits) if stock_min_bits else None,
-                                     keep_vision=keep_vision, keep_mtp=keep_mtp, plain_dtype=plain_dtype)
-            if pending == "check-own-files":
-                check_resume_without_journal(plan, out_dir, quiet)
-            if target == "m3-plugin" and (as_json or not quiet):    # computed only when shown: 0.3 s for 90k tensors
-                plan.stats["gpu_weight_bytes"] = planmod.serving_projection(plan, gpu_memory)
-            space = execute.space_plan(plan, out_dir, resume=resume, workers=workers)
-            plan.stats["disk"] = space
-        t_plan = time.time() - t0
-        gc.freeze()   # the plan's ~4x10^5 objects live to the end: keep the collector from re-scanning them
+        log = (lambda m: click.echo(m, err=True)) if not quiet else (lambda m: None)
+        res = convert(in_dir, out_dir, dry_run=dry_run, force=force, resume=resume, max_shard_size=max_shard_size,
+                      workers=workers, target=target, stock_min_bits=stock_min_bits, keep_vision=keep_vision,
+                      keep_mtp=keep_mtp, dtype=plain_dtype, skip_space_check=skip_space_check, gpu_memory=gpu_memory,
+                      gpu_projection=as_json or not quiet, progress=progress, log=log)
         if dry_run:
-            return print_dry_run(plan, t_plan, as_json, quiet)
-        if space["needed_bytes"] > space["free_bytes"] and not skip_space_check:
-            raise OutputError(f"not enough space for the output: needs {human(space['needed_bytes'])}, "
-                              f"{human(space['free_bytes'])} free on {space['filesystem']} (nothing written; "
-                              "--skip-space-check writes anyway)")
-        bar = None
-        if not quiet and not as_json:
-            from tqdm import tqdm
-            bar = tqdm(total=plan.stats["output_bytes"], unit="B", unit_scale=True, unit_divisor=1024, desc="converting", file=sys.stderr)
-        try:
-            result = execute.run(plan, out_dir, workers=workers, resume=resume, bar=bar, log=lambda m: click.echo(m, err=True))
-        finally:
-            if bar is not None:
-                bar.close()
-        elapsed = time.time() - t0
+            return print_dry_run(res, as_json, quiet)
+        result = {"written_shards": res.written_shards, "reused_shards": res.reused_shards, "files": res.files,
+                  "resumed": res.resumed}
         if as_json:
-            click.echo(json.dumps({"dry_run": False, "seconds": round(elapsed, 3), "plan_seconds": round(t_plan, 3), **plan.stats, **result}, indent=2))
+            click.echo(json.dumps({"dry_run": False, "seconds": res.seconds, "plan_seconds": res.plan_seconds,
+                                   **res.stats, **result}, indent=2))
         elif not quiet:
-            click.echo(summary_text(plan, result, elapsed))
-    except click.BadParameter as e:
-        fail(f"m3-convert: error: {e.message}", EXIT_USAGE, as_json)
+            click.echo(summary_text(res.stats, result, res.seconds))
     except M3Error as e:
         fail(f"m3-convert: error: {e}", e.exit_code, as_json)
     except KeyboardInterrupt:
@@ -303,8 +193,11 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
     except Exception as e:     # no check anticipated it: still one line and exit 3, never a bare traceback
         code = report_unexpected("m3-convert", e, debug)
         fail(None, code, as_json, unexpected_error("m3-convert", e))
-    finally:
-        gc.unfreeze()   # only matters when called in-process (tests): the next plan is not kept frozen
+
+
+def _progress_bar(total):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ import numpy as np
 
 from . import gptq, st
 from .errors import CheckpointError, OutputError, UsageError, processing
-from .plan import CAST, COPY, DEQUANT, PROMOTE, SLICE, Plan
-from .quantcfg import FORMAT as TOOL_VERSION       # the format tag: journal, shard recipes, "is this ours?"
+from .outputs import CAST, COPY, DEQUANT, PROMOTE, SLICE
+from .plan import Plan
+from .quantcfg import FORMAT                        # the format tag: journal, shard recipes, "is this ours?"
 from .st import CHUNK, INDEX_FILE, sha256_file
 
 STATE_DIR = ".m3-convert"
@@ -267,14 +268,13 @@ class SourceFiles:
             os.close(fd)
 
 
-def _pread_into(fd, buf, offset, info):
-    got = 0
-    mv = memoryview(buf)
-    while got < len(mv):
-        n = os.preadv(fd, [mv[got:]], offset + got)
-        if n <= 0:
-            raise CheckpointError(os.path.basename(info.file), info.name, f"short read at offset {offset + got}: file truncated or changed during conversion")
-        got += n
+def shard_header(plan: Plan, fname: str, tensors) -> bytes:
+    """The header of output shard ``fname`` exactly as written, built from its planned tensors once (kept in
+    ``plan.shard_headers``): read by the space check (the shard's size) and by the writer."""
+    h = plan.shard_headers.get(fname)
+    if h is None:
+        h = plan.shard_headers[fname] = st.build_header([(o.name, o.dtype, o.shape, o.nbytes) for o in tensors])
+    return h
 
 
 class BufferRing:
@@ -323,7 +323,7 @@ def _write_slice(src, w, o, ring, progress):
         buf, done = ring.next()
         done()   # the slice below is a copy; the buffer itself is never queued for hashing
         view = memoryview(buf)[: (r1 - r0) * row_bytes]
-        _pread_into(fd, view, t.begin + r0 * row_bytes, t)
+        st.read_into(fd, view, t.begin + r0 * row_bytes, t)
         arr = np.frombuffer(view, dtype=st.DTYPES[t.dtype][1]).reshape(r1 - r0, cols)
         part = arr[:, a:b].copy()   # always a copy: a one-row slice would be a view of the reused buffer
         w.write(part)
@@ -363,7 +363,7 @@ def _write_cast(src, w, o, ring, progress):
         buf, done = ring.next()
         done()   # the cast below is a new array; the buffer itself is never queued for hashing
         view = memoryview(buf)[: (b - a) * row_bytes]
-        _pread_into(fd, view, t.begin + a * row_bytes, t)
+        st.read_into(fd, view, t.begin + a * row_bytes, t)
         data = gptq.to_bf16(np.frombuffer(view, dtype=npdt))   # to_bf16 widens F16 itself; F32 is not copied
         w.write(data)
         progress(data.nbytes)
@@ -387,7 +387,7 @@ def _write_promote(src, w, o, progress):
 
 
 def write_shard(path_tmp, tensors, header, progress):
-    """Write one output shard (``header``: its header bytes, Plan.shard_header); returns (size, sha256)."""
+    """Write one output shard (``header``: its header bytes, :func:`shard_header`); returns (size, sha256)."""
     src = SourceFiles()
     ring = BufferRing(n=1)   # row blocks for column slices (copies go through the kernel)
     w = HashingWriter(path_tmp)
@@ -441,7 +441,7 @@ def file_fingerprint(path):
 
 def shard_recipe(plan: Plan, fname, tensors) -> str:
     """What a shard is made of: its layout and the fingerprints of the inputs it reads."""
-    h = hashlib.sha256(f"{TOOL_VERSION}\n{fname}\n".encode())
+    h = hashlib.sha256(f"{FORMAT}\n{fname}\n".encode())
     srcs = sorted({t.file for o in tensors for t in o.srcs})
     for p in srcs:
         h.update(f"{os.path.basename(p)} {file_fingerprint(p)}\n".encode())
@@ -514,7 +514,7 @@ def _previous_outputs(out_dir):
         pass
     try:
         with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
-            ours = json.load(f).get("quantization_config", {}).get("format") == TOOL_VERSION
+            ours = json.load(f).get("quantization_config", {}).get("format") == FORMAT
         if ours:
             with open(os.path.join(out_dir, "SHA256SUMS"), encoding="utf-8") as f:
                 names |= {line.rstrip("\n").split("  ", 1)[-1] for line in f}
@@ -525,7 +525,7 @@ def _previous_outputs(out_dir):
 
 def shard_file_bytes(plan: Plan, fname, tensors) -> int:
     """The exact size of an output shard: its header (as the writer writes it) and its tensors."""
-    return len(plan.shard_header(fname, tensors)) + sum(o.nbytes for o in tensors)
+    return len(shard_header(plan, fname, tensors)) + sum(o.nbytes for o in tensors)
 
 
 def space_plan(plan: Plan, out_dir: str, resume: bool = False, workers: int = 1) -> dict:
@@ -735,7 +735,7 @@ def _load_journal(state_path, log) -> dict:
         state = None
     if not isinstance(state, dict) or not isinstance(state.get("shards"), dict):
         log("resume: journal unreadable, starting over")
-        state = {"tool": TOOL_VERSION, "shards": {}}
+        state = {"tool": FORMAT, "shards": {}}
     return state
 
 
@@ -749,7 +749,7 @@ def _run(plan: Plan, out_dir: str, workers: int, resume: bool, bar, log):
     state_dir = os.path.join(out_dir, STATE_DIR)
     os.makedirs(state_dir, exist_ok=True)
     state_path = os.path.join(state_dir, STATE_FILE)
-    state = _load_journal(state_path, log) if resume and os.path.exists(state_path) else {"tool": TOOL_VERSION, "shards": {}}
+    state = _load_journal(state_path, log) if resume and os.path.exists(state_path) else {"tool": FORMAT, "shards": {}}
     state_lock = threading.Lock()
     progress = Progress(bar)
     digests = {}
@@ -776,7 +776,7 @@ def _run(plan: Plan, out_dir: str, workers: int, resume: bool, bar, log):
         tmp = os.path.join(out_dir, "." + fname + ".partial")
         try:
             with processing(fname):
-                size, digest = write_shard(tmp, tensors, plan.shard_header(fname, tensors), progress)
+                size, digest = write_shard(tmp, tensors, shard_header(plan, fname, tensors), progress)
         except OSError as e:
             raise _named(e, fname) from None
         os.replace(tmp, os.path.join(out_dir, fname))

@@ -270,7 +270,8 @@ def is_trivial_g_idx(g_idx: np.ndarray, shape: GPTQShape) -> bool:
 
 
 def split_point_ok(split_out: int, bits: int) -> bool:
-    """A fused module split at output ``split_out`` is lossless iff the qzeros words split there."""
+    """``split_out`` values fill whole packing words (3-bit: 32 values in 3 words): a fused module split at output
+    ``split_out``, or a tensor-parallel slice of ``split_out`` features, cuts no word (serve.decide.split_problem)."""
     return (split_out * bits) % 32 == 0 and (bits != 3 or split_out % 32 == 0)
 
 

@@ -116,6 +116,8 @@ INDEX = "index"          # indexer projections: bf16 (part of the sparse qkv GEM
 GATE_UP = "gate_up"      # fused [gate; up]: split by outputs into two official modules
 ROUTER = "router"        # router weight (+ e_score_correction_bias, which moves out of .gate)
 EXPERT = "expert"        # routed expert Linear, copied as is
+#: the roles whose modules are Linears (GPTQ or bf16 weights): the planner's and m3-verify's structure check
+LINEAR_ROLES = (LINEAR, EXPERT, QKV, INDEX, GATE_UP)
 
 # where a module exists
 ALL, DENSE_ATTN, SPARSE_ATTN, DENSE_MLP, MOE, SHARED = "all", "dense_attn", "sparse_attn", "dense_mlp", "moe", "shared"

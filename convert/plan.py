@@ -1,6 +1,7 @@
-"""Planning: headers only -> every output tensor with the operation that makes it.
+"""Planning: headers only -> every output tensor with the operation that makes it (:class:`.outputs.OutTensor`).
 
-read headers -> canonicalise names (names.ALIASES) -> match modules (names.MODULES)
+The source is read by :mod:`.source` (files from the index, configs, headers); vision and MTP are
+:mod:`.vl_mtp`'s; this module is the phases of the text model: read headers -> canonicalise names (names.ALIASES) -> match modules (names.MODULES)
 -> check bits (tensor shapes vs quantization_config) and every shape against the
 config (rules.py, the rules m3-verify checks an output with) -> decide copy / split /
 de-quantize -> check every GPTQ scale is finite -> lay out output shards.  The only
@@ -11,22 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from . import config as cfgmod
-from . import gptq, names, rules, st
-from .errors import CheckpointError, processing
-from .quantcfg import SourceQuantConfig, natural_key
-from .st import INDEX_FILE, SINGLE_FILE
+from . import gptq, model_config, names, rules, st
+from .errors import CheckpointError, UsageError, processing
+from .outputs import CAST, COPY, DEQUANT, PROMOTE, SLICE, OutTensor, cast_plain, split_rows
+from .source import Source, _fname, other_files, read_source
+from .quantcfg import SourceQuantConfig
+from .vl_mtp import add_vision_and_mtp, collect_vision, mtp_tensor
 
-EXTRA_FILE = "model_extra_tensors.safetensors"
-#: files the converter writes itself; never copied from the input
-GENERATED = {"config.json", "quantization_config.json", INDEX_FILE, "SHA256SUMS"}
-
-COPY, SLICE, DEQUANT, PROMOTE, CAST = "copy", "slice", "dequant", "promote", "cast"
 #: --dtype: "source" writes plain tensors as stored (the default: exact bytes); "bf16" rounds F32/F16 plain tensors
 #: that vLLM holds in bf16 (names.served_dtype) to bf16, as vLLM's own load does
 PLAIN_DTYPE_MODES = ("source", "bf16")
@@ -35,39 +31,6 @@ PLAIN_DTYPE_MODES = ("source", "bf16")
 #: and "stock-vllm" (vLLM's own auto-round/INC config, no plugin: one scheme per fused module and per MoE
 #: layer, made uniform here by lossless promotion)
 TARGETS = ("m3-plugin", "stock-vllm")
-
-
-class _computed_once:
-    """functools.cached_property without its per-access lock (3.11): ~70k reads in one plan."""
-
-    def __init__(self, fn):
-        self.fn, self.attr = fn, fn.__name__
-
-    def __get__(self, obj, cls=None):
-        if obj is None:
-            return self
-        value = obj.__dict__[self.attr] = self.fn(obj)
-        return value
-
-
-@dataclass
-class OutTensor:
-    name: str
-    dtype: str
-    shape: tuple
-    op: str                          # copy | slice | dequant | promote | cast
-    srcs: tuple                      # TensorInfo(s): copy/slice/promote/cast: (t,), dequant: (qweight, qzeros, scales[, g_idx])
-    cols: tuple | None = None        # slice/promote: (start, stop) along the last axis of a 2-D tensor
-    rows: tuple | None = None        # slice/cast: (start, stop) along the first axis (contiguous bytes)
-    order: tuple = ()
-    promote: tuple | None = None     # promote: (bits, new_bits) of a qweight/qzeros (gptq.promote_*)
-
-    @_computed_once
-    def nbytes(self) -> int:   # read ~3x per tensor (layout, headers, stats); dtype and shape never change
-        n = st.DTYPES[self.dtype][0]
-        for d in self.shape:
-            n *= d
-        return n
 
 
 @dataclass
@@ -83,128 +46,13 @@ class Plan:
     copied_files: list = field(default_factory=list)
     inputs: dict = field(default_factory=dict)   # shard path -> Header
     stats: dict = field(default_factory=dict)
-    shard_headers: dict = field(default_factory=dict)   # output shard -> its header bytes (built once, on demand)
-
-    def shard_header(self, fname: str, tensors) -> bytes:
-        """The header of output shard ``fname`` exactly as written: built once, read by the space check (the
-        shard's size) and by the writer."""
-        h = self.shard_headers.get(fname)
-        if h is None:
-            h = self.shard_headers[fname] = st.build_header([(o.name, o.dtype, o.shape, o.nbytes) for o in tensors])
-        return h
-
-
-def _load_json(path, what):
-    fname = os.path.basename(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise CheckpointError(fname, None, f"cannot read {what}: {e.strerror}") from None
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(fname, None, f"{what} is not valid JSON: {e}") from None
-
-
-def _safe_name(fname, where):
-    if (not isinstance(fname, str) or not fname or fname in (".", "..") or "/" in fname or "\\" in fname
-            or "\x00" in fname or os.path.isabs(fname)):
-        raise CheckpointError(where, None, f"file name {fname!r} is not a plain file name inside IN_DIR")
-    return fname
-
-
-def input_files(in_dir: str):
-    """Shard files from the index (never a glob), plus model_extra_tensors.safetensors."""
-    idx_path = os.path.join(in_dir, INDEX_FILE)
-    weight_map = None
-    if os.path.exists(idx_path):
-        idx = _load_json(idx_path, "index")
-        if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
-            raise CheckpointError(INDEX_FILE, None, "no weight_map object")
-        weight_map = idx["weight_map"]
-        distinct = set()
-        for fname in weight_map.values():
-            if type(fname) is str and fname in distinct:
-                continue                     # each distinct name is checked once
-            distinct.add(_safe_name(fname, INDEX_FILE))   # refuses a non-string before it is hashed
-        files = sorted(distinct)
-    elif os.path.exists(os.path.join(in_dir, SINGLE_FILE)):
-        files = [SINGLE_FILE]
-    else:
-        raise CheckpointError(os.path.basename(in_dir.rstrip("/")) or in_dir, None, f"no {INDEX_FILE} and no {SINGLE_FILE}")
-    if os.path.exists(os.path.join(in_dir, EXTRA_FILE)) and EXTRA_FILE not in files:
-        files.append(EXTRA_FILE)
-    for fname in files:
-        if not os.path.isfile(os.path.join(in_dir, fname)):
-            raise CheckpointError(fname, None, f"listed in {INDEX_FILE} but absent from IN_DIR")
-    others = sorted(f for f in os.listdir(in_dir) if f.endswith(".safetensors") and f not in files)
-    if others:
-        raise CheckpointError(others[0], None, f"safetensors file not referenced by {INDEX_FILE}: refusing to guess whether it is part of the checkpoint")
-    return files, weight_map
-
-
-def load_configs(in_dir: str):
-    cfg_path = os.path.join(in_dir, "config.json")
-    if not os.path.exists(cfg_path):
-        raise CheckpointError("config.json", None, "missing")
-    cfg = _load_json(cfg_path, "config")
-    if not isinstance(cfg, dict):
-        raise CheckpointError("config.json", None, "not a JSON object")
-    qc = cfg.get("quantization_config")
-    qpath = os.path.join(in_dir, "quantization_config.json")
-    has_qjson = os.path.exists(qpath)
-    if has_qjson:
-        qj = _load_json(qpath, "quantization_config.json")
-        if qc is None:
-            qc = qj
-        elif qj != qc:
-            raise CheckpointError("quantization_config.json", None, "differs from config.json's quantization_config: refusing to choose")
-    if qc is None:
-        raise CheckpointError("config.json", "quantization_config", "missing (not an AutoRound/GPTQ checkpoint?)")
-    return cfg, SourceQuantConfig(qc, "quantization_config.json" if has_qjson and "quantization_config" not in cfg else "config.json"), has_qjson
-
-
-def read_sources(in_dir: str):
-    files, weight_map = input_files(in_dir)
-    headers = {}
-    for f in files:
-        with processing(f):
-            headers[f] = st.read_header(os.path.join(in_dir, f))
-    listed: dict = defaultdict(set)          # file -> tensor names the index places there
-    if weight_map is not None:
-        for tname, fname in weight_map.items():
-            listed[fname].add(tname)
-    n_total = sum(len(h.tensors) for h in headers.values())
-    consistent = len(set().union(*(h.tensors.keys() for h in headers.values()))) == n_total and (
-        weight_map is None or all(headers[f].tensors.keys() == listed[f] if f != EXTRA_FILE else listed[f] <= headers[f].tensors.keys()
-                                  for f in files))
-    if consistent:                           # the common case, checked with set operations
-        return files, headers
-    seen = {}                                # else find the first offending tensor, for the message
-    for fname in files:
-        for tname in headers[fname].tensors:
-            if tname in seen:
-                raise CheckpointError(fname, tname, f"same tensor also in {seen[tname]}")
-            seen[tname] = fname
-            if weight_map is not None and fname != EXTRA_FILE and weight_map.get(tname) != fname:
-                if tname not in weight_map:
-                    raise CheckpointError(fname, tname, f"not listed in {INDEX_FILE}")
-                raise CheckpointError(fname, tname, f"{INDEX_FILE} places it in {weight_map[tname]!r}")
-    for tname, fname in weight_map.items():
-        if tname not in headers[fname].tensors:
-            raise CheckpointError(fname, tname, f"listed in {INDEX_FILE} but not in the file's header")
-    raise AssertionError("inconsistent index with no offending tensor")
-
-
-def _fname(t: st.TensorInfo) -> str:
-    return os.path.basename(t.file)
+    shard_headers: dict = field(default_factory=dict)   # output shard -> its header bytes (execute.shard_header)
 
 
 def make_plan(in_dir: str, max_shard_size: int = 5 * 10**9, target: str = "m3-plugin", min_bits: int | None = None,
               keep_vision: bool = False, keep_mtp: bool = False, plain_dtype: str = "source") -> Plan:
     """Plan the conversion from the headers alone, in named phases: collect (every source tensor sorted into what
-    it is) -> decide (one typed Decision per source module) -> emit (the output tensors of each decision, one
+    it is) -> decide_modules (one typed Decision per source module) -> emit (the output tensors of each decision, one
     function per action) -> vision and MTP -> finalize (quantization config, shards, stats).
     The cyclic garbage collector is paused while the plan's objects are built (gc_paused)."""
     opts = Options(target, min_bits, keep_vision, keep_mtp, plain_dtype)
@@ -240,14 +88,22 @@ class Options:
         return self.target == "stock-vllm"
 
     def validate(self):
+        """The option values and combinations m3-convert refuses (UsageError, exit 2): the one home of these rules
+        (the CLI and the Python API both call it)."""
         if self.target not in TARGETS:
-            raise ValueError(f"unknown target {self.target!r}")
+            raise UsageError(f"unknown target {self.target!r} (one of {', '.join(TARGETS)})")
         if self.plain_dtype not in PLAIN_DTYPE_MODES:
-            raise ValueError(f"unknown plain dtype mode {self.plain_dtype!r}")
-        if self.min_bits is not None and (not self.stock or self.min_bits not in gptq.VALID_BITS):
-            raise ValueError("min_bits applies to --target stock-vllm only and must be 2, 3, 4 or 8")
-        if self.keep_mtp and (not self.keep_vision or self.stock):
-            raise ValueError("keep_mtp needs keep_vision (the VL layout) and the m3-plugin target")
+            raise UsageError(f"unknown plain dtype mode {self.plain_dtype!r} (one of {', '.join(PLAIN_DTYPE_MODES)})")
+        if self.min_bits is not None and not self.stock:
+            raise UsageError("--stock-min-bits needs --target stock-vllm")
+        if self.min_bits is not None and self.min_bits not in gptq.VALID_BITS:
+            raise UsageError(f"--stock-min-bits must be one of {', '.join(map(str, gptq.VALID_BITS))}")
+        if self.keep_mtp and not self.keep_vision:
+            raise UsageError("--keep-mtp needs --keep-vision: vLLM's MTP drafter names its layers model.layers.K, which "
+                             "collide with the text-only class's own layers (\"Duplicate layer name\"); the VL class "
+                             "nests the text model under language_model.")
+        if self.keep_mtp and self.stock:
+            raise UsageError("--keep-mtp is not supported with --target stock-vllm yet (use the default target)")
 
 
 @dataclass
@@ -295,19 +151,18 @@ class Emitted:
 
 
 def _make_plan(in_dir, max_shard_size, opts: Options) -> Plan:
+    src = read_source(in_dir)
     with processing("config.json"):
-        src_cfg, qcfg, has_qjson = load_configs(in_dir)
-        out_cfg, layout = cfgmod.convert_config(src_cfg)
-    files, headers = read_sources(in_dir)
-    file_rank = {os.path.join(in_dir, f): i for i, f in enumerate(files)}
-    col = collect(files, headers, layout, opts, src_cfg, file_rank)
-    decisions, notes = decide(col.groups, qcfg, layout, out_cfg, opts, file_rank, cfgmod.text_config_of(src_cfg))
+        out_cfg, layout = model_config.convert_config(src.cfg)
+    col = collect(src.files, src.headers, layout, opts, src.cfg, src.file_rank)
+    decisions, notes = decide_modules(col.groups, src.qcfg, layout, out_cfg, opts, src.file_rank,
+                                      model_config.text_config_of(src.cfg))
     check_scales(decisions, notes)
     em = Emitted(notes=notes)
     for d in decisions:
         EMIT[d.action](em, d)
-    out, out_cfg = add_vision_and_mtp(em.out, col, out_cfg, src_cfg, layout, opts, file_rank)
-    return finalize(in_dir, src_cfg, out_cfg, qcfg, has_qjson, layout, out, em, col, files, headers, opts, max_shard_size)
+    out, out_cfg = add_vision_and_mtp(em.out, col, out_cfg, src.cfg, layout, opts, src.file_rank)
+    return finalize(src, out_cfg, layout, out, em, col, opts, max_shard_size)
 
 
 # ---------------------------------------------------------------- phase 1: collect
@@ -327,9 +182,9 @@ def _collect_file(col: Collected, header, fname, layout, opts: Options, src_cfg,
         canon, m = names.resolve(t.name)
         cat = names.excluded_category(canon) if m is None else None
         if cat == "vision" and opts.keep_vision:
-            _collect_vision(col.vision, canon, t, fname)
+            collect_vision(col.vision, canon, t, fname)
         elif cat == "mtp" and opts.keep_mtp:
-            _mtp_tensor(col.mtp, canon, t, fname, src_cfg, file_rank)
+            mtp_tensor(col.mtp, canon, t, fname, src_cfg, file_rank)
         elif cat:
             col.dropped[cat] += 1
             col.dropped_bytes[cat] += t.nbytes
@@ -341,18 +196,6 @@ def _collect_file(col: Collected, header, fname, layout, opts: Options, src_cfg,
             if m.leaf in col.groups[key]:
                 raise CheckpointError(fname, t.name, f"two spellings of the same tensor ({col.groups[key][m.leaf].name})")
             col.groups[key][m.leaf] = t
-
-
-def _collect_vision(vision, canon, t, fname):
-    vm = names.vision_match(canon)
-    if vm is None:
-        raise CheckpointError(fname, t.name, "vision tensor with no rule in the name table: vLLM's VL class would "
-                              "raise KeyError on it (refusing to drop it silently)")
-    if vm in vision:
-        raise CheckpointError(fname, t.name, f"two spellings of the same tensor ({vision[vm].name})")
-    if t.dtype not in names.PLAIN_DTYPES:
-        raise CheckpointError(fname, t.name, f"vision tensor in {t.dtype}, expected one of {'/'.join(names.PLAIN_DTYPES)}")
-    vision[vm] = t
 
 
 def _check_layout(m, t, fname, layout):
@@ -367,7 +210,7 @@ def _check_layout(m, t, fname, layout):
 
 
 # ---------------------------------------------------------------- phase 2: decide
-def decide(groups, qcfg, layout, out_cfg, opts: Options, file_rank, src_tc):
+def decide_modules(groups, qcfg, layout, out_cfg, opts: Options, file_rank, src_tc):
     """One Decision per source module (in collection order), and the notes the decisions produce."""
     notes = Counter()
     gptq_info = {}                           # key -> (GPTQShape, Scheme) for quantized linears
@@ -447,15 +290,13 @@ def _emit_plain(em: Emitted, d: Decision):
     t = d.leaves["weight"]
     em.out.append(OutTensor(dst + ".weight", t.dtype, t.shape, COPY, (t,), order=d.order))
     em.ops[COPY] += 1
-    if d.module.role in LINEAR_ROLES:
+    if d.module.role in names.LINEAR_ROLES:
         em.modules_q[dst] = {"bits": None}
 
 
 def _emit_plain_split(em: Emitted, d: Decision):
     t = d.leaves["weight"]
-    if len(t.shape) != 2 or t.shape[0] % 2:
-        raise CheckpointError(_fname(t), t.name, f"fused gate_up weight shape {list(t.shape)} cannot be split in two")
-    half = t.shape[0] // 2
+    half = split_rows(t)
     m = d.match
     for i, (a, b) in enumerate(((0, half), (half, t.shape[0]))):
         em.out.append(OutTensor(m.dst_tensor(i).rsplit(".", 1)[0] + ".weight", t.dtype, (half, t.shape[1]), SLICE, (t,),
@@ -530,44 +371,23 @@ def _emit_gptq_split(em: Emitted, d: Decision):
     em.ops["split"] += 1
 
 
-LINEAR_ROLES = (names.LINEAR, names.EXPERT, names.QKV, names.INDEX, names.GATE_UP)
 EMIT = {ROUTER_COPY: _emit_router, PLAIN_COPY: _emit_plain, PLAIN_SPLIT: _emit_plain_split, DEQUANTIZE: _emit_dequantize,
         GPTQ_COPY: _emit_gptq, GPTQ_SPLIT: _emit_gptq_split}
 
 
-# ---------------------------------------------------------------- phase 4: vision and MTP
-def add_vision_and_mtp(out, col: Collected, out_cfg, src_cfg, layout, opts: Options, file_rank):
-    """--keep-vision: the text under language_model., the vision tower added, the VL config; --keep-mtp: the MTP
-    block(s), every tensor present."""
-    if opts.keep_vision:
-        for o in out:
-            o.name = names.VL_TEXT_PREFIX + o.name
-        out_cfg = cfgmod.vl_config(out_cfg, src_cfg)
-        out += _vision_tensors(col.vision, out_cfg, file_rank)
-    if opts.keep_mtp:
-        n_mtp = out_cfg["text_config"]["num_mtp_modules"] = _num_mtp(src_cfg)
-        missing = sorted(set(names.expected_mtp(n_mtp, layout.num_experts)) - set(col.mtp), key=natural_key)
-        if missing:
-            raise CheckpointError("(all shards)", missing[0], f"MTP tensor missing from the source ({len(missing)} missing): "
-                                  "vLLM's MiniMaxM3MTP would leave its parameter uninitialised without an error")
-        _check_mtp_shapes(col.mtp, out_cfg["text_config"], n_mtp, layout.num_experts)
-        out += list(col.mtp.values())
-    return out, out_cfg
-
-
 # ---------------------------------------------------------------- phase 5: finalize
-def finalize(in_dir, src_cfg, out_cfg, qcfg, has_qjson, layout, out, em: Emitted, col: Collected, files, headers,
-             opts: Options, max_shard_size) -> Plan:
+def finalize(src: Source, out_cfg, layout, out, em: Emitted, col: Collected, opts: Options, max_shard_size) -> Plan:
+    """Phase 5: the output quantization config, the Plan, its shards, the files copied beside them, the stats."""
     if opts.plain_dtype == "bf16":
-        em.ops[CAST] = _cast_plain(out)      # tensors (text, vision, MTP), beside the plain modules counted as COPY
+        em.ops[CAST] = cast_plain(out)      # tensors (text, vision, MTP), beside the plain modules counted as COPY
     out.sort(key=lambda o: o.order)
-    qout = _output_quant_config(em.modules_q, qcfg, out_cfg, opts)
+    qout = _output_quant_config(em.modules_q, src.qcfg, out_cfg, opts)
     out_cfg["quantization_config"] = qout
-    plan = Plan(in_dir, src_cfg, out_cfg, qout, has_qjson, layout, out)
-    plan.inputs = headers
+    plan = Plan(src.in_dir, src.cfg, out_cfg, qout, src.has_qjson, layout, out)
+    plan.inputs = src.headers
     plan.shards = shard(out, max_shard_size)
-    plan.copied_files, ignored = other_files(in_dir, files)
-    plan.stats = _stats(plan, em, col, files, headers, ignored, opts)
+    plan.copied_files, ignored = other_files(src.in_dir, src.files)
+    plan.stats = _stats(plan, em, col, src.files, src.headers, ignored, opts)
     return plan
 
 
@@ -630,19 +450,6 @@ def _check_routing_bias(leaves, src_mod, tc):
         raise CheckpointError(_fname(t), f"{src_mod}.e_score_correction_bias", msg)
 
 
-def _cast_plain(out):
-    """--dtype bf16: every plain tensor stored F32/F16 that vLLM holds in bf16 becomes a CAST (a whole tensor or the
-    rows of a split), rounded to bf16 as vLLM's load would; the router (held in float32) stays as stored."""
-    n = 0
-    for o in out:
-        if (o.op in (COPY, SLICE) and o.cols is None and o.dtype in ("F32", "F16") and names.served_dtype(o.name) == "BF16"
-                and o.name.rsplit(".", 1)[-1] not in names.LEAVES_QUANT):     # GPTQ scales stay fp16 (the exact decode)
-            o.op, o.dtype = CAST, "BF16"
-            o.__dict__.pop("nbytes", None)       # dtype changed: recompute the cached size
-            n += 1
-    return n
-
-
 def _plain_dtype_stats(out) -> dict:
     """dtype -> {"tensors", "bytes"} of the written plain (non-GPTQ, not de-quantized) tensors."""
     stats: dict = {}
@@ -678,83 +485,6 @@ def serving_projection(plan, gpu_gib: float | None = None, tp_sizes=(1, 2, 4, 8)
         plain[name] = n
     return decide.gpu_projection(plan.out_config["text_config"], modules, shapes, plain, names.fused_shards(),
                                  names.vllm_module, tp_sizes, gpu_gib)
-
-
-def _num_mtp(src_cfg):
-    tc = cfgmod.text_config_of(src_cfg)
-    n = tc.get("num_mtp_modules", 1)
-    if not isinstance(n, int) or n < 1:
-        raise CheckpointError("config.json", "text_config.num_mtp_modules", f"must be a positive integer with --keep-mtp, got {n!r}")
-    return n
-
-
-def _mtp_tensor(mtp, canon, t, fname, src_cfg, file_rank):
-    """--keep-mtp: one source MTP tensor -> its output tensor(s), in its stored dtype (a fused gate_up split by rows;
-    --dtype bf16 rounds F32/F16 ones later, _cast_plain)."""
-    mm = names.mtp_match(canon)
-    if mm is None:
-        raise CheckpointError(fname, t.name, "MTP tensor with no rule in the name table: vLLM's MiniMaxM3MTP would skip "
-                              "it silently (refusing to drop it)")
-    if mm.leaf in names.LEAVES_QUANT:
-        raise CheckpointError(fname, t.name, "GPTQ-quantized MTP tensors are not supported: --keep-mtp writes MTP in bf16 "
-                              "(vLLM's quantization prefixes of MTP layers collide with the main model's) and does not "
-                              "de-quantize it")
-    if t.dtype not in names.PLAIN_DTYPES:
-        raise CheckpointError(fname, t.name, f"MTP tensor in {t.dtype}, expected one of {'/'.join(names.PLAIN_DTYPES)}")
-    n = _num_mtp(src_cfg)
-    if mm.block >= n:
-        raise CheckpointError(fname, t.name, f"MTP block {mm.block} but text_config.num_mtp_modules is {n}")
-    order = (file_rank[t.file], t.begin)
-    if len(mm.dst) == 2:   # a fused [gate; up] in transformers' naming
-        if len(t.shape) != 2 or t.shape[0] % 2:
-            raise CheckpointError(fname, t.name, f"fused gate_up weight shape {list(t.shape)} cannot be split in two")
-        half = t.shape[0] // 2
-        for i, rows in enumerate(((0, half), (half, t.shape[0]))):
-            name = names.mtp_tensor(mm.block, mm.dst[i], mm.leaf)
-            _add_mtp(mtp, OutTensor(name, t.dtype, (half, t.shape[1]), SLICE, (t,), rows=rows, order=order + (i,)), fname, t)
-        return
-    _add_mtp(mtp, OutTensor(names.mtp_tensor(mm.block, mm.dst[0], mm.leaf), t.dtype, t.shape, COPY, (t,), order=order), fname, t)
-
-
-def _add_mtp(mtp, o, fname, t):
-    if o.name in mtp:
-        raise CheckpointError(fname, t.name, f"two spellings of the same tensor ({mtp[o.name].srcs[0].name})")
-    mtp[o.name] = o
-
-
-def _check_mtp_shapes(mtp, tc, n_mtp, num_experts):
-    """Every MTP tensor has the shape vLLM's MiniMaxM3MTP builds for the config (rules.mtp_shape)."""
-    for name, module, own, i in names.expected_mtp_modules(n_mtp, num_experts):
-        o = mtp[name]
-        want = rules.mtp_shape(tc, module.src if module else None, own, i, name.rsplit(".", 1)[1])
-        if tuple(o.shape) != tuple(want):
-            t = o.srcs[0]
-            raise CheckpointError(_fname(t), t.name, f"MTP tensor of shape {list(o.shape)} (as {name}), but the config "
-                                  f"gives {list(want)} (text_config: hidden_size, intermediate_size, num_local_experts, ...)")
-
-
-def _vision_tensors(vision, cfg, file_rank):
-    """--keep-vision: every vision tensor the VL class has, copied as is (--dtype bf16: F32/F16 rounded, _cast_plain);
-    a missing one, or one whose shape is not what vision_config gives (rules.vision_shape), stops the run
-    (vLLM would leave its parameter uninitialised without an error, or fail to load it)."""
-    num_layers = cfg["vision_config"]["num_hidden_layers"]
-    out = []
-    want = set(names.expected_vision(num_layers))
-    for key in want:
-        if key not in vision:
-            m, L, leaf = key
-            src = names.source_vision(m, L, leaf)
-            raise CheckpointError("(all shards)", src, "vision tensor missing from the source: vLLM's VL class would leave "
-                                  "its parameter uninitialised without an error")
-    for key, t in vision.items():
-        if key not in want:
-            raise CheckpointError(_fname(t), t.name, f"vision layer {key[1]} but vision_config has {num_layers} encoder layers")
-        shape = rules.vision_shape(key[0], key[2], cfg)
-        if tuple(t.shape) != tuple(shape):
-            raise CheckpointError(_fname(t), t.name, f"shape {list(t.shape)}, but vision_config (hidden_size, "
-                                  f"intermediate_size, num_channels, patch_size, ...) gives {list(shape)}")
-        out.append(OutTensor(names.vision_tensor(*key), t.dtype, t.shape, COPY, (t,), order=(file_rank[t.file], t.begin)))
-    return out
 
 
 def _account(promotion, layer, shape, out_features, W):
@@ -871,7 +601,7 @@ def check_shapes(groups, gptq_info, tc, src_tc):
             what = (f"{key[1]} ({q[0].bits}-bit GPTQ in {_fname(t)}) has [out, in] = {list(actual)} by its "
                     "qweight/qzeros/scales shapes" if q and t is leaves["qweight"] else
                     f"{t.name} ({_fname(t)}) has shape {list(actual)}")
-            raise CheckpointError(cfgmod.F, cfgmod.source_spelling(rules.shape_disagreement(tc, dims, actual), src_tc),
+            raise CheckpointError(model_config.F, model_config.source_spelling(rules.shape_disagreement(tc, dims, actual), src_tc),
                                   f"disagrees with the tensors: {what}, the config gives {list(want[dims])}")
 
 
@@ -927,20 +657,3 @@ def shard(tensors, max_size):
     return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
-def other_files(in_dir, shard_files):
-    """Non-weight files copied byte for byte (tokenizer, templates, LICENSE, ...), and the hidden
-    entries left out (``.gitattributes``, ``.cache/``: reported in the summary, never silently)."""
-    skip = set(shard_files) | GENERATED
-    out, hidden = [], []
-    for f in sorted(os.listdir(in_dir)):
-        p = os.path.join(in_dir, f)
-        if f in skip:
-            continue
-        if f.startswith("."):
-            hidden.append(f)
-            continue
-        if os.path.isfile(p):
-            out.append(f)
-        else:
-            raise CheckpointError(f, None, "sub-directories in IN_DIR are not supported (not copied); move or remove it")
-    return out, hidden

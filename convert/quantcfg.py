@@ -31,11 +31,11 @@ import re
 from dataclasses import dataclass
 
 from . import names
+from .gptq import VALID_BITS
 from .errors import CheckpointError
 
 QUANT_METHOD = "m3_gptq"
 FORMAT = "m3-convert/1"
-QUANT_BITS = (2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Scheme:
 def _bits(value, where_file, where_key):
     if not isinstance(value, int) or isinstance(value, bool):
         raise CheckpointError(where_file, where_key, f"bits must be an integer, got {value!r}")
-    if value in QUANT_BITS:
+    if value in VALID_BITS:
         return value
     if value >= 16:
         return None

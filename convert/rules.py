@@ -29,7 +29,7 @@ class Rule(NamedTuple):
 
 
 SAC = "sparse_attention_config."
-#: text_config fields vLLM reads (the converter writes each explicitly; see config.py)
+#: text_config fields vLLM reads (the converter writes each explicitly; see model_config.py)
 TEXT_RULES = {
     "hidden_size": Rule("int", 1), "num_hidden_layers": Rule("int", 1), "num_attention_heads": Rule("int", 1),
     "num_key_value_heads": Rule("int", 1), "head_dim": Rule("int", 1), "vocab_size": Rule("int", 1),

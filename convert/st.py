@@ -188,17 +188,18 @@ def read_array(fd: int, info: TensorInfo) -> np.ndarray:
 
 def read_range(fd: int, offset: int, length: int, info: TensorInfo | None = None) -> bytearray:
     buf = bytearray(length)
-    _read_into(fd, memoryview(buf), offset, info)
+    read_into(fd, memoryview(buf), offset, info)
     return buf
 
 
-def _read_into(fd: int, view: memoryview, offset: int, info: TensorInfo | None):
+def read_into(fd: int, view: memoryview, offset: int, info: TensorInfo | None):
+    """Fill ``view`` with the bytes at ``offset`` (pread until full); a short read names the file and tensor."""
     got, length = 0, len(view)
     while got < length:
         n = os.preadv(fd, [view[got:]], offset + got)
         if n <= 0:
             who = (os.path.basename(info.file), info.name) if info else ("?", None)
-            raise CheckpointError(who[0], who[1], f"short read at offset {offset + got}: file changed or truncated")
+            raise CheckpointError(who[0], who[1], f"short read at offset {offset + got}: file truncated or changed while being read")
         got += n
 
 
@@ -248,7 +249,7 @@ def _file_batches(fd, tensors, limit):
         if batch and off + t.nbytes > len(buf):
             yield batch, memoryview(buf)[:off]
             batch, off = [], 0
-        _read_into(fd, memoryview(buf)[off:off + t.nbytes], t.begin, t)
+        read_into(fd, memoryview(buf)[off:off + t.nbytes], t.begin, t)
         batch.append(t)
         off += t.nbytes
     if batch:

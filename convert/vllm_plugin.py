@@ -5,6 +5,6 @@ nothing when vLLM is absent. The plugin itself is the package :mod:`m3_convert.s
 """
 from __future__ import annotations
 
-from .serve.config import CHOICES, QUANT_METHOD, register  # noqa: F401
+from .serve.routing import CHOICES, QUANT_METHOD, register  # noqa: F401
 
 __all__ = ["register", "QUANT_METHOD", "CHOICES"]

@@ -14,8 +14,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import serve_check as sc  # noqa: E402
 from m3_convert import gptq  # noqa: E402
 

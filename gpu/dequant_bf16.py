@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from partial_dequant import main as partial  # noqa: E402
 
 

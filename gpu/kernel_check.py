@@ -29,7 +29,6 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
 
 from m3_convert.serve import compat, decide  # noqa: E402
 
@@ -116,13 +115,13 @@ class DenseLayer(torch.nn.Module):
 
 
 def dense_case(bits, n, k, ms, gen):
-    from m3_convert.serve.linear import HummingLinearKernel
+    from m3_convert.serve.linear import HummingLinearKernel, LinearShape
     qw, qz, sc = random_gptq((), n, k, bits, gen)
     W = decode(qw, sc, bits)                               # [n, k] float32
     layer = DenseLayer()
     for name, t in (("qweight", qw), ("qzeros", qz), ("scales", sc)):
         layer.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
-    layer.m3_gptq = (bits, G, n, k, torch.bfloat16)
+    layer.m3_gptq = LinearShape(bits, G, n, k, torch.bfloat16)
     kern = HummingLinearKernel()
     t0 = time.time()
     kern.prepare(layer)
@@ -164,13 +163,14 @@ class MoeLayer(torch.nn.Module):
 
 def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
     """per_bits[e] = (w1, w3, w2) bits."""
-    from m3_convert.serve.moe import HummingMoEKernel, humming_moe_class, load_expert
+    from m3_convert.serve.methods import M3HummingMoEMethod
+    from m3_convert.serve.moe import HummingMoEKernel, load_expert
     prefix = "model.layers.9.block_sparse_moe.experts"
     modules = {f"{prefix}.{e}.{s}": {"bits": b, "group_size": G} for e in range(E) for s, b in zip(("w1", "w3", "w2"), per_bits[e])}
     d = decide.select_moe(prefix, modules, E, hidden, inter, frozenset({decide.HUMMING}))   # humming at every width
     cfg = MoeConfig(hidden, inter, E, k)
     layer = MoeLayer(cfg)
-    method = humming_moe_class()(d, cfg, HummingMoEKernel())
+    method = M3HummingMoEMethod(d, cfg, HummingMoEKernel())
     with torch.device(DEV):
         method.create_weights(layer, E, hidden, inter, torch.bfloat16)
     W13, W2 = [], []
@@ -232,7 +232,8 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
 
 def graph_case(gen):
     """The mixed MoE apply captured in a CUDA graph and replayed on new inputs: same output as eager."""
-    from m3_convert.serve.moe import HummingMoEKernel, humming_moe_class, load_expert
+    from m3_convert.serve.methods import M3HummingMoEMethod
+    from m3_convert.serve.moe import HummingMoEKernel, load_expert
     E, hidden, inter, k, m = 16, 1024, 512, 4, 8
     per = [(decide.QUANT_BITS[e % 4], decide.QUANT_BITS[(e + 1) % 4], decide.QUANT_BITS[(e + 2) % 4]) for e in range(E)]
     prefix = "p"
@@ -240,7 +241,7 @@ def graph_case(gen):
     d = decide.select_moe(prefix, modules, E, hidden, inter)
     cfg = MoeConfig(hidden, inter, E, k)
     layer = MoeLayer(cfg)
-    method = humming_moe_class()(d, cfg, HummingMoEKernel())
+    method = M3HummingMoEMethod(d, cfg, HummingMoEKernel())
     with torch.device(DEV):
         method.create_weights(layer, E, hidden, inter, torch.bfloat16)
     for e in range(E):

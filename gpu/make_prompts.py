@@ -15,7 +15,6 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import serve_check as sc  # noqa: E402
 
 src = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/data/gpu_tiny"

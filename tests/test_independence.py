@@ -93,7 +93,7 @@ def test_verify_imports_no_planner_executor_or_name_table_for_against(tmp_path):
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
         {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
-    assert not {"m3_convert.plan", "m3_convert.execute", "m3_convert.names", "m3_convert.config"} & imported, imported
+    assert not {"m3_convert.plan", "m3_convert.execute", "m3_convert.names", "m3_convert.model_config"} & imported, imported
     assert not {"plan", "execute", "names", "config", "quantcfg"} & names, names
     out = tmp_path / "o"
     assert run_convert(FIXTURES / "ar_model_naming", out, "--quiet").exit_code == 0

@@ -257,7 +257,7 @@ def runs(converted, tmp_path_factory):
     return t, tc, xs, out
 
 
-@pytest.mark.parametrize("kind, method", [("native", "M3HummingMoEMethod"), ("promote", "M3ReferenceGPTQMoEMethod")])
+@pytest.mark.parametrize("kind, method", [("native", "M3HummingMoEMethod"), ("promote", "M3ReferenceMarlinMoEMethod")])
 def test_moe_block_matches_reference_and_not_planted_variants(runs, kind, method):
     t, tc, xs, out = runs
     tol = tolerance()

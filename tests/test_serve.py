@@ -287,7 +287,7 @@ def test_uniform_moe_layers_ask_vllm_for_marlin():
 
 
 def test_plugin_refuses_act_order_and_other_conventions(monkeypatch):
-    from m3_convert.serve.config import full_config_problem
+    from m3_convert.serve.routing import full_config_problem
     monkeypatch.setattr(compat, "vllm_version_problem", lambda: None)
     ok = {"quant_method": "m3_gptq", "modules": {}, "desc_act": False, "zero_point": "gptq_v1"}
     assert full_config_problem(ok) is None

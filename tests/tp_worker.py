@@ -70,7 +70,7 @@ def main(rank, world, port, out_dir):
                 int(not np.array_equal(got, expected_linear(name, other)))
         elif qm == "M3HummingMoEMethod":
             d = mod.m3_moe
-            inter = mod.m3_dims[1]
+            inter = mod.m3_dims.inter
             for part in d.parts:
                 views = [part_view(mod, part, leaf) for leaf in ("qweight", "qzeros", "scales")]
                 for i, slot in enumerate(part.slots):

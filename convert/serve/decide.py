@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..gptq import VALID_BITS as QUANT_BITS
+from ..gptq import VALID_BITS as QUANT_BITS, packed_shapes, split_point_ok
 from ..names import EXPERT_SHARDS, SERVED_F32
 
 BF16, GPTQ, HUMMING, MARLIN = "bf16", "gptq", "humming", "marlin"
@@ -176,7 +176,7 @@ def split_problem(features_per_rank: int, bits: int, group: int, packed_along: s
     whole packing words of qzeros. 3-bit words hold 32 values in 3 words."""
     if packed_along == "in" and features_per_rank % group:
         return f"{features_per_rank} inputs per rank is not a whole number of {group}-wide groups"
-    if (features_per_rank * bits) % 32 or (bits == 3 and features_per_rank % 32):
+    if not split_point_ok(features_per_rank, bits):
         return f"{features_per_rank} features per rank do not fill whole {bits}-bit packing words"
     return None
 
@@ -293,7 +293,7 @@ def slot_shapes(sublayer: str, bits: int, group: int, hidden: int, inter: int) -
     """GPTQ shapes of one slot of a part on one rank (``inter`` per rank): w13 slots are [hidden -> inter]
     (one half of an expert's w13), w2 slots [inter -> hidden]."""
     n, k = (inter, hidden) if sublayer == "w13" else (hidden, inter)
-    return {"qweight": (k * bits // 32, n), "qzeros": (k // group, n * bits // 32), "scales": (k // group, n)}
+    return packed_shapes(k, n, group, bits)
 
 
 def flat_layout(parts: tuple, sublayer: str, group: int, hidden: int, inter: int) -> dict:

@@ -1,19 +1,18 @@
-"""MoE layers of the m3_gptq plugin (modelled on vLLM's MoeWNA16Method: the method creates the parameters
-and wraps the loader; a kernel object, chosen by the config's selector, prepares and runs them).
+"""MoE layers of the m3_gptq plugin, without vLLM: what a layer holds (:class:`MoeDims`, its parts' layout and
+tunings), the loaders (:func:`load_expert` for the per-width parts, :func:`promoting_loader` for Marlin's one
+width) and the GPU kernel (:class:`HummingMoEKernel`). The methods (``M3HummingMoEMethod``, ``M3MarlinMoEMethod``)
+are in :mod:`.methods`.
 
-* :func:`humming_moe_class` ``M3HummingMoEMethod``: every expert at its stored width. The decision's parts
-  (m3_convert.serve.decide: one per sublayer and width) are held one after another in one flat tensor per
-  leaf (``w13_qweight``, ``w13_qzeros``, ``w13_scales``, ``w2_*``: the names vLLM's MiniMax-M3 loader asks
-  for); the loader puts each checkpoint expert tensor, sliced for this tensor-parallel rank, into its slot.
-  :class:`HummingMoEKernel` turns each part into a humming MoE layer and runs them (GPU);
-  m3_verify's reference kernel leaves them as loaded (CPU check).
-* :func:`promoting_marlin_class`: vLLM's ``AutoGPTQMoEMethod`` (Marlin WNA16) for a layer whose experts
-  all share width 4 or 8, or, without humming, every expert promoted to the layer's widest width.
+The parts: every expert at its stored width, one part per (sublayer, width) (m3_convert.serve.decide), held one
+after another in one flat tensor per leaf (``w13_qweight``, ``w13_qzeros``, ``w13_scales``, ``w2_*``: the names
+vLLM's MiniMax-M3 loader asks for); the loader puts each checkpoint expert tensor, sliced for this
+tensor-parallel rank, into its slot. :class:`HummingMoEKernel` turns each part into a humming MoE layer and runs
+them (GPU); m3_verify's reference kernel computes the same from the exact decode (CPU).
 """
 from __future__ import annotations
 
-import functools
 import logging
+from dataclasses import dataclass
 
 from . import compat, decide
 from .linear import checked_codes
@@ -21,38 +20,23 @@ from .linear import checked_codes
 log = logging.getLogger("m3_convert.serve")
 
 
-@functools.lru_cache(maxsize=None)
-def humming_moe_class():
-    from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
+@dataclass(frozen=True)
+class MoeDims:
+    """What a MoE layer's experts are on this rank: ``hidden`` size, ``inter`` (intermediate size per rank),
+    ``num_experts`` and the activations' ``dtype``."""
+    hidden: int
+    inter: int
+    num_experts: int
+    dtype: object
 
-    class M3HummingMoEMethod(FusedMoEMethodBase):
-        def __init__(self, decision, moe, kernel):
-            super().__init__(moe)
-            self.decision, self.kernel = decision, kernel
 
-        def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
-                           **extra):
-            problem = compat.moe_contract_problem(layer)
-            if problem is None and num_experts != layer.global_num_experts:
-                problem = f"{num_experts} local of {layer.global_num_experts} experts (expert parallelism): use tensor parallelism"
-            if problem:
-                raise decide.ServeError(f"m3_gptq: {self.decision.prefix}: vLLM asks the MoE method for {problem}")
-            create_expert_params(layer, self.decision, hidden_size, intermediate_size_per_partition, num_experts,
-                                 params_dtype)
-
-        def get_fused_moe_quant_config(self, layer):
-            return compat.unquantized_moe_quant_config()
-
-        def process_weights_after_loading(self, layer):
-            if getattr(layer, "m3_prepared", False):
-                return
-            layer.m3_prepared = True
-            self.kernel.prepare(layer)
-
-        def apply(self, layer, x, topk_weights, topk_ids, *args, **kwargs):
-            return self.kernel.apply(layer, x, topk_weights, topk_ids)
-
-    return M3HummingMoEMethod
+@dataclass(frozen=True)
+class PartTuning:
+    """One part's humming kernel tuning: ``slots`` (virtual experts of its sublayer: 2E for w13, E for w2), the
+    ``tuning`` list and its JSON as humming takes it."""
+    slots: int
+    tuning: list
+    json: str
 
 
 def create_expert_params(layer, d, hidden, inter, num_experts, params_dtype):
@@ -60,7 +44,7 @@ def create_expert_params(layer, d, hidden, inter, num_experts, params_dtype):
     with the loader that puts a checkpoint expert tensor into its slot (:func:`load_expert`)."""
     import torch
     layer.m3_moe = d
-    layer.m3_dims = (hidden, inter, num_experts, params_dtype)
+    layer.m3_dims = MoeDims(hidden, inter, num_experts, params_dtype)
     layer.m3_index = decide.slot_index(d.parts)
     layer.m3_layout = {s: decide.flat_layout(d.parts, s, d.group, hidden, inter) for s in ("w13", "w2")}
     for s, lay in layer.m3_layout.items():
@@ -90,7 +74,7 @@ def part_view(layer, part, leaf):
 def load_expert(layer, param, loaded_weight, sublayer, leaf, shard_id, expert_id):
     """One checkpoint expert tensor (``<prefix>.<expert>.<shard>.<leaf>``) into its slot, sliced for this rank."""
     d = layer.m3_moe
-    hidden, inter, _, _ = layer.m3_dims
+    hidden, inter = layer.m3_dims.hidden, layer.m3_dims.inter
     where = f"{d.prefix}.{expert_id}.{shard_id}"
     key = decide.slot_of(shard_id, expert_id)
     if key[0] != sublayer or key not in layer.m3_index:
@@ -119,7 +103,8 @@ class HummingMoEKernel:
         import torch
         from humming.layer import HummingMethod
         d = layer.m3_moe
-        hidden, inter, E, dtype = layer.m3_dims
+        dims = layer.m3_dims
+        hidden, inter, E, dtype = dims.hidden, dims.inter, dims.num_experts, dims.dtype
         dev = getattr(layer, "w13_qweight").device
         layer.m3_tuning = {}
         for part in d.parts:
@@ -138,7 +123,7 @@ class HummingMoEKernel:
             emap[list(part.slots)] = torch.arange(len(part.slots), dtype=torch.int32)
             layer.register_buffer(f"{part.name}_map", emap.to(dev), persistent=False)
             tuning = compat.humming_tuning(layer, part.name, "indexed")
-            layer.m3_tuning[part.name] = (slots, tuning, compat.json.dumps(tuning))
+            layer.m3_tuning[part.name] = PartTuning(slots, tuning, compat.json.dumps(tuning))
         layer.m3_w13 = [p for p in d.parts if p.sublayer == "w13"]
         layer.m3_w2 = [p for p in d.parts if p.sublayer == "w2"]
         for s in ("w13", "w2"):
@@ -152,7 +137,7 @@ class HummingMoEKernel:
 
     def apply(self, layer, x, topk_weights, topk_ids):
         import torch
-        hidden, inter, E, _ = layer.m3_dims
+        hidden, inter = layer.m3_dims.hidden, layer.m3_dims.inter
         M, k = topk_ids.shape
         out = torch.empty(M, hidden, dtype=x.dtype, device=x.device)
         if M == 0:
@@ -195,7 +180,8 @@ class HummingMoEKernel:
         """One part over the rows routed to its slots: ``outputs`` rows (token * top_k + j) of the slots
         ``ids[token, j]`` this part holds are written, no other row."""
         from humming.layer import HummingMethod
-        slots, tuning, tuning_s = layer.m3_tuning[part.name]
+        t = layer.m3_tuning[part.name]
+        slots, tuning, tuning_s = t.slots, t.tuning, t.json
         valid = max(1, -(-ids.numel() * len(part.slots) // slots))       # rows expected in this part
         sid, eid, ntp = compat.moe_align(ids, compat.block_m(tuning, valid), slots, getattr(layer, f"{part.name}_map"))
         HummingMethod.forward_layer(layer=layer, inputs=inputs, outputs=outputs, sorted_ids=sid, expert_ids=eid,
@@ -203,32 +189,7 @@ class HummingMoEKernel:
                                     compute_config=layer.m3_cc, tuning_config=tuning_s, sublayer_name=part.name)
 
 
-@functools.lru_cache(maxsize=None)
-def promoting_marlin_class(base):
-    """``base`` (vLLM's AutoGPTQMoEMethod, or m3_verify's CPU reference with its parameters) at the decision's
-    width: narrower experts promoted while loading (exact), qzeros checked symmetric, SwiGLU parameters supplied."""
-
-    class M3MarlinMoEMethod(base):
-        def __init__(self, decision, moe):
-            super().__init__(compat.gptq_config(decision.width, decision.group), moe)
-            self.decision = decision
-
-        def get_fused_moe_quant_config(self, layer):
-            qc = super().get_fused_moe_quant_config(layer)
-            compat.fill_swiglu(qc, self.moe)
-            return qc
-
-        def create_weights(self, layer, *args, **kwargs):
-            super().create_weights(layer, *args, **kwargs)
-            for pname in ("w13_qweight", "w13_qzeros", "w2_qweight", "w2_qzeros"):
-                p = getattr(layer, pname)
-                p.weight_loader = _promoting_loader(p.weight_loader, self.decision, pname.rsplit("_", 1)[1])
-
-    M3MarlinMoEMethod.__name__ = base.__name__   # what the logs and tests report
-    return M3MarlinMoEMethod
-
-
-def _promoting_loader(orig, decision, leaf):
+def promoting_loader(orig, decision, leaf):
     def loader(param, loaded_weight, weight_name, shard_id, expert_id, **kw):
         where = f"{decision.prefix}.{expert_id}.{shard_id}"
         bits = decision.expert_bits.get(where, decision.width)

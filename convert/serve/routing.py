@@ -1,6 +1,7 @@
-"""The ``m3_gptq`` quantization config vLLM builds from an m3-convert checkpoint: prefix routing (text,
-VL, MTP drafter, vision tower) -> the pure decision (:mod:`.decide`) -> a method (:mod:`.linear`,
-:mod:`.moe`) with the kernel the platform offers.
+"""The routing of the ``m3_gptq`` quantization config (the class itself, ``M3GPTQConfig``, is in :mod:`.methods`):
+prefix routing (text, VL, MTP drafter, vision tower) -> the pure decision (:mod:`.decide`) -> a method
+(:mod:`.methods`) with the kernel the platform offers (:mod:`.linear`, :mod:`.moe`). Imports no vLLM at module
+level; :func:`register` is the plugin's entry point.
 
 Platforms: :class:`CudaPlatform` on a CUDA GPU (humming-kernels where it imports, else promotion to vLLM's
 Marlin/Machete widths, logged). m3-verify's CPU check installs its own (exact reference kernels, the same
@@ -27,17 +28,18 @@ class CudaPlatform:
         return _cuda_kernels()
 
     def linear_method(self, d):
-        from .linear import HummingLinearKernel, gptq_linear_class, promoting_gptq_class
+        from .linear import HummingLinearKernel
+        from .methods import M3GPTQLinearMethod, M3PromotingGPTQLinearMethod
         if d.kernel == decide.HUMMING:
-            return gptq_linear_class()(d, HummingLinearKernel())
-        return promoting_gptq_class()(d)
+            return M3GPTQLinearMethod(d, HummingLinearKernel())
+        return M3PromotingGPTQLinearMethod(d)
 
     def moe_method(self, d, moe):
-        from .moe import HummingMoEKernel, humming_moe_class, promoting_marlin_class
+        from .methods import M3HummingMoEMethod, M3MarlinMoEMethod
+        from .moe import HummingMoEKernel
         if d.kernel == decide.HUMMING:
-            return humming_moe_class()(d, moe, HummingMoEKernel())
-        from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQMoEMethod
-        return promoting_marlin_class(AutoGPTQMoEMethod)(d, compat.marlin_moe_config(moe))
+            return M3HummingMoEMethod(d, moe, HummingMoEKernel())
+        return M3MarlinMoEMethod(d, compat.marlin_moe_config(moe))
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,60 +84,6 @@ def route(prefix: str, full: dict):
         raise decide.ServeError(f"m3_gptq: layer {prefix} is under neither {VL_TEXT_PREFIX} nor {VLLM_VISION_PREFIX} "
                                 "(VL checkpoint written by m3-convert --keep-vision)")
     return prefix[len(VL_TEXT_PREFIX):], None
-
-
-@functools.lru_cache(maxsize=None)
-def config_class():
-    import torch
-    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
-
-    class M3GPTQConfig(QuantizationConfig):
-        """Per-module GPTQ settings written by m3-convert (README, 'The quantization_config schema')."""
-
-        def __init__(self, full: dict):
-            super().__init__()
-            problem = full_config_problem(full)
-            if problem:
-                raise ValueError(problem)
-            self.full = full
-            self.modules = full["modules"]
-            self.chosen: dict[str, str] = {}     # prefix -> method class name (tests and logs)
-            self.decisions: dict = {}            # prefix -> LinearDecision / MoeDecision
-
-        def __repr__(self):
-            return f"M3GPTQConfig({len(self.modules)} modules)"
-
-        @classmethod
-        def get_name(cls):
-            return QUANT_METHOD
-
-        @classmethod
-        def get_supported_act_dtypes(cls):
-            return [torch.bfloat16, torch.float16]
-
-        @classmethod
-        def get_min_capability(cls):
-            return 75
-
-        @staticmethod
-        def get_config_filenames():
-            return []
-
-        @classmethod
-        def from_config(cls, config):
-            return cls(config)
-
-        @classmethod
-        def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
-            return QUANT_METHOD if (hf_quant_cfg or {}).get("quant_method") == QUANT_METHOD else None
-
-        def get_quant_method(self, layer, prefix):
-            method, label = choose(self, layer, prefix)
-            if method is not None:
-                self.chosen[prefix] = CHOICES[prefix] = label or type(method).__name__
-            return method
-
-    return M3GPTQConfig
 
 
 def full_config_problem(full: dict) -> str | None:
@@ -211,5 +159,6 @@ def register():
     if QUANTIZATION_METHODS and QUANT_METHOD in QUANTIZATION_METHODS:
         _registered = True
         return
-    register_quantization_config(QUANT_METHOD)(config_class())
+    from .methods import M3GPTQConfig
+    register_quantization_config(QUANT_METHOD)(M3GPTQConfig)
     _registered = True
