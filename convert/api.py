@@ -38,13 +38,15 @@ class Result:
 
 def convert(in_dir, out_dir, *, dry_run=False, force=False, resume=False, max_shard_size="5GB", workers=None,
             target="m3-plugin", stock_min_bits=None, keep_vision=False, keep_mtp=False, dtype="source",
-            skip_space_check=False, gpu_memory=95.0, gpu_projection=True, progress=None, log=None) -> Result:
+            skip_space_check=False, gpu_memory=95.0, gpu_projection=True, progress=None, log=None,
+            info=None) -> Result:
     """Convert the AutoRound (GPTQ) MiniMax-M3 checkpoint in ``in_dir`` into vLLM's layout in ``out_dir`` (the
     options are the CLI's, ``m3-convert --help``); ``dry_run`` plans from the headers (and GPTQ scales) and writes
     nothing. ``gpu_projection``: compute the GPU bytes per tensor-parallel size (0.3 s at 90k tensors; the plugin
     target only). ``progress(total_bytes)``: called once, just before the first byte is written, it returns a
-    progress bar (``update(nbytes)``, ``close()``) for the bytes written; ``log``: messages (a callable of one
-    string; default: none)."""
+    progress bar (``update(nbytes)``, ``close()``) for the bytes written; ``log``: what the writer reports (a
+    callable of one string: a shard found changed and redone, an unreadable journal; default: none); ``info``:
+    notes a quiet run leaves out (default: ``log``)."""
     from . import execute, plan as planmod
     from .plan import Options
     log = log or (lambda m: None)
@@ -62,7 +64,7 @@ def convert(in_dir, out_dir, *, dry_run=False, force=False, resume=False, max_sh
         plan = planmod.make_plan(in_dir, shard_size, target=target, min_bits=int(stock_min_bits) if stock_min_bits else None,
                                  keep_vision=keep_vision, keep_mtp=keep_mtp, plain_dtype=dtype)
         if pending == "check-own-files":
-            check_resume_without_journal(plan, out_dir, log)
+            check_resume_without_journal(plan, out_dir, info or log)
         stats = dict(plan.stats)     # the plan's, with what serving and this OUT_DIR add (the plan is not changed)
         if target == "m3-plugin" and gpu_projection:
             stats["gpu_weight_bytes"] = planmod.serving_projection(plan, gpu_memory)
@@ -76,12 +78,14 @@ def convert(in_dir, out_dir, *, dry_run=False, force=False, resume=False, max_sh
         raise OutputError(f"not enough space for the output: needs {human(space['needed_bytes'])}, "
                           f"{human(space['free_bytes'])} free on {space['filesystem']} (nothing written; "
                           "--skip-space-check writes anyway)")
+    frozen_before = gc.get_freeze_count() > 0    # a caller's own freeze is left alone
     gc.freeze()   # the plan's ~4x10^5 objects live to the end: keep the collector from re-scanning them
     bar = progress(plan.stats["output_bytes"]) if progress else None
     try:
         done = execute.run(plan, out_dir, workers=workers, resume=resume, bar=bar, log=log)
     finally:
-        gc.unfreeze()
+        if not frozen_before:
+            gc.unfreeze()
         if bar is not None:
             bar.close()
     res.written_shards, res.reused_shards, res.files, res.resumed = (done["written_shards"], done["reused_shards"],

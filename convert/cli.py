@@ -172,11 +172,12 @@ def main(in_dir, out_dir, force, resume, dry_run, max_shard_size, workers, targe
     from .api import convert
     progress = _progress_bar if not quiet and not as_json else None
     try:
-        log = (lambda m: click.echo(m, err=True)) if not quiet else (lambda m: None)
+        log = (lambda m: click.echo(m, err=True))                  # the writer's reports: also with --quiet
+        info = log if not quiet else (lambda m: None)
         res = convert(in_dir, out_dir, dry_run=dry_run, force=force, resume=resume, max_shard_size=max_shard_size,
                       workers=workers, target=target, stock_min_bits=stock_min_bits, keep_vision=keep_vision,
                       keep_mtp=keep_mtp, dtype=plain_dtype, skip_space_check=skip_space_check, gpu_memory=gpu_memory,
-                      gpu_projection=as_json or not quiet, progress=progress, log=log)
+                      gpu_projection=as_json or not quiet, progress=progress, log=log, info=info)
         if dry_run:
             return print_dry_run(res, as_json, quiet)
         result = {"written_shards": res.written_shards, "reused_shards": res.reused_shards, "files": res.files,

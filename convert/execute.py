@@ -43,8 +43,9 @@ class FaultHook:
 
     M3_CONVERT_KILL_AT_BYTES=N   SIGKILL this process once N output bytes (all files) are written;
     M3_CONVERT_ENOSPC_AT_BYTES=N raise ENOSPC ("No space left on device") at that point instead;
-    M3_CONVERT_PAUSE_AT_BYTES=N  pause there instead: create the file M3_CONVERT_PAUSE_FILE names and wait until it is
-                                 removed (at most 120 s), holding everything the run holds (its writer lock);
+    M3_CONVERT_PAUSE_AT_BYTES=N  pause there instead: create the file M3_CONVERT_PAUSE_FILE names and, in every thread
+                                 that writes, wait until it is removed (at most 120 s), holding everything the run
+                                 holds (its writer lock);
     M3_CONVERT_FREE_BYTES=N      the free space the space check sees instead of statvfs's (read by space_plan).
     Used by tests/test_faults.py for crash trials, a second writer during a live run, and disk-full simulation where
     no small filesystem can be mounted.
@@ -55,19 +56,22 @@ class FaultHook:
         self.enospc_at = int(os.environ.get("M3_CONVERT_ENOSPC_AT_BYTES", "0") or 0)
         self.pause_at = int(os.environ.get("M3_CONVERT_PAUSE_AT_BYTES", "0") or 0)
         self.pause_file = os.environ.get("M3_CONVERT_PAUSE_FILE", "")
+        self.pause_deadline = 0.0
         self.written = 0
 
     def tick(self, n):
-        if not (self.kill_at or self.enospc_at or self.pause_at):
+        if not (self.kill_at or self.enospc_at or self.pause_at or self.pause_deadline):
             return
         self.written += n
         if self.pause_at and self.written >= self.pause_at and self.pause_file:
             self.pause_at = 0
+            self.pause_deadline = time.monotonic() + 120
             with open(self.pause_file, "w"):
                 pass
-            deadline = time.monotonic() + 120
-            while os.path.exists(self.pause_file) and time.monotonic() < deadline:
-                time.sleep(0.01)
+        # every writing thread (shard workers and the metadata thread) waits here once the pause began, so that
+        # nothing is written while the file exists
+        while self.pause_deadline and os.path.exists(self.pause_file) and time.monotonic() < self.pause_deadline:
+            time.sleep(0.01)
         if self.kill_at and self.written >= self.kill_at:
             import signal
             os.kill(os.getpid(), signal.SIGKILL)
@@ -475,6 +479,7 @@ def _write_file(path, chunks, sync=True):
             f.flush()
             if sync:
                 os.fsync(f.fileno())
+        FAULT.tick(0)                    # the test pause also holds the rename
         os.replace(tmp, path)
     except OSError as e:
         _unlink_quiet(tmp)
@@ -779,6 +784,7 @@ def _run(plan: Plan, out_dir: str, workers: int, resume: bool, bar, log):
                 size, digest = write_shard(tmp, tensors, shard_header(plan, fname, tensors), progress)
         except OSError as e:
             raise _named(e, fname) from None
+        FAULT.tick(0)                        # the test pause also holds the rename
         os.replace(tmp, os.path.join(out_dir, fname))
         with state_lock:
             state["shards"][fname] = {"recipe": recipe, "size": size, "sha256": digest}

@@ -223,8 +223,10 @@ _STREAMS: dict = {}
 def moe_streams(device, n: int) -> list:
     """``n`` side CUDA streams on ``device`` for running a mixed MoE layer's width parts at once (shared by every
     layer: layers run one after another). ``M3_MOE_STREAMS=0``: none (the parts run one after another, as before
-    issue 25; for measurement). Made when a layer is prepared, never during a CUDA graph capture."""
-    if n <= 0 or os.environ.get("M3_MOE_STREAMS", "1") == "0":
+    issue 25; for measurement). None either in stream-K mode (M3_HUMMING_EXACT=0): there humming's kernels
+    synchronise through the layer's ``locks`` buffer, which the parts share (humming's layer.py: stream-K state
+    must not be shared by layers that run at once). Made when a layer is prepared, never during a capture."""
+    if n <= 0 or os.environ.get("M3_MOE_STREAMS", "1") == "0" or not humming_exact():
         return []
     import torch
     have = _STREAMS.setdefault(str(device), [])

@@ -156,8 +156,10 @@ class HummingMoEKernel:
         """Every part of one sublayer over its rows. Parts write disjoint rows of ``outputs`` and read only
         ``inputs``/``ids``, so they may run at once: with side streams (compat.moe_streams) each part after the
         first runs on its own stream, forked from and joined back into the current one (recorded as such inside
-        a CUDA graph capture); every buffer is allocated before the fork and freed after the join. The bits are
-        those of running them one after another: each part's kernel is the same, on the same rows."""
+        a CUDA graph capture). Every buffer shared by the streams (inputs, ids, outputs) is allocated on the current
+        stream before the fork and freed after the join; what a part allocates itself (its alignment, humming's
+        per-launch buffers) is allocated and used on its own stream only. The bits are those of running them one
+        after another: each part's kernel is the same, on the same rows."""
         import torch
         streams = layer.m3_streams
         if not streams or len(parts) < 2:
