@@ -101,3 +101,17 @@ def test_serve_bench_model_gets_the_decisions_it_states(tmp_path):
     form = {(tuple(sorted(v)), v["bits"] is None) for m in (qc["modules"], rq["modules"]) for v in m.values()}
     assert form == {(("bits", "group_size"), False), (("bits",), True)} or form == {(("bits", "group_size"), False)}, form
     assert set(qc["modules"]) >= {"model.layers.0.mlp.gate_proj", "model.layers.1.block_sparse_moe.experts.0.w1"}
+
+
+def test_moe_kernel_shapes_counts_the_plugin_parts():
+    """bench/moe_kernel_shapes.py counts the humming MoE kernel families at a depth from the plugin's own decisions:
+    every MoE layer of the seeded mix has 8 parts (4 widths x w13/w2), each part's experts are the layer's experts
+    of that width, and the families grow with the depth (each layer draws its own counts)."""
+    ks = _load(ROOT / "bench" / "moe_kernel_shapes.py")
+    s4, s16 = ks.shapes(4), ks.shapes(16)
+    assert sum(s4.values()) == 3 * 8 and sum(s16.values()) == 15 * 8
+    for (sub, bits, n), _ in s4.items():
+        assert sub in ("w13", "w2") and bits in gptq.VALID_BITS and 0 < n <= (256 if sub == "w13" else 128)
+    assert sum(n * c for (sub, _, n), c in s4.items() if sub == "w2") == 3 * 128        # every expert in one w2 part
+    assert sum(n * c for (sub, _, n), c in s4.items() if sub == "w13") == 3 * 256       # gate and up: virtual experts
+    assert len(s16) > len(s4)
