@@ -209,3 +209,14 @@ def test_nan_scale_in_the_source_of_a_dequantized_module_is_an_against_finding(c
     code, lines = verify_lines(converted["ar_model_naming"], "--against", src)
     assert code == 1 and any(t in l and "1 NaN scale (the first at [group 0, output 0]): model.layers.2.self_attn.q_proj "
                              "would hold NaN/inf" in l for l in lines), lines
+
+
+def test_a_g_idx_in_an_output_is_reported(good):
+    """vLLM drops every g_idx tensor whatever the quantization config (0.32/0.33 base_config.py), so an act-order
+    g_idx could never be served; m3-convert writes none, and m3-verify reports one slipped into an output."""
+    import torch
+    name = "model.layers.0.self_attn.o_proj.g_idx"
+    edit_checkpoint(good, add={name: torch.arange(256, dtype=torch.int32) // 128})
+    rehash(good)
+    code, lines = verify_lines(good)
+    assert code == 1 and any(name in l and "unexpected tensor" in l for l in lines), lines
