@@ -107,7 +107,7 @@ def print_dry_run(res, as_json, quiet):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("in_dir", type=click.Path(file_okay=False))
+@click.argument("in_dir", type=click.Path())
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Write into a non-empty OUT_DIR (only files m3-convert writes are replaced).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run: shards already written are re-hashed and kept "

@@ -68,16 +68,19 @@ class FaultHook:
             self.pause_deadline = time.monotonic() + 120
             with open(self.pause_file, "w"):
                 pass
-        # every writing thread (shard workers and the metadata thread) waits here once the pause began, so that
-        # nothing is written while the file exists
-        while self.pause_deadline and os.path.exists(self.pause_file) and time.monotonic() < self.pause_deadline:
-            time.sleep(0.01)
+        self.hold()
         if self.kill_at and self.written >= self.kill_at:
             import signal
             os.kill(os.getpid(), signal.SIGKILL)
         if self.enospc_at and self.written >= self.enospc_at:
             import errno
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def hold(self):
+        """Once the pause began, every writing thread (shard workers, the metadata thread) waits here, at each write
+        and before each rename, so that nothing changes in OUT_DIR while the pause file exists. Raises nothing."""
+        while self.pause_deadline and os.path.exists(self.pause_file) and time.monotonic() < self.pause_deadline:
+            time.sleep(0.01)
 
 
 FAULT = FaultHook()
@@ -479,7 +482,7 @@ def _write_file(path, chunks, sync=True):
             f.flush()
             if sync:
                 os.fsync(f.fileno())
-        FAULT.tick(0)                    # the test pause also holds the rename
+        FAULT.hold()                     # the test pause also holds the rename
         os.replace(tmp, path)
     except OSError as e:
         _unlink_quiet(tmp)
@@ -784,7 +787,7 @@ def _run(plan: Plan, out_dir: str, workers: int, resume: bool, bar, log):
                 size, digest = write_shard(tmp, tensors, shard_header(plan, fname, tensors), progress)
         except OSError as e:
             raise _named(e, fname) from None
-        FAULT.tick(0)                        # the test pause also holds the rename
+        FAULT.hold()                         # the test pause also holds the rename
         os.replace(tmp, os.path.join(out_dir, fname))
         with state_lock:
             state["shards"][fname] = {"recipe": recipe, "size": size, "sha256": digest}

@@ -118,7 +118,7 @@ def scales_problem(scales) -> str | None:
 
 
 def batch_scales_problems(batch, view):
-    """(tensor, scales_problem) for each scales tensor of one batch of st.read_batches (``view``: their bytes back to
+    """(tensor, scales_problem) for each scales tensor of one batch of st.map_batches (``view``: their bytes back to
     back) that holds a NaN or inf; the whole batch is checked at once first."""
     if scales_problem(view) is None:
         return

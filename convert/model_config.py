@@ -132,29 +132,16 @@ def text_config_of(src: dict) -> dict:
 
 def _layer_layout(tc, tc_src, n):
     """moe_layer_freq from mlp_layer_types, sparse_attention_config from layer_types and the index_* fields."""
-    if "mlp_layer_types" in tc_src and tc_src["mlp_layer_types"] is not None:
-        mlt = tc_src["mlp_layer_types"]
-        if not isinstance(mlt, list) or len(mlt) != n or any(v not in ("dense", "sparse") for v in mlt):
-            raise CheckpointError(F, "text_config.mlp_layer_types", f"must list 'dense'/'sparse' for {n} layers")
-        tc["moe_layer_freq"] = [1 if v == "sparse" else 0 for v in mlt]
-    elif "moe_layer_freq" not in tc:
-        raise CheckpointError(F, "text_config.mlp_layer_types", "missing (and no moe_layer_freq): cannot tell MoE layers from dense ones")
-    else:
-        _layer_flags(tc["moe_layer_freq"], n, "moe_layer_freq")
+    tc["moe_layer_freq"] = _layer_kinds(tc_src, "mlp_layer_types", ("dense", "sparse"), n, tc.get("moe_layer_freq"),
+                                        "moe_layer_freq", "cannot tell MoE layers from dense ones")
     sac = tc_src.get("sparse_attention_config")
     sac = {} if sac is None else sac
     if not isinstance(sac, dict):
         raise CheckpointError(F, "text_config.sparse_attention_config", f"must be a JSON object, got {sac!r}")
     sac = dict(sac)
-    if tc_src.get("layer_types") is not None:
-        lt = tc_src["layer_types"]
-        if not isinstance(lt, list) or len(lt) != n or any(v not in ("full_attention", "minimax_m3_sparse") for v in lt):
-            raise CheckpointError(F, "text_config.layer_types", f"must list 'full_attention'/'minimax_m3_sparse' for {n} layers")
-        sac["sparse_attention_freq"] = [1 if v == "minimax_m3_sparse" else 0 for v in lt]
-    elif "sparse_attention_freq" not in sac:
-        raise CheckpointError(F, "text_config.layer_types", "missing (and no sparse_attention_config): cannot tell sparse layers")
-    else:
-        _layer_flags(sac["sparse_attention_freq"], n, "sparse_attention_config.sparse_attention_freq")
+    sac["sparse_attention_freq"] = _layer_kinds(tc_src, "layer_types", ("full_attention", "minimax_m3_sparse"), n,
+                                                sac.get("sparse_attention_freq"), "sparse_attention_config",
+                                                "cannot tell sparse layers", "sparse_attention_config.sparse_attention_freq")
     for flat, legacy in INDEX_FIELDS:      # (each required: rules.TEXT_RULES)
         if flat in tc_src:
             sac[legacy] = tc_src[flat]
@@ -164,6 +151,18 @@ def _layer_layout(tc, tc_src, n):
     sac.setdefault("sparse_score_type", "max")
     tc["sparse_attention_config"] = sac
 
+
+def _layer_kinds(tc_src, field, kinds, n, official, official_name, why, official_path=None):
+    """One per-layer 0/1 list: from transformers' ``field`` (``kinds``: the names of 0 and 1, one per layer) when the
+    source has it, else the official list the source already holds (``official``), checked; missing both, refused."""
+    types = tc_src.get(field)
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n or any(v not in kinds for v in types):
+            raise CheckpointError(F, f"text_config.{field}", f"must list '{kinds[0]}'/'{kinds[1]}' for {n} layers")
+        return [1 if v == kinds[1] else 0 for v in types]
+    if official is None:
+        raise CheckpointError(F, f"text_config.{field}", f"missing (and no {official_name}): {why}")
+    return _layer_flags(official, n, official_path or official_name)
 
 
 def _activation_and_rope(tc, tc_src):

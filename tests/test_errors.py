@@ -218,12 +218,61 @@ def _edit_text_config(d, **fields):
     ("intermediate_size", 64, ["text_config.intermediate_size = 64: disagrees", "mlp.experts."]),
     ("rms_norm_eps", "1e-6", ["text_config.rms_norm_eps: must be a finite number, got '1e-6'"]),
     ("rope_parameters", [], ["text_config.rope_parameters: must be a JSON object, got []"]),
+    ("hidden_size", "<drop>", ["text_config.hidden_size: missing"]),
+    ("num_key_value_heads", 1.0, ["text_config.num_key_value_heads: must be an integer, got 1.0"]),
+    ("num_attention_heads", 0, ["text_config.num_attention_heads: must be >= 1, got 0"]),
+    ("rms_norm_eps", float("nan"), ["text_config.rms_norm_eps: must be a finite number, got nan"]),
+    ("num_key_value_heads", 3, ["text_config.num_key_value_heads: 3 does not divide num_attention_heads 2"]),
+    ("head_dim", 64, ["text_config.rotary_dim: 64 disagrees with head_dim*partial_rotary_factor = 32"]),
 ])
 def test_config_that_cannot_describe_the_tensors_is_refused_before_writing(tmp_path, field, value, needles):
     d = copy_fixture(tmp_path)
-    _edit_text_config(d, **{field: value})
-    out = convert_fails(d, tmp_path / "o", EXIT_INPUT, *needles)
+    if value == "<drop>":
+        c = json.loads((d / "config.json").read_text())
+        del c["text_config"][field]
+        (d / "config.json").write_text(json.dumps(c))
+    else:
+        _edit_text_config(d, **{field: value})
+    out = convert_fails(d, tmp_path / "o", EXIT_INPUT, "m3-convert: error: config.json: text_config.", *needles)
     assert out.count("\n") == 1 and not (tmp_path / "o").exists(), out
+
+
+def test_vision_config_and_vision_shapes_are_checked_with_keep_vision(tmp_path):
+    d = copy_fixture(tmp_path)
+    c = json.loads((d / "config.json").read_text())
+    c["vision_config"]["hidden_size"] = None
+    (d / "config.json").write_text(json.dumps(c))
+    r = run_convert(d, tmp_path / "o", "--keep-vision")
+    assert r.exit_code == EXIT_INPUT and "m3-convert: error: config.json: vision_config.hidden_size: must be an " \
+        "integer, got None" in r.output and not (tmp_path / "o" / "SHA256SUMS").exists(), r.output
+    c["vision_config"]["hidden_size"] = json.loads((FIXTURES / "ar_model_naming" / "config.json").read_text())[
+        "vision_config"]["hidden_size"]
+    c["vision_config"]["intermediate_size"] *= 2
+    (d / "config.json").write_text(json.dumps(c))
+    r = run_convert(d, tmp_path / "o2", "--keep-vision")
+    assert r.exit_code == EXIT_INPUT and ".safetensors: model.vision_tower.layers.0.mlp.fc1." in r.output \
+        and "but vision_config" in r.output and not (tmp_path / "o2" / "SHA256SUMS").exists(), r.output
+
+
+def test_mtp_shape_is_checked_with_keep_mtp(tmp_path):
+    d = copy_fixture(tmp_path, "gpu_tiny")
+    name = "language_model.model.mtp.layers.0.enorm.weight"
+    edit_checkpoint(d, remove=[name])
+    edit_checkpoint(d, add={name: torch.zeros(512, dtype=torch.bfloat16)})       # hidden_size is 256
+    r = run_convert(d, tmp_path / "o", "--keep-vision", "--keep-mtp")
+    assert r.exit_code == EXIT_INPUT, r.output
+    assert f".safetensors: {name}: MTP tensor of shape [512]" in r.output and "the config gives [256]" in r.output
+    assert r.output.count("\n") == 1 and not (tmp_path / "o" / "SHA256SUMS").exists(), r.output
+
+
+@pytest.mark.parametrize("make", ["missing", "file"])
+def test_an_input_that_is_not_a_directory(tmp_path, make):
+    src = tmp_path / "src"
+    if make == "file":
+        src.write_text("not a checkpoint")
+    want = "IN_DIR is not a directory" if make == "file" else "IN_DIR does not exist"
+    convert_fails(src, tmp_path / "o", EXIT_INPUT, f"m3-convert: error: {src}: {want}")
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_module_the_config_has_but_the_source_lacks(tmp_path):
@@ -317,7 +366,8 @@ def test_verify_unexpected_error_is_one_line(monkeypatch, converted):
         yield
     monkeypatch.setattr(checks, "check_structure", broken)
     r = run_verify(converted["ar_model_naming"], "--quiet")
-    assert r.exit_code == EXIT_INPUT and r.output.startswith("m3-verify: error: unexpected ValueError: planted"), r.output
+    where = f"{converted['ar_model_naming']} (structure check)"
+    assert r.exit_code == EXIT_INPUT and r.output.startswith(f"m3-verify: error: {where}: unexpected ValueError: planted"), r.output
     assert "Traceback" not in r.output and r.output.count("\n") == 1
     r = run_verify(converted["ar_model_naming"], "--quiet", "--debug")
     assert r.exit_code == EXIT_INPUT and "Traceback" in r.output

@@ -395,7 +395,8 @@ def test_tensor_named_twice_in_a_real_shard(tmp_path):
         entry = json.dumps(obj[b], separators=(",", ":"))
         return text.replace(json.dumps(b) + ":" + entry, json.dumps(a) + ":" + entry, 1), data
     _rewrite_header(d / MANY, dup)
-    convert_fails(d, tmp_path / "o", EXIT_INPUT, MANY, "named twice in the header")
+    a = _first_two(json.dumps(json.loads(_header_text(d / MANY))))[1][0]
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, f"{MANY}: {a}: named twice in the header")
 
 
 def test_two_tensors_on_the_same_bytes_in_a_real_shard(tmp_path):
@@ -407,6 +408,78 @@ def test_two_tensors_on_the_same_bytes_in_a_real_shard(tmp_path):
         return json.dumps(obj), data
     _rewrite_header(d / MANY, alias)
     convert_fails(d, tmp_path / "o", EXIT_INPUT, MANY, "byte range overlaps")
+    (a, b), = [_first_two(_header_text(d / MANY))[1]]
+    out = run_convert(d, tmp_path / "o").output
+    assert f"{MANY}: {a}: byte range overlaps {b}" in out or f"{MANY}: {b}: byte range overlaps {a}" in out, out
+
+
+def _header_text(path):
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return raw[8:8 + n].decode()
+
+
+def _shift_first(text, data, by):
+    """Every tensor's data_offsets moved ``by`` bytes later, ``by`` zero bytes before the data: a gap before the first."""
+    obj = json.loads(text)
+    for k, v in obj.items():
+        if k != "__metadata__":
+            v["data_offsets"] = [v["data_offsets"][0] + by, v["data_offsets"][1] + by]
+    return json.dumps(obj), b"\0" * by + data
+
+
+def _gap_after_first(text, data):
+    """The tensors after the first moved 8 bytes later (8 zero bytes inserted after the first): a gap between two."""
+    obj = json.loads(text)
+    a, _ = _first_two(text)[1]
+    cut = obj[a]["data_offsets"][1]
+    for k, v in obj.items():
+        if k != "__metadata__" and v["data_offsets"][0] >= cut:
+            v["data_offsets"] = [v["data_offsets"][0] + 8, v["data_offsets"][1] + 8]
+    return json.dumps(obj), data[:cut] + b"\0" * 8 + data[cut:]
+
+
+def _metadata_twice(text, data):
+    assert text.startswith("{")
+    return '{"__metadata__":{"format":"pt"},"__metadata__":{"format":"pt"},' + text[1:], data
+
+
+def _field_twice(text, data):
+    obj = json.loads(text)
+    a = _first_two(text)[1][0]
+    e = obj[a]
+    entry = json.dumps(e, separators=(",", ":"))
+    twice = entry[:-1] + ',"dtype":' + json.dumps(e["dtype"]) + "}"
+    assert entry in text
+    return text.replace(entry, twice, 1), data
+
+
+@pytest.mark.parametrize("damage, needles", [
+    (lambda t, d: _shift_first(t, d, 8), ["data_offsets start 8 bytes after the start of the data: a gap"]),
+    (_gap_after_first, ["data_offsets start 8 bytes after the end of", ": a gap"]),
+    (_metadata_twice, ["__metadata__: named twice in the header"]),
+    (_field_twice, ["an entry of the header gives 'dtype' twice"]),
+])
+def test_header_layout_refused_through_the_cli(tmp_path, damage, needles):
+    """The layout rules of st.read_header (tested against the safetensors library in test_st), fed to m3-convert
+    through a real shard: exit 3, one line naming the file, nothing complete written."""
+    d = copy_fixture(tmp_path)
+    _rewrite_header(d / MANY, damage)
+    out = convert_fails(d, tmp_path / "o", EXIT_INPUT, f"m3-convert: error: {MANY}", *needles)
+    assert out.count("\n") == 1, out
+
+
+def test_header_over_the_reference_limit_is_refused(tmp_path):
+    """The limit is the reference's 100,000,000 bytes (it was 100 MiB here before): a header just over it, with
+    the file long enough to hold it, is refused before it is read."""
+    d = copy_fixture(tmp_path)
+    p = d / MANY
+    raw = p.read_bytes()
+    n = 100_000_008
+    with open(p, "wb") as f:
+        f.write(struct.pack("<Q", n) + raw[8:])
+        f.truncate(8 + n + 16)
+    convert_fails(d, tmp_path / "o", EXIT_INPUT, MANY, "100000000")
 
 
 def test_trailing_bytes_after_a_real_shard(tmp_path):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from m3_convert.errors import processing
+
 
 @dataclass
 class Report:
@@ -33,22 +35,22 @@ def verify(out_dir, *, against=None, vllm=False, integrity_only=False, workers=2
     from . import checks
     progress = progress or (lambda stage: None)
     rep = Report(out_dir, against, [])
-    t = time.time()
-    rep.findings += list(checks.check_integrity(out_dir, progress("hashing"), workers))
-    rep.seconds["integrity"] = round(time.time() - t, 3)
-    if integrity_only:
-        return rep
-    t = time.time()
-    rep.findings += list(checks.check_structure(out_dir))
-    rep.seconds["structure"] = round(time.time() - t, 3)
-    if against:
+    stages = [("integrity", lambda: checks.check_integrity(out_dir, progress("hashing"), workers))]
+    if not integrity_only:
+        stages.append(("structure", lambda: checks.check_structure(out_dir)))
+        if against:
+            stages.append(("against", lambda: checks.check_against(out_dir, against, progress("against"))))
+        if vllm:
+            rep.vllm = {}
+            stages.append(("vllm", lambda: _vllm(out_dir, rep.vllm)))
+    for name, run in stages:
         t = time.time()
-        rep.findings += list(checks.check_against(out_dir, against, progress("against")))
-        rep.seconds["against"] = round(time.time() - t, 3)
-    if vllm:
-        from . import vllm_check
-        t = time.time()
-        rep.vllm = {}
-        rep.findings += list(vllm_check.check_vllm(out_dir, report=rep.vllm))
-        rep.seconds["vllm"] = round(time.time() - t, 3)
+        with processing(f"{out_dir} ({name} check)"):      # an unanticipated error names where it happened
+            rep.findings += list(run())
+        rep.seconds[name] = round(time.time() - t, 3)
     return rep
+
+
+def _vllm(out_dir, report):
+    from . import vllm_check
+    return vllm_check.check_vllm(out_dir, report=report)

@@ -12,8 +12,8 @@ from m3_convert.errors import EXIT_FINDINGS, EXIT_INPUT, EXIT_OK, report_unexpec
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--against", "in_dir", type=click.Path(file_okay=False), help="Source checkpoint: prove every output tensor "
+@click.argument("out_dir", type=click.Path())
+@click.option("--against", "in_dir", type=click.Path(), help="Source checkpoint: prove every output tensor "
               "equal to its source (bytes for copies and splits, exact decode for de-quantized q/k/v).")
 @click.option("--vllm", "with_vllm", is_flag=True, help="Also build vLLM's own MiniMaxM3SparseForCausalLM from config.json, "
               "load the checkpoint with its load_weights and check every parameter (needs vllm).")
