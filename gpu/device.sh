@@ -6,9 +6,12 @@
 #   kernels                 gpu/kernel_check.py: every width's kernel vs the exact decode at M3 shapes (issue 15)
 #   serve [RUN ...]         gpu/serve_check.py vLLM runs, each in its own process (fixtures converted here, on
 #                           the device); RUN: tiny mixed mixed-promoted mixed-bf16 mixed-bug (default: these),
+#                           mixed-humming (the MoE layers on humming's per-width kernels, M3_MOE_KERNEL=humming),
 #                           tiny-promoted tiny-bf16 tiny-bug (issue 8's pair), vl vlmtp (--keep-vision --keep-mtp
 #                           output served text-only, with/without MTP) stock4 (--target stock-vllm: vLLM alone,
 #                           the package off the path)
+#   image                   gpu/image_check.py: the --keep-vision output served with an image vs transformers'
+#                           float32 reference (gpu/image_ref.json, made on a CPU) and a planted vision bug (issue 24)
 #   speed [ARGS]            bench/serve_bench.py: native vs promoted vs bf16 at the real M3 widths (issue 15)
 #   compare                 the comparison table of everything under /tmp/gpures (and gpu/results)
 # The transformers reference of issue 8 (serve_check.py hf) needs transformers 5.19 carried (gpu/README.md).
@@ -87,12 +90,17 @@ PY
           vl) M3_LM_ONLY=1 python3 gpu/serve_check.py vllm "$W/vl" vl "$RES" ;;
           vlmtp) M3_LM_ONLY=1 M3_MTP=1 python3 gpu/serve_check.py vllm "$W/vl" vlmtp "$RES" ;;
           stock4) PYTHONPATH=$SITE M3_NO_PLUGIN=1 python3 gpu/serve_check.py vllm "$W/stock4" stock4 "$RES" ;;
+          mixed-humming) M3_MOE_KERNEL=humming M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/mixed" mixed_humming "$RES" ;;
           mixed-promoted) M3_GPTQ_KERNELS=promote M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/mixed" mixed_promoted "$RES" ;;
           mixed*) M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/$r" "${r//-/_}" "$RES" ;;
         esac 2>&1 | grep -v "^\s*$" | grep -E "^(native|mixed|quant|bf16|bug|vl|stock)|loaded in|per-layer|MoE layers|GPU bytes|Error|error|Traceback|assert" | cut -c1-2000 | tail -12
         echo "== $r: $(( $(date +%s) - t )) s"
       done
     done
+    ;;
+  image)   # issue 24 item 4: the --keep-vision output served with an image vs transformers (gpu/image_ref.json)
+    python3 gpu/image_check.py all "$RES" "$W" 2>&1 | grep -v "^\s*$" | grep -E "^(vlimg|bug:|== )|Error|error|Traceback|assert" | cut -c1-2000 | tail -20
+    cp "$RES"/vlimg*.json "$RES"/image_compare.json "$OUT"/ 2>/dev/null; ls "$OUT"; exit 0
     ;;
   speed)
     python3 bench/serve_bench.py "$RES/speed" "$@" 2>&1 | grep -v "^\s*$" | tail -40

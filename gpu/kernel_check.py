@@ -34,6 +34,7 @@ from m3_convert.serve import compat, decide  # noqa: E402
 
 G = 128
 DEV = torch.device("cuda")
+MOE_MS = [1, 4, 8, 16, 32, 512]
 LIMIT, ALPHA, BETA = 7.0, 1.702, 1.0
 
 
@@ -164,15 +165,17 @@ class MoeLayer(torch.nn.Module):
 def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
     """per_bits[e] = (w1, w3, w2) bits."""
     from m3_convert.serve.methods import M3HummingMoEMethod
-    from m3_convert.serve.moe import HummingMoEKernel, load_expert
+    from m3_convert.serve.moe import HummingMoEKernel, WmixMoEKernel, load_expert
     prefix = "model.layers.9.block_sparse_moe.experts"
     modules = {f"{prefix}.{e}.{s}": {"bits": b, "group_size": G} for e in range(E) for s, b in zip(("w1", "w3", "w2"), per_bits[e])}
     d = decide.select_moe(prefix, modules, E, hidden, inter, frozenset({decide.HUMMING}))   # humming at every width
     cfg = MoeConfig(hidden, inter, E, k)
-    layer = MoeLayer(cfg)
+    layer, wlayer = MoeLayer(cfg), MoeLayer(cfg)
     method = M3HummingMoEMethod(d, cfg, HummingMoEKernel())
+    wmethod = M3HummingMoEMethod(d, cfg, WmixMoEKernel())
     with torch.device(DEV):
         method.create_weights(layer, E, hidden, inter, torch.bfloat16)
+        wmethod.create_weights(wlayer, E, hidden, inter, torch.bfloat16)
     W13, W2 = [], []
     ckpt_bytes = 0
     for e in range(E):
@@ -189,10 +192,17 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
         W2.append(ws["w2"])
     W13b = [t.to(torch.bfloat16) for t in W13]            # the weights a bf16 engine would hold
     W2b = [t.to(torch.bfloat16) for t in W2]
+    for s_ in ("w13", "w2"):
+        for leaf in ("qweight", "qzeros", "scales"):
+            getattr(wlayer, f"{s_}_{leaf}").data.copy_(getattr(layer, f"{s_}_{leaf}").data)
     t0 = time.time()
     method.process_weights_after_loading(layer)
     prep = time.time() - t0
+    t0 = time.time()
+    wmethod.process_weights_after_loading(wlayer)
+    wprep = time.time() - t0
     held = sum(p.numel() * p.element_size() for n_, p in layer.named_parameters())
+    wheld = sum(p.numel() * p.element_size() for n_, p in wlayer.named_parameters())
     rows = []
     for m in ms:
         x = torch.randn(m, hidden, device=DEV, generator=gen).to(torch.bfloat16)
@@ -224,24 +234,65 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
                      "us_serial": us_serial,
                      "us_humming": round(timed(lambda: method.apply(layer, x, w, ids, None, None)), 1),
                      "gpu_bytes": held, "gptq_bytes": ckpt_bytes, "prepare_s": round(prep, 1)})
+        rows[-1].update(wmix_row(wmethod, wlayer, x, w, ids, ref, wheld, wprep))
         print(json.dumps(rows[-1]), flush=True)
-    W13 = W2 = W13b = W2b = layer = None      # freed before the next case
+    W13 = W2 = W13b = W2b = layer = wlayer = None      # freed before the next case
     torch.cuda.empty_cache()
     return rows
 
 
-def graph_case(gen):
+GEMV_SWEEP = [(16, 128, None, 4, 2), (16, 64, None, 4, 2), (8, 128, None, 4, 3), (32, 128, None, 8, 2),
+              (16, 128, 1, 4, 2), (16, 128, 4, 4, 2), (16, 256, None, 8, 2)]
+TILED_SWEEP = [(16, 64, 4, 2), (16, 128, 4, 3), (32, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3)]
+
+
+def wmix_row(method, layer, x, w, ids, ref, held, prep):
+    """m3_convert.serve.wmix on the same layer: errors, repeat, time at its chosen kernel; then each kernel forced
+    (gemv and tiled at the sizes both can take) and the tile sweeps (GEMV_SWEEP / TILED_SWEEP, kernel configs of
+    both sublayers), as the choice in decide.wmix_path / wmix_split / wmix_block_m is made from them."""
+    from m3_convert.serve import decide as D, wmix
+    run = lambda: method.apply(layer, x, w, ids, None, None)  # noqa: E731
+    y = run()
+    rows = ids.numel()
+    row = {"wmix": errs(y, ref), "wmix_repeat_identical": bool(torch.equal(y, run())),
+           "wmix_path": D.wmix_path(rows), "us_wmix": round(timed(run), 1), "wmix_gpu_bytes": held,
+           "wmix_prepare_s": round(prep, 1)}
+    path0, gcfg0, tcfg0 = D.wmix_path, wmix.gemv_config, wmix.tiled_config
+    sweep = {}
+    try:
+        if rows <= 256:
+            D.wmix_path = lambda r: "gemv"                                   # noqa: E731
+            for rr, bn, sp, wa, st in GEMV_SWEEP:
+                def cfg(r, t, sms, rr=rr, bn=bn, sp=sp, wa=wa, st=st):
+                    split = sp if sp is not None else D.wmix_split(r, t.n, bn, t.halves, sms)
+                    return wmix.GemvConfig(rr, bn, split, wa, st)
+                wmix.gemv_config = cfg
+                yy = run()
+                sweep[f"gemv r{rr} n{bn} s{sp or 'auto'} w{wa} st{st}"] = [round(timed(run), 1), errs(yy, ref)["norm_rel"]]
+            wmix.gemv_config = gcfg0
+        D.wmix_path = lambda r: "tiled"                                      # noqa: E731
+        for bm, bn, wa, st in TILED_SWEEP:
+            wmix.tiled_config = lambda r, t, bm=bm, bn=bn, wa=wa, st=st: wmix.TiledConfig(bm, bn, wa, st)  # noqa: E731
+            yy = run()
+            sweep[f"tiled m{bm} n{bn} w{wa} st{st}"] = [round(timed(run), 1), errs(yy, ref)["norm_rel"]]
+    finally:
+        D.wmix_path, wmix.gemv_config, wmix.tiled_config = path0, gcfg0, tcfg0
+    row["wmix_sweep"] = sweep
+    return row
+
+
+def graph_case(gen, kernel="humming", m=8):
     """The mixed MoE apply captured in a CUDA graph and replayed on new inputs: same output as eager."""
     from m3_convert.serve.methods import M3HummingMoEMethod
-    from m3_convert.serve.moe import HummingMoEKernel, load_expert
-    E, hidden, inter, k, m = 16, 1024, 512, 4, 8
+    from m3_convert.serve.moe import HummingMoEKernel, WmixMoEKernel, load_expert
+    E, hidden, inter, k = 16, 1024, 512, 4
     per = [(decide.QUANT_BITS[e % 4], decide.QUANT_BITS[(e + 1) % 4], decide.QUANT_BITS[(e + 2) % 4]) for e in range(E)]
     prefix = "p"
     modules = {f"{prefix}.{e}.{s}": {"bits": b, "group_size": G} for e in range(E) for s, b in zip(("w1", "w3", "w2"), per[e])}
     d = decide.select_moe(prefix, modules, E, hidden, inter)
     cfg = MoeConfig(hidden, inter, E, k)
     layer = MoeLayer(cfg)
-    method = M3HummingMoEMethod(d, cfg, HummingMoEKernel())
+    method = M3HummingMoEMethod(d, cfg, WmixMoEKernel() if kernel == "wmix" else HummingMoEKernel())
     with torch.device(DEV):
         method.create_weights(layer, E, hidden, inter, torch.bfloat16)
     for e in range(E):
@@ -271,7 +322,7 @@ def graph_case(gen):
         g.replay()
         eager = method.apply(layer, x, w, ids, None, None)
         res.append(bool(torch.equal(out, eager)))
-    row = {"case": "cuda_graph_replay_equals_eager", "replays": res}
+    row = {"case": "cuda_graph_replay_equals_eager", "kernel": kernel, "m": m, "replays": res}
     print(json.dumps(row), flush=True)
     return [row]
 
@@ -288,21 +339,24 @@ def main():
     phases = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--phases=")), "graph,dense,moe").split(",")
     widths = [int(b) for b in next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--moe-widths=")), "2,3,4,8").split(",")]
     if "graph" in phases:
-        res["graph"] = graph_case(gen)
+        res["graph"] = graph_case(gen) + [r for m in (1, 8, 64) for r in graph_case(gen, "wmix", m)]
     shapes = [(6144, 6144), (6144, 3072)] if not quick else [(6144, 3072)]
     for bits in decide.QUANT_BITS if "dense" in phases else ():
         for n, k in shapes:
             res["dense"] += dense_case(bits, n, k, [1, 32, 512], gen)
     E, H, I, K = 128, 6144, 3072, 4
     for bits in widths if "moe" in phases else ():
-        res["moe"] += moe_case(f"uniform{bits}", [(bits, bits, bits)] * E, H, I, E, K, [1, 32, 512], gen)
+        res["moe"] += moe_case(f"uniform{bits}", [(bits, bits, bits)] * E, H, I, E, K, MOE_MS, gen)
     mixed = [(decide.QUANT_BITS[e % 4], decide.QUANT_BITS[(e // 4) % 4], decide.QUANT_BITS[(e // 16) % 4]) for e in range(E)]
     if "moe" in phases:
-        res["moe"] += moe_case("mixed", mixed, H, I, E, K, [1, 32, 512], gen)
+        res["moe"] += moe_case("mixed", mixed, H, I, E, K, MOE_MS, gen)
     res["seconds"] = round(time.time() - t0, 1)
     json.dump(res, open(out, "w"), indent=1)
     worst_d = max((r["humming"]["max_rel"] / max(r["torch_bf16"]["max_rel"], 1e-9) for r in res["dense"]), default=None)
     worst_m = max((r["humming"]["norm_rel"] / max(r["bf16_path"]["norm_rel"], 1e-9) for r in res["moe"]), default=None)
+    worst_w = max((r["wmix"]["norm_rel"] / max(r["bf16_path"]["norm_rel"], 1e-9) for r in res["moe"]), default=None)
+    print(f"wmix: worst wmix/bf16 error ratio {worst_w}; " + "; ".join(
+        f"{r['case']} m{r['m']}: humming {r['us_humming']} us, wmix {r['us_wmix']} us ({r['wmix_path']})" for r in res["moe"]))
     print(f"kernel check: {len(res['dense'])} dense, {len(res['moe'])} MoE cases in {res['seconds']} s; worst humming/bf16 "
           f"error ratio dense {worst_d} (max), MoE {worst_m} (norm); graph: {res['graph']}")
 

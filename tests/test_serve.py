@@ -14,7 +14,7 @@ from conftest import FIXTURES, all_tensors
 from m3_convert import gptq, names
 from m3_convert.serve import compat, decide
 from m3_convert.serve.linear import check_symmetric_zeros
-from m3_convert.serve.moe import create_expert_params, load_expert, part_view
+from m3_convert.serve.moe import create_expert_params, load_expert, part_view, slot_table
 
 P = "model.layers.{L}.block_sparse_moe.experts"
 
@@ -191,6 +191,41 @@ def test_each_rank_holds_exactly_its_slice_of_every_mixed_width_expert(tp):
                     assert np.array_equal(got, want), (L, rank, part.name, e, s)
                     seen += 1
             assert seen == 3 * E
+            _check_slot_tables(layer, d)
+
+
+def _check_slot_tables(layer, d):
+    """wmix's slot tables (issue 25) point each slot at exactly its part's view in the flat tensors."""
+    for sub in ("w13", "w2"):
+        tbl = slot_table(layer, sub, "cpu")
+        assert tbl.halves == (2 if sub == "w13" else 1) and tbl.bits.numel() == tbl.halves * layer.m3_dims.num_experts
+        held = 0
+        for part in d.parts:
+            if part.sublayer != sub:
+                continue
+            for leaf, offs in (("qweight", tbl.qoff), ("scales", tbl.soff)):
+                flat, view = getattr(layer, f"{sub}_{leaf}").data, part_view(layer, part, leaf)
+                for i, slot in enumerate(part.slots):
+                    o = int(offs[slot])
+                    assert torch.equal(flat[o:o + view[i].numel()].view_as(view[i]), view[i]), (part.name, slot)
+            for slot in part.slots:
+                assert int(tbl.bits[slot]) == part.bits
+                held += 1
+        assert held == tbl.bits.numel()
+
+
+@pytest.mark.parametrize("rows, n, halves, sms, split", [(4, 3072, 2, 132, 2), (4, 6144, 1, 132, 2),
+                                                         (1, 6144, 1, 132, 8), (1, 64, 1, 132, 8), (32, 6144, 1, 132, 1)])
+def test_wmix_split_gives_every_sm_two_programs(rows, n, halves, sms, split):
+    assert decide.wmix_split(rows, n, 128, halves, sms) == split
+    tiles = rows * halves * -(-n // 128)
+    assert tiles * split >= 2 * sms or split == 8
+
+
+def test_wmix_path_is_a_function_of_the_rows():
+    assert decide.wmix_path(1) == decide.wmix_path(decide.WMIX_GEMV_MAX_ROWS) == "gemv"
+    assert decide.wmix_path(decide.WMIX_GEMV_MAX_ROWS + 1) == "tiled"
+    assert decide.wmix_block_m(128, 128) == 16 and decide.wmix_block_m(8192, 128) == 64
 
 
 def test_loader_names_the_tensor_whose_bits_disagree():

