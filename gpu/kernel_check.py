@@ -241,9 +241,9 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
     return rows
 
 
-GEMV_SWEEP = [(16, 128, None, 4, 2), (16, 64, None, 4, 2), (8, 128, None, 4, 3), (32, 128, None, 8, 2),
-              (16, 128, 1, 4, 2), (16, 128, 4, 4, 2), (16, 256, None, 8, 2)]
-TILED_SWEEP = [(16, 64, 4, 2), (16, 128, 4, 3), (32, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3)]
+GEMV_SWEEP = [(16, 64, None, 4, 2), (8, 128, None, 4, 3), (32, 128, None, 8, 2), (16, 128, 1, 4, 2)]
+TILED_SWEEP = [(16, 128, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)]
+GEMV_SWEEP_MS, TILED_SWEEP_MS = (1, 8, 32), (8, 32, 512)      # each config is a Triton compile (seconds): few sizes
 
 
 def wmix_row(method, layer, x, w, ids, ref, held, prep):
@@ -260,7 +260,8 @@ def wmix_row(method, layer, x, w, ids, ref, held, prep):
     path0, gcfg0, tcfg0 = D.wmix_path, wmix.gemv_config, wmix.tiled_config
     sweep = {}
     try:
-        if rows <= 256:
+        m = ids.shape[0]
+        if m in GEMV_SWEEP_MS:
             D.wmix_path = lambda r: "gemv"                                   # noqa: E731
             for rr, bn, sp, wa, st in GEMV_SWEEP:
                 def cfg(r, t, sms, rr=rr, bn=bn, sp=sp, wa=wa, st=st):
@@ -271,7 +272,7 @@ def wmix_row(method, layer, x, w, ids, ref, held, prep):
                 sweep[f"gemv r{rr} n{bn} s{sp or 'auto'} w{wa} st{st}"] = [round(timed(run), 1), errs(yy, ref)["norm_rel"]]
             wmix.gemv_config = gcfg0
         D.wmix_path = lambda r: "tiled"                                      # noqa: E731
-        for bm, bn, wa, st in TILED_SWEEP:
+        for bm, bn, wa, st in (TILED_SWEEP if m in TILED_SWEEP_MS else ()):
             wmix.tiled_config = lambda r, t, bm=bm, bn=bn, wa=wa, st=st: wmix.TiledConfig(bm, bn, wa, st)  # noqa: E731
             yy = run()
             sweep[f"tiled m{bm} n{bn} w{wa} st{st}"] = [round(timed(run), 1), errs(yy, ref)["norm_rel"]]

@@ -43,7 +43,8 @@ from conftest import all_tensors, need_vllm
 pytestmark = pytest.mark.vllm
 HERE = Path(__file__).parent
 LAYERS = (1, 2, 3)            # gpu_mixed: every MoE layer mixes 2/3/4/8-bit experts
-KINDS = ("native", "promote", "wmix")   # wmix: the GPU's Triton kernels (issue 25), interpreted
+KINDS = ("native", "promote", "wmix")   # wmix: the GPU's Triton kernels (issue 25), interpreted ...
+WMIX_LAYERS = (2,)                      # ... on one layer (~100 s on 2 cores; all three: ~5 min)
 TOP_K = 4
 TOKENS = 48
 SCALES = (2.0, 40.0)          # per-token input rms, log-uniform: gate/up rms ~0.33x that (the fixture's weights), so
@@ -149,13 +150,16 @@ def child(out_dir, inputs, result):
     with vllm.config.set_current_vllm_config(vc):
         _load(model, mc, out_dir)
         ys, info = {}, {}
+        wmix = os.environ.get("M3_CPU_MOE_KERNEL") == "wmix"
         for key, x in load_file(inputs).items():
             L = int(key)
+            if wmix and L not in WMIX_LAYERS:
+                continue
             blk = model.model.layers[L].block_sparse_moe
             info[L] = _route_through_grouped_topk(blk)
             with torch.no_grad(), set_forward_context(None, vc):
                 ys[key] = blk(x.clone())
-                if os.environ.get("M3_CPU_MOE_KERNEL") == "wmix":     # 8 tokens a call: wmix's gemv kernel
+                if wmix:                                       # 8 tokens a call: wmix's gemv kernel
                     ys[f"{key}/gemv"] = torch.cat([blk(x[i:i + 8].clone()) for i in range(0, x.shape[0], 8)])
                 for v in VARIANTS:                      # the same bugs, planted into the running kernel
                     with _planted(v, info[L]["router_scale"]):
@@ -268,7 +272,7 @@ def runs(converted, tmp_path_factory):
 def test_moe_block_matches_reference_and_not_planted_variants(runs, kind, method):
     t, tc, xs, out = runs
     tol = tolerance()
-    for L in LAYERS:
+    for L in WMIX_LAYERS if kind == "wmix" else LAYERS:
         ys, info = out[kind][0], out[kind][1][L]
         y = ys[str(L)]
         assert info["method"] == method and info["router_scale"] == tc["routed_scaling_factor"] == 2.0, info

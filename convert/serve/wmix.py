@@ -2,8 +2,9 @@
 
 Each expert slot (a virtual expert of :mod:`.moe`'s layout: the gate or up half of an expert in ``w13``, the expert
 in ``w2``) is read at its own width straight from the sublayer's flat GPTQ tensors (``<sublayer>_qweight`` [words]
-int32 and ``<sublayer>_scales`` float16, each slot ``[K*b/32, N]`` and ``[K/G, N]`` at its offset; symmetric
-codes, zero ``2^(b-1)``, checked when loaded): a :class:`SlotTable` says where. Nothing is repacked, so the GPU
+int32 and ``<sublayer>_scales`` float16, each slot ``[K*b/32, N]`` and ``[K/G, N]`` at its offset; packed as
+docs/FORMAT.md section 2.5 says, 3-bit codes 32 to a triplet of words; symmetric codes, zero ``2^(b-1)``, checked
+when loaded): a :class:`SlotTable` says where. Nothing is repacked, so the GPU
 holds the checkpoint's codes and scales byte for byte (the zeros, a constant, are dropped).
 
 Two kernels, the one used chosen by the number of (token, expert) rows (:func:`m3_convert.serve.decide.wmix_path`):
