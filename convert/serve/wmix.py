@@ -281,7 +281,11 @@ def interpreter_dot_problem() -> str:
 
 def interpreting() -> bool:
     """Whether Triton runs interpreted (:func:`interpreter_dot_problem` says what changes then)."""
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)          # triton >= 3.4; older ones read the variable itself
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def align_reference(ids, block_m: int, experts: int):

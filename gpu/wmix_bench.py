@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""The wmix kernels alone at M3's MoE shapes, on the GPU, with no vLLM (issue 25: "kernel work needs no vLLM").
+
+    python3 gpu/wmix_bench.py OUT_JSON
+
+Needs torch and triton only (the GPU image's). 128 experts, hidden 6144, expert width 3072, top-4, group 128; one
+layer of uniform 4-bit experts and one mixing 2/3/4/8 bits per expert and per gate/up/down (kernel_check's mix),
+random codes and signed fp16 scales in the flat layout of m3_convert.serve.moe. Per size M (tokens):
+
+* each sublayer's GEMM (gemv up to decide.WMIX_GEMV_MAX_ROWS rows, else tiled) against ``x @ W^T`` of the exact
+  float32 decode of the routed experts, beside torch's bf16 GEMM of W rounded to bf16 (the floor);
+* the time of the whole routed layer as the plugin runs it (w13, SwiGLU-OAI, w2, weighted sum; the activation and
+  the sum in torch here, vLLM's fused ops in serving), captured in a CUDA graph, median of 20 replays; the bytes
+  the routed experts' codes and scales hold, and that over the time as a fraction of the card's HBM bandwidth;
+* repeat bit-identical; CUDA-graph replay equal to eager.
+The tiled kernel's row alignment is computed once outside the timed region (vLLM's op does it in serving).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_check import G, decode, errs, timed  # noqa: E402
+
+from m3_convert.serve import decide, wmix  # noqa: E402
+
+E, H, I, K = 128, 6144, 3072, 4
+LIMIT, ALPHA, BETA = 7.0, 1.702, 1.0
+HBM = {"H200": 4.8e12, "H100": 3.35e12}
+
+
+def layer(per_bits, gen):
+    """Flat qweight/scales + SlotTable per sublayer; per_bits[e] = (w1, w3, w2)."""
+    out = {}
+    for sub, halves, n, k in (("w13", 2, I, H), ("w2", 1, H, I)):
+        bits = [b for e in range(E) for b in (per_bits[e][:2] if sub == "w13" else per_bits[e][2:])]
+        qoff, soff, oq, os_ = [], [], 0, 0
+        for b in bits:
+            qoff.append(oq)
+            soff.append(os_)
+            oq += k * b // 32 * n
+            os_ += k // G * n
+        qw = torch.randint(-2**31, 2**31, (oq,), dtype=torch.int64, device="cuda", generator=gen).to(torch.int32)
+        mag = (torch.rand(os_, device="cuda", generator=gen) + 0.5) / (4 * k ** 0.5)
+        sc = (mag * torch.where(torch.rand(os_, device="cuda", generator=gen) < 0.5, -1.0, 1.0)).half()
+        t = wmix.SlotTable(torch.tensor(bits, dtype=torch.int32, device="cuda"), torch.tensor(qoff, device="cuda"),
+                           torch.tensor(soff, device="cuda"), n, k, G, halves)
+        out[sub] = (t, qw, sc, bits, qoff, soff)
+    return out
+
+
+def slot_w(sub_data, slot):
+    t, qw, sc, bits, qoff, soff = sub_data
+    b = bits[slot]
+    q = qw[qoff[slot]:qoff[slot] + t.k * b // 32 * t.n].view(t.k * b // 32, t.n)
+    s = sc[soff[slot]:soff[slot] + t.k // G * t.n].view(t.k // G, t.n)
+    return decode(q, s, b), t.k * b // 8 * t.n + s.numel() * 2
+
+
+def gemm(sub_data, x, ids, in_div, out):
+    t, qw, sc = sub_data[:3]
+    rows = ids.numel()
+    if decide.wmix_path(rows) == "gemv":
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        return wmix.gemv(t, qw, sc, x, ids, in_div, out, wmix.gemv_config(rows, t, sms))
+    key = (id(t), rows)
+    if key not in gemm.align:          # filled by the first (eager) call, before any capture
+        gemm.align[key] = tuple(a.cuda() for a in wmix.align_reference(ids.cpu(), wmix.tiled_config(rows, t).block_m, E))
+    al = gemm.align[key]
+    return wmix.tiled(t, qw, sc, x, ids, in_div, out, wmix.tiled_config(rows, t), lambda *a: al)
+
+
+gemm.align = {}
+
+
+def run_layer(L, x, ids, w):
+    M = x.shape[0]
+    gu = torch.empty(M * K, 2 * I, dtype=x.dtype, device="cuda")
+    gemm(L["w13"], x, ids, K, gu)
+    g, u = gu[:, :I].float().clamp(max=LIMIT), gu[:, I:].float().clamp(-LIMIT, LIMIT)
+    act = (g * torch.sigmoid(ALPHA * g) * (u + BETA)).to(x.dtype)
+    down = torch.empty(M * K, H, dtype=x.dtype, device="cuda")
+    gemm(L["w2"], act, ids, 1, down)
+    return (down.view(M, K, H).float() * w.unsqueeze(-1)).sum(1).to(x.dtype), gu, act, down
+
+
+def case(tag, per_bits, ms, gen):
+    L = layer(per_bits, gen)
+    rows = []
+    for m in ms:
+        gemm.align.clear()
+        x = torch.randn(m, H, device="cuda", generator=gen).to(torch.bfloat16)
+        ids = torch.rand(m, E, device="cuda", generator=gen).topk(K, dim=-1).indices.to(torch.int32).reshape(-1)
+        w = torch.rand(m, K, device="cuda", generator=gen)
+        y, gu, act, down = run_layer(L, x, ids, w)
+        e13 = e2 = f13 = f2 = None
+        active, nbytes = sorted(set(ids.tolist())), 0
+        ref13, refb13 = torch.zeros(m * K, 2 * I, device="cuda"), torch.zeros(m * K, 2 * I, device="cuda")
+        ref2, refb2 = torch.zeros(m * K, H, device="cuda"), torch.zeros(m * K, H, device="cuda")
+        for e in active:
+            r = (ids == e).nonzero().reshape(-1)
+            for h in range(2):
+                W, nb = slot_w(L["w13"], 2 * e + h)
+                nbytes += nb
+                ref13[r, h * I:(h + 1) * I] = x[r // K].float() @ W.T
+                refb13[r, h * I:(h + 1) * I] = (x[r // K] @ W.to(torch.bfloat16).T).float()
+            W, nb = slot_w(L["w2"], e)
+            nbytes += nb
+            ref2[r] = act[r].float() @ W.T
+            refb2[r] = (act[r] @ W.to(torch.bfloat16).T).float()
+        e13, f13, e2, f2 = errs(gu, ref13), errs(refb13, ref13), errs(down, ref2), errs(refb2, ref2)
+        fn = lambda: run_layer(L, x, ids, w)  # noqa: E731
+        us = timed(fn)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            yg = run_layer(L, x, ids, w)[0]
+        g.replay()
+        torch.cuda.synchronize()
+        gpu = torch.cuda.get_device_name()
+        bw = next((v for k_, v in HBM.items() if k_ in gpu), None)
+        row = {"case": tag, "m": m, "path": decide.wmix_path(m * K), "w13": e13, "w13_bf16_floor": f13, "w2": e2,
+               "w2_bf16_floor": f2, "repeat_identical": bool(torch.equal(y, run_layer(L, x, ids, w)[0])),
+               "graph_equals_eager": bool(torch.equal(yg, y)), "us_layer": round(us, 1),
+               "us_w13": round(timed(lambda: gemm(L["w13"], x, ids, K, gu)), 1),
+               "us_w2": round(timed(lambda: gemm(L["w2"], act, ids, 1, down)), 1),
+               "active_bytes": nbytes, "hbm_fraction": round(nbytes / (us * 1e-6) / bw, 3) if bw else None}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(20261207)
+    t0 = time.time()
+    import triton
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    ms = [1, 2, 4, 8, 16, 32, 128, 512]
+    res["uniform4"] = case("uniform4", [(4, 4, 4)] * E, ms, gen)
+    torch.cuda.empty_cache()
+    bits = decide.QUANT_BITS
+    mixed = [(bits[e % 4], bits[(e // 4) % 4], bits[(e // 16) % 4]) for e in range(E)]
+    res["mixed"] = case("mixed", mixed, ms, gen)
+    res["seconds"] = round(time.time() - t0, 1)
+    json.dump(res, open(sys.argv[1], "w"), indent=1)
+    for r in res["uniform4"] + res["mixed"]:
+        print(f"{r['case']:9s} m{r['m']:<4d} {r['path']:5s} layer {r['us_layer']:7.1f} us (w13 {r['us_w13']}, w2 {r['us_w2']}) "
+              f"hbm {r['hbm_fraction']} err w13 {r['w13']['norm_rel']:.2e}/floor {r['w13_bf16_floor']['norm_rel']:.2e} "
+              f"w2 {r['w2']['norm_rel']:.2e}/floor {r['w2_bf16_floor']['norm_rel']:.2e} rep {r['repeat_identical']} "
+              f"graph {r['graph_equals_eager']}")
+
+
+if __name__ == "__main__":
+    main()
