@@ -2,6 +2,7 @@
 """The wmix kernels alone at M3's MoE shapes, on the GPU, with no vLLM (issue 25: "kernel work needs no vLLM").
 
     python3 gpu/wmix_bench.py OUT_JSON
+    TRITON_INTERPRET=1 python3 gpu/wmix_bench.py OUT_JSON --cpu-smoke     # the script itself, on a CPU
 
 Needs torch and triton only (the GPU image's). 128 experts, hidden 6144, expert width 3072, top-4, group 128; one
 layer of uniform 4-bit experts and one mixing 2/3/4/8 bits per expert and per gate/up/down (kernel_check's mix),
@@ -29,7 +30,9 @@ from kernel_check import G, decode, errs, timed  # noqa: E402
 
 from m3_convert.serve import decide, wmix  # noqa: E402
 
-E, H, I, K = 128, 6144, 3072, 4
+SMOKE = "--cpu-smoke" in sys.argv     # the script itself checked on a CPU (TRITON_INTERPRET=1, small shapes, no timing)
+DEV = "cpu" if SMOKE else "cuda"
+E, H, I, K = (8, 256, 128, 4) if SMOKE else (128, 6144, 3072, 4)
 LIMIT, ALPHA, BETA = 7.0, 1.702, 1.0
 HBM = {"H200": 4.8e12, "H100": 3.35e12}
 
@@ -45,11 +48,11 @@ def layer(per_bits, gen):
             soff.append(os_)
             oq += k * b // 32 * n
             os_ += k // G * n
-        qw = torch.randint(-2**31, 2**31, (oq,), dtype=torch.int64, device="cuda", generator=gen).to(torch.int32)
-        mag = (torch.rand(os_, device="cuda", generator=gen) + 0.5) / (4 * k ** 0.5)
-        sc = (mag * torch.where(torch.rand(os_, device="cuda", generator=gen) < 0.5, -1.0, 1.0)).half()
-        t = wmix.SlotTable(torch.tensor(bits, dtype=torch.int32, device="cuda"), torch.tensor(qoff, device="cuda"),
-                           torch.tensor(soff, device="cuda"), n, k, G, halves)
+        qw = torch.randint(-2**31, 2**31, (oq,), dtype=torch.int64, device=DEV, generator=gen).to(torch.int32)
+        mag = (torch.rand(os_, device=DEV, generator=gen) + 0.5) / (4 * k ** 0.5)
+        sc = (mag * torch.where(torch.rand(os_, device=DEV, generator=gen) < 0.5, -1.0, 1.0)).half()
+        t = wmix.SlotTable(torch.tensor(bits, dtype=torch.int32, device=DEV), torch.tensor(qoff, device=DEV),
+                           torch.tensor(soff, device=DEV), n, k, G, halves)
         out[sub] = (t, qw, sc, bits, qoff, soff)
     return out
 
@@ -66,11 +69,11 @@ def gemm(sub_data, x, ids, in_div, out):
     t, qw, sc = sub_data[:3]
     rows = ids.numel()
     if decide.wmix_path(rows) == "gemv":
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        sms = 132 if SMOKE else torch.cuda.get_device_properties(0).multi_processor_count
         return wmix.gemv(t, qw, sc, x, ids, in_div, out, wmix.gemv_config(rows, t, sms))
     key = (id(t), rows)
     if key not in gemm.align:          # filled by the first (eager) call, before any capture
-        gemm.align[key] = tuple(a.cuda() for a in wmix.align_reference(ids.cpu(), wmix.tiled_config(rows, t).block_m, E))
+        gemm.align[key] = tuple(a.to(DEV) for a in wmix.align_reference(ids.cpu(), wmix.tiled_config(rows, t).block_m, E))
     al = gemm.align[key]
     return wmix.tiled(t, qw, sc, x, ids, in_div, out, wmix.tiled_config(rows, t), lambda *a: al)
 
@@ -80,11 +83,11 @@ gemm.align = {}
 
 def run_layer(L, x, ids, w):
     M = x.shape[0]
-    gu = torch.empty(M * K, 2 * I, dtype=x.dtype, device="cuda")
+    gu = torch.empty(M * K, 2 * I, dtype=x.dtype, device=DEV)
     gemm(L["w13"], x, ids, K, gu)
     g, u = gu[:, :I].float().clamp(max=LIMIT), gu[:, I:].float().clamp(-LIMIT, LIMIT)
     act = (g * torch.sigmoid(ALPHA * g) * (u + BETA)).to(x.dtype)
-    down = torch.empty(M * K, H, dtype=x.dtype, device="cuda")
+    down = torch.empty(M * K, H, dtype=x.dtype, device=DEV)
     gemm(L["w2"], act, ids, 1, down)
     return (down.view(M, K, H).float() * w.unsqueeze(-1)).sum(1).to(x.dtype), gu, act, down
 
@@ -94,14 +97,14 @@ def case(tag, per_bits, ms, gen):
     rows = []
     for m in ms:
         gemm.align.clear()
-        x = torch.randn(m, H, device="cuda", generator=gen).to(torch.bfloat16)
-        ids = torch.rand(m, E, device="cuda", generator=gen).topk(K, dim=-1).indices.to(torch.int32).reshape(-1)
-        w = torch.rand(m, K, device="cuda", generator=gen)
+        x = torch.randn(m, H, device=DEV, generator=gen).to(torch.bfloat16)
+        ids = torch.rand(m, E, device=DEV, generator=gen).topk(K, dim=-1).indices.to(torch.int32).reshape(-1)
+        w = torch.rand(m, K, device=DEV, generator=gen)
         y, gu, act, down = run_layer(L, x, ids, w)
         e13 = e2 = f13 = f2 = None
         active, nbytes = sorted(set(ids.tolist())), 0
-        ref13, refb13 = torch.zeros(m * K, 2 * I, device="cuda"), torch.zeros(m * K, 2 * I, device="cuda")
-        ref2, refb2 = torch.zeros(m * K, H, device="cuda"), torch.zeros(m * K, H, device="cuda")
+        ref13, refb13 = torch.zeros(m * K, 2 * I, device=DEV), torch.zeros(m * K, 2 * I, device=DEV)
+        ref2, refb2 = torch.zeros(m * K, H, device=DEV), torch.zeros(m * K, H, device=DEV)
         for e in active:
             r = (ids == e).nonzero().reshape(-1)
             for h in range(2):
@@ -115,19 +118,22 @@ def case(tag, per_bits, ms, gen):
             refb2[r] = (act[r] @ W.to(torch.bfloat16).T).float()
         e13, f13, e2, f2 = errs(gu, ref13), errs(refb13, ref13), errs(down, ref2), errs(refb2, ref2)
         fn = lambda: run_layer(L, x, ids, w)  # noqa: E731
-        us = timed(fn)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            yg = run_layer(L, x, ids, w)[0]
-        g.replay()
-        torch.cuda.synchronize()
-        gpu = torch.cuda.get_device_name()
+        if SMOKE:
+            us, yg, gpu = float("nan"), y, "cpu"
+        else:
+            us = timed(fn)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                yg = run_layer(L, x, ids, w)[0]
+            g.replay()
+            torch.cuda.synchronize()
+            gpu = torch.cuda.get_device_name()
         bw = next((v for k_, v in HBM.items() if k_ in gpu), None)
         row = {"case": tag, "m": m, "path": decide.wmix_path(m * K), "w13": e13, "w13_bf16_floor": f13, "w2": e2,
                "w2_bf16_floor": f2, "repeat_identical": bool(torch.equal(y, run_layer(L, x, ids, w)[0])),
                "graph_equals_eager": bool(torch.equal(yg, y)), "us_layer": round(us, 1),
-               "us_w13": round(timed(lambda: gemm(L["w13"], x, ids, K, gu)), 1),
-               "us_w2": round(timed(lambda: gemm(L["w2"], act, ids, 1, down)), 1),
+               "us_w13": None if SMOKE else round(timed(lambda: gemm(L["w13"], x, ids, K, gu)), 1),
+               "us_w2": None if SMOKE else round(timed(lambda: gemm(L["w2"], act, ids, 1, down)), 1),
                "active_bytes": nbytes, "hbm_fraction": round(nbytes / (us * 1e-6) / bw, 3) if bw else None}
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -136,14 +142,15 @@ def case(tag, per_bits, ms, gen):
 
 def main():
     torch.backends.cuda.matmul.allow_tf32 = False
-    gen = torch.Generator(device="cuda")
+    gen = torch.Generator(device=DEV)
     gen.manual_seed(20261207)
     t0 = time.time()
     import triton
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    ms = [1, 2, 4, 8, 16, 32, 128, 512]
+    res = {"gpu": "cpu" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    ms = [1, 16] if SMOKE else [1, 2, 4, 8, 16, 32, 128, 512]
     res["uniform4"] = case("uniform4", [(4, 4, 4)] * E, ms, gen)
-    torch.cuda.empty_cache()
+    if not SMOKE:
+        torch.cuda.empty_cache()
     bits = decide.QUANT_BITS
     mixed = [(bits[e % 4], bits[(e // 4) % 4], bits[(e // 16) % 4]) for e in range(E)]
     res["mixed"] = case("mixed", mixed, ms, gen)

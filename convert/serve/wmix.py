@@ -276,7 +276,9 @@ def tiled(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: Tile
 def interpreter_dot_problem() -> str:
     return ("Triton's CPU interpreter (TRITON_INTERPRET=1, triton 3.9) computes tl.dot of bfloat16 operands wrong "
             "(off by ~1e10 on 16x16 integers), so interpreted runs take the float32 dot: the same products (the codes "
-            "and bf16 inputs are exact in both), the same float32 sums; the bf16 dot runs on the GPU (kernel_check)")
+            "and bf16 inputs are exact in both), the same float32 sums; the bf16 dot runs on the GPU (kernel_check). "
+            "The interpreter also rounds float32 to bf16 toward zero (the GPU: to nearest even), so interpreted bf16 "
+            "outputs carry up to twice the rounding error of the GPU's")
 
 
 def interpreting() -> bool:
