@@ -148,6 +148,7 @@ def main():
     import triton
     res = {"gpu": "cpu" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     ms = [1, 16] if SMOKE else [1, 2, 4, 8, 16, 32, 128, 512]
+    ms = [int(v) for v in next((a[5:] for a in sys.argv if a.startswith("--ms=")), ",".join(map(str, ms))).split(",")]
     res["uniform4"] = case("uniform4", [(4, 4, 4)] * E, ms, gen)
     if not SMOKE:
         torch.cuda.empty_cache()
