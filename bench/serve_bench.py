@@ -20,10 +20,10 @@ Arms, each in its own process (one CUDA context each), same GPU, one run:
 * ``promoted``: the plugin with ``M3_GPTQ_KERNELS=promote`` (every MoE layer at its widest width, 2/3-bit linears
                 at 4 bits: the plugin before issue 15);
 * ``bf16``:     no quantization at all;
-* ``native_humming`` (not in the default arms): ``native`` with the MoE layers on humming's per-width kernels
-                (M3_MOE_KERNEL=humming: one launch per width part, the parts at once on side streams) instead of
-                the default wmix kernels (one launch per sublayer, every expert at its width: issue 25);
-* ``native_serial`` (not in the default arms): ``native_humming`` with the width parts run one after another
+* ``native_wmix`` (not in the default arms): ``native`` with the mixed MoE layers on the wmix kernels
+                (M3_MOE_KERNEL=wmix: one Triton launch per sublayer, every expert at its width: issue 25) instead
+                of humming's per-width parts;
+* ``native_serial`` (not in the default arms): ``native`` with the width parts run one after another
                 (M3_MOE_STREAMS=0), as before issue 25;
 * ``native_streamk`` (not in the default arms): ``native`` with humming's default stream-K kernels
                 (M3_HUMMING_EXACT=0: not batch-invariant; 2026-12-02 on an H200: 1.02x native's decode), for comparison.
@@ -192,8 +192,8 @@ def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
         os.environ.update(M3_MOE_KERNEL="humming", M3_HUMMING_EXACT="0")
     if arm == "native_serial":        # the width parts of a MoE layer one after another (before issue 25)
         os.environ.update(M3_MOE_KERNEL="humming", M3_MOE_STREAMS="0")
-    if arm == "native_humming":       # humming's per-width kernels, parts on side streams (issue 25's first step)
-        os.environ["M3_MOE_KERNEL"] = "humming"
+    if arm == "native_wmix":          # the wmix kernels: one launch per MoE sublayer (issue 25)
+        os.environ["M3_MOE_KERNEL"] = "wmix"
     d = f"/tmp/m3bench/{arm}"
     info = write_model(d, "bf16" if arm == "bf16" else "native", layers, vocab)
     from m3_convert import vllm_plugin

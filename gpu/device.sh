@@ -6,7 +6,7 @@
 #   kernels                 gpu/kernel_check.py: every width's kernel vs the exact decode at M3 shapes (issue 15)
 #   serve [RUN ...]         gpu/serve_check.py vLLM runs, each in its own process (fixtures converted here, on
 #                           the device); RUN: tiny mixed mixed-promoted mixed-bf16 mixed-bug (default: these),
-#                           mixed-humming (the MoE layers on humming's per-width kernels, M3_MOE_KERNEL=humming),
+#                           mixed-wmix (the mixed MoE layers on the wmix kernels, M3_MOE_KERNEL=wmix: issue 25),
 #                           tiny-promoted tiny-bf16 tiny-bug (issue 8's pair), vl vlmtp (--keep-vision --keep-mtp
 #                           output served text-only, with/without MTP) stock4 (--target stock-vllm: vLLM alone,
 #                           the package off the path)
@@ -90,7 +90,7 @@ PY
           vl) M3_LM_ONLY=1 python3 gpu/serve_check.py vllm "$W/vl" vl "$RES" ;;
           vlmtp) M3_LM_ONLY=1 M3_MTP=1 python3 gpu/serve_check.py vllm "$W/vl" vlmtp "$RES" ;;
           stock4) PYTHONPATH=$SITE M3_NO_PLUGIN=1 python3 gpu/serve_check.py vllm "$W/stock4" stock4 "$RES" ;;
-          mixed-humming) M3_MOE_KERNEL=humming M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/mixed" mixed_humming "$RES" ;;
+          mixed-wmix) M3_MOE_KERNEL=wmix M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/mixed" mixed_wmix "$RES" ;;
           mixed-promoted) M3_GPTQ_KERNELS=promote M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/mixed" mixed_promoted "$RES" ;;
           mixed*) M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/$r" "${r//-/_}" "$RES" ;;
         esac 2>&1 | grep -v "^\s*$" | grep -E "^(native|mixed|quant|bf16|bug|vl|stock)|loaded in|per-layer|MoE layers|GPU bytes|Error|error|Traceback|assert" | cut -c1-2000 | tail -12

@@ -332,3 +332,13 @@ def test_plugin_refuses_act_order_and_other_conventions(monkeypatch):
     assert "per-module map" in full_config_problem({**ok, "modules": None})
     monkeypatch.setattr(compat, "vllm_version_problem", lambda: "m3_gptq: vLLM 0.31.0 has not been run")
     assert "0.31.0" in full_config_problem(ok)
+
+
+def test_moe_kernel_choice_defaults_to_humming_and_refuses_unknown(monkeypatch):
+    monkeypatch.delenv("M3_MOE_KERNEL", raising=False)
+    assert compat.moe_kernel() == "humming"          # wmix stays opt-in until it has run on a GPU (issue 25)
+    monkeypatch.setenv("M3_MOE_KERNEL", "WMIX")
+    assert compat.moe_kernel() == "wmix"
+    monkeypatch.setenv("M3_MOE_KERNEL", "triton")
+    with pytest.raises(ValueError, match="M3_MOE_KERNEL='triton'"):
+        compat.moe_kernel()

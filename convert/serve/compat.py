@@ -217,14 +217,15 @@ def humming_compute_config(gemm_type: str) -> str:
     return json.dumps({"use_batch_invariant": humming_exact(), "use_f16_accum": False, "gemm_type": gemm_type})
 
 
-MOE_KERNELS = ("wmix", "humming")
+MOE_KERNELS = ("humming", "wmix")
 
 
 def moe_kernel() -> str:
-    """The kernel of a mixed-width MoE layer on a GPU: ``wmix`` (m3_convert.serve.wmix: one Triton launch per
-    sublayer reading every expert at its width; the default) or ``humming`` (one humming launch per width part,
-    the parts on side streams). ``M3_MOE_KERNEL`` chooses; any other value is refused."""
-    v = os.environ.get("M3_MOE_KERNEL", "wmix").lower()
+    """The kernel of a mixed-width MoE layer on a GPU: ``humming`` (one humming launch per width part, the parts on
+    side streams; the default: measured on GPUs) or ``wmix`` (m3_convert.serve.wmix: one Triton launch per
+    sublayer reading every expert at its width; exact under Triton's interpreter, not yet run on a GPU: issue
+    25). ``M3_MOE_KERNEL`` chooses; any other value is refused."""
+    v = os.environ.get("M3_MOE_KERNEL", "humming").lower()
     if v not in MOE_KERNELS:
         raise ValueError(f"M3_MOE_KERNEL={v!r}: expected one of {', '.join(MOE_KERNELS)}")
     return v
