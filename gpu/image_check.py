@@ -66,12 +66,10 @@ def plant(a):
 def plant_in_checkpoint(d, name=BUG_TENSOR):
     """Rewrite one BF16 tensor of a converted output in place (bytes as uint16; exact)."""
     import numpy as np
-    from m3_convert import st
-    idx = os.path.join(d, "model.safetensors.index.json")
-    fname = json.load(open(idx))["weight_map"][name] if os.path.exists(idx) else "model.safetensors"
-    info = st.read_header(os.path.join(d, fname)).tensors[name]
-    assert info.dtype == "BF16", info.dtype
-    with open(os.path.join(d, fname), "r+b") as f:
+    sys.path.insert(0, HERE)
+    from plant_bug import locate
+    path, info = locate(d, name, "BF16")
+    with open(path, "r+b") as f:
         f.seek(info.begin)
         a = np.frombuffer(f.read(info.nbytes), dtype=np.uint16).reshape(info.shape)
         b = plant(a)

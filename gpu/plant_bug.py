@@ -12,12 +12,18 @@ import numpy as np
 from m3_convert import st  # noqa: E402
 
 
-def main(d, name):
+def locate(d, name, dtype):
+    """(file path, header entry) of tensor ``name`` in the converted output ``d``, checked to be ``dtype``."""
     idx = os.path.join(d, "model.safetensors.index.json")
     fname = json.load(open(idx))["weight_map"][name] if os.path.exists(idx) else "model.safetensors"
     info = st.read_header(os.path.join(d, fname)).tensors[name]
-    assert info.dtype == "F16", info.dtype
-    with open(os.path.join(d, fname), "r+b") as f:
+    assert info.dtype == dtype, info.dtype
+    return os.path.join(d, fname), info
+
+
+def main(d, name):
+    path, info = locate(d, name, "F16")
+    with open(path, "r+b") as f:
         f.seek(info.begin)
         a = np.frombuffer(f.read(info.nbytes), dtype=np.float16)
         neg = int((a < 0).sum())

@@ -83,9 +83,9 @@ class ReferenceMoEKernel:
 
     def apply(self, layer, x, topk_weights, topk_ids):
         import torch
-        hidden, inter = layer.m3_dims.hidden, layer.m3_dims.inter
-        M, k = topk_ids.shape
-        out = torch.empty(M, hidden, dtype=x.dtype, device=x.device)
+
+        from m3_convert.serve.moe import routed_buffers
+        out, M, k, hidden, inter = routed_buffers(layer, x, topk_ids)
         if M == 0:
             return out
         ids = topk_ids.to(torch.int64)

@@ -92,6 +92,15 @@ def load_expert(layer, param, loaded_weight, sublayer, leaf, shard_id, expert_id
     part_view(layer, part, leaf)[i].copy_(loaded_weight.narrow(dim, start, length))
 
 
+def routed_buffers(layer, x, topk_ids):
+    """The start every MoE kernel's ``apply`` shares: (out [M, hidden], M, top-k, hidden, inter); ``out`` is the
+    answer as it stands when there are no rows (M == 0)."""
+    import torch
+    hidden, inter = layer.m3_dims.hidden, layer.m3_dims.inter
+    M, k = topk_ids.shape
+    return torch.empty(M, hidden, dtype=x.dtype, device=x.device), M, k, hidden, inter
+
+
 class HummingMoEKernel:
     """Each part a humming MoE layer (indexed GEMM, batch-invariant); the forward runs every w13 part over the
     rows routed to its virtual experts into one gate/up buffer, vLLM's SwiGLU-OAI on it, every w2 part over its
@@ -137,9 +146,7 @@ class HummingMoEKernel:
 
     def apply(self, layer, x, topk_weights, topk_ids):
         import torch
-        hidden, inter = layer.m3_dims.hidden, layer.m3_dims.inter
-        M, k = topk_ids.shape
-        out = torch.empty(M, hidden, dtype=x.dtype, device=x.device)
+        out, M, k, hidden, inter = routed_buffers(layer, x, topk_ids)
         if M == 0:
             return out
         ids = topk_ids.to(torch.int32)
@@ -218,9 +225,7 @@ class WmixMoEKernel:
 
     def apply(self, layer, x, topk_weights, topk_ids):
         import torch
-        hidden, inter = layer.m3_dims.hidden, layer.m3_dims.inter
-        M, k = topk_ids.shape
-        out = torch.empty(M, hidden, dtype=x.dtype, device=x.device)
+        out, M, k, hidden, inter = routed_buffers(layer, x, topk_ids)
         if M == 0:
             return out
         ids = topk_ids.reshape(-1).to(torch.int32)        # a no-op for vLLM's int32 ids
