@@ -249,7 +249,7 @@ GEMV_SWEEP_MS, TILED_SWEEP_MS = (1, 8, 32), (8, 32, 512)      # each config is a
 def wmix_row(method, layer, x, w, ids, ref, held, prep):
     """m3_convert.serve.wmix on the same layer: errors, repeat, time at its chosen kernel; then each kernel forced
     (gemv and tiled at the sizes both can take) and the tile sweeps (GEMV_SWEEP / TILED_SWEEP, kernel configs of
-    both sublayers), as the choice in decide.wmix_path / wmix_split / wmix_block_m is made from them."""
+    both sublayers), as the choice in decide.wmix_path / wmix_split / wmix_tile is to be made from them."""
     from m3_convert.serve import decide as D, wmix
     run = lambda: method.apply(layer, x, w, ids, None, None)  # noqa: E731
     y = run()

@@ -225,7 +225,22 @@ def test_wmix_split_gives_every_sm_two_programs(rows, n, halves, sms, split):
 def test_wmix_path_is_a_function_of_the_rows():
     assert decide.wmix_path(1) == decide.wmix_path(decide.WMIX_GEMV_MAX_ROWS) == "gemv"
     assert decide.wmix_path(decide.WMIX_GEMV_MAX_ROWS + 1) == "tiled"
-    assert decide.wmix_block_m(128, 128) == 16 and decide.wmix_block_m(8192, 128) == 64
+    assert decide.wmix_tile(128, 128) == (16, 64, 2) and decide.wmix_tile(8192, 128) == (64, 128, 3)
+
+
+def test_wmix_slot_table_refuses_a_slot_no_part_holds():
+    """A decision whose parts leave a slot empty (never written by decide; a hand-made one here) stops the prepare
+    with the layer and the slots named, instead of serving zeros or another expert's codes."""
+    import dataclasses
+    per = [(4, 4, 4)] * 7 + [(2, 2, 2)]
+    d = decide.select_moe(P.format(L=3), _modules(per, L=3), 8, 256, 256)
+    w2_parts = [p for p in d.parts if p.sublayer == "w2"]
+    d = dataclasses.replace(d, parts=tuple(p for p in d.parts if p is not w2_parts[-1]))     # the 4-bit w2: experts 0-6
+    layer = _Layer(0, 1)
+    create_expert_params(layer, d, 256, 256, 8, torch.bfloat16)
+    slot_table(layer, "w13", "cpu")                        # w13 whole: fine
+    with pytest.raises(decide.ServeError, match=r"model.layers.3.block_sparse_moe.experts: w2 slots \[0, 1, 2, 3, 4, 5, 6\] are held by no part"):
+        slot_table(layer, "w2", "cpu")
 
 
 def test_loader_names_the_tensor_whose_bits_disagree():

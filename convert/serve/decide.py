@@ -253,7 +253,8 @@ def expert_of(sublayer: str, slot: int) -> tuple:
 # ---------------------------------------------------------------- wmix: which of its kernels, at which tile
 #: (token, expert) rows of one MoE sublayer up to which m3_convert.serve.wmix's gemv kernel runs (one program per
 #: row and output tile, each row reading its expert's codes); above, the tiled kernel (rows grouped by expert,
-#: tensor-core dot products). Measured at M3's shapes by gpu/kernel_check.py (gpu/README.md, issue 25).
+#: tensor-core dot products). NOT MEASURED YET: a first guess (batch 8 at top-4), to be set from
+#: gpu/kernel_check.py's gemv/tiled sweeps at M3's shapes (gpu/README.md, issue 25). The tiles below likewise.
 WMIX_GEMV_MAX_ROWS = 32
 
 
@@ -272,9 +273,10 @@ def wmix_split(rows: int, n: int, block_n: int, halves: int, sms: int) -> int:
     return 8
 
 
-def wmix_block_m(rows: int, experts: int) -> int:
-    """The tiled kernel's row tile: 16 while an expert gets a few rows on average, 64 from 32 rows per expert."""
-    return 64 if rows >= 32 * experts else 16
+def wmix_tile(rows: int, experts: int) -> tuple:
+    """The tiled kernel's (block_m, block_n, pipeline stages): (16, 64, 2) while an expert gets a few rows on
+    average, (64, 128, 3) from 32 rows per expert."""
+    return (64, 128, 3) if rows >= 32 * experts else (16, 64, 2)
 
 
 # ---------------------------------------------------------------- GPU bytes (weights: codes + scales)

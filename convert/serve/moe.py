@@ -219,6 +219,7 @@ class WmixMoEKernel:
         for s in ("w13", "w2"):
             delattr(layer, f"{s}_qzeros")
         layer.m3_act = compat.swiglu(layer)
+        # the K split follows the SM count; on a CPU (the interpreter) an H100/H200's 132, so it splits as they do
         layer.m3_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
         log.info("m3_gptq: %s: wmix over %d w13 + %d w2 slots (%s)", d.prefix, 2 * dims.num_experts,
                  dims.num_experts, "+".join(f"{p.name}x{len(p.slots)}" for p in d.parts))
@@ -279,6 +280,9 @@ def slot_table(layer, sublayer, device):
     missing = [i for i, b in enumerate(bits) if not b]
     if missing:
         raise decide.ServeError(f"m3_gptq: {d.prefix}: {sublayer} slots {missing[:8]} are held by no part")
+    odd = sorted({b for b in bits if b not in decide.QUANT_BITS})
+    if odd:                                  # wmix's kernels take every width they do not know for 3 bits
+        raise decide.ServeError(f"m3_gptq: {d.prefix}: {sublayer} has {odd}-bit parts; wmix reads {decide.QUANT_BITS}")
     n, k = (dims.inter, dims.hidden) if sublayer == "w13" else (dims.hidden, dims.inter)
     return SlotTable(torch.tensor(bits, dtype=torch.int32, device=device),
                      torch.tensor(qoff, dtype=torch.int64, device=device),

@@ -74,12 +74,21 @@ def gemv_config(rows: int, table: "SlotTable", sms: int) -> GemvConfig:
 
 
 def tiled_config(rows: int, table: "SlotTable") -> TiledConfig:
-    from .decide import wmix_block_m
-    bm = wmix_block_m(rows, table.bits.numel() // table.halves)
-    return TiledConfig(block_m=bm, block_n=64 if bm == 16 else 128, warps=4, stages=2 if bm == 16 else 3)
+    """The tiled kernel's tile for ``rows`` rows of this sublayer (decide.wmix_tile)."""
+    from .decide import wmix_tile
+    bm, bn, stages = wmix_tile(rows, table.bits.numel() // table.halves)
+    return TiledConfig(block_m=bm, block_n=bn, warps=4, stages=stages)
 
 
 # ---------------------------------------------------------------- gemv (decode)
+@triton.jit
+def _chunks(units, R: tl.constexpr, SPLIT: tl.constexpr, s):
+    """[first, end) of the chunks of ``R`` units (word rows, or 3-bit word triplets) that K split ``s`` sums."""
+    chunks = tl.cdiv(units, R)
+    per = tl.cdiv(chunks, SPLIT)
+    return s * per, tl.minimum(s * per + per, chunks)
+
+
 @triton.jit
 def _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, SPLIT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
                R: tl.constexpr, BN: tl.constexpr):
@@ -87,10 +96,9 @@ def _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, SPLIT: tl.constexpr, BITS: tl.
     MASK: tl.constexpr = (1 << BITS) - 1
     OFF: tl.constexpr = 8388608.0 + (1 << (BITS - 1))
     rows = K // PACK
-    chunks = tl.cdiv(rows, R)
-    per = tl.cdiv(chunks, SPLIT)
+    first, end = _chunks(rows, R, SPLIT, s)
     r = tl.arange(0, R)
-    for c in range(s * per, tl.minimum(s * per + per, chunks)):
+    for c in range(first, end):
         row = c * R + r
         rm = row < rows
         m2 = rm[:, None] & nmask[None, :]
@@ -130,10 +138,9 @@ def _gemv_3(acc, x, qw, sc, n, nmask, N, K, s, SPLIT: tl.constexpr, G: tl.conste
             BN: tl.constexpr):
     OFF: tl.constexpr = 8388608.0 + 4
     trips = K // 32
-    chunks = tl.cdiv(trips, R)
-    per = tl.cdiv(chunks, SPLIT)
+    first, end = _chunks(trips, R, SPLIT, s)
     r = tl.arange(0, R)
-    for c in range(s * per, tl.minimum(s * per + per, chunks)):
+    for c in range(first, end):
         t = c * R + r
         tm = t < trips
         m2 = tm[:, None] & nmask[None, :]
