@@ -135,6 +135,23 @@ def test_wmix_zero_is_the_symmetric_constant(results):
     assert results["zero"] == {f"{b}/{k}": True for b in (2, 3, 4, 8) for k in ("gemv", "tiled")}
 
 
+def test_wmix_compiles_for_hopper():
+    """Every wmix kernel, specialised as a launch at M3's MoE shapes is, compiles for sm_90 with Triton's own
+    compiler (no GPU needed; gpu/wmix_sass.py): the interpreter runs programs the compiler refuses (a Python global
+    inside a kernel did). No kernel spills to local memory, and gemv reads its words 16 bytes at a time (the slot
+    offsets' alignment, SlotTable.align, reaches the compiler: without it gemv spilled 2 KB and read 4 bytes)."""
+    need_vllm()
+    sys.path.insert(0, str(Path(__file__).parents[1] / "gpu"))
+    import wmix_sass
+    seen = {}
+    for name, fn, args, const, cfg in wmix_sass.launches():
+        r = wmix_sass.resources(wmix_sass.build(fn, args, const, cfg.warps, cfg.stages))
+        seen[name] = r["local"]
+        if name.endswith("gemv"):
+            assert "LDG.E.128" in r["sass"], name
+    assert seen == {f"{s} {k}": 0 for s in ("w13", "w2") for k in ("gemv", "reduce", "tiled")}, seen
+
+
 def zero_case(wmix):
     res = {}
     for b in (2, 3, 4, 8):

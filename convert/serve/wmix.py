@@ -23,13 +23,13 @@ both). The kernels run on the CPU too under ``TRITON_INTERPRET=1`` (tests/test_w
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
 
-MAGIC = 0x4B000000           # float32 2^23: OR-ing a code (< 2^23) into its mantissa gives 2^23 + code, exactly
+MAGIC = tl.constexpr(0x4B000000)        # float32 2^23: OR-ing a code (< 2^23) into its mantissa gives 2^23 + code, exactly
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,13 @@ class SlotTable:
     k: int
     group: int
     halves: int
+    #: 16 where every offset is a multiple of 16 elements (M3's shapes: the kernels may then load 16 bytes at
+    #: once, as Triton does for a launch's own aligned pointers), else 1; computed from the offsets
+    align: int = field(init=False)
+
+    def __post_init__(self):
+        whole = all(int(t.remainder(16).count_nonzero()) == 0 for t in (self.qoff, self.soff))
+        object.__setattr__(self, "align", 16 if whole else 1)
 
 
 @dataclass(frozen=True)
@@ -161,13 +168,13 @@ def _gemv_3(acc, x, qw, sc, n, nmask, N, K, s, SPLIT: tl.constexpr, G: tl.conste
 @triton.jit
 def _gemv(x_ptr, x_stride, ids_ptr, in_div, qw_ptr, sc_ptr, bits_ptr, qoff_ptr, soff_ptr, out_ptr, out_stride,
           part_ptr, N, K, HALVES: tl.constexpr, SPLIT: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
-          BN: tl.constexpr):
+          BN: tl.constexpr, ALIGN: tl.constexpr):
     pid = tl.program_id(0)
     p = pid // HALVES
     slot = tl.load(ids_ptr + p).to(tl.int32) * HALVES + pid % HALVES
     b = tl.load(bits_ptr + slot)
-    qw = qw_ptr + tl.load(qoff_ptr + slot)
-    sc = sc_ptr + tl.load(soff_ptr + slot)
+    qw = qw_ptr + tl.multiple_of(tl.load(qoff_ptr + slot), ALIGN)        # SlotTable.align
+    sc = sc_ptr + tl.multiple_of(tl.load(soff_ptr + slot), ALIGN)
     x = x_ptr + (p // in_div).to(tl.int64) * x_stride
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = n < N
@@ -212,7 +219,7 @@ def gemv(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: GemvC
         part = torch.empty(cfg.split, rows * table.halves, table.n, dtype=torch.float32, device=out.device)
     _gemv[grid](x, x.stride(0), ids, in_div, qweight, scales, table.bits, table.qoff, table.soff, out, out.stride(0),
                 part, table.n, table.k, HALVES=table.halves, SPLIT=cfg.split, G=table.group, R=cfg.rows,
-                BN=cfg.block_n, num_warps=cfg.warps, num_stages=cfg.stages)
+                BN=cfg.block_n, ALIGN=table.align, num_warps=cfg.warps, num_stages=cfg.stages)
     if cfg.split > 1:
         _reduce[grid[:2]](part, out, out.stride(0), table.n, HALVES=table.halves, SPLIT=cfg.split,
                           BN=cfg.block_n, num_warps=cfg.warps)
@@ -223,7 +230,7 @@ def gemv(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: GemvC
 @triton.jit
 def _tiled(x_ptr, x_stride, sorted_ptr, eids_ptr, ntp_ptr, rows_valid, in_div, qw_ptr, sc_ptr, bits_ptr, qoff_ptr,
            soff_ptr, out_ptr, out_stride, N, K, HALVES: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
-           BN: tl.constexpr, DOT_F32: tl.constexpr):
+           BN: tl.constexpr, DOT_F32: tl.constexpr, ALIGN: tl.constexpr):
     pid_m = tl.program_id(0)
     if pid_m * BM >= tl.load(ntp_ptr):
         return
@@ -234,8 +241,8 @@ def _tiled(x_ptr, x_stride, sorted_ptr, eids_ptr, ntp_ptr, rows_valid, in_div, q
     h = tl.program_id(1) // nt
     slot = e * HALVES + h
     b = tl.load(bits_ptr + slot)
-    qw = qw_ptr + tl.load(qoff_ptr + slot)
-    sc = sc_ptr + tl.load(soff_ptr + slot)
+    qw = qw_ptr + tl.multiple_of(tl.load(qoff_ptr + slot), ALIGN)        # SlotTable.align
+    sc = sc_ptr + tl.multiple_of(tl.load(soff_ptr + slot), ALIGN)
     rows = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rm = rows < rows_valid
     xr = x_ptr + (rows // in_div)[:, None] * x_stride
@@ -276,7 +283,8 @@ def tiled(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: Tile
     grid = (eids.numel(), triton.cdiv(table.n, cfg.block_n) * table.halves)
     _tiled[grid](x, x.stride(0), sorted_ids, eids, ntp, ids.numel(), in_div, qweight, scales, table.bits,
                  table.qoff, table.soff, out, out.stride(0), table.n, table.k, HALVES=table.halves, G=table.group,
-                 BM=cfg.block_m, BN=cfg.block_n, DOT_F32=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages)
+                 BM=cfg.block_m, BN=cfg.block_n, DOT_F32=interpreting(), ALIGN=table.align, num_warps=cfg.warps,
+                 num_stages=cfg.stages)
     return out
 
 
