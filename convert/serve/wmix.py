@@ -97,11 +97,22 @@ def _chunks(units, R: tl.constexpr, SPLIT: tl.constexpr, s):
 
 
 @triton.jit
-def _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, SPLIT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+def _term(xj, w, magic, P: tl.constexpr, BITS: tl.constexpr):
+    """``x_j * (code - zero)`` for the code at bits ``[P, P+BITS)`` of the words ``w`` (``P + BITS <= 23``), exactly
+    as float32 operands: the code masked in place and OR-ed into ``magic`` (2^23's bits) is the float32
+    ``2^23 + code * 2^P`` (one AND-OR, a LOP3: no shift per code); minus ``2^23 + zero * 2^P`` it is
+    ``(code - zero) * 2^P``, and x is scaled by ``2^-P`` (a power of two: exact), so the product is the same."""
+    MASK: tl.constexpr = ((1 << BITS) - 1) << P
+    OFF: tl.constexpr = float(2 ** 23 + (1 << (BITS - 1)) * 2 ** P)
+    return (xj * (2.0 ** -P))[:, None] * (((w & MASK) | magic).to(tl.float32, bitcast=True) - OFF)
+
+
+@triton.jit
+def _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
                R: tl.constexpr, BN: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    OFF: tl.constexpr = 8388608.0 + (1 << (BITS - 1))
+    LOW: tl.constexpr = (23 - BITS) // BITS + 1        # codes 0..LOW-1 lie in the low 23 bits: read in place
+    SHIFT: tl.constexpr = LOW * BITS                   # the others, from the word shifted right by SHIFT
     rows = K // PACK
     first, end = _chunks(rows, R, SPLIT, s)
     r = tl.arange(0, R)
@@ -111,39 +122,48 @@ def _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, SPLIT: tl.constexpr, BITS: tl.
         m2 = rm[:, None] & nmask[None, :]
         w = tl.load(qw + row[:, None] * N + n[None, :], mask=m2, other=0).to(tl.uint32, bitcast=True)
         scale = tl.load(sc + ((row * PACK) // G)[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
+        # rz is 0 at run time, unknown to the compiler: the shift is by a register (one shift per word; by a
+        # constant it became a bit-field extract per code), the magic one register (a constant operand was
+        # re-materialised at each use)
+        hi = w >> (rz + SHIFT).to(tl.uint32)
+        magic = (rz + MAGIC).to(tl.uint32)
         part = tl.zeros([R, BN], tl.float32)
         for j in tl.static_range(PACK):
             xj = tl.load(x + row * PACK + j, mask=rm, other=0.0).to(tl.float32)
-            q = ((w >> (j * BITS)) & MASK) | MAGIC
-            part += xj[:, None] * (q.to(tl.float32, bitcast=True) - OFF)
+            if j < LOW:
+                part += _term(xj, w, magic, j * BITS, BITS)
+            else:
+                part += _term(xj, hi, magic, j * BITS - SHIFT, BITS)
         acc += part * scale
     return acc
 
 
 @triton.jit
-def _code3(w0, w1, w2, J: tl.constexpr):
-    """Code ``J`` (0..31) of a 3-bit GPTQ word triplet (32 codes in 96 bits, little end first)."""
-    WORD: tl.constexpr = (3 * J) // 32
-    SHIFT: tl.constexpr = (3 * J) % 32
+def _term3(xj, w0, w1, w2, h0, h1, h2, magic, J: tl.constexpr):
+    """``x_j * (code_J - 4)`` of a 3-bit GPTQ word triplet (32 codes in 96 bits, little end first; ``hK`` is word
+    K shifted right by 21 + K): codes wholly in a word's low 23 bits in place, the rest of each word from its
+    shifted copy (both by :func:`_term`), the two codes that straddle two words (10 and 21) assembled."""
+    BIT: tl.constexpr = 3 * J
+    WORD: tl.constexpr = BIT // 32
+    POS: tl.constexpr = BIT % 32
     if WORD == 0:
-        lo = w0
-        hi = w1
+        lo, nxt, hs = w0, w1, h0
     elif WORD == 1:
-        lo = w1
-        hi = w2
+        lo, nxt, hs = w1, w2, h1
     else:
-        lo = w2
-        hi = w2
-    v = lo >> SHIFT
-    if SHIFT > 29:
-        v = v | (hi << (32 - SHIFT))
-    return v & 7
+        lo, nxt, hs = w2, w2, h2
+    if POS > 29:
+        v = ((lo >> POS) | (nxt << (32 - POS))) & 7
+        return _term(xj, v, magic, 0, 3)
+    elif POS <= 20:
+        return _term(xj, lo, magic, POS, 3)
+    else:
+        return _term(xj, hs, magic, POS - 21 - WORD, 3)
 
 
 @triton.jit
-def _gemv_3(acc, x, qw, sc, n, nmask, N, K, s, SPLIT: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+def _gemv_3(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
             BN: tl.constexpr):
-    OFF: tl.constexpr = 8388608.0 + 4
     trips = K // 32
     first, end = _chunks(trips, R, SPLIT, s)
     r = tl.arange(0, R)
@@ -156,11 +176,14 @@ def _gemv_3(acc, x, qw, sc, n, nmask, N, K, s, SPLIT: tl.constexpr, G: tl.conste
         w1 = tl.load(base + N, mask=m2, other=0).to(tl.uint32, bitcast=True)
         w2 = tl.load(base + 2 * N, mask=m2, other=0).to(tl.uint32, bitcast=True)
         scale = tl.load(sc + ((t * 32) // G)[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
+        h0 = w0 >> (rz + 21).to(tl.uint32)          # rz: as in _gemv_pow2
+        h1 = w1 >> (rz + 22).to(tl.uint32)
+        h2 = w2 >> (rz + 23).to(tl.uint32)
+        magic = (rz + MAGIC).to(tl.uint32)
         part = tl.zeros([R, BN], tl.float32)
         for j in tl.static_range(32):
             xj = tl.load(x + t * 32 + j, mask=tm, other=0.0).to(tl.float32)
-            q = _code3(w0, w1, w2, j) | MAGIC
-            part += xj[:, None] * (q.to(tl.float32, bitcast=True) - OFF)
+            part += _term3(xj, w0, w1, w2, h0, h1, h2, magic, j)
         acc += part * scale
     return acc
 
@@ -180,14 +203,15 @@ def _gemv(x_ptr, x_stride, ids_ptr, in_div, qw_ptr, sc_ptr, bits_ptr, qoff_ptr, 
     nmask = n < N
     s = tl.program_id(2)
     acc = tl.zeros([R, BN], tl.float32)
+    rz = b >> 4                         # 0 (b <= 8), a value the compiler cannot fold (see _gemv_pow2)
     if b == 4:
-        acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, SPLIT, 4, G, R, BN)
+        acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT, 4, G, R, BN)
     elif b == 8:
-        acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, SPLIT, 8, G, R, BN)
+        acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT, 8, G, R, BN)
     elif b == 2:
-        acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, SPLIT, 2, G, R, BN)
+        acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT, 2, G, R, BN)
     else:
-        acc = _gemv_3(acc, x, qw, sc, n, nmask, N, K, s, SPLIT, G, R, BN)
+        acc = _gemv_3(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT, G, R, BN)
     y = tl.sum(acc, 0)
     if SPLIT == 1:
         col = (pid % HALVES) * N + n
