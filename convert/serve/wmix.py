@@ -252,6 +252,40 @@ def gemv(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: GemvC
 
 # ---------------------------------------------------------------- tiled (prefill)
 @triton.jit
+def _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc += x rows @ (codes - zero) * scale over K, one group of G codes at a time, the width a constant: code k of
+    a group starts at bit k*BITS of the group's words; a code that straddles two words (3 bits: 10 and 21 of each
+    triplet) also reads the next word. Codes become floats as in gemv (OR-ed into 2^23's bits), then bf16: small
+    integers, exact."""
+    k = tl.arange(0, G)
+    bit = k * BITS
+    word = bit >> 5
+    shift = (bit & 31).to(tl.uint32) + rz.to(tl.uint32)      # rz: 0, keeps one shift per code (see _gemv_pow2)
+    CROSS: tl.constexpr = (32 % BITS) != 0
+    cross = (bit & 31) + BITS > 32
+    shl = tl.where(cross, 32 - (bit & 31), 0).to(tl.uint32)
+    MASK: tl.constexpr = (1 << BITS) - 1
+    OFF: tl.constexpr = float(2 ** 23 + (1 << (BITS - 1)))
+    GWORDS: tl.constexpr = (G * BITS) // 32
+    magic = (rz + MAGIC).to(tl.uint32)
+    for g in range(K // G):
+        xt = tl.load(xr + g * G + k[None, :], mask=rm[:, None], other=0.0)
+        wp = qw + (g * GWORDS + word)[:, None] * N + n[None, :]
+        v = tl.load(wp, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True) >> shift[:, None]
+        if CROSS:
+            hi = tl.load(wp + N, mask=cross[:, None] & nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+            v = v | (hi << shl[:, None])
+        wq = ((v & MASK) | magic).to(tl.float32, bitcast=True) - OFF
+        if DOT_F32:
+            d = tl.dot(xt.to(tl.float32), wq, input_precision="ieee")
+        else:
+            d = tl.dot(xt, wq.to(xt.dtype))
+        scale = tl.load(sc + g * N + n, mask=nmask, other=0.0).to(tl.float32)
+        acc += d * scale[None, :]
+    return acc
+
+
+@triton.jit
 def _tiled(x_ptr, x_stride, sorted_ptr, eids_ptr, ntp_ptr, rows_valid, in_div, qw_ptr, sc_ptr, bits_ptr, qoff_ptr,
            soff_ptr, out_ptr, out_stride, N, K, HALVES: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
            BN: tl.constexpr, DOT_F32: tl.constexpr, ALIGN: tl.constexpr):
@@ -272,29 +306,16 @@ def _tiled(x_ptr, x_stride, sorted_ptr, eids_ptr, ntp_ptr, rows_valid, in_div, q
     xr = x_ptr + (rows // in_div)[:, None] * x_stride
     n = (tl.program_id(1) % nt) * BN + tl.arange(0, BN)
     nmask = n < N
-    k = tl.arange(0, G)
-    bit = k * b                               # code k of a group starts at bit k*b of the group's words
-    word = bit >> 5
-    shift = (bit & 31).to(tl.uint32)
-    cross = (bit & 31) + b > 32               # 3 bits: codes 10 and 21 of a triplet straddle two words
-    shl = tl.where(cross, 32 - (bit & 31), 0).to(tl.uint32)
-    mask = (1 << b) - 1
-    zero = 1 << (b - 1)
-    gwords = (G * b) // 32
+    rz = b >> 4                                   # 0 (b <= 8), unknown to the compiler
     acc = tl.zeros([BM, BN], tl.float32)
-    for g in range(K // G):
-        xt = tl.load(xr + g * G + k[None, :], mask=rm[:, None], other=0.0)
-        wp = qw + (g * gwords + word)[:, None] * N + n[None, :]
-        lo = tl.load(wp, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True)
-        hi = tl.load(wp + N, mask=cross[:, None] & nmask[None, :], other=0).to(tl.uint32, bitcast=True)
-        v = (((lo >> shift[:, None]) | (hi << shl[:, None])) & mask).to(tl.int32, bitcast=True)
-        wq = (v - zero).to(tl.float32)
-        if DOT_F32:
-            d = tl.dot(xt.to(tl.float32), wq, input_precision="ieee")
-        else:
-            d = tl.dot(xt, wq.to(xt.dtype))
-        scale = tl.load(sc + g * N + n, mask=nmask, other=0.0).to(tl.float32)
-        acc += d * scale[None, :]
+    if b == 4:
+        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 4, G, DOT_F32)
+    elif b == 8:
+        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 8, G, DOT_F32)
+    elif b == 2:
+        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 2, G, DOT_F32)
+    else:
+        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 3, G, DOT_F32)
     optr = out_ptr + rows[:, None] * out_stride + h * N + n[None, :]
     tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=rm[:, None] & nmask[None, :])
 
