@@ -94,6 +94,7 @@ def run_layer(L, x, ids, w):
 
 def case(tag, per_bits, ms, gen):
     L = layer(per_bits, gen)
+    deep = [L] + [layer(per_bits, gen) for _ in range(DEPTH - 1)]     # distinct layers: no L2 reuse between them
     rows = []
     for m in ms:
         gemm.align.clear()
@@ -135,9 +136,52 @@ def case(tag, per_bits, ms, gen):
                "us_w13": None if SMOKE else round(timed(lambda: gemm(L["w13"], x, ids, K, gu)), 1),
                "us_w2": None if SMOKE else round(timed(lambda: gemm(L["w2"], act, ids, 1, down)), 1),
                "active_bytes": nbytes, "hbm_fraction": round(nbytes / (us * 1e-6) / bw, 3) if bw else None}
+        if not SMOKE and DEPTH > 1:      # the layer as decode meets it: the weights not in L2 from the last replay
+            row["us_layer_at_depth"] = round(timed(lambda: [run_layer(D, x, ids, w) for D in deep]) / DEPTH, 1)
+            row["hbm_fraction_at_depth"] = round(nbytes / (row["us_layer_at_depth"] * 1e-6) / bw, 3) if bw else None
+        if SWEEP and m in SWEEP_MS and tag == "mixed":
+            row["sweep"] = sweep(L, x, ids, act, gu, down, m)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+DEPTH = int(next((a[8:] for a in sys.argv if a.startswith("--depth=")), "1" if SMOKE else "4"))
+SWEEP = "--sweep" in sys.argv
+SWEEP_MS = (1, 2, 8, 32, 512)
+GEMV_SWEEP = [(8, 128, 4), (16, 128, 4), (16, 64, 4), (32, 64, 4), (8, 256, 4), (4, 256, 4), (32, 128, 8)]   # rows, block_n, warps
+TILED_SWEEP = [(16, 64, 4, 2), (16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)]  # bm, bn, warps, stages
+
+
+def sweep(L, x, ids, act, gu, down, m):
+    """Each sublayer's GEMM alone under other tile configs (decide's choice is the row's us_w13 / us_w2): the
+    measurements that set decide.wmix_split / wmix_tile. Every config is also checked equal to decide's output
+    up to float32 summation order (a tile must not change what is computed)."""
+    out = []
+    rows = ids.numel()
+    for sub, xin, in_div, dst in (("w13", x, K, gu), ("w2", act, 1, down)):
+        t, qw, sc = L[sub][:3]
+        ref = dst.clone()
+        if decide.wmix_path(rows) == "gemv":
+            cfgs = [wmix.GemvConfig(r, bn, sp, wa, 2) for r, bn, wa in GEMV_SWEEP for sp in (1, 2, 4)]
+            call = lambda c, o: wmix.gemv(t, qw, sc, xin, ids, in_div, o, c)  # noqa: E731
+        else:
+            cfgs = [wmix.TiledConfig(bm, bn, wa, st) for bm, bn, wa, st in TILED_SWEEP]
+
+            def call(c, o):
+                al = tuple(a.to(DEV) for a in wmix.align_reference(ids.cpu(), c.block_m, E))
+                return wmix.tiled(t, qw, sc, xin, ids, in_div, o, c, lambda *a: al)
+        for c in cfgs:
+            o = torch.empty_like(dst)
+            try:
+                call(c, o)
+                same = float((o.float() - ref.float()).abs().max() / ref.float().abs().max())
+                us = round(timed(lambda: call(c, o)), 1)
+            except Exception as e:          # a config the compiler refuses (shared memory): reported, not fatal
+                us, same = None, repr(e)[:120]
+            out.append({"sub": sub, "cfg": list(c.__dict__.values()), "us": us, "vs_default": same})
+            print(json.dumps({"m": m, **out[-1]}), flush=True)
+    return out
 
 
 def main():

@@ -28,7 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from m3_convert.serve import wmix
+from m3_convert.serve import decide, wmix
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -97,12 +97,13 @@ def launches(rows: int = 1):
                                                           BN=gcfg.block_n, ALIGN=16), gcfg))
         out.append((f"{sub} reduce", wmix._reduce, dict(part_ptr=part, out_ptr=dst, out_stride=dst.stride(0), N=n),
                     dict(HALVES=halves, SPLIT=2, BN=gcfg.block_n), gcfg))
-        tcfg = wmix.TiledConfig()
-        targs = dict(x_ptr=x, x_stride=x.stride(0), sorted_ptr=ids, eids_ptr=ids, ntp_ptr=ids, rows_valid=512,
-                     in_div=in_div, qw_ptr=slots, sc_ptr=offs.half(), bits_ptr=slots, qoff_ptr=offs, soff_ptr=offs,
-                     out_ptr=dst, out_stride=dst.stride(0), N=n, K=k)
-        out.append((f"{sub} tiled", wmix._tiled, targs, dict(HALVES=halves, G=GROUP, BM=tcfg.block_m,
-                                                             BN=tcfg.block_n, DOT_F32=False, ALIGN=16), tcfg))
+        for rows_t in (TOPK * 32, TOPK * 8192):           # the small tile (decode batches) and the large (prefill)
+            tcfg = wmix.TiledConfig(*decide.wmix_tile(rows_t, 128))
+            targs = dict(x_ptr=x, x_stride=x.stride(0), sorted_ptr=ids, eids_ptr=ids, ntp_ptr=ids, rows_valid=512,
+                         in_div=in_div, qw_ptr=slots, sc_ptr=offs.half(), bits_ptr=slots, qoff_ptr=offs,
+                         soff_ptr=offs, out_ptr=dst, out_stride=dst.stride(0), N=n, K=k)
+            out.append((f"{sub} tiled {tcfg.block_m}x{tcfg.block_n}", wmix._tiled, targs,
+                        dict(HALVES=halves, G=GROUP, BM=tcfg.block_m, BN=tcfg.block_n, DOT_F32=False, ALIGN=16), tcfg))
     return out
 
 

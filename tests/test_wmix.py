@@ -149,7 +149,7 @@ def test_wmix_compiles_for_hopper():
         seen[name] = r["local"]
         if name.endswith("gemv"):
             assert "LDG.E.128" in r["sass"], name
-    assert seen == {f"{s} {k}": 0 for s in ("w13", "w2") for k in ("gemv", "reduce", "tiled")}, seen
+    assert seen == {f"{s} {k}": 0 for s in ("w13", "w2") for k in ("gemv", "reduce", "tiled 16x64", "tiled 64x128")}, seen
 
 
 def zero_case(wmix):

@@ -274,9 +274,10 @@ def wmix_split(rows: int, n: int, block_n: int, halves: int, sms: int) -> int:
 
 
 def wmix_tile(rows: int, experts: int) -> tuple:
-    """The tiled kernel's (block_m, block_n, pipeline stages): (16, 64, 2) while an expert gets a few rows on
-    average, (64, 128, 3) from 32 rows per expert."""
-    return (64, 128, 3) if rows >= 32 * experts else (16, 64, 2)
+    """The tiled kernel's (block_m, block_n, warps, pipeline stages): (16, 64, 4, 2) while an expert gets a few rows
+    on average, (64, 128, 8, 3) from 32 rows per expert (with 4 warps that tile spills registers on sm_90:
+    gpu/wmix_sass.py). First guesses, not measured on a GPU (gpu/wmix_bench.py --sweep measures them)."""
+    return (64, 128, 8, 3) if rows >= 32 * experts else (16, 64, 4, 2)
 
 
 # ---------------------------------------------------------------- GPU bytes (weights: codes + scales)

@@ -83,8 +83,8 @@ def gemv_config(rows: int, table: "SlotTable", sms: int) -> GemvConfig:
 def tiled_config(rows: int, table: "SlotTable") -> TiledConfig:
     """The tiled kernel's tile for ``rows`` rows of this sublayer (decide.wmix_tile)."""
     from .decide import wmix_tile
-    bm, bn, stages = wmix_tile(rows, table.bits.numel() // table.halves)
-    return TiledConfig(block_m=bm, block_n=bn, warps=4, stages=stages)
+    bm, bn, warps, stages = wmix_tile(rows, table.bits.numel() // table.halves)
+    return TiledConfig(block_m=bm, block_n=bn, warps=warps, stages=stages)
 
 
 # ---------------------------------------------------------------- gemv (decode)
