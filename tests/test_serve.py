@@ -214,12 +214,13 @@ def _check_slot_tables(layer, d):
         assert held == tbl.bits.numel()
 
 
-@pytest.mark.parametrize("rows, n, halves, sms, split", [(4, 3072, 2, 132, 2), (4, 6144, 1, 132, 2),
+@pytest.mark.parametrize("rows, n, halves, sms, split", [(4, 3072, 2, 132, 4), (4, 6144, 1, 132, 4),
                                                          (1, 6144, 1, 132, 8), (1, 64, 1, 132, 8), (32, 6144, 1, 132, 1)])
-def test_wmix_split_gives_every_sm_two_programs(rows, n, halves, sms, split):
-    assert decide.wmix_split(rows, n, 128, halves, sms) == split
-    tiles = rows * halves * -(-n // 128)
-    assert tiles * split >= 2 * sms or split == 8
+def test_wmix_split_fills_the_sms(rows, n, halves, sms, split):
+    assert decide.wmix_split(rows, n, 64, halves, sms) == split
+    tiles = rows * halves * -(-n // 64)
+    assert tiles * split >= decide.WMIX_PROGRAMS_PER_SM * sms or split == 8
+    assert split == 1 or tiles * split // 2 < decide.WMIX_PROGRAMS_PER_SM * sms      # the smallest that does
 
 
 def test_wmix_path_is_a_function_of_the_rows():

@@ -263,12 +263,18 @@ def wmix_path(rows: int) -> str:
     return "gemv" if rows <= WMIX_GEMV_MAX_ROWS else "tiled"
 
 
+#: gemv programs per SM that the K split aims for: on an H100 at one token (gpu/results/issue25-2026-12-07, mixed
+#: layer, tile 16 x 64) w13 took 70.1 / 53.3 / 50.0 us at split 1 / 2 / 4 (3 / 6 / 12 programs per SM), w2 20.1 /
+#: 21.8 / 22.1 (3 / 6 / 12): about 8 per SM is within 10% of the best of both
+WMIX_PROGRAMS_PER_SM = 8
+
+
 def wmix_split(rows: int, n: int, block_n: int, halves: int, sms: int) -> int:
-    """The gemv kernel's K split: the smallest of 1, 2, 4, 8 that gives every SM two programs (rows x output
-    tiles x halves x split >= 2 x sms); a fixed split summed in order, so the bits depend on the shape only."""
+    """The gemv kernel's K split: the smallest of 1, 2, 4, 8 that gives the SMs WMIX_PROGRAMS_PER_SM programs each
+    (rows x output tiles x halves x split); a fixed split summed in order, so the bits depend on the shape only."""
     tiles = rows * halves * -(-n // block_n)
     for split in (1, 2, 4, 8):
-        if tiles * split >= 2 * sms:
+        if tiles * split >= WMIX_PROGRAMS_PER_SM * sms:
             return split
     return 8
 

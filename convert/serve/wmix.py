@@ -58,7 +58,7 @@ class GemvConfig:
     """``rows``: word rows (pow2 widths) or word triplets (3 bits) per chunk; ``block_n`` outputs per program;
     ``split`` K splits (summed in order by ``_reduce``); ``warps``/``stages``: Triton's."""
     rows: int = 16
-    block_n: int = 128
+    block_n: int = 64           # on an H100 at one token 16 x 64 beat 16 x 128 and 8 x 128 (wmix_bench --sweep)
     split: int = 1
     warps: int = 4
     stages: int = 2
