@@ -148,9 +148,10 @@ def case(tag, per_bits, ms, gen):
 
 DEPTH = int(next((a[8:] for a in sys.argv if a.startswith("--depth=")), "1" if SMOKE else "4"))
 SWEEP = "--sweep" in sys.argv
-SWEEP_MS = (1, 2, 8, 32, 512)
+SWEEP_MS = tuple(int(v) for v in next((a[11:] for a in sys.argv if a.startswith("--sweep-ms=")),
+                                        "1,2,8,32,512").split(","))
 GEMV_SWEEP = [(8, 128, 4), (16, 128, 4), (16, 64, 4), (32, 64, 4), (8, 256, 4), (4, 256, 4), (32, 128, 8)]   # rows, block_n, warps
-TILED_SWEEP = [(16, 64, 4, 2), (16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)]  # bm, bn, warps, stages
+TILED_SWEEP = [(16, 64, 4, 2), (16, 64, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2), (16, 32, 4, 3), (32, 32, 4, 3)]  # bm, bn, warps, stages
 
 
 def sweep(L, x, ids, act, gu, down, m):
@@ -168,9 +169,11 @@ def sweep(L, x, ids, act, gu, down, m):
         else:
             cfgs = [wmix.TiledConfig(bm, bn, wa, st) for bm, bn, wa, st in TILED_SWEEP]
 
+            aligned = {c.block_m: tuple(a.to(DEV) for a in wmix.align_reference(ids.cpu(), c.block_m, E))
+                       for c in cfgs}          # before any capture (a copy from the CPU cannot be captured)
+
             def call(c, o):
-                al = tuple(a.to(DEV) for a in wmix.align_reference(ids.cpu(), c.block_m, E))
-                return wmix.tiled(t, qw, sc, xin, ids, in_div, o, c, lambda *a: al)
+                return wmix.tiled(t, qw, sc, xin, ids, in_div, o, c, lambda *a: aligned[c.block_m])
         for c in cfgs:
             o = torch.empty_like(dst)
             try:

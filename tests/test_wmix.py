@@ -138,18 +138,22 @@ def test_wmix_zero_is_the_symmetric_constant(results):
 def test_wmix_compiles_for_hopper():
     """Every wmix kernel, specialised as a launch at M3's MoE shapes is, compiles for sm_90 with Triton's own
     compiler (no GPU needed; gpu/wmix_sass.py): the interpreter runs programs the compiler refuses (a Python global
-    inside a kernel did). No kernel spills to local memory, and gemv reads its words 16 bytes at a time (the slot
+    inside a kernel did). Each fits an SM's shared memory (decide's large tile once did not: it did not launch on
+    the H100), no kernel spills to local memory, and gemv reads its words 16 bytes at a time (the slot
     offsets' alignment, SlotTable.align, reaches the compiler: without it gemv spilled 2 KB and read 4 bytes)."""
     need_vllm()
     sys.path.insert(0, str(Path(__file__).parents[1] / "gpu"))
     import wmix_sass
+    from m3_convert.serve import decide
     seen = {}
     for name, fn, args, const, cfg in wmix_sass.launches():
-        r = wmix_sass.resources(wmix_sass.build(fn, args, const, cfg.warps, cfg.stages))
+        kernel = wmix_sass.build(fn, args, const, cfg.warps, cfg.stages)
+        r = wmix_sass.resources(kernel)
         seen[name] = r["local"]
+        assert kernel.metadata.shared <= decide.SM90_SHARED, (name, kernel.metadata.shared)
         if name.endswith("gemv"):
             assert "LDG.E.128" in r["sass"], name
-    assert seen == {f"{s} {k}": 0 for s in ("w13", "w2") for k in ("gemv", "reduce", "tiled 16x64", "tiled 64x128")}, seen
+    assert seen == {f"{s} {k}": 0 for s in ("w13", "w2") for k in ("gemv", "reduce", "tiled 16x64", "tiled 64x64")}, seen
 
 
 def zero_case(wmix):

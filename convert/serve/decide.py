@@ -263,9 +263,10 @@ def wmix_path(rows: int) -> str:
     return "gemv" if rows <= WMIX_GEMV_MAX_ROWS else "tiled"
 
 
-#: gemv programs per SM that the K split aims for: on an H100 at one token (gpu/results/issue25-2026-12-07, mixed
-#: layer, tile 16 x 64) w13 took 70.1 / 53.3 / 50.0 us at split 1 / 2 / 4 (3 / 6 / 12 programs per SM), w2 20.1 /
-#: 21.8 / 22.1 (3 / 6 / 12): about 8 per SM is within 10% of the best of both
+#: gemv programs per SM that the K split aims for. On an H100 (gpu/results/issue25-2026-12-07, mixed layer, tile
+#: 16 x 64, split 1 / 2 / 4): one token w13 70.1 / 53.3 / 50.0 us, w2 20.1 / 21.8 / 22.1; two tokens w13 90.9 /
+#: 84.8 / 78.9, w2 50.3 / 46.5 / 45.1; eight tokens w13 257.9 / 246.0 / 243.4, w2 136.6 / 132.3 / 135.1. Aiming at
+#: 8 per SM takes split 4, 4 / 2, 2 / 1, 1 there: within 8% of the best of each
 WMIX_PROGRAMS_PER_SM = 8
 
 
@@ -279,11 +280,16 @@ def wmix_split(rows: int, n: int, block_n: int, halves: int, sms: int) -> int:
     return 8
 
 
+#: shared memory one block may take on sm_90 (227 KiB); a tile over it does not launch (OutOfResources)
+SM90_SHARED = 232448
+
+
 def wmix_tile(rows: int, experts: int) -> tuple:
     """The tiled kernel's (block_m, block_n, warps, pipeline stages): (16, 64, 4, 2) while an expert gets a few rows
-    on average, (64, 128, 8, 3) from 32 rows per expert (with 4 warps that tile spills registers on sm_90:
-    gpu/wmix_sass.py). First guesses, not measured on a GPU (gpu/wmix_bench.py --sweep measures them)."""
-    return (64, 128, 8, 3) if rows >= 32 * experts else (16, 64, 4, 2)
+    on average, (64, 64, 4, 2) from 32 rows per expert. Both fit SM90_SHARED (the gathered word tiles take 4
+    bytes a code per stage; (64, 128, 8, 3) needed 344 KiB on the H100 and did not launch). First guesses for
+    speed, not measured on a GPU (gpu/wmix_bench.py --sweep measures them)."""
+    return (64, 64, 4, 2) if rows >= 32 * experts else (16, 64, 4, 2)
 
 
 # ---------------------------------------------------------------- GPU bytes (weights: codes + scales)
