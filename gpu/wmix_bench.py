@@ -150,7 +150,8 @@ DEPTH = int(next((a[8:] for a in sys.argv if a.startswith("--depth=")), "1" if S
 SWEEP = "--sweep" in sys.argv
 SWEEP_MS = tuple(int(v) for v in next((a[11:] for a in sys.argv if a.startswith("--sweep-ms=")),
                                         "1,2,8,32,512").split(","))
-GEMV_SWEEP = [(8, 128, 4), (16, 128, 4), (16, 64, 4), (32, 64, 4), (8, 256, 4), (4, 256, 4), (32, 128, 8)]   # rows, block_n, warps
+GEMV_SWEEP = [(16, 64, 4, False), (16, 64, 4, True), (32, 64, 4, False), (32, 64, 4, True), (8, 128, 4, False),
+              (8, 128, 4, True)]                                    # rows, block_n, warps, prefetch
 TILED_SWEEP = [(16, 64, 4, 2), (16, 64, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2), (16, 32, 4, 3), (32, 32, 4, 3)]  # bm, bn, warps, stages
 
 
@@ -164,7 +165,7 @@ def sweep(L, x, ids, act, gu, down, m):
         t, qw, sc = L[sub][:3]
         ref = dst.clone()
         if decide.wmix_path(rows) == "gemv":
-            cfgs = [wmix.GemvConfig(r, bn, sp, wa, 2) for r, bn, wa in GEMV_SWEEP for sp in (1, 2, 4)]
+            cfgs = [wmix.GemvConfig(r, bn, sp, wa, 2, pf) for r, bn, wa, pf in GEMV_SWEEP for sp in (1, 2, 4, 8)]
             call = lambda c, o: wmix.gemv(t, qw, sc, xin, ids, in_div, o, c)  # noqa: E731
         else:
             cfgs = [wmix.TiledConfig(bm, bn, wa, st) for bm, bn, wa, st in TILED_SWEEP]

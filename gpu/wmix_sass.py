@@ -94,7 +94,7 @@ def launches(rows: int = 1):
                     bits_ptr=slots, qoff_ptr=offs, soff_ptr=offs, out_ptr=dst, out_stride=dst.stride(0),
                     part_ptr=part, N=n, K=k)
         out.append((f"{sub} gemv", wmix._gemv, args, dict(HALVES=halves, SPLIT=gcfg.split, G=GROUP, R=gcfg.rows,
-                                                          BN=gcfg.block_n, ALIGN=16), gcfg))
+                                                          BN=gcfg.block_n, ALIGN=16, PREFETCH=gcfg.prefetch), gcfg))
         out.append((f"{sub} reduce", wmix._reduce, dict(part_ptr=part, out_ptr=dst, out_stride=dst.stride(0), N=n),
                     dict(HALVES=halves, SPLIT=2, BN=gcfg.block_n), gcfg))
         for rows_t in (TOPK * 32, TOPK * 8192):           # the small tile (decode batches) and the large (prefill)

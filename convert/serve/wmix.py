@@ -62,6 +62,7 @@ class GemvConfig:
     split: int = 1
     warps: int = 4
     stages: int = 2
+    prefetch: bool = False      # load the next chunk before computing this one
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def gemv_config(rows: int, table: "SlotTable", sms: int) -> GemvConfig:
     from .decide import wmix_split
     base = GemvConfig()
     return GemvConfig(base.rows, base.block_n, wmix_split(rows, table.n, base.block_n, table.halves, sms),
-                      base.warps, base.stages)
+                      base.warps, base.stages, base.prefetch)
 
 
 def tiled_config(rows: int, table: "SlotTable") -> TiledConfig:
@@ -108,20 +109,38 @@ def _term(xj, w, magic, P: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _words(qw, sc, row, lim, n, nmask, N, WORDS: tl.constexpr, CODES: tl.constexpr, G: tl.constexpr):
+    """One chunk: the words of the word rows ``row`` (``WORDS`` = 1), or of the 3-bit word triplets ``row``
+    (``WORDS`` = 3: three words each, returned one by one), that lie below ``lim``, with each row's group scales as
+    float32; ``CODES`` codes per row. Rows at or past ``lim`` read nothing and give 0."""
+    rm = row < lim
+    m2 = rm[:, None] & nmask[None, :]
+    base = qw + (WORDS * row)[:, None] * N + n[None, :]
+    w0 = tl.load(base, mask=m2, other=0).to(tl.uint32, bitcast=True)
+    w1 = w0
+    w2 = w0
+    if WORDS == 3:
+        w1 = tl.load(base + N, mask=m2, other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(base + 2 * N, mask=m2, other=0).to(tl.uint32, bitcast=True)
+    scale = tl.load(sc + ((row * CODES) // G)[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
+    return w0, w1, w2, scale
+
+
+@triton.jit
 def _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-               R: tl.constexpr, BN: tl.constexpr):
+               R: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
     LOW: tl.constexpr = (23 - BITS) // BITS + 1        # codes 0..LOW-1 lie in the low 23 bits: read in place
     SHIFT: tl.constexpr = LOW * BITS                   # the others, from the word shifted right by SHIFT
     rows = K // PACK
     first, end = _chunks(rows, R, SPLIT, s)
-    r = tl.arange(0, R)
+    lim = tl.minimum(end * R, rows)
+    row = first * R + tl.arange(0, R)
+    w, _a, _b, scale = _words(qw, sc, row, lim, n, nmask, N, 1, PACK, G)
     for c in range(first, end):
-        row = c * R + r
-        rm = row < rows
-        m2 = rm[:, None] & nmask[None, :]
-        w = tl.load(qw + row[:, None] * N + n[None, :], mask=m2, other=0).to(tl.uint32, bitcast=True)
-        scale = tl.load(sc + ((row * PACK) // G)[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
+        if PREFETCH:         # the next chunk's loads in flight while this one is computed
+            wn, _c, _d, sn = _words(qw, sc, row + R, lim, n, nmask, N, 1, PACK, G)
+        rm = row < lim
         # rz is 0 at run time, unknown to the compiler: the shift is by a register (one shift per word; by a
         # constant it became a bit-field extract per code), the magic one register (a constant operand was
         # re-materialised at each use)
@@ -135,6 +154,11 @@ def _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT: tl.constexpr, BITS:
             else:
                 part += _term(xj, hi, magic, j * BITS - SHIFT, BITS)
         acc += part * scale
+        row = row + R
+        if PREFETCH:
+            w, scale = wn, sn
+        else:
+            w, _e, _f, scale = _words(qw, sc, row, lim, n, nmask, N, 1, PACK, G)
     return acc
 
 
@@ -163,19 +187,16 @@ def _term3(xj, w0, w1, w2, h0, h1, h2, magic, J: tl.constexpr):
 
 @triton.jit
 def _gemv_3(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
-            BN: tl.constexpr):
+            BN: tl.constexpr, PREFETCH: tl.constexpr):
     trips = K // 32
     first, end = _chunks(trips, R, SPLIT, s)
-    r = tl.arange(0, R)
+    lim = tl.minimum(end * R, trips)
+    t = first * R + tl.arange(0, R)
+    w0, w1, w2, scale = _words(qw, sc, t, lim, n, nmask, N, 3, 32, G)
     for c in range(first, end):
-        t = c * R + r
-        tm = t < trips
-        m2 = tm[:, None] & nmask[None, :]
-        base = qw + (3 * t)[:, None] * N + n[None, :]
-        w0 = tl.load(base, mask=m2, other=0).to(tl.uint32, bitcast=True)
-        w1 = tl.load(base + N, mask=m2, other=0).to(tl.uint32, bitcast=True)
-        w2 = tl.load(base + 2 * N, mask=m2, other=0).to(tl.uint32, bitcast=True)
-        scale = tl.load(sc + ((t * 32) // G)[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
+        if PREFETCH:
+            n0, n1, n2, sn = _words(qw, sc, t + R, lim, n, nmask, N, 3, 32, G)
+        tm = t < lim
         h0 = w0 >> (rz + 21).to(tl.uint32)          # rz: as in _gemv_pow2
         h1 = w1 >> (rz + 22).to(tl.uint32)
         h2 = w2 >> (rz + 23).to(tl.uint32)
@@ -185,13 +206,18 @@ def _gemv_3(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT: tl.constexpr, G: tl.co
             xj = tl.load(x + t * 32 + j, mask=tm, other=0.0).to(tl.float32)
             part += _term3(xj, w0, w1, w2, h0, h1, h2, magic, j)
         acc += part * scale
+        t = t + R
+        if PREFETCH:
+            w0, w1, w2, scale = n0, n1, n2, sn
+        else:
+            w0, w1, w2, scale = _words(qw, sc, t, lim, n, nmask, N, 3, 32, G)
     return acc
 
 
 @triton.jit
 def _gemv(x_ptr, x_stride, ids_ptr, in_div, qw_ptr, sc_ptr, bits_ptr, qoff_ptr, soff_ptr, out_ptr, out_stride,
           part_ptr, N, K, HALVES: tl.constexpr, SPLIT: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
-          BN: tl.constexpr, ALIGN: tl.constexpr):
+          BN: tl.constexpr, ALIGN: tl.constexpr, PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     p = pid // HALVES
     slot = tl.load(ids_ptr + p).to(tl.int32) * HALVES + pid % HALVES
@@ -205,13 +231,13 @@ def _gemv(x_ptr, x_stride, ids_ptr, in_div, qw_ptr, sc_ptr, bits_ptr, qoff_ptr, 
     acc = tl.zeros([R, BN], tl.float32)
     rz = b >> 4                         # 0 (b <= 8), a value the compiler cannot fold (see _gemv_pow2)
     if b == 4:
-        acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT, 4, G, R, BN)
+        acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT, 4, G, R, BN, PREFETCH)
     elif b == 8:
-        acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT, 8, G, R, BN)
+        acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT, 8, G, R, BN, PREFETCH)
     elif b == 2:
-        acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT, 2, G, R, BN)
+        acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT, 2, G, R, BN, PREFETCH)
     else:
-        acc = _gemv_3(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT, G, R, BN)
+        acc = _gemv_3(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT, G, R, BN, PREFETCH)
     y = tl.sum(acc, 0)
     if SPLIT == 1:
         col = (pid % HALVES) * N + n
@@ -243,7 +269,8 @@ def gemv(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: GemvC
         part = torch.empty(cfg.split, rows * table.halves, table.n, dtype=torch.float32, device=out.device)
     _gemv[grid](x, x.stride(0), ids, in_div, qweight, scales, table.bits, table.qoff, table.soff, out, out.stride(0),
                 part, table.n, table.k, HALVES=table.halves, SPLIT=cfg.split, G=table.group, R=cfg.rows,
-                BN=cfg.block_n, ALIGN=table.align, num_warps=cfg.warps, num_stages=cfg.stages)
+                BN=cfg.block_n, ALIGN=table.align, PREFETCH=cfg.prefetch, num_warps=cfg.warps,
+                num_stages=cfg.stages)
     if cfg.split > 1:
         _reduce[grid[:2]](part, out, out.stride(0), table.n, HALVES=table.halves, SPLIT=cfg.split,
                           BN=cfg.block_n, num_warps=cfg.warps)
