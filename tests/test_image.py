@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import FIXTURES, need_vllm, run_convert, run_verify
@@ -60,8 +61,20 @@ def vl_out(tmp_path_factory):
     return src, out
 
 
-def test_reference_is_reproduced_exactly(fresh):
-    assert fresh == COMMITTED
+def test_reference_is_reproduced(fresh):
+    """The committed reference is what gpu/image_ref.py computes: inputs, pixels (hashes) and the float32 runs'
+    greedy tokens exactly, their prompt logprobs (the reference the GPU is compared with) to 1e-4, which is float32
+    summation order: another CPU (AMD here, Intel where it was made) reorders oneDNN's sums (2.2e-5 seen). The bf16
+    runs only estimate the floor: their logprobs move by up to ~0.2 between CPUs (a greedy token may flip), so the floor's bounds are
+    checked on the fresh run (next test), not equality."""
+    runs = ("runs", "cpu_distances", "bug_candidates")
+    assert {k: v for k, v in fresh.items() if k not in runs} == {k: v for k, v in COMMITTED.items() if k not in runs}
+    assert fresh["runs"].keys() == COMMITTED["runs"].keys()
+    for name, run in COMMITTED["runs"].items():
+        if name.startswith("hf32"):
+            assert fresh["runs"][name]["tokens"] == run["tokens"], name
+            got = np.array(fresh["runs"][name]["prompt_logprobs"])
+            assert np.abs(got - np.array(run["prompt_logprobs"])).max() < 1e-4, name
 
 
 def test_image_moves_the_logits_and_the_control_is_far_from_the_bf16_floor(fresh):
