@@ -168,7 +168,7 @@ def sweep(L, x, ids, act, gu, down, m):
             cfgs = [wmix.GemvConfig(r, bn, sp, wa, 2, pf) for r, bn, wa, pf in GEMV_SWEEP for sp in (1, 2, 4, 8)]
             call = lambda c, o: wmix.gemv(t, qw, sc, xin, ids, in_div, o, c)  # noqa: E731
         else:
-            cfgs = [wmix.TiledConfig(bm, bn, wa, st) for bm, bn, wa, st in TILED_SWEEP]
+            cfgs = [wmix.TiledConfig(bm, bn, wa, st, pk) for bm, bn, wa, st in TILED_SWEEP for pk in (True, False)]
 
             aligned = {c.block_m: tuple(a.to(DEV) for a in wmix.align_reference(ids.cpu(), c.block_m, E))
                        for c in cfgs}          # before any capture (a copy from the CPU cannot be captured)

@@ -103,7 +103,7 @@ def launches(rows: int = 1):
                          in_div=in_div, qw_ptr=slots, sc_ptr=offs.half(), bits_ptr=slots, qoff_ptr=offs,
                          soff_ptr=offs, out_ptr=dst, out_stride=dst.stride(0), N=n, K=k)
             out.append((f"{sub} tiled {tcfg.block_m}x{tcfg.block_n}", wmix._tiled, targs,
-                        dict(HALVES=halves, G=GROUP, BM=tcfg.block_m, BN=tcfg.block_n, DOT_F32=False, ALIGN=16), tcfg))
+                        dict(HALVES=halves, G=GROUP, BM=tcfg.block_m, BN=tcfg.block_n, DOT_F32=False, ALIGN=16, PACKED=tcfg.packed), tcfg))
     return out
 
 

@@ -92,6 +92,7 @@ CASES = [
     ("gemv", 1, [3, 8, 2, 4], 160, 128, 32, dict(rows=2, block_n=32, split=3, prefetch=True)),
     ("tiled", 2, [2, 3, 4, 8, 8, 4, 3, 2], 96, 256, 128, dict(block_m=16, block_n=32)),
     ("tiled", 1, [3, 8, 2, 4], 160, 128, 32, dict(block_m=16, block_n=64)),
+    ("tiled", 2, [2, 3, 4, 8, 8, 4, 3, 2], 96, 256, 128, dict(block_m=16, block_n=32, packed=False)),
 ]
 
 

@@ -71,6 +71,9 @@ class TiledConfig:
     block_n: int = 64
     warps: int = 4
     stages: int = 2
+    #: 2/4/8 bits: read each word once and unpack it in registers (less shared memory: 86 vs 110 KiB at 16x64x2 on
+    #: sm_90), else gather each code's word (as the first GPU run did); not yet compared on a GPU
+    packed: bool = True
 
 
 def gemv_config(rows: int, table: "SlotTable", sms: int) -> GemvConfig:
@@ -279,7 +282,8 @@ def gemv(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: GemvC
 
 # ---------------------------------------------------------------- tiled (prefill)
 @triton.jit
-def _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G: tl.constexpr, DOT_F32: tl.constexpr):
+def _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G: tl.constexpr, DOT_F32: tl.constexpr,
+                PACKED: tl.constexpr):
     """acc += x rows @ (codes - zero) * scale over K, one group of G codes at a time, the width a constant: code k of
     a group starts at bit k*BITS of the group's words; a code that straddles two words (3 bits: 10 and 21 of each
     triplet) also reads the next word. Codes become floats as in gemv (OR-ed into 2^23's bits), then bf16: small
@@ -295,13 +299,20 @@ def _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G: 
     OFF: tl.constexpr = float(2 ** 23 + (1 << (BITS - 1)))
     GWORDS: tl.constexpr = (G * BITS) // 32
     magic = (rz + MAGIC).to(tl.uint32)
+    PACK: tl.constexpr = 32 // BITS
     for g in range(K // G):
         xt = tl.load(xr + g * G + k[None, :], mask=rm[:, None], other=0.0)
-        wp = qw + (g * GWORDS + word)[:, None] * N + n[None, :]
-        v = tl.load(wp, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True) >> shift[:, None]
-        if CROSS:
-            hi = tl.load(wp + N, mask=cross[:, None] & nmask[None, :], other=0).to(tl.uint32, bitcast=True)
-            v = v | (hi << shl[:, None])
+        if CROSS or not PACKED:     # each code's word gathered (4 bytes a code through shared memory)
+            wp = qw + (g * GWORDS + word)[:, None] * N + n[None, :]
+            v = tl.load(wp, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True) >> shift[:, None]
+            if CROSS:
+                hi = tl.load(wp + N, mask=cross[:, None] & nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+                v = v | (hi << shl[:, None])
+        else:               # each word read once: [words, BN] -> [words, PACK, BN] codes -> [G, BN] (k = word*PACK + j)
+            wr = tl.arange(0, GWORDS)
+            jsh = (tl.arange(0, PACK) * BITS).to(tl.uint32)
+            w = tl.load(qw + (g * GWORDS + wr)[:, None] * N + n[None, :], mask=nmask[None, :], other=0)
+            v = tl.reshape(w.to(tl.uint32, bitcast=True)[:, None, :] >> jsh[None, :, None], [G, w.shape[1]])
         wq = ((v & MASK) | magic).to(tl.float32, bitcast=True) - OFF
         if DOT_F32:
             d = tl.dot(xt.to(tl.float32), wq, input_precision="ieee")
@@ -315,7 +326,7 @@ def _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G: 
 @triton.jit
 def _tiled(x_ptr, x_stride, sorted_ptr, eids_ptr, ntp_ptr, rows_valid, in_div, qw_ptr, sc_ptr, bits_ptr, qoff_ptr,
            soff_ptr, out_ptr, out_stride, N, K, HALVES: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
-           BN: tl.constexpr, DOT_F32: tl.constexpr, ALIGN: tl.constexpr):
+           BN: tl.constexpr, DOT_F32: tl.constexpr, ALIGN: tl.constexpr, PACKED: tl.constexpr):
     pid_m = tl.program_id(0)
     if pid_m * BM >= tl.load(ntp_ptr):
         return
@@ -336,13 +347,13 @@ def _tiled(x_ptr, x_stride, sorted_ptr, eids_ptr, ntp_ptr, rows_valid, in_div, q
     rz = b >> 4                                   # 0 (b <= 8), unknown to the compiler
     acc = tl.zeros([BM, BN], tl.float32)
     if b == 4:
-        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 4, G, DOT_F32)
+        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 4, G, DOT_F32, PACKED)
     elif b == 8:
-        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 8, G, DOT_F32)
+        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 8, G, DOT_F32, PACKED)
     elif b == 2:
-        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 2, G, DOT_F32)
+        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 2, G, DOT_F32, PACKED)
     else:
-        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 3, G, DOT_F32)
+        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 3, G, DOT_F32, PACKED)
     optr = out_ptr + rows[:, None] * out_stride + h * N + n[None, :]
     tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=rm[:, None] & nmask[None, :])
 
@@ -355,7 +366,8 @@ def tiled(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: Tile
     grid = (eids.numel(), triton.cdiv(table.n, cfg.block_n) * table.halves)
     _tiled[grid](x, x.stride(0), sorted_ids, eids, ntp, ids.numel(), in_div, qweight, scales, table.bits,
                  table.qoff, table.soff, out, out.stride(0), table.n, table.k, HALVES=table.halves, G=table.group,
-                 BM=cfg.block_m, BN=cfg.block_n, DOT_F32=interpreting(), ALIGN=table.align, num_warps=cfg.warps,
+                 BM=cfg.block_m, BN=cfg.block_n, DOT_F32=interpreting(), ALIGN=table.align, PACKED=cfg.packed,
+                 num_warps=cfg.warps,
                  num_stages=cfg.stages)
     return out
 
