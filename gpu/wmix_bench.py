@@ -4,6 +4,10 @@
     python3 gpu/wmix_bench.py OUT_JSON
     TRITON_INTERPRET=1 python3 gpu/wmix_bench.py OUT_JSON --cpu-smoke     # the script itself, on a CPU
 
+Options: ``--ms=1,8,32`` (token counts), ``--depth=N`` (also time N distinct layers in turn: no L2 reuse; default
+4), ``--sweep`` with ``--sweep-ms=1,32`` (other tile configs of each GEMM at those sizes, each checked against
+decide's), ``--prefetch`` (decide's gemv configs with GemvConfig.prefetch on).
+
 Needs torch and triton only (the GPU image's). 128 experts, hidden 6144, expert width 3072, top-4, group 128; one
 layer of uniform 4-bit experts and one mixing 2/3/4/8 bits per expert and per gate/up/down (kernel_check's mix),
 random codes and signed fp16 scales in the flat layout of m3_convert.serve.moe. Per size M (tokens):
@@ -18,6 +22,7 @@ The tiled kernel's row alignment is computed once outside the timed region (vLLM
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -70,7 +75,10 @@ def gemm(sub_data, x, ids, in_div, out):
     rows = ids.numel()
     if decide.wmix_path(rows) == "gemv":
         sms = 132 if SMOKE else torch.cuda.get_device_properties(0).multi_processor_count
-        return wmix.gemv(t, qw, sc, x, ids, in_div, out, wmix.gemv_config(rows, t, sms))
+        cfg = wmix.gemv_config(rows, t, sms)
+        if PREFETCH:
+            cfg = dataclasses.replace(cfg, prefetch=True)
+        return wmix.gemv(t, qw, sc, x, ids, in_div, out, cfg)
     key = (id(t), rows)
     if key not in gemm.align:          # filled by the first (eager) call, before any capture
         gemm.align[key] = tuple(a.to(DEV) for a in wmix.align_reference(ids.cpu(), wmix.tiled_config(rows, t).block_m, E))
@@ -148,6 +156,7 @@ def case(tag, per_bits, ms, gen):
 
 DEPTH = int(next((a[8:] for a in sys.argv if a.startswith("--depth=")), "1" if SMOKE else "4"))
 SWEEP = "--sweep" in sys.argv
+PREFETCH = "--prefetch" in sys.argv          # decide's gemv configs with GemvConfig.prefetch
 SWEEP_MS = tuple(int(v) for v in next((a[11:] for a in sys.argv if a.startswith("--sweep-ms=")),
                                         "1,2,8,32,512").split(","))
 GEMV_SWEEP = [(16, 64, 4, False), (16, 64, 4, True), (32, 64, 4, False), (32, 64, 4, True), (8, 128, 4, False),
