@@ -242,7 +242,7 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
 
 
 GEMV_SWEEP = [(16, 64, None, 4, 2), (8, 128, None, 4, 3), (32, 128, None, 8, 2), (16, 128, 1, 4, 2)]
-TILED_SWEEP = [(16, 128, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)]
+TILED_SWEEP = [(16, 64, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2)]      # tiles that fit sm_90's shared memory
 GEMV_SWEEP_MS, TILED_SWEEP_MS = (1, 8, 32), (8, 32, 512)      # each config is a Triton compile (seconds): few sizes
 
 
@@ -255,14 +255,14 @@ def wmix_row(method, layer, x, w, ids, ref, held, prep):
     y = run()
     rows = ids.numel()
     row = {"wmix": errs(y, ref), "wmix_repeat_identical": bool(torch.equal(y, run())),
-           "wmix_path": D.wmix_path(rows), "us_wmix": round(timed(run), 1), "wmix_gpu_bytes": held,
+           "wmix_path": D.wmix_path(rows, layer.m3_dims.num_experts), "us_wmix": round(timed(run), 1), "wmix_gpu_bytes": held,
            "wmix_prepare_s": round(prep, 1)}
     path0, gcfg0, tcfg0 = D.wmix_path, wmix.gemv_config, wmix.tiled_config
     sweep = {}
     try:
         m = ids.shape[0]
         if m in GEMV_SWEEP_MS:
-            D.wmix_path = lambda r: "gemv"                                   # noqa: E731
+            D.wmix_path = lambda r, e: "gemv"                                   # noqa: E731
             for rr, bn, sp, wa, st in GEMV_SWEEP:
                 def cfg(r, t, sms, rr=rr, bn=bn, sp=sp, wa=wa, st=st):
                     split = sp if sp is not None else D.wmix_split(r, t.n, bn, t.halves, sms)
@@ -271,7 +271,7 @@ def wmix_row(method, layer, x, w, ids, ref, held, prep):
                 yy = run()
                 sweep[f"gemv r{rr} n{bn} s{sp or 'auto'} w{wa} st{st}"] = [round(timed(run), 1), errs(yy, ref)["norm_rel"]]
             wmix.gemv_config = gcfg0
-        D.wmix_path = lambda r: "tiled"                                      # noqa: E731
+        D.wmix_path = lambda r, e: "tiled"                                      # noqa: E731
         for bm, bn, wa, st in (TILED_SWEEP if m in TILED_SWEEP_MS else ()):
             wmix.tiled_config = lambda r, t, bm=bm, bn=bn, wa=wa, st=st: wmix.TiledConfig(bm, bn, wa, st)  # noqa: E731
             yy = run()

@@ -12,7 +12,7 @@ Needs torch and triton only (the GPU image's). 128 experts, hidden 6144, expert 
 layer of uniform 4-bit experts and one mixing 2/3/4/8 bits per expert and per gate/up/down (kernel_check's mix),
 random codes and signed fp16 scales in the flat layout of m3_convert.serve.moe. Per size M (tokens):
 
-* each sublayer's GEMM (gemv up to decide.WMIX_GEMV_MAX_ROWS rows, else tiled) against ``x @ W^T`` of the exact
+* each sublayer's GEMM (gemv up to decide.WMIX_GEMV_ROWS_PER_EXPERT rows per expert, else tiled) against ``x @ W^T`` of the exact
   float32 decode of the routed experts, beside torch's bf16 GEMM of W rounded to bf16 (the floor);
 * the time of the whole routed layer as the plugin runs it (w13, SwiGLU-OAI, w2, weighted sum; the activation and
   the sum in torch here, vLLM's fused ops in serving), captured in a CUDA graph, median of 20 replays; the bytes
@@ -73,7 +73,7 @@ def slot_w(sub_data, slot):
 def gemm(sub_data, x, ids, in_div, out):
     t, qw, sc = sub_data[:3]
     rows = ids.numel()
-    if decide.wmix_path(rows) == "gemv":
+    if decide.wmix_path(rows, E) == "gemv":
         sms = 132 if SMOKE else torch.cuda.get_device_properties(0).multi_processor_count
         cfg = wmix.gemv_config(rows, t, sms)
         if PREFETCH:
@@ -138,7 +138,7 @@ def case(tag, per_bits, ms, gen):
             torch.cuda.synchronize()
             gpu = torch.cuda.get_device_name()
         bw = next((v for k_, v in HBM.items() if k_ in gpu), None)
-        row = {"case": tag, "m": m, "path": decide.wmix_path(m * K), "w13": e13, "w13_bf16_floor": f13, "w2": e2,
+        row = {"case": tag, "m": m, "path": decide.wmix_path(m * K, E), "w13": e13, "w13_bf16_floor": f13, "w2": e2,
                "w2_bf16_floor": f2, "repeat_identical": bool(torch.equal(y, run_layer(L, x, ids, w)[0])),
                "graph_equals_eager": bool(torch.equal(yg, y)), "us_layer": round(us, 1),
                "us_w13": None if SMOKE else round(timed(lambda: gemm(L["w13"], x, ids, K, gu)), 1),
@@ -173,7 +173,7 @@ def sweep(L, x, ids, act, gu, down, m):
     for sub, xin, in_div, dst in (("w13", x, K, gu), ("w2", act, 1, down)):
         t, qw, sc = L[sub][:3]
         ref = dst.clone()
-        if decide.wmix_path(rows) == "gemv":
+        if decide.wmix_path(rows, E) == "gemv":
             cfgs = [wmix.GemvConfig(r, bn, sp, wa, 2, pf) for r, bn, wa, pf in GEMV_SWEEP for sp in (1, 2, 4, 8)]
             call = lambda c, o: wmix.gemv(t, qw, sc, xin, ids, in_div, o, c)  # noqa: E731
         else:

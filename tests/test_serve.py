@@ -223,9 +223,9 @@ def test_wmix_split_fills_the_sms(rows, n, halves, sms, split):
     assert split == 1 or tiles * split // 2 < decide.WMIX_PROGRAMS_PER_SM * sms      # the smallest that does
 
 
-def test_wmix_path_is_a_function_of_the_rows():
-    assert decide.wmix_path(1) == decide.wmix_path(decide.WMIX_GEMV_MAX_ROWS) == "gemv"
-    assert decide.wmix_path(decide.WMIX_GEMV_MAX_ROWS + 1) == "tiled"
+def test_wmix_path_is_a_function_of_the_rows_per_expert():
+    assert decide.wmix_path(1, 128) == decide.wmix_path(128, 128) == decide.wmix_path(8, 8) == "gemv"
+    assert decide.wmix_path(129, 128) == decide.wmix_path(9, 8) == "tiled"
     assert decide.wmix_tile(128, 128) == (16, 64, 4, 2) and decide.wmix_tile(8192, 128) == (64, 64, 4, 2)
 
 

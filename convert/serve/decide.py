@@ -251,16 +251,20 @@ def expert_of(sublayer: str, slot: int) -> tuple:
 
 
 # ---------------------------------------------------------------- wmix: which of its kernels, at which tile
-#: (token, expert) rows of one MoE sublayer up to which m3_convert.serve.wmix's gemv kernel runs (one program per
-#: row and output tile, each row reading its expert's codes); above, the tiled kernel (rows grouped by expert,
-#: tensor-core dot products). NOT MEASURED YET: a first guess (batch 8 at top-4), to be set from
-#: gpu/kernel_check.py's gemv/tiled sweeps at M3's shapes (gpu/README.md, issue 25). The tiles below likewise.
-WMIX_GEMV_MAX_ROWS = 32
+#: (token, expert) rows per expert of one MoE sublayer up to which m3_convert.serve.wmix's gemv kernel runs (one
+#: program per row and output tile, each row reading its expert's codes: cost grows with the rows); above, the tiled
+#: kernel (rows grouped by expert, tensor-core dot products: cost grows with the experts' row blocks). On an H100
+#: (gpu/results/issue25-2026-12-07, mixed layer) gemv took 104.6 / 186.3 / 307.0 / 487.3 us for 4 / 8 / 16 / 32 rows,
+#: about linear, so 128 rows (32 tokens) would take ~1.9 ms, where the tiled kernel took 3.1 ms (a row per expert
+#: there: the tiled kernel de-quantizes an expert's weights for one useful row of 16). Up to one row per expert on
+#: average, gemv: an extrapolation from those sizes, not a measured crossover.
+WMIX_GEMV_ROWS_PER_EXPERT = 1
 
 
-def wmix_path(rows: int) -> str:
-    """"gemv" or "tiled" for ``rows`` (token, expert) rows of one sublayer (shape-only: fixed per CUDA graph)."""
-    return "gemv" if rows <= WMIX_GEMV_MAX_ROWS else "tiled"
+def wmix_path(rows: int, experts: int) -> str:
+    """"gemv" or "tiled" for ``rows`` (token, expert) rows of one sublayer over ``experts`` experts (shape-only:
+    fixed per CUDA graph)."""
+    return "gemv" if rows <= WMIX_GEMV_ROWS_PER_EXPERT * experts else "tiled"
 
 
 #: gemv programs per SM that the K split aims for. On an H100 (gpu/results/issue25-2026-12-07, mixed layer, tile

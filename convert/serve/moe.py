@@ -244,7 +244,7 @@ class WmixMoEKernel:
         t = layer.m3_wmix[sublayer]
         qw, sc = getattr(layer, f"{sublayer}_qweight"), getattr(layer, f"{sublayer}_scales")
         rows = ids.numel()
-        if decide.wmix_path(rows) == "gemv":
+        if decide.wmix_path(rows, t.bits.numel() // t.halves) == "gemv":
             cfg = wmix.gemv_config(rows, t, layer.m3_sms)
             return wmix.gemv(t, qw, sc, x, ids, in_div, out, cfg)
         cfg = wmix.tiled_config(rows, t)
