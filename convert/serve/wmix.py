@@ -105,7 +105,9 @@ def _term(xj, w, magic, P: tl.constexpr, BITS: tl.constexpr):
     """``x_j * (code - zero)`` for the code at bits ``[P, P+BITS)`` of the words ``w`` (``P + BITS <= 23``), exactly
     as float32 operands: the code masked in place and OR-ed into ``magic`` (2^23's bits) is the float32
     ``2^23 + code * 2^P`` (one AND-OR, a LOP3: no shift per code); minus ``2^23 + zero * 2^P`` it is
-    ``(code - zero) * 2^P``, and x is scaled by ``2^-P`` (a power of two: exact), so the product is the same."""
+    ``(code - zero) * 2^P``, and x is scaled by ``2^-P`` (a power of two: exact while ``|x| >= 2^(P-126)``, P <= 20:
+    every bf16 input above 1e-32; a smaller one would become subnormal and could lose bits), so the product is the
+    same."""
     MASK: tl.constexpr = ((1 << BITS) - 1) << P
     OFF: tl.constexpr = float(2 ** 23 + (1 << (BITS - 1)) * 2 ** P)
     return (xj * (2.0 ** -P))[:, None] * (((w & MASK) | magic).to(tl.float32, bitcast=True) - OFF)
