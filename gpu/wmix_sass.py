@@ -16,6 +16,7 @@ decode does per weight: the issue slots it costs).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -35,6 +36,7 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
          torch.int64: "i64"}
 HIDDEN, INTER, GROUP, TOPK = 6144, 3072, 128, 4          # M3's MoE: one expert is 6144 -> 2x3072 -> 6144
+SMS = 132                                                # an H100 SXM's SMs (the K split decide picks there)
 
 
 def build(fn, args: dict, const: dict, warps: int, stages: int):
@@ -79,8 +81,9 @@ def resources(kernel) -> dict:
 
 
 def launches(rows: int = 1):
-    """The kernels one MoE layer's decode (``rows`` tokens) launches, as (name, kernel, args, constexprs, config),
-    with tensors shaped as the plugin's (no GPU needed: the tensors are on the CPU and never read)."""
+    """The kernels one MoE layer launches, as (name, kernel, args, constexprs, config), with tensors shaped as the
+    plugin's (no GPU needed: the tensors are on the CPU and never read): gemv at ``rows`` tokens with decide's K
+    split, prefetch off and on; the reduce; the tiled kernel at both of decide's tiles, packed and gathered."""
     out = []
     for sub, (n, k, halves, in_div) in {"w13": (INTER, HIDDEN, 2, TOPK), "w2": (HIDDEN, INTER, 1, 1)}.items():
         x = torch.empty(rows * (1 if in_div > 1 else TOPK), k, dtype=torch.bfloat16)
@@ -89,21 +92,25 @@ def launches(rows: int = 1):
         offs = torch.zeros(128 * halves, dtype=torch.int64)
         dst = torch.empty(rows * TOPK, halves * n, dtype=torch.bfloat16)
         part = torch.empty(1, dtype=torch.float32)
-        gcfg = wmix.GemvConfig()
+        split = decide.wmix_split(rows * TOPK, n, wmix.GemvConfig().block_n, halves, SMS)
         args = dict(x_ptr=x, x_stride=x.stride(0), ids_ptr=ids, in_div=in_div, qw_ptr=slots, sc_ptr=offs.half(),
                     bits_ptr=slots, qoff_ptr=offs, soff_ptr=offs, out_ptr=dst, out_stride=dst.stride(0),
                     part_ptr=part, N=n, K=k)
-        out.append((f"{sub} gemv", wmix._gemv, args, dict(HALVES=halves, SPLIT=gcfg.split, G=GROUP, R=gcfg.rows,
-                                                          BN=gcfg.block_n, ALIGN=16, PREFETCH=gcfg.prefetch), gcfg))
+        for tag, gcfg in (("", wmix.GemvConfig(split=split)), (" prefetch", wmix.GemvConfig(split=split, prefetch=True))):
+            out.append((f"{sub} gemv{tag}", wmix._gemv, args,
+                        dict(HALVES=halves, SPLIT=gcfg.split, G=GROUP, R=gcfg.rows, BN=gcfg.block_n, ALIGN=16,
+                             PREFETCH=gcfg.prefetch), gcfg))
         out.append((f"{sub} reduce", wmix._reduce, dict(part_ptr=part, out_ptr=dst, out_stride=dst.stride(0), N=n),
-                    dict(HALVES=halves, SPLIT=2, BN=gcfg.block_n), gcfg))
-        for rows_t in (TOPK * 32, TOPK * 8192):           # the small tile (decode batches) and the large (prefill)
-            tcfg = wmix.TiledConfig(*decide.wmix_tile(rows_t, 128))
-            targs = dict(x_ptr=x, x_stride=x.stride(0), sorted_ptr=ids, eids_ptr=ids, ntp_ptr=ids, rows_valid=512,
-                         in_div=in_div, qw_ptr=slots, sc_ptr=offs.half(), bits_ptr=slots, qoff_ptr=offs,
-                         soff_ptr=offs, out_ptr=dst, out_stride=dst.stride(0), N=n, K=k)
-            out.append((f"{sub} tiled {tcfg.block_m}x{tcfg.block_n}", wmix._tiled, targs,
-                        dict(HALVES=halves, G=GROUP, BM=tcfg.block_m, BN=tcfg.block_n, DOT_F32=False, ALIGN=16, PACKED=tcfg.packed), tcfg))
+                    dict(HALVES=halves, SPLIT=split, BN=gcfg.block_n), gcfg))
+        for rows_t in (TOPK * 256, TOPK * 8192):          # the small tile (decode batches) and the large (prefill)
+            for tag, packed in (("", True), (" gather", False)):
+                tcfg = dataclasses.replace(wmix.TiledConfig(*decide.wmix_tile(rows_t, 128)), packed=packed)
+                targs = dict(x_ptr=x, x_stride=x.stride(0), sorted_ptr=ids, eids_ptr=ids, ntp_ptr=ids,
+                             rows_valid=512, in_div=in_div, qw_ptr=slots, sc_ptr=offs.half(), bits_ptr=slots,
+                             qoff_ptr=offs, soff_ptr=offs, out_ptr=dst, out_stride=dst.stride(0), N=n, K=k)
+                out.append((f"{sub} tiled {tcfg.block_m}x{tcfg.block_n}{tag}", wmix._tiled, targs,
+                            dict(HALVES=halves, G=GROUP, BM=tcfg.block_m, BN=tcfg.block_n, DOT_F32=False, ALIGN=16,
+                                 PACKED=tcfg.packed), tcfg))
     return out
 
 

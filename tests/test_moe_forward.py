@@ -159,7 +159,7 @@ def child(out_dir, inputs, result):
             info[L] = _route_through_grouped_topk(blk)
             with torch.no_grad(), set_forward_context(None, vc):
                 ys[key] = blk(x.clone())
-                if wmix:          # a token a call: top-8 of 8 experts is 8 rows, gemv's (decide.wmix_path)
+                if wmix:          # a token a call: top-4 of 8 experts is 4 rows, gemv's (decide.wmix_path)
                     ys[f"{key}/gemv"] = torch.cat([blk(x[i:i + 1].clone()) for i in range(x.shape[0])])
                 for v in VARIANTS:                      # the same bugs, planted into the running kernel
                     with _planted(v, info[L]["router_scale"]):

@@ -139,7 +139,8 @@ def test_wmix_zero_is_the_symmetric_constant(results):
 
 
 def test_wmix_compiles_for_hopper():
-    """Every wmix kernel, specialised as a launch at M3's MoE shapes is, compiles for sm_90 with Triton's own
+    """Every wmix kernel and option (gemv with decide's K split at one token, prefetch off and on; both tiled
+    tiles, packed and gathered), specialised as a launch at M3's MoE shapes is, compiles for sm_90 with Triton's own
     compiler (no GPU needed; gpu/wmix_sass.py): the interpreter runs programs the compiler refuses (a Python global
     inside a kernel did). Each fits an SM's shared memory (decide's large tile once did not: it did not launch on
     the H100), no kernel spills to local memory, and gemv reads its words 16 bytes at a time (the slot
@@ -156,7 +157,8 @@ def test_wmix_compiles_for_hopper():
         assert kernel.metadata.shared <= decide.SM90_SHARED, (name, kernel.metadata.shared)
         if name.endswith("gemv"):
             assert "LDG.E.128" in r["sass"], name
-    assert seen == {f"{s} {k}": 0 for s in ("w13", "w2") for k in ("gemv", "reduce", "tiled 16x64", "tiled 64x64")}, seen
+    kinds = ("gemv", "gemv prefetch", "reduce", "tiled 16x64", "tiled 16x64 gather", "tiled 64x64", "tiled 64x64 gather")
+    assert seen == {f"{s} {k}": 0 for s in ("w13", "w2") for k in kinds}, seen
 
 
 def zero_case(wmix):
