@@ -272,6 +272,10 @@ def runs(converted, tmp_path_factory):
 def test_moe_block_matches_reference_and_not_planted_variants(runs, kind, method):
     t, tc, xs, out = runs
     tol = tolerance()
+    if kind == "wmix":          # the two arms take the kernels they are named for
+        from m3_convert.serve import decide
+        E = tc["num_local_experts"]
+        assert decide.wmix_path(TOP_K, E) == "gemv" and decide.wmix_path(TOKENS * TOP_K, E) == "tiled"
     for L in WMIX_LAYERS if kind == "wmix" else LAYERS:
         ys, info = out[kind][0], out[kind][1][L]
         y = ys[str(L)]

@@ -161,6 +161,17 @@ def test_wmix_compiles_for_hopper():
     assert seen == {f"{s} {k}": 0 for s in ("w13", "w2") for k in kinds}, seen
 
 
+def test_slot_table_promises_16_alignment_only_when_every_offset_has_it():
+    """SlotTable.align reaches the kernels as tl.multiple_of: a 16 where one offset is not a multiple of 16 would
+    make the GPU load 16 bytes from a misaligned address (wrong words, or a fault)."""
+    need_vllm()
+    from m3_convert.serve import wmix
+    t = lambda q, s: wmix.SlotTable(torch.tensor([4, 4], dtype=torch.int32), torch.tensor(q), torch.tensor(s),  # noqa: E731
+                                    64, 128, 128, 1)
+    assert t([0, 4096], [0, 64]).align == 16
+    assert t([0, 4104], [0, 64]).align == 1 and t([0, 4096], [0, 72]).align == 1
+
+
 def zero_case(wmix):
     res = {}
     for b in (2, 3, 4, 8):

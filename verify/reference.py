@@ -5,8 +5,8 @@ loaders, with exact reference kernels instead of GPU ones.
 :class:`CpuPlatform` (``m3_convert.serve.routing.use_platform``). Every MoE layer gets the method it would get on
 a CUDA GPU with humming-kernels (per-width parts, or the promoting Marlin class; ``M3_GPTQ_KERNELS=promote``: the
 promoting fallback; ``M3_CPU_MOE_KERNEL=wmix``: the per-width parts run by the GPU's own wmix Triton kernels,
-interpreted, with this module's activation and sum: tests/test_moe_forward.py). Every GPTQ linear gets the plugin's own M3GPTQLinearMethod at its stored width, whatever
-kernel the GPU would use: the parameters and loader of vLLM's AutoGPTQ method (4/8-bit on Machete) and the
+interpreted, with this module's activation and sum: tests/test_moe_forward.py). Every GPTQ linear gets the
+plugin's own M3GPTQLinearMethod at its stored width, whatever kernel the GPU would use: the parameters and loader of vLLM's AutoGPTQ method (4/8-bit on Machete) and the
 promoting linear loader are not exercised here (the GPU check is: gpu/README.md). The check then compares every
 parameter with the checkpoint after vLLM's ``load_weights``. The kernels below make the methods complete
 (``process_weights_after_loading`` / ``apply``): exact float32 decodes, and a CPU forward of the routed experts
@@ -38,6 +38,8 @@ class CpuPlatform:
         if d.kernel == decide.HUMMING:
             if os.environ.get("M3_CPU_MOE_KERNEL") == "wmix":       # needs TRITON_INTERPRET=1 before triton loads
                 from m3_convert.serve.moe import WmixMoEKernel
+                # looked up at each call, not bound now: tests/test_moe_forward.py plants bugs into this module's
+                # activation and sum while the model runs
                 return M3HummingMoEMethod(d, moe, WmixMoEKernel(act=lambda *a: swiglu_oai(*a),
                                                                 wsum=lambda *a: weighted_sum(*a)))
             return M3HummingMoEMethod(d, moe, ReferenceMoEKernel())

@@ -290,9 +290,9 @@ SM90_SHARED = 232448
 
 def wmix_tile(rows: int, experts: int) -> tuple:
     """The tiled kernel's (block_m, block_n, warps, pipeline stages): (16, 64, 4, 2) while an expert gets a few rows
-    on average, (64, 64, 4, 2) from 32 rows per expert. Both fit SM90_SHARED (the gathered word tiles take 4
-    bytes a code per stage; (64, 128, 8, 3) needed 344 KiB on the H100 and did not launch). First guesses for
-    speed, not measured on a GPU (gpu/wmix_bench.py --sweep measures them)."""
+    on average, (64, 64, 4, 2) from 32 rows per expert. Both fit SM90_SHARED (tests/test_wmix.py builds them for
+    sm_90; (64, 128, 8, 3) needed 344 KiB on the H100 and did not launch). First guesses for speed, not measured
+    on a GPU (gpu/wmix_bench.py --sweep measures them)."""
     return (64, 64, 4, 2) if rows >= 32 * experts else (16, 64, 4, 2)
 
 

@@ -7,12 +7,12 @@ docs/FORMAT.md section 2.5 says, 3-bit codes 32 to a triplet of words; symmetric
 when loaded): a :class:`SlotTable` says where. Nothing is repacked, so the GPU
 holds the checkpoint's codes and scales byte for byte (the zeros, a constant, are dropped).
 
-Two kernels, the one used chosen by the number of (token, expert) rows (:func:`m3_convert.serve.decide.wmix_path`):
+Two kernels, the one used chosen by the (token, expert) rows per expert (:func:`m3_convert.serve.decide.wmix_path`):
 
-* ``gemv`` (decode): one program per (row, output tile, K split), each reading only the slot its row is routed
-  to; codes become float32 through the exponent trick (``code | 0x4B000000`` is ``2^23 + code`` as a float32,
-  exact), products and sums in float32, the group scale applied per chunk. Deterministic: a fixed K split
-  summed in a fixed order by ``_reduce`` (no atomics).
+* ``gemv`` (decode, small batches): one program per (row, output tile, K split), each reading only the slot its
+  row is routed to; codes become float32 exactly by :func:`_signed` (a code masked in place into 2^23's mantissa:
+  one AND-OR per code), products and sums in float32, the group scale applied per chunk. Deterministic: a fixed
+  K split summed in a fixed order by ``_reduce`` (no atomics).
 * ``tiled`` (prefill, larger batches): vLLM's MoE alignment (rows sorted by expert, padded to the row tile), one
   program per (row tile, output tile), per group ``tl.dot`` of the bf16 inputs with the codes minus their zero
   (small integers: exact in bf16), float32 accumulation, the group scale applied to the float32 sum.
@@ -23,7 +23,7 @@ both). The kernels run on the CPU too under ``TRITON_INTERPRET=1`` (tests/test_w
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton
@@ -80,8 +80,7 @@ def gemv_config(rows: int, table: "SlotTable", sms: int) -> GemvConfig:
     """The gemv tile for ``rows`` rows of this sublayer: default chunking, the K split from decide.wmix_split."""
     from .decide import wmix_split
     base = GemvConfig()
-    return GemvConfig(base.rows, base.block_n, wmix_split(rows, table.n, base.block_n, table.halves, sms),
-                      base.warps, base.stages, base.prefetch)
+    return replace(base, split=wmix_split(rows, table.n, base.block_n, table.halves, sms))
 
 
 def tiled_config(rows: int, table: "SlotTable") -> TiledConfig:
@@ -101,16 +100,21 @@ def _chunks(units, R: tl.constexpr, SPLIT: tl.constexpr, s):
 
 
 @triton.jit
-def _term(xj, w, magic, P: tl.constexpr, BITS: tl.constexpr):
-    """``x_j * (code - zero)`` for the code at bits ``[P, P+BITS)`` of the words ``w`` (``P + BITS <= 23``), exactly
-    as float32 operands: the code masked in place and OR-ed into ``magic`` (2^23's bits) is the float32
-    ``2^23 + code * 2^P`` (one AND-OR, a LOP3: no shift per code); minus ``2^23 + zero * 2^P`` it is
-    ``(code - zero) * 2^P``, and x is scaled by ``2^-P`` (a power of two: exact while ``|x| >= 2^(P-126)``, P <= 20:
-    every bf16 input above 1e-32; a smaller one would become subnormal and could lose bits), so the product is the
-    same."""
+def _signed(w, magic, P: tl.constexpr, BITS: tl.constexpr):
+    """``(code - zero) * 2^P`` as float32, exactly, for the code at bits ``[P, P+BITS)`` of ``w`` (``P + BITS <=
+    23``; zero ``2^(BITS-1)``): the code masked in place and OR-ed into ``magic`` (2^23's bits) is the float32
+    ``2^23 + code * 2^P`` (one AND-OR, a LOP3: no shift per code); minus ``2^23 + zero * 2^P`` it is the value."""
     MASK: tl.constexpr = ((1 << BITS) - 1) << P
     OFF: tl.constexpr = float(2 ** 23 + (1 << (BITS - 1)) * 2 ** P)
-    return (xj * (2.0 ** -P))[:, None] * (((w & MASK) | magic).to(tl.float32, bitcast=True) - OFF)
+    return ((w & MASK) | magic).to(tl.float32, bitcast=True) - OFF
+
+
+@triton.jit
+def _term(xj, w, magic, P: tl.constexpr, BITS: tl.constexpr):
+    """``x_j * (code - zero)`` for the code at bits ``[P, P+BITS)`` of the words ``w``: :func:`_signed` times x
+    scaled by ``2^-P`` (a power of two: exact while ``|x| >= 2^(P-126)``, P <= 20: every bf16 input above 1e-32; a
+    smaller one would become subnormal and could lose bits), so the product is ``x_j * (code - zero)``."""
+    return (xj * (2.0 ** -P))[:, None] * _signed(w, magic, P, BITS)
 
 
 @triton.jit
@@ -288,8 +292,8 @@ def _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G: 
                 PACKED: tl.constexpr):
     """acc += x rows @ (codes - zero) * scale over K, one group of G codes at a time, the width a constant: code k of
     a group starts at bit k*BITS of the group's words; a code that straddles two words (3 bits: 10 and 21 of each
-    triplet) also reads the next word. Codes become floats as in gemv (OR-ed into 2^23's bits), then bf16: small
-    integers, exact."""
+    triplet) also reads the next word. Codes become floats as in gemv (:func:`_signed`), then bf16: small integers,
+    exact."""
     k = tl.arange(0, G)
     bit = k * BITS
     word = bit >> 5
@@ -297,8 +301,6 @@ def _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G: 
     CROSS: tl.constexpr = (32 % BITS) != 0
     cross = (bit & 31) + BITS > 32
     shl = tl.where(cross, 32 - (bit & 31), 0).to(tl.uint32)
-    MASK: tl.constexpr = (1 << BITS) - 1
-    OFF: tl.constexpr = float(2 ** 23 + (1 << (BITS - 1)))
     GWORDS: tl.constexpr = (G * BITS) // 32
     magic = (rz + MAGIC).to(tl.uint32)
     PACK: tl.constexpr = 32 // BITS
@@ -315,7 +317,7 @@ def _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G: 
             jsh = (tl.arange(0, PACK) * BITS).to(tl.uint32)
             w = tl.load(qw + (g * GWORDS + wr)[:, None] * N + n[None, :], mask=nmask[None, :], other=0)
             v = tl.reshape(w.to(tl.uint32, bitcast=True)[:, None, :] >> jsh[None, :, None], [G, w.shape[1]])
-        wq = ((v & MASK) | magic).to(tl.float32, bitcast=True) - OFF
+        wq = _signed(v, magic, 0, BITS)
         if DOT_F32:
             d = tl.dot(xt.to(tl.float32), wq, input_precision="ieee")
         else:
@@ -369,8 +371,7 @@ def tiled(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: Tile
     _tiled[grid](x, x.stride(0), sorted_ids, eids, ntp, ids.numel(), in_div, qweight, scales, table.bits,
                  table.qoff, table.soff, out, out.stride(0), table.n, table.k, HALVES=table.halves, G=table.group,
                  BM=cfg.block_m, BN=cfg.block_n, DOT_F32=interpreting(), ALIGN=table.align, PACKED=cfg.packed,
-                 num_warps=cfg.warps,
-                 num_stages=cfg.stages)
+                 num_warps=cfg.warps, num_stages=cfg.stages)
     return out
 
 
