@@ -3,6 +3,7 @@
 
     python3 gpu/wmix_sass.py                  # every kernel at M3's shapes: registers, spills, instructions per weight
     python3 gpu/wmix_sass.py --sass OUT_DIR   # also write each kernel's SASS
+    python3 gpu/wmix_sass.py --jit 8192       # what serving compiles for every batch up to 8192 tokens, timed cold
 
 Triton compiles a kernel for a target it is told (``GPUTarget("cuda", 90, 32)``) down to a cubin with the ptxas
 its wheel ships; nothing runs. The arguments are specialised as Triton's JIT specialises a real launch (pointers
@@ -11,7 +12,8 @@ is the code a GPU launch at these shapes compiles. The interpreter (TRITON_INTER
 compiler refuses (a plain Python global in a kernel, say): tests/test_wmix.py builds every kernel here so that such
 a program fails on the CPU, not on the first GPU call. Read per kernel: registers, stack and local-memory
 instructions (a spill is slow), and, for gemv's inner loops, SASS instructions per weight (the work one token of
-decode does per weight: the issue slots it costs).
+decode does per weight: the issue slots it costs), shared memory, and the blocks and warps an SM holds at once
+(few warps cannot hide memory latency).
 """
 from __future__ import annotations
 
@@ -39,9 +41,10 @@ HIDDEN, INTER, GROUP, TOPK = 6144, 3072, 128, 4          # M3's MoE: one expert 
 SMS = 132                                                # an H100 SXM's SMs (the K split decide picks there)
 
 
-def build(fn, args: dict, const: dict, warps: int, stages: int):
-    """``fn`` compiled for sm_90 as a launch with ``args`` (name -> tensor or int, in the kernel's order) and
-    the constexprs ``const`` would compile it. Returns Triton's compiled kernel (``asm["cubin"]``, ``asm["ptx"]``)."""
+def specialise(fn, args: dict, const: dict):
+    """(signature, constexprs, attributes) of a launch of ``fn`` with ``args`` (name -> tensor or int, in the
+    kernel's order) and the constexprs ``const``, as Triton's JIT specialises it: what its compile cache is keyed
+    by (with the warps and stages)."""
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -49,6 +52,9 @@ def build(fn, args: dict, const: dict, warps: int, stages: int):
             consts[(i,)] = const[name]
             continue
         v = args[name]
+        if fn.params[i].do_not_specialize:                  # @triton.jit(do_not_specialize=...): a plain integer
+            sig[name] = "i32"
+            continue
         if isinstance(v, torch.Tensor):
             sig[name] = "*" + TYPES[v.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]          # torch's allocations are 256-byte aligned
@@ -59,6 +65,13 @@ def build(fn, args: dict, const: dict, warps: int, stages: int):
             sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def build(fn, args: dict, const: dict, warps: int, stages: int):
+    """``fn`` compiled for sm_90 as a launch with ``args`` and ``const`` would compile it (:func:`specialise`).
+    Returns Triton's compiled kernel (``asm["cubin"]``, ``asm["ptx"]``, ``metadata.shared``)."""
+    sig, consts, attrs = specialise(fn, args, const)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
@@ -80,53 +93,152 @@ def resources(kernel) -> dict:
     return {"regs": int(m[1]), "stack": int(m[2]), "local": ops["LDL"] + ops["STL"], "ops": ops, "sass": sass}
 
 
-def launches(rows: int = 1):
-    """The kernels one MoE layer launches, as (name, kernel, args, constexprs, config), with tensors shaped as the
-    plugin's (no GPU needed: the tensors are on the CPU and never read): gemv at ``rows`` tokens with decide's K
-    split, prefetch off and on; the reduce; the tiled kernel at both of decide's tiles, packed and gathered."""
+SUBLAYERS = {"w13": (INTER, HIDDEN, 2, TOPK), "w2": (HIDDEN, INTER, 1, 1)}    # N, K, halves, in_div
+
+
+def _args(sub: str, tokens: int) -> tuple:
+    """(gemv's arguments, the tiled kernel's arguments) of sublayer ``sub`` at ``tokens`` tokens, shaped as the
+    plugin's (moe.py ``_gemm``: ``tokens x TOPK`` rows; the tensors are on the CPU, tiny, never read: only their
+    dtypes and the integers reach the specialisation)."""
+    n, k, halves, in_div = SUBLAYERS[sub]
+    rows = tokens * TOPK
+    x = torch.empty(1, k, dtype=torch.bfloat16)
+    ids = torch.zeros(1, dtype=torch.int32)
+    slots = torch.zeros(1, dtype=torch.int32)
+    offs = torch.zeros(1, dtype=torch.int64)
+    dst = torch.empty(1, halves * n, dtype=torch.bfloat16)
+    common = dict(x_ptr=x, x_stride=k, in_div=in_div, qw_ptr=slots, sc_ptr=offs.half(), bits_ptr=slots,
+                  qoff_ptr=offs, soff_ptr=offs, out_ptr=dst, out_stride=halves * n, N=n, K=k)
+    gemv = dict(common, ids_ptr=ids, part_ptr=torch.empty(1, dtype=torch.float32))
+    tiled = dict(common, sorted_ptr=ids, eids_ptr=ids, ntp_ptr=ids, rows_valid=rows)
+    return gemv, tiled
+
+
+def _table(sub: str) -> "wmix.SlotTable":
+    """A SlotTable of ``sub``'s shape (128 experts; the widths are data, not part of any specialisation)."""
+    n, k, halves, _ = SUBLAYERS[sub]
+    z = torch.zeros(128 * halves, dtype=torch.int64)
+    return wmix.SlotTable(torch.full((128 * halves,), 4, dtype=torch.int32), z, z, n, k, GROUP, halves)
+
+
+def _gemv_launch(sub, args, cfg):
+    halves = SUBLAYERS[sub][2]
+    return (wmix._gemv, args, dict(HALVES=halves, SPLIT=cfg.split, G=GROUP, R=cfg.rows, BN=cfg.block_n, ALIGN=16,
+                                   PREFETCH=cfg.prefetch), cfg)
+
+
+def _reduce_launch(sub, args, cfg):
+    return (wmix._reduce, dict(part_ptr=args["part_ptr"], out_ptr=args["out_ptr"], out_stride=args["out_stride"],
+                               N=args["N"]), dict(HALVES=SUBLAYERS[sub][2], SPLIT=cfg.split, BN=cfg.block_n), cfg)
+
+
+def _tiled_launch(sub, args, cfg):
+    return (wmix._tiled, args, dict(HALVES=SUBLAYERS[sub][2], G=GROUP, BM=cfg.block_m, BN=cfg.block_n, DOT_F32=False,
+                                    ALIGN=16, PACKED=cfg.packed), cfg)
+
+
+def launches(tokens: int = 1):
+    """Every kernel and option of one MoE layer, as (name, kernel, args, constexprs, config): gemv at ``tokens``
+    tokens with decide's K split, prefetch off and on; the reduce; the tiled kernel at both of decide's tiles,
+    packed and gathered (for tests/test_wmix.py: each must compile; not what one batch launches: :func:`serving`)."""
     out = []
-    for sub, (n, k, halves, in_div) in {"w13": (INTER, HIDDEN, 2, TOPK), "w2": (HIDDEN, INTER, 1, 1)}.items():
-        x = torch.empty(rows * (1 if in_div > 1 else TOPK), k, dtype=torch.bfloat16)
-        ids = torch.zeros(rows * TOPK, dtype=torch.int32)
-        slots = torch.zeros(128 * halves, dtype=torch.int32)
-        offs = torch.zeros(128 * halves, dtype=torch.int64)
-        dst = torch.empty(rows * TOPK, halves * n, dtype=torch.bfloat16)
-        part = torch.empty(1, dtype=torch.float32)
-        split = decide.wmix_split(rows * TOPK, n, wmix.GemvConfig().block_n, halves, SMS)
-        args = dict(x_ptr=x, x_stride=x.stride(0), ids_ptr=ids, in_div=in_div, qw_ptr=slots, sc_ptr=offs.half(),
-                    bits_ptr=slots, qoff_ptr=offs, soff_ptr=offs, out_ptr=dst, out_stride=dst.stride(0),
-                    part_ptr=part, N=n, K=k)
-        for tag, gcfg in (("", wmix.GemvConfig(split=split)), (" prefetch", wmix.GemvConfig(split=split, prefetch=True))):
-            out.append((f"{sub} gemv{tag}", wmix._gemv, args,
-                        dict(HALVES=halves, SPLIT=gcfg.split, G=GROUP, R=gcfg.rows, BN=gcfg.block_n, ALIGN=16,
-                             PREFETCH=gcfg.prefetch), gcfg))
-        out.append((f"{sub} reduce", wmix._reduce, dict(part_ptr=part, out_ptr=dst, out_stride=dst.stride(0), N=n),
-                    dict(HALVES=halves, SPLIT=split, BN=gcfg.block_n), gcfg))
+    for sub in SUBLAYERS:
+        gargs, targs = _args(sub, tokens)
+        gcfg = wmix.gemv_config(tokens * TOPK, _table(sub), SMS)
+        out.append((f"{sub} gemv", *_gemv_launch(sub, gargs, gcfg)))
+        out.append((f"{sub} gemv prefetch", *_gemv_launch(sub, gargs, dataclasses.replace(gcfg, prefetch=True))))
+        out.append((f"{sub} reduce", *_reduce_launch(sub, gargs, dataclasses.replace(gcfg, split=max(gcfg.split, 2)))))
         for rows_t in (TOPK * 256, TOPK * 8192):          # the small tile (decode batches) and the large (prefill)
             for tag, packed in (("", True), (" gather", False)):
                 tcfg = dataclasses.replace(wmix.TiledConfig(*decide.wmix_tile(rows_t, 128)), packed=packed)
-                targs = dict(x_ptr=x, x_stride=x.stride(0), sorted_ptr=ids, eids_ptr=ids, ntp_ptr=ids,
-                             rows_valid=512, in_div=in_div, qw_ptr=slots, sc_ptr=offs.half(), bits_ptr=slots,
-                             qoff_ptr=offs, soff_ptr=offs, out_ptr=dst, out_stride=dst.stride(0), N=n, K=k)
-                out.append((f"{sub} tiled {tcfg.block_m}x{tcfg.block_n}{tag}", wmix._tiled, targs,
-                            dict(HALVES=halves, G=GROUP, BM=tcfg.block_m, BN=tcfg.block_n, DOT_F32=False, ALIGN=16,
-                                 PACKED=tcfg.packed), tcfg))
+                out.append((f"{sub} tiled {tcfg.block_m}x{tcfg.block_n}{tag}", *_tiled_launch(sub, targs, tcfg)))
     return out
+
+
+def serving(tokens: int, sms: int = SMS):
+    """The kernels one MoE layer launches for a batch of ``tokens`` tokens, chosen as moe.py's ``_gemm`` chooses
+    (decide.wmix_path, wmix.gemv_config / tiled_config), as (name, kernel, args, constexprs, config)."""
+    out = []
+    for sub in SUBLAYERS:
+        rows, table = tokens * TOPK, _table(sub)
+        gargs, targs = _args(sub, tokens)
+        if decide.wmix_path(rows, 128) == "gemv":
+            cfg = wmix.gemv_config(rows, table, sms)
+            out.append((f"{sub} gemv split {cfg.split}", *_gemv_launch(sub, gargs, cfg)))
+            if cfg.split > 1:
+                out.append((f"{sub} reduce split {cfg.split}", *_reduce_launch(sub, gargs, cfg)))
+        else:
+            cfg = wmix.tiled_config(rows, table)
+            out.append((f"{sub} tiled {cfg.block_m}x{cfg.block_n}", *_tiled_launch(sub, targs, cfg)))
+    return out
+
+
+def variants(max_tokens: int, sms: int = SMS) -> dict:
+    """The distinct compilations serving needs over every batch of 1..``max_tokens`` tokens: Triton compiles one per
+    specialisation (:func:`specialise`) and launch options, whatever the number of layers or the widths (a slot's
+    width is data the kernel reads). Returns {key: (name, kernel, args, constexprs, config, first token count)}."""
+    seen = {}
+    for tokens in range(1, max_tokens + 1):
+        for name, fn, args, const, cfg in serving(tokens, sms):
+            sig, consts, attrs = specialise(fn, args, const)
+            key = (fn.fn.__name__, repr(sorted(sig.items())), repr(sorted(consts.items())),
+                   repr(sorted(attrs.items())), cfg.warps, cfg.stages)
+            if key not in seen:
+                seen[key] = (name, fn, args, const, cfg, tokens)
+    return seen
+
+
+def jit(max_tokens: int) -> list:
+    """Each distinct compilation serving needs up to ``max_tokens`` tokens, compiled cold (an empty Triton cache)
+    and timed on this machine: what wmix adds to a first start, bounded whatever the depth of the model."""
+    import tempfile
+    import time
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        knobs = getattr(triton, "knobs", None)
+        if knobs is not None:
+            knobs.cache.dir = cache
+        for name, fn, args, const, cfg, tokens in variants(max_tokens).values():
+            t = time.perf_counter()
+            build(fn, args, const, cfg.warps, cfg.stages)
+            rows.append({"kernel": name, "first_tokens": tokens, "compile_s": round(time.perf_counter() - t, 2)})
+    return rows
+
+
+def occupancy(regs: int, shared: int, warps: int) -> int:
+    """Blocks an sm_90 SM holds at once (CUDA's occupancy rules): 64K registers allocated per warp in units of 256,
+    228 KiB of shared memory with 1 KiB reserved per block, at most 64 warps and 32 blocks."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = (65536 // per_warp) // warps
+    by_smem = 233472 // (shared + 1024)
+    return min(by_regs, by_smem, 64 // warps, 32)
 
 
 def table(sass_dir: str | None = None) -> list:
     rows = []
     for name, fn, args, const, cfg in launches():
-        r = resources(build(fn, args, const, cfg.warps, cfg.stages))
+        kernel = build(fn, args, const, cfg.warps, cfg.stages)
+        r = resources(kernel)
         if sass_dir:
             with open(os.path.join(sass_dir, name.replace(" ", "_") + ".sass"), "w") as f:
                 f.write(r["sass"])
+        blocks = occupancy(r["regs"], kernel.metadata.shared, cfg.warps)
         rows.append({"kernel": name, "regs": r["regs"], "stack": r["stack"], "local": r["local"],
+                     "shared": kernel.metadata.shared, "blocks_per_sm": blocks, "warps_per_sm": blocks * cfg.warps,
                      "instructions": sum(r["ops"].values()), "top": dict(r["ops"].most_common(8))})
     return rows
 
 
 if __name__ == "__main__":
+    if "--jit" in sys.argv:
+        most = int(sys.argv[sys.argv.index("--jit") + 1])
+        out = jit(most)
+        for row in out:
+            print(json.dumps(row))
+        print(json.dumps({"max_tokens": most, "compilations": len(out),
+                          "compile_s": round(sum(r["compile_s"] for r in out), 1), "cpus": os.cpu_count()}))
+        sys.exit(0)
     d = sys.argv[sys.argv.index("--sass") + 1] if "--sass" in sys.argv else None
     if d:
         os.makedirs(d, exist_ok=True)

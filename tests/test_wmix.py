@@ -161,6 +161,22 @@ def test_wmix_compiles_for_hopper():
     assert seen == {f"{s} {k}": 0 for s in ("w13", "w2") for k in kinds}, seen
 
 
+def test_serving_compiles_a_bounded_set():
+    """A first start compiles the wmix kernels once per specialisation Triton keys its cache by (gpu/wmix_sass.py
+    ``variants``, which specialises as Triton's JIT does): over every batch from 1 to 8192 tokens that is gemv at
+    splits 4, 2, 1 (decide's, 132 SMs), their reduces, and the tiled kernel at decide's two tiles, per sublayer:
+    14, whatever the depth of the model or the mix of widths (a slot's width is data the kernel reads). The batch's
+    row count is not specialised on (``do_not_specialize``): it would split each tile in two by its divisibility
+    by 16."""
+    need_vllm()
+    sys.path.insert(0, str(Path(__file__).parents[1] / "gpu"))
+    import wmix_sass
+    names = sorted(v[0] for v in wmix_sass.variants(8192).values())
+    want = [f"{s} {k}" for s in ("w13", "w2") for k in ("gemv split 1", "gemv split 2", "gemv split 4",
+                                                        "reduce split 2", "reduce split 4", "tiled 16x64", "tiled 64x64")]
+    assert names == sorted(want), names
+
+
 def test_slot_table_promises_16_alignment_only_when_every_offset_has_it():
     """SlotTable.align reaches the kernels as tl.multiple_of: a 16 where one offset is not a multiple of 16 would
     make the GPU load 16 bytes from a misaligned address (wrong words, or a fault)."""

@@ -327,7 +327,7 @@ def _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G: 
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_valid"])     # the batch's row count: one compilation, divisible by 16 or not
 def _tiled(x_ptr, x_stride, sorted_ptr, eids_ptr, ntp_ptr, rows_valid, in_div, qw_ptr, sc_ptr, bits_ptr, qoff_ptr,
            soff_ptr, out_ptr, out_stride, N, K, HALVES: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
            BN: tl.constexpr, DOT_F32: tl.constexpr, ALIGN: tl.constexpr, PACKED: tl.constexpr):
