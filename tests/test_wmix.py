@@ -9,6 +9,7 @@ the slot table, a slot's offset moved by one row of words, the zero off by one) 
 tensor-core dot of the tiled kernel is checked on the GPU (gpu/kernel_check.py): the interpreter takes the float32
 dot (wmix.interpreter_dot_problem).
 """
+import ast
 import json
 import os
 import subprocess
@@ -207,3 +208,34 @@ if __name__ == "__main__":
     from m3_convert.serve import wmix as W
     assert W.interpreting()
     print(json.dumps({"cases": [case(W, *c) for c in CASES], "zero": zero_case(W)}))
+
+
+def test_wmix_bench_runs_on_the_cpu(tmp_path):
+    """gpu/wmix_bench.py, the GPU call's script, run whole on the CPU (--cpu-smoke: 8 experts, the interpreter, no
+    timing) with its tile sweep at a gemv size and a tiled size: a crash here would cost a device start. Every swept
+    tile config runs and computes what decide's does (up to a bf16 rounding flipped by another float32 summation
+    order: 2^-7 of the largest output), every case is near the exact decode (the interpreter's bf16 rounding bound),
+    and the repeat and graph arms (plain re-runs on the CPU) agree."""
+    need_vllm()
+    out = tmp_path / "wb.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    bench = Path(__file__).parents[1] / "gpu" / "wmix_bench.py"
+    p = subprocess.run([sys.executable, str(bench), str(out), "--cpu-smoke", "--sweep", "--sweep-ms=1,16"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    paths, swept = set(), 0
+    for case in ("uniform4", "mixed"):
+        for row in res[case]:
+            paths.add(row["path"])
+            for sub in ("w13", "w2"):
+                assert row[sub]["finite"] and row[sub]["norm_rel"] < 5e-3, (case, row["m"], sub, row[sub])
+            assert row["repeat_identical"] and row["graph_equals_eager"], (case, row["m"])
+            for s in row.get("sweep", []):          # the sweep runs on the mixed layer (counted below)
+                assert isinstance(s["vs_default"], float) and s["vs_default"] <= 2 ** -7, (case, row["m"], s)
+                swept += 1
+    assert paths == {"gemv", "tiled"}
+    lists = {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(bench.read_text()).body
+             if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") in ("GEMV_SWEEP", "TILED_SWEEP")}
+    per_case = 2 * (len(lists["GEMV_SWEEP"]) * 4 + len(lists["TILED_SWEEP"]) * 2)   # sublayers x (splits | packed)
+    assert swept == per_case, swept
