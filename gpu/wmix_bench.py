@@ -161,9 +161,9 @@ SWEEP_MS = tuple(int(v) for v in next((a[11:] for a in sys.argv if a.startswith(
                                         "1,2,8,32,512").split(","))
 GEMV_SWEEP = [(16, 64, 4, False), (16, 64, 4, True), (32, 64, 4, False), (32, 64, 4, True), (8, 128, 4, False),
               (8, 128, 4, True)]                                    # rows, block_n, warps, prefetch
-#: bm, bn, warps, stages. One stage (no pipelined loads) leaves an SM 16-24 warps where decide's 2-stage tiles leave 8
-#: (wmix_sass.py: 2 stages take 86-115 KiB of shared memory, 1 stage 12-33 KiB): which hides HBM latency better is
-#: what this measures
+#: bm, bn, warps, stages, each with every wmix.TILED_LOADS. With the "words" and "gather" loads one stage (no
+#: pipelined loads) leaves an SM 16-24 warps where 2 stages leave 8 (wmix_sass.py: 86-115 KiB of shared memory
+#: against 12-33 KiB); "fields" leaves 28 at 2 stages (7 KiB): which hides HBM latency best is what this measures
 TILED_SWEEP = [(16, 64, 4, 2), (16, 64, 4, 1), (16, 32, 4, 1), (16, 32, 4, 3), (32, 64, 4, 1), (32, 64, 4, 2),
                (64, 64, 4, 1), (64, 64, 4, 2), (64, 32, 4, 1)]
 
@@ -181,7 +181,7 @@ def sweep(L, x, ids, act, gu, down, m):
             cfgs = [wmix.GemvConfig(r, bn, sp, wa, 2, pf) for r, bn, wa, pf in GEMV_SWEEP for sp in (1, 2, 4, 8)]
             call = lambda c, o: wmix.gemv(t, qw, sc, xin, ids, in_div, o, c)  # noqa: E731
         else:
-            cfgs = [wmix.TiledConfig(bm, bn, wa, st, pk) for bm, bn, wa, st in TILED_SWEEP for pk in (True, False)]
+            cfgs = [wmix.TiledConfig(bm, bn, wa, st, ld) for bm, bn, wa, st in TILED_SWEEP for ld in wmix.TILED_LOADS]
 
             aligned = {c.block_m: tuple(a.to(DEV) for a in wmix.align_reference(ids.cpu(), c.block_m, E))
                        for c in cfgs}          # before any capture (a copy from the CPU cannot be captured)

@@ -90,7 +90,8 @@ def resources(kernel) -> dict:
                               check=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", res)
     ops = collections.Counter(m2.group(1) for m2 in re.finditer(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]+)", sass))
-    return {"regs": int(m[1]), "stack": int(m[2]), "local": ops["LDL"] + ops["STL"], "ops": ops, "sass": sass}
+    return {"regs": int(m[1]), "stack": int(m[2]), "local": ops["LDL"] + ops["STL"],
+            "local_in_loops": local_in_loops(sass), "ops": ops, "sass": sass}
 
 
 SUBLAYERS = {"w13": (INTER, HIDDEN, 2, TOPK), "w2": (HIDDEN, INTER, 1, 1)}    # N, K, halves, in_div
@@ -134,13 +135,38 @@ def _reduce_launch(sub, args, cfg):
 
 def _tiled_launch(sub, args, cfg):
     return (wmix._tiled, args, dict(HALVES=SUBLAYERS[sub][2], G=GROUP, BM=cfg.block_m, BN=cfg.block_n, DOT_F32=False,
-                                    ALIGN=16, PACKED=cfg.packed), cfg)
+                                    ALIGN=16, LOAD=cfg.load), cfg)
+
+
+def local_in_loops(sass: str) -> int:
+    """Local-memory instructions (spills) inside a loop of ``sass`` (nvdisasm's text): a loop runs from a label to a
+    branch back to it. A register saved once before the loops and restored after them costs nothing that
+    matters; one inside a loop costs at every iteration."""
+    at, label, lines = {}, None, []
+    for line in sass.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            label = m.group(1)
+            continue
+        a = re.search(r"/\*([0-9a-f]{4,})\*/", line)
+        if a:
+            addr = int(a.group(1), 16)
+            if label:
+                at[label], label = addr, None
+            lines.append((addr, line))
+    loops = []
+    for addr, line in lines:
+        b = re.search(r"BRA\W+\(?(\.L_x_\d+)", line)
+        if b and b.group(1) in at and at[b.group(1)] <= addr:
+            loops.append((at[b.group(1)], addr))
+    return sum(1 for addr, line in lines if re.search(r"\b(LDL|STL)\b", line)
+               and any(lo <= addr <= hi for lo, hi in loops))
 
 
 def launches(tokens: int = 1):
     """Every kernel and option of one MoE layer, as (name, kernel, args, constexprs, config): gemv at ``tokens``
-    tokens with decide's K split, prefetch off and on; the reduce; the tiled kernel at both of decide's tiles,
-    packed and gathered (for tests/test_wmix.py: each must compile; not what one batch launches: :func:`serving`)."""
+    tokens with decide's K split, prefetch off and on; the reduce; the tiled kernel at both of decide's tiles, with
+    each of wmix.TILED_LOADS (for tests/test_wmix.py: each must compile; not what one batch launches: :func:`serving`)."""
     out = []
     for sub in SUBLAYERS:
         gargs, targs = _args(sub, tokens)
@@ -149,8 +175,9 @@ def launches(tokens: int = 1):
         out.append((f"{sub} gemv prefetch", *_gemv_launch(sub, gargs, dataclasses.replace(gcfg, prefetch=True))))
         out.append((f"{sub} reduce", *_reduce_launch(sub, gargs, dataclasses.replace(gcfg, split=max(gcfg.split, 2)))))
         for rows_t in (TOPK * 256, TOPK * 8192):          # the small tile (decode batches) and the large (prefill)
-            for tag, packed in (("", True), (" gather", False)):
-                tcfg = dataclasses.replace(wmix.TiledConfig(*decide.wmix_tile(rows_t, 128)), packed=packed)
+            for load in wmix.TILED_LOADS:
+                tag = "" if load == wmix.TiledConfig.load else f" {load}"
+                tcfg = dataclasses.replace(wmix.TiledConfig(*decide.wmix_tile(rows_t, 128)), load=load)
                 out.append((f"{sub} tiled {tcfg.block_m}x{tcfg.block_n}{tag}", *_tiled_launch(sub, targs, tcfg)))
     return out
 
@@ -225,6 +252,7 @@ def table(sass_dir: str | None = None) -> list:
                 f.write(r["sass"])
         blocks = occupancy(r["regs"], kernel.metadata.shared, cfg.warps)
         rows.append({"kernel": name, "regs": r["regs"], "stack": r["stack"], "local": r["local"],
+                     "local_in_loops": r["local_in_loops"],
                      "shared": kernel.metadata.shared, "blocks_per_sm": blocks, "warps_per_sm": blocks * cfg.warps,
                      "instructions": sum(r["ops"].values()), "top": dict(r["ops"].most_common(8))})
     return rows

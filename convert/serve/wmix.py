@@ -15,7 +15,8 @@ Two kernels, the one used chosen by the (token, expert) rows per expert (:func:`
   K split summed in a fixed order by ``_reduce`` (no atomics).
 * ``tiled`` (prefill, larger batches): vLLM's MoE alignment (rows sorted by expert, padded to the row tile), one
   program per (row tile, output tile), per group ``tl.dot`` of the bf16 inputs with the codes minus their zero
-  (small integers: exact in bf16), float32 accumulation, the group scale applied to the float32 sum.
+  (small integers: exact in bf16), float32 accumulation, the group scale applied to the float32 sum. How a group's
+  codes are read is :data:`TILED_LOADS`' choice (default "fields": 16 bit fields of G/16 codes, G/16 dots).
 
 Neither rounds a weight: the codes and the float16 scales enter the float32 sums exactly, so the result is closer
 to ``x @ W^T`` of the exact decode than a bf16 GEMM of the de-quantized weight (gpu/kernel_check.py measures
@@ -65,15 +66,30 @@ class GemvConfig:
     prefetch: bool = False      # load the next chunk before computing this one
 
 
+#: how the tiled kernel reads a group's codes (TiledConfig.load):
+#: "fields" (default): each of 16 dot rows holds G/16 consecutive codes, one bit field of the group's words (read
+#:   once; two words for a field of 64 bits), and the group is G/16 dots of K = 16 whose j-th takes code j of every
+#:   field: every step elementwise on the loaded words, so the decoded codes need no pass through shared memory
+#:   (sm_90, 16 x 64: 72 registers, 7 KiB, 28 warps an SM; gpu/wmix_sass.py); groups of 32, 64 or 128 (FIELD_GROUPS);
+#: "words": 2/4/8 bits read each word once and unpack it in registers; 3 bits as "gather" (16 x 64: 167 registers,
+#:   86 KiB, 8 warps an SM);
+#: "gather": each code's word read per code (4 bytes a code through shared memory; the first H100 run's path).
+#: None of them compared on a GPU yet (gpu/wmix_bench.py --sweep).
+TILED_LOADS = ("fields", "words", "gather")
+FIELD_GROUPS = (32, 64, 128)      # 16 fields of G/16 codes: at most 32 bits each, or 64 (8 bits at 128)
+
+
 @dataclass(frozen=True)
 class TiledConfig:
     block_m: int = 16
     block_n: int = 64
     warps: int = 4
     stages: int = 2
-    #: 2/4/8 bits: read each word once and unpack it in registers (less shared memory: 86 vs 110 KiB at 16x64x2 on
-    #: sm_90), else gather each code's word (as the first GPU run did); not yet compared on a GPU
-    packed: bool = True
+    load: str = "fields"        # TILED_LOADS
+
+    def __post_init__(self):
+        if self.load not in TILED_LOADS:
+            raise ValueError(f"TiledConfig.load {self.load!r}: one of {TILED_LOADS}")
 
 
 def gemv_config(rows: int, table: "SlotTable", sms: int) -> GemvConfig:
@@ -87,7 +103,8 @@ def tiled_config(rows: int, table: "SlotTable") -> TiledConfig:
     """The tiled kernel's tile for ``rows`` rows of this sublayer (decide.wmix_tile)."""
     from .decide import wmix_tile
     bm, bn, warps, stages = wmix_tile(rows, table.bits.numel() // table.halves)
-    return TiledConfig(block_m=bm, block_n=bn, warps=warps, stages=stages)
+    load = "fields" if table.group in FIELD_GROUPS else "words"
+    return TiledConfig(block_m=bm, block_n=bn, warps=warps, stages=stages, load=load)
 
 
 # ---------------------------------------------------------------- gemv (decode)
@@ -327,10 +344,68 @@ def _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G: 
     return acc
 
 
+@triton.jit
+def _field_code(lo, hi, rz, J: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, F: tl.constexpr):
+    """Code ``J`` of each field at bit 0 (higher bits not cleared: :func:`_signed` masks): from ``lo`` (the field,
+    or its first word where F is 64) or ``hi`` (the second word), shifted by a register (rz: see _gemv_pow2)."""
+    HALF: tl.constexpr = C // 2 if F == 64 else C
+    P: tl.constexpr = (J % HALF) * BITS
+    if F == 64 and J >= HALF:
+        v = hi
+    else:
+        v = lo
+    if P > 0:
+        v = v >> (rz + P).to(tl.uint32)
+    return v
+
+
+@triton.jit
+def _fields_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc += x rows @ (codes - zero) * scale over K, a group of G codes at a time (TILED_LOADS "fields"): dot row r
+    holds codes [r*C, r*C + C) of the group (C = G/16), the F = C*BITS bits at bit r*F of the group's words, read
+    once into a register (two words where F is 64; a funnel of two where a field crosses a word: 3 bits); dot j of
+    the group's C takes code j of every row, and x's columns r*C + j. Codes become floats as in gemv
+    (:func:`_signed`), then bf16: small integers, exact; the products exact, the sums float32."""
+    C: tl.constexpr = G // 16
+    F: tl.constexpr = C * BITS
+    GW: tl.constexpr = G * BITS // 32                  # words per group
+    r = tl.arange(0, 16)
+    off = r * F                                        # a field's first bit in its group
+    wi = off >> 5
+    sh = (off & 31).to(tl.uint32)
+    CROSS: tl.constexpr = F < 32 and (32 % F) != 0     # 3 bits: some fields cross into the next word
+    cross = (off & 31) + F > 32
+    shl = tl.where(cross, 32 - (off & 31), 0).to(tl.uint32)
+    magic = (rz + MAGIC).to(tl.uint32)
+    for g in range(K // G):
+        wp = qw + (g * GW + wi)[:, None] * N + n[None, :]           # F = 64: word 2r, and 2r + 1 below
+        lo = tl.load(wp, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+        hi = lo
+        if F == 64:
+            hi = tl.load(wp + N, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+        else:
+            if F < 32:
+                lo = lo >> sh[:, None]
+            if CROSS:
+                nx = tl.load(wp + N, mask=cross[:, None] & nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+                lo = lo | (nx << shl[:, None])
+        d = tl.zeros(acc.shape, tl.float32)
+        for j in tl.static_range(C):
+            xt = tl.load(xr + g * G + r[None, :] * C + j, mask=rm[:, None], other=0.0)
+            wq = _signed(_field_code(lo, hi, rz, j, C, BITS, F), magic, 0, BITS)
+            if DOT_F32:
+                d = tl.dot(xt.to(tl.float32), wq, d, input_precision="ieee")
+            else:
+                d = tl.dot(xt, wq.to(xt.dtype), d)
+        scale = tl.load(sc + g * N + n, mask=nmask, other=0.0).to(tl.float32)
+        acc += d * scale[None, :]
+    return acc
+
+
 @triton.jit(do_not_specialize=["rows_valid"])     # the batch's row count: one compilation, divisible by 16 or not
 def _tiled(x_ptr, x_stride, sorted_ptr, eids_ptr, ntp_ptr, rows_valid, in_div, qw_ptr, sc_ptr, bits_ptr, qoff_ptr,
            soff_ptr, out_ptr, out_stride, N, K, HALVES: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
-           BN: tl.constexpr, DOT_F32: tl.constexpr, ALIGN: tl.constexpr, PACKED: tl.constexpr):
+           BN: tl.constexpr, DOT_F32: tl.constexpr, ALIGN: tl.constexpr, LOAD: tl.constexpr):
     pid_m = tl.program_id(0)
     if pid_m * BM >= tl.load(ntp_ptr):
         return
@@ -343,34 +418,49 @@ def _tiled(x_ptr, x_stride, sorted_ptr, eids_ptr, ntp_ptr, rows_valid, in_div, q
     b = tl.load(bits_ptr + slot)
     qw = qw_ptr + tl.multiple_of(tl.load(qoff_ptr + slot), ALIGN)        # SlotTable.align
     sc = sc_ptr + tl.multiple_of(tl.load(soff_ptr + slot), ALIGN)
-    rows = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    rows = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM))
     rm = rows < rows_valid
-    xr = x_ptr + (rows // in_div)[:, None] * x_stride
+    xr = x_ptr + (rows // in_div).to(tl.int64)[:, None] * x_stride      # a 32-bit division: inline, no call
     n = (tl.program_id(1) % nt) * BN + tl.arange(0, BN)
     nmask = n < N
     rz = b >> 4                                   # 0 (b <= 8), unknown to the compiler
     acc = tl.zeros([BM, BN], tl.float32)
-    if b == 4:
-        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 4, G, DOT_F32, PACKED)
-    elif b == 8:
-        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 8, G, DOT_F32, PACKED)
-    elif b == 2:
-        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 2, G, DOT_F32, PACKED)
+    if LOAD == "fields":
+        if b == 4:
+            acc = _fields_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 4, G, DOT_F32)
+        elif b == 8:
+            acc = _fields_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 8, G, DOT_F32)
+        elif b == 2:
+            acc = _fields_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 2, G, DOT_F32)
+        else:
+            acc = _fields_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 3, G, DOT_F32)
     else:
-        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 3, G, DOT_F32, PACKED)
+        PACKED: tl.constexpr = LOAD == "words"
+        if b == 4:
+            acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 4, G, DOT_F32, PACKED)
+        elif b == 8:
+            acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 8, G, DOT_F32, PACKED)
+        elif b == 2:
+            acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 2, G, DOT_F32, PACKED)
+        else:
+            acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 3, G, DOT_F32, PACKED)
+    rows = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM)).to(tl.int64)   # again: nothing kept over the loop
     optr = out_ptr + rows[:, None] * out_stride + h * N + n[None, :]
-    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=rm[:, None] & nmask[None, :])
+    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=(rows < rows_valid)[:, None] & nmask[None, :])
 
 
 def tiled(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: TiledConfig, align):
     """As :func:`gemv`, with rows grouped by expert: ``align(ids, block_m, experts)`` -> (sorted row ids padded
     with ``ids.numel()``, the expert of each block, [number of padded rows]) (vLLM's moe_align_block_size)."""
+    if cfg.load == "fields" and table.group not in FIELD_GROUPS:
+        raise ValueError(f"TiledConfig.load 'fields' reads groups of {FIELD_GROUPS}, not {table.group} (tiled_config "
+                         "takes 'words' there)")
     experts = table.bits.numel() // table.halves
     sorted_ids, eids, ntp = align(ids, cfg.block_m, experts)
     grid = (eids.numel(), triton.cdiv(table.n, cfg.block_n) * table.halves)
     _tiled[grid](x, x.stride(0), sorted_ids, eids, ntp, ids.numel(), in_div, qweight, scales, table.bits,
                  table.qoff, table.soff, out, out.stride(0), table.n, table.k, HALVES=table.halves, G=table.group,
-                 BM=cfg.block_m, BN=cfg.block_n, DOT_F32=interpreting(), ALIGN=table.align, PACKED=cfg.packed,
+                 BM=cfg.block_m, BN=cfg.block_n, DOT_F32=interpreting(), ALIGN=table.align, LOAD=cfg.load,
                  num_warps=cfg.warps, num_stages=cfg.stages)
     return out
 
