@@ -163,7 +163,7 @@ GEMV_SWEEP = [(16, 64, 4, False), (16, 64, 4, True), (32, 64, 4, False), (32, 64
               (8, 128, 4, True)]                                    # rows, block_n, warps, prefetch
 #: bm, bn, warps, stages, each with every wmix.TILED_LOADS. With the "words" and "gather" loads one stage (no
 #: pipelined loads) leaves an SM 16-24 warps where 2 stages leave 8 (wmix_sass.py: 86-115 KiB of shared memory
-#: against 12-33 KiB); "fields" leaves 28 at 2 stages (7 KiB): which hides HBM latency best is what this measures
+#: against 12-33 KiB); "fields" leaves 28 at 2 stages (20 KiB): which hides HBM latency best is what this measures
 TILED_SWEEP = [(16, 64, 4, 2), (16, 64, 4, 1), (16, 32, 4, 1), (16, 32, 4, 3), (32, 64, 4, 1), (32, 64, 4, 2),
                (64, 64, 4, 1), (64, 64, 4, 2), (64, 32, 4, 1)]
 

@@ -70,7 +70,7 @@ class GemvConfig:
 #: "fields" (default): each of 16 dot rows holds G/16 consecutive codes, one bit field of the group's words (read
 #:   once; two words for a field of 64 bits), and the group is G/16 dots of K = 16 whose j-th takes code j of every
 #:   field: every step elementwise on the loaded words, so the decoded codes need no pass through shared memory
-#:   (sm_90, 16 x 64: 72 registers, 7 KiB, 28 warps an SM; gpu/wmix_sass.py); groups of 32, 64 or 128 (FIELD_GROUPS);
+#:   (sm_90, 16 x 64: 72 registers, 20 KiB, 28 warps an SM; gpu/wmix_sass.py); groups of 32, 64 or 128 (FIELD_GROUPS);
 #: "words": 2/4/8 bits read each word once and unpack it in registers; 3 bits as "gather" (16 x 64: 167 registers,
 #:   86 KiB, 8 warps an SM);
 #: "gather": each code's word read per code (4 bytes a code through shared memory; the first H100 run's path).
@@ -402,6 +402,17 @@ def _fields_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G:
     return acc
 
 
+@triton.jit
+def _group_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G: tl.constexpr, DOT_F32: tl.constexpr,
+                LOAD: tl.constexpr):
+    """The tiled kernel's loop over K at one width, with the codes read as TILED_LOADS ``LOAD`` says."""
+    if LOAD == "fields":
+        acc = _fields_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS, G, DOT_F32)
+    else:
+        acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS, G, DOT_F32, LOAD == "words")
+    return acc
+
+
 @triton.jit(do_not_specialize=["rows_valid"])     # the batch's row count: one compilation, divisible by 16 or not
 def _tiled(x_ptr, x_stride, sorted_ptr, eids_ptr, ntp_ptr, rows_valid, in_div, qw_ptr, sc_ptr, bits_ptr, qoff_ptr,
            soff_ptr, out_ptr, out_stride, N, K, HALVES: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
@@ -425,28 +436,16 @@ def _tiled(x_ptr, x_stride, sorted_ptr, eids_ptr, ntp_ptr, rows_valid, in_div, q
     nmask = n < N
     rz = b >> 4                                   # 0 (b <= 8), unknown to the compiler
     acc = tl.zeros([BM, BN], tl.float32)
-    if LOAD == "fields":
-        if b == 4:
-            acc = _fields_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 4, G, DOT_F32)
-        elif b == 8:
-            acc = _fields_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 8, G, DOT_F32)
-        elif b == 2:
-            acc = _fields_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 2, G, DOT_F32)
-        else:
-            acc = _fields_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 3, G, DOT_F32)
+    if b == 4:
+        acc = _group_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 4, G, DOT_F32, LOAD)
+    elif b == 8:
+        acc = _group_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 8, G, DOT_F32, LOAD)
+    elif b == 2:
+        acc = _group_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 2, G, DOT_F32, LOAD)
     else:
-        PACKED: tl.constexpr = LOAD == "words"
-        if b == 4:
-            acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 4, G, DOT_F32, PACKED)
-        elif b == 8:
-            acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 8, G, DOT_F32, PACKED)
-        elif b == 2:
-            acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 2, G, DOT_F32, PACKED)
-        else:
-            acc = _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 3, G, DOT_F32, PACKED)
-    rows = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM)).to(tl.int64)   # again: nothing kept over the loop
-    optr = out_ptr + rows[:, None] * out_stride + h * N + n[None, :]
-    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=(rows < rows_valid)[:, None] & nmask[None, :])
+        acc = _group_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, 3, G, DOT_F32, LOAD)
+    optr = out_ptr + rows.to(tl.int64)[:, None] * out_stride + h * N + n[None, :]
+    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=rm[:, None] & nmask[None, :])
 
 
 def tiled(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: TiledConfig, align):
