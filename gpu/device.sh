@@ -30,6 +30,8 @@ SITE=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
 # torchvision 0.29.0 (vLLM 0.33's pin) is staged: the image's, built for its torch 2.11, fails to import beside 2.14
 # ("operator torchvision::nms does not exist"), and vLLM 0.33's serving path imports torchvision.transforms.v2
 export PYTHONPATH=/tmp/m3site:$SITE
+# everything measured so far on this machine, as one file ($OUT brings back at most 8)
+back() { tar czf "$OUT/gpures.tgz" -C "$RES" . 2>/dev/null; echo "back: gpures.tgz $(tar tzf "$OUT/gpures.tgz" | grep -c json) json files"; }
 step=$1; shift
 case "$step" in
   stage)
@@ -95,20 +97,19 @@ PY
           mixed*) M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/$r" "${r//-/_}" "$RES" ;;
         esac 2>&1 | grep -v "^\s*$" | grep -E "^(native|mixed|quant|bf16|bug|vl|stock)|loaded in|per-layer|MoE layers|GPU bytes|Error|error|Traceback|assert" | cut -c1-2000 | tail -12
         echo "== $r: $(( $(date +%s) - t )) s"
+        back   # each run's result comes back even if a later one runs past the call's limit
       done
     done
     ;;
   image)   # issue 24 item 4: the --keep-vision output served with an image vs transformers (gpu/image_ref.json)
     python3 gpu/image_check.py all "$RES" "$W" 2>&1 | grep -v "^\s*$" | grep -E "^(vlimg|bug:|== )|Error|error|Traceback|assert" | cut -c1-2000 | tail -20
-    cp "$RES"/vlimg*.json "$RES"/image_compare.json "$OUT"/ 2>/dev/null; ls "$OUT"; exit 0
+    back; exit 0
     ;;
   speed)
     python3 bench/serve_bench.py "$RES/speed" "$@" 2>&1 | grep -v "^\s*$" | tail -40
-    cp "$RES"/speed/*.json "$OUT"/ 2>/dev/null
     ;;
   compare)
     python3 gpu/serve_check.py compare "$RES"
     ;;
 esac
-cp "$RES"/*.json "$OUT"/ 2>/dev/null
-ls "$OUT"
+back
