@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Serving speed and GPU memory at the real MiniMax-M3 layer widths, through vLLM, on one GPU (issue 15).
 
-    python3 bench/serve_bench.py OUT_DIR [--layers 4] [--vocab 32768] [--arms native,promoted,bf16] [--eager]
+    python3 bench/serve_bench.py OUT_DIR [--layers 4[,8,...]] [--vocab 32768] [--arms native,promoted,bf16] [--eager]
 
 A MiniMax-M3 with the real widths (hidden 6144, 64 heads / 4 KV heads / head_dim 128, 128 routed experts of
 width 3072, top-4, one shared expert of 3072, dense MLP 12288, indexer 4 x 128) and ``--layers`` layers (L0 full
@@ -30,6 +30,10 @@ Arms, each in its own process (one CUDA context each), same GPU, one run:
 
 With ``M3_BENCH_PROFILE=1`` each arm also profiles one batch-1 generation (:func:`profile_decode`: wall vs GPU-busy
 time per step, kernels per step, top kernels, launches outside CUDA graphs).
+
+With several depths (``--layers 4,8``), every arm runs at each depth in the same call, and the summary adds each
+arm's cost per added MoE layer (the difference of two depths' step times over the layers added) and the 60-layer
+projection of :func:`project` (issue 25 item 4), with its assumptions printed beside it.
 
 Per arm: GPU bytes of the weights, decode tokens/s at batch 1 and 32 (CUDA graphs on unless ``--eager``),
 prefill tokens/s of a 2048-token prompt, and for batch-1 decode the bytes of weights one token reads (every
@@ -219,7 +223,8 @@ def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
         assert all(len(r.outputs[0].token_ids) == new for r in res)
         return dt
     gen(1, 8, 16)          # warm-up (and any remaining JIT)
-    res = {"arm": arm, "load_s": round(load_s, 1), "eager": eager, **info, "weight_bytes": total,
+    res = {"arm": arm, "layers": layers, "vocab": vocab, "load_s": round(load_s, 1), "eager": eager, **info,
+           "weight_bytes": total,
            "active_bytes_per_token": active}
     # decode: (new - 1) tokens after the first, so the (tiny) prefill is taken out by differencing two lengths
     for bs in (1, 32):
@@ -240,28 +245,64 @@ def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
     res["decode_bs1_fraction_of_datasheet_hbm"] = round(active / step / res["datasheet_Bps"], 3)
     res["decode_bs1_fraction_of_measured_copy"] = round(active / step / bw, 3)
     res["methods"] = dict(vllm_plugin.CHOICES) if arm != "bf16" else {}
-    with open(os.path.join(out, f"speed_{arm}.json"), "w") as f:
+    with open(os.path.join(out, f"speed_{arm}_L{layers}.json"), "w") as f:
         json.dump(res, f, indent=1)
     print("RESULT " + json.dumps({k: v for k, v in res.items() if k != "methods"}), flush=True)
+
+
+#: the real model (vLLM's MiniMaxM3TextConfig, bench/project_memory.py): 60 layers, L0-L2 dense, 57 MoE, 200064 tokens
+REAL_LAYERS, REAL_DENSE, REAL_VOCAB, HIDDEN = 60, 3, 200064, 6144
+
+
+def project(rows: list[dict], allreduce_us: float) -> list[dict]:
+    """Per arm with runs at two or more depths (same call): the step time's cost per added MoE layer (least squares
+    over the depths; the bench model is L0 dense + MoE layers) and batch-1 decode of the real 60-layer model:
+    deepest run + the missing MoE layers at that cost + the two more dense layers counted as MoE layers (their
+    active bytes are alike: a 4-bit dense MLP 12288 wide against top-4 experts and the shared expert at ~3.2 bits)
+    + the larger lm_head's extra bf16 bytes at the copy bandwidth measured in the run. TP 2: each layer's and the
+    head's time halves (bandwidth-bound: each GPU reads half the weights), plus two all-reduces a layer of
+    ``allreduce_us`` each (vLLM's custom all-reduce of one token's hidden state; an assumption, not measured here);
+    the fixed part (sampling, embedding, the step's CPU work) is taken as is."""
+    out = []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        pts = sorted((r["layers"], r["decode_bs1_ms_per_step"], r) for r in rows if r["arm"] == arm)
+        if len({p[0] for p in pts}) < 2:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        deep_layers, deep_ms, deep = pts[-1]
+        head_ms = (REAL_VOCAB - deep["vocab"]) * HIDDEN * 2 / deep["copy_bandwidth_Bps"] * 1e3
+        tp1 = deep_ms + (REAL_LAYERS - deep_layers) * slope + head_ms
+        fixed = deep_ms - deep_layers * slope            # what does not grow with depth: the bench's head, sampling, ...
+        small_head_ms = deep["vocab"] * HIDDEN * 2 / deep["copy_bandwidth_Bps"] * 1e3
+        tp2 = fixed - small_head_ms + (REAL_LAYERS * slope + small_head_ms + head_ms) / 2 \
+            + REAL_LAYERS * 2 * allreduce_us / 1e3
+        out.append({"arm": arm, "depths": xs, "ms_per_moe_layer": round(slope, 4), "fixed_ms": round(fixed, 3),
+                    "head_extra_ms": round(head_ms, 3), "tp1_ms": round(tp1, 3), "tp1_tok_s": round(1e3 / tp1, 1),
+                    "tp2_ms": round(tp2, 3), "tp2_tok_s": round(1e3 / tp2, 1), "allreduce_us": allreduce_us})
+    return out
 
 
 def main():
     import argparse
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", default="4", help="depth, or depths (4,8): each arm runs at each")
+    ap.add_argument("--allreduce-us", type=float, default=10.0, help="the projection's TP-2 all-reduce, us")
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--arms", default="native,promoted,bf16")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--arm", help=argparse.SUPPRESS)
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    depths = [int(v) for v in a.layers.split(",")]
     if a.arm:
-        run_arm(a.arm, a.out, a.layers, a.vocab, a.eager)
+        run_arm(a.arm, a.out, depths[0], a.vocab, a.eager)
         os._exit(0)
     rows = []
-    for arm in a.arms.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), a.out, "--arm", arm, "--layers", str(a.layers), "--vocab", str(a.vocab)]
+    for layers, arm in ((n, arm) for n in depths for arm in a.arms.split(",")):
+        cmd = [sys.executable, os.path.abspath(__file__), a.out, "--arm", arm, "--layers", str(layers), "--vocab", str(a.vocab)]
         if a.eager:
             cmd.append("--eager")
         t = time.time()
@@ -271,15 +312,21 @@ def main():
             print(f"{arm}: failed (exit {p.returncode}) after {time.time() - t:.0f} s:\n{(p.stderr or p.stdout)[-3000:]}", flush=True)
             continue
         rows.append(json.loads(line[-1][7:]))
-        print(f"{arm}: {time.time() - t:.0f} s", flush=True)
+        print(f"{arm} at {layers} layers: {time.time() - t:.0f} s", flush=True)
+    proj = project(rows, a.allreduce_us)
     with open(os.path.join(a.out, "speed_summary.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    print("| arm | weights GiB | decode bs1 tok/s | decode bs32 tok/s | prefill 2k tok/s | bs1 bytes/token | bs1 % of HBM (datasheet; copy) |")
-    print("|---|---|---|---|---|---|---|")
+        json.dump({"rows": rows, "projection": proj}, f, indent=1)
+    print("| arm | layers | weights GiB | decode bs1 tok/s | decode bs32 tok/s | prefill 2k tok/s | bs1 bytes/token | bs1 % of HBM (datasheet; copy) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['arm']} | {r['weight_bytes'] / 2**30:.2f} | {r['decode_bs1_tok_s']} | {r['decode_bs32_tok_s']} | "
+        print(f"| {r['arm']} | {r['layers']} | {r['weight_bytes'] / 2**30:.2f} | {r['decode_bs1_tok_s']} | {r['decode_bs32_tok_s']} | "
               f"{r['prefill_2k_tok_s']:.0f} | {r['active_bytes_per_token'] / 1e6:.0f} MB | "
               f"{100 * r['decode_bs1_fraction_of_datasheet_hbm']:.0f}%; {100 * r['decode_bs1_fraction_of_measured_copy']:.0f}% |")
+
+    for p in proj:
+        print(f"{p['arm']}: {1e3 * p['ms_per_moe_layer']:.1f} us per added MoE layer at batch 1 (depths {p['depths']}); "
+              f"60 layers: TP 1 {p['tp1_ms']} ms = {p['tp1_tok_s']} tok/s, TP 2 {p['tp2_ms']} ms = {p['tp2_tok_s']} "
+              f"tok/s (all-reduce {p['allreduce_us']} us, assumed; head +{p['head_extra_ms']} ms at the copy bandwidth)")
 
 
 if __name__ == "__main__":

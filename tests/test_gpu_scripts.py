@@ -115,3 +115,24 @@ def test_moe_kernel_shapes_counts_the_plugin_parts():
     assert sum(n * c for (sub, _, n), c in s4.items() if sub == "w2") == 3 * 128        # every expert in one w2 part
     assert sum(n * c for (sub, _, n), c in s4.items() if sub == "w13") == 3 * 256       # gate and up: virtual experts
     assert len(s16) > len(s4)
+
+
+def test_serve_bench_projects_the_real_depth_from_the_cost_per_layer():
+    """bench/serve_bench.py's 60-layer projection (issue 25 item 4): from step times at several depths that grow by
+    a fixed cost per MoE layer, it recovers that cost and the fixed part, adds the missing layers and the real
+    lm_head's extra bytes at the run's copy bandwidth; TP 2 halves what scales with the weights and adds two
+    all-reduces a layer. An arm run at one depth gets no projection."""
+    sb = _load(ROOT / "bench" / "serve_bench.py")
+    bw, fixed, per_layer = 4e12, 0.4, 0.08
+    rows = [dict(arm="native", layers=n, vocab=32768, decode_bs1_ms_per_step=fixed + n * per_layer,
+                 copy_bandwidth_Bps=bw) for n in (4, 8, 12)] + [
+           dict(arm="bf16", layers=4, vocab=32768, decode_bs1_ms_per_step=3.0, copy_bandwidth_Bps=bw)]
+    (p,) = sb.project(rows, allreduce_us=10.0)
+    head = (200064 - 32768) * 6144 * 2 / bw * 1e3
+    assert p["arm"] == "native" and p["depths"] == [4, 8, 12]
+    assert p["ms_per_moe_layer"] == pytest.approx(per_layer) and p["fixed_ms"] == pytest.approx(fixed)
+    assert p["tp1_ms"] == pytest.approx(fixed + 60 * per_layer + head, abs=1e-3)
+    small_head = 32768 * 6144 * 2 / bw * 1e3
+    assert p["tp2_ms"] == pytest.approx(fixed - small_head + (60 * per_layer + head + small_head) / 2 + 60 * 2 * 0.010,
+                                        abs=1e-3)
+    assert p["tp1_tok_s"] == pytest.approx(1e3 / p["tp1_ms"], rel=1e-3)
