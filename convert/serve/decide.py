@@ -257,7 +257,9 @@ def expert_of(sublayer: str, slot: int) -> tuple:
 #: (gpu/results/issue25-2026-12-07, mixed layer) gemv took 104.6 / 186.3 / 307.0 / 487.3 us for 4 / 8 / 16 / 32 rows,
 #: about linear, so 128 rows (32 tokens) would take ~1.9 ms, where the tiled kernel took 3.1 ms (a row per expert
 #: there: the tiled kernel de-quantizes an expert's weights for one useful row of 16). Up to one row per expert on
-#: average, gemv: an extrapolation from those sizes, not a measured crossover.
+#: average, gemv. Measured since (gpu/results/issue25-2026-12-07b, H100, uniform 4-bit): gemv at 32 tokens (128
+#: rows) 1341 us, the tiled kernel ("fields") at 64 tokens 2741 us: gemv doubling with the rows would meet the
+#: tiled kernel at about 64 tokens, so one row per expert leaves gemv the sizes where it wins.
 WMIX_GEMV_ROWS_PER_EXPERT = 1
 
 
@@ -289,11 +291,14 @@ SM90_SHARED = 232448
 
 
 def wmix_tile(rows: int, experts: int) -> tuple:
-    """The tiled kernel's (block_m, block_n, warps, pipeline stages): (16, 64, 4, 2) while an expert gets a few rows
+    """The tiled kernel's (block_m, block_n, warps, pipeline stages): (16, 64, 4, 1) while an expert gets a few rows
     on average, (64, 64, 4, 2) from 32 rows per expert. Both fit SM90_SHARED (tests/test_wmix.py builds them for
-    sm_90; (64, 128, 8, 3) needed 344 KiB on the H100 and did not launch). First guesses for speed, not measured
-    on a GPU (gpu/wmix_bench.py --sweep measures them)."""
-    return (64, 64, 4, 2) if rows >= 32 * experts else (16, 64, 4, 2)
+    sm_90; (64, 128, 8, 3) needed 344 KiB on the H100 and did not launch). Measured on an H100 (gpu/results/
+    issue25-2026-12-07b, mixed layer, 64 tokens = 2 rows per expert, "fields" load): one stage beat two at 16 x 64
+    by 10% (w13 1702.8 against 1887.0 us, w2 849.7 against 938.9), bit for bit the same output; 16 x 64 beat every
+    other tile of the sweep there (16 x 32, 32 x 64, 64 x 64, 64 x 32: 2423-5229 us for w13). The
+    large tile is a first guess, not measured at its sizes (1024 tokens and up)."""
+    return (64, 64, 4, 2) if rows >= 32 * experts else (16, 64, 4, 1)
 
 
 # ---------------------------------------------------------------- GPU bytes (weights: codes + scales)

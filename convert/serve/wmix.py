@@ -59,22 +59,25 @@ class GemvConfig:
     """``rows``: word rows (pow2 widths) or word triplets (3 bits) per chunk; ``block_n`` outputs per program;
     ``split`` K splits (summed in order by ``_reduce``); ``warps``/``stages``: Triton's."""
     rows: int = 16
-    block_n: int = 64           # on an H100 at one token 16 x 64 beat 16 x 128 and 8 x 128 (wmix_bench --sweep)
+    block_n: int = 64           # on an H100 at one token 16 x 64 at split 4 was best for w13 (44.9 us; 8 x 128 at
+    #                             split 8 45.7, 32 x 64 48.2) and within 10% of the best for w2 (29.2 against 26.7)
     split: int = 1
     warps: int = 4
     stages: int = 2
-    prefetch: bool = False      # load the next chunk before computing this one
+    prefetch: bool = False      # load the next chunk before computing this one (H100, one token: w13 +1.7 us, w2 -2.1)
 
 
 #: how the tiled kernel reads a group's codes (TiledConfig.load):
 #: "fields" (default): each of 16 dot rows holds G/16 consecutive codes, one bit field of the group's words (read
 #:   once; two words for a field of 64 bits), and the group is G/16 dots of K = 16 whose j-th takes code j of every
 #:   field: every step elementwise on the loaded words, so the decoded codes need no pass through shared memory
-#:   (sm_90, 16 x 64: 72 registers, 20 KiB, 28 warps an SM; gpu/wmix_sass.py); groups of 32, 64 or 128 (FIELD_GROUPS);
-#: "words": 2/4/8 bits read each word once and unpack it in registers; 3 bits as "gather" (16 x 64: 167 registers,
-#:   86 KiB, 8 warps an SM);
+#:   (sm_90, 16 x 64: 72 registers and 28 warps an SM; 2.5 KiB at one stage, decide's, 20 KiB at two;
+#:   gpu/wmix_sass.py); groups of 32, 64 or 128 (FIELD_GROUPS);
+#: "words": 2/4/8 bits read each word once and unpack it in registers; 3 bits as "gather" (16 x 64, one stage: 125
+#:   registers, 20 KiB, 16 warps an SM);
 #: "gather": each code's word read per code (4 bytes a code through shared memory; the first H100 run's path).
-#: None of them compared on a GPU yet (gpu/wmix_bench.py --sweep).
+#: On an H100 (gpu/results/issue25-2026-12-07b, mixed layer, 64 tokens, 16 x 64 tiles) "fields" took w13 1702.8 us
+#: at one stage against 2099.8 ("words") and 2202.8 ("gather"), and 1887.0 / 2642.4 / 2892.3 at two stages.
 TILED_LOADS = ("fields", "words", "gather")
 FIELD_GROUPS = (32, 64, 128)      # 16 fields of G/16 codes: at most 32 bits each, or 64 (8 bits at 128)
 
