@@ -258,8 +258,8 @@ def expert_of(sublayer: str, slot: int) -> tuple:
 #: about linear, so 128 rows (32 tokens) would take ~1.9 ms, where the tiled kernel took 3.1 ms (a row per expert
 #: there: the tiled kernel de-quantizes an expert's weights for one useful row of 16). Up to one row per expert on
 #: average, gemv. Measured since (gpu/results/issue25-2026-12-07b, H100, uniform 4-bit): gemv at 32 tokens (128
-#: rows) 1341 us, the tiled kernel ("fields") at 64 tokens 2741 us: gemv doubling with the rows would meet the
-#: tiled kernel at about 64 tokens, so one row per expert leaves gemv the sizes where it wins.
+#: rows) 1341 us, the tiled kernel ("fields") at 64 tokens 2664-2741 us (two calls). If gemv doubles with the rows
+#: (an extrapolation: gemv at 64 tokens was not timed) the two meet near 64 tokens; one row per expert stands.
 WMIX_GEMV_ROWS_PER_EXPERT = 1
 
 
