@@ -14,6 +14,8 @@
 #                           float32 reference (gpu/image_ref.json, made on a CPU) and a planted vision bug (issue 24)
 #   speed [ARGS]            bench/serve_bench.py: native vs promoted vs bf16 at the real M3 widths (issue 15)
 #   compare                 the comparison table of everything under /tmp/gpures (and gpu/results)
+# kernels and speed print each result as it ends and stop after M3_STEP_S seconds (default 560), so that a call's
+# finished results come back (gpures.tgz) before the call's own limit: set M3_STEP_S below the call's timeout.
 # The transformers reference of issue 8 (serve_check.py hf) needs transformers 5.19 carried (gpu/README.md).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -64,8 +66,8 @@ PY
     python3 -c "from m3_convert.serve import compat; print('humming problem:', compat.humming_problem(), '| vllm problem:', compat.vllm_version_problem())"
     nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv
     ;;
-  kernels)
-    python3 gpu/kernel_check.py "$RES/kernels.json" "$@" 2>&1 | grep -v "^\s*$" | grep -v "Warning\|warn(" | tail -80
+  kernels)   # lines as they come (no tail: a call cut at its limit still returns what ran)
+    timeout "${M3_STEP_S:-560}" python3 gpu/kernel_check.py "$RES/kernels.json" "$@" 2>&1 | grep --line-buffered -v "^\s*$" | grep --line-buffered -v "Warning\|warn("
     ;;
   serve)
     conv() { [ -d "$W/$2" ] || python3 -m m3_convert.cli "tests/fixtures/data/$1" "$W/$2" --quiet || exit 1; }
@@ -105,8 +107,8 @@ PY
     python3 gpu/image_check.py all "$RES" "$W" 2>&1 | grep -v "^\s*$" | grep -E "^(vlimg|bug:|== )|Error|error|Traceback|assert" | cut -c1-2000 | tail -20
     back; exit 0
     ;;
-  speed)
-    python3 bench/serve_bench.py "$RES/speed" "$@" 2>&1 | grep -v "^\s*$" | tail -40
+  speed)     # one line per arm as it ends; M3_STEP_S (s) stops it in time for `back` to bring the finished arms
+    timeout "${M3_STEP_S:-560}" python3 bench/serve_bench.py "$RES/speed" "$@" 2>&1 | grep --line-buffered -v "^\s*$"
     ;;
   compare)
     python3 gpu/serve_check.py compare "$RES"

@@ -81,7 +81,7 @@ def gemm(sub_data, x, ids, in_div, out):
         return wmix.gemv(t, qw, sc, x, ids, in_div, out, cfg)
     key = (id(t), rows)
     if key not in gemm.align:          # filled by the first (eager) call, before any capture
-        gemm.align[key] = tuple(a.to(DEV) for a in wmix.align_reference(ids.cpu(), wmix.tiled_config(rows, t).block_m, E))
+        gemm.align[key] = tuple(a.to(DEV) for a in wmix.align_reference(ids.cpu().view(-1, 1), wmix.tiled_config(rows, t).block_m, E))
     al = gemm.align[key]
     return wmix.tiled(t, qw, sc, x, ids, in_div, out, wmix.tiled_config(rows, t), lambda *a: al)
 
@@ -183,7 +183,7 @@ def sweep(L, x, ids, act, gu, down, m):
         else:
             cfgs = [wmix.TiledConfig(bm, bn, wa, st, ld) for bm, bn, wa, st in TILED_SWEEP for ld in wmix.TILED_LOADS]
 
-            aligned = {c.block_m: tuple(a.to(DEV) for a in wmix.align_reference(ids.cpu(), c.block_m, E))
+            aligned = {c.block_m: tuple(a.to(DEV) for a in wmix.align_reference(ids.cpu().view(-1, 1), c.block_m, E))
                        for c in cfgs}          # before any capture (a copy from the CPU cannot be captured)
 
             def call(c, o):

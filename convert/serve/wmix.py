@@ -452,13 +452,14 @@ def _tiled(x_ptr, x_stride, sorted_ptr, eids_ptr, ntp_ptr, rows_valid, in_div, q
 
 
 def tiled(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: TiledConfig, align):
-    """As :func:`gemv`, with rows grouped by expert: ``align(ids, block_m, experts)`` -> (sorted row ids padded
-    with ``ids.numel()``, the expert of each block, [number of padded rows]) (vLLM's moe_align_block_size)."""
+    """As :func:`gemv`, with rows grouped by expert: ``align(rows, block_m, experts)`` -> (sorted row ids padded
+    with ``ids.numel()``, the expert of each block, [number of padded rows]) (vLLM's moe_align_block_size, which
+    takes [tokens, top_k]: the flat rows go in as [rows, 1])."""
     if cfg.load == "fields" and table.group not in FIELD_GROUPS:
         raise ValueError(f"TiledConfig.load 'fields' reads groups of {FIELD_GROUPS}, not {table.group} (tiled_config "
                          "takes 'words' there)")
     experts = table.bits.numel() // table.halves
-    sorted_ids, eids, ntp = align(ids, cfg.block_m, experts)
+    sorted_ids, eids, ntp = align(ids.view(-1, 1), cfg.block_m, experts)
     grid = (eids.numel(), triton.cdiv(table.n, cfg.block_n) * table.halves)
     _tiled[grid](x, x.stride(0), sorted_ids, eids, ntp, ids.numel(), in_div, qweight, scales, table.bits,
                  table.qoff, table.soff, out, out.stride(0), table.n, table.k, HALVES=table.halves, G=table.group,
@@ -486,7 +487,10 @@ def interpreting() -> bool:
 
 def align_reference(ids, block_m: int, experts: int):
     """vLLM's moe_align_block_size in torch, for the CPU (host-synchronising: tests only): rows sorted by expert
-    (stable), each expert's padded to a multiple of ``block_m`` with ``ids.numel()``, at the same maximal sizes."""
+    (stable), each expert's padded to a multiple of ``block_m`` with ``ids.numel()``, at the same maximal sizes.
+    ``ids`` as vLLM's op takes them, [tokens, top_k] (flat rows as [rows, 1]; compat.check_topk_ids)."""
+    from .compat import check_topk_ids
+    check_topk_ids(ids)
     flat = ids.reshape(-1).to(torch.int64)
     total = flat.numel()
     cap = total + experts * (block_m - 1)
