@@ -14,6 +14,7 @@
 #                           float32 reference (gpu/image_ref.json, made on a CPU) and a planted vision bug (issue 24)
 #   speed [ARGS]            bench/serve_bench.py: native vs promoted vs bf16 at the real M3 widths (issue 15)
 #   compare                 the comparison table of everything under /tmp/gpures (and gpu/results)
+#   jit                     the kernels compiled so far as $OUT/jit.tgz (staged as .stage/jit.tgz, `install` unpacks it)
 # kernels and speed print each result as it ends and stop after M3_STEP_S seconds (default 560), so that a call's
 # finished results come back (gpures.tgz) before the call's own limit: set M3_STEP_S below the call's timeout.
 # The transformers reference of issue 8 (serve_check.py hf) needs transformers 5.19 carried (gpu/README.md).
@@ -32,6 +33,10 @@ SITE=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
 # torchvision 0.29.0 (vLLM 0.33's pin) is staged: the image's, built for its torch 2.11, fails to import beside 2.14
 # ("operator torchvision::nms does not exist"), and vLLM 0.33's serving path imports torchvision.transforms.v2
 export PYTHONPATH=/tmp/m3site:$SITE
+# the kernels compiled on this machine (humming's JIT cubins and launchers, Triton's) in one folder: `jit` brings it
+# back and a later machine starts from it (gpu/README.md, "Compiled kernels carried"); both caches are keyed by the
+# kernel's source, flags and compiler version, so a carried entry is used only for the same kernel
+export HUMMING_CACHE_DIR=/tmp/jit/humming TRITON_CACHE_DIR=/tmp/jit/triton
 # everything measured so far on this machine, as one file ($OUT brings back at most 8)
 back() { tar czf "$OUT/gpures.tgz" -C "$RES" . 2>/dev/null; echo "back: gpures.tgz $(tar tzf "$OUT/gpures.tgz" | grep -c json) json files"; }
 step=$1; shift
@@ -59,6 +64,12 @@ with ProcessPoolExecutor(16) as ex:
     list(ex.map(unpack, sorted(glob.glob("/tmp/wheels/*.whl"), key=os.path.getsize, reverse=True)))
 PY
       echo "unpacked $(ls /tmp/wheels/*.whl | wc -l) wheels in $(( $(date +%s) - t )) s: $(du -sh /tmp/site | cut -f1)"
+      # humming's cache key holds its headers' paths and mtimes (humming/jit/compiler.py, cuh_last_update_time);
+      # unpacking stamps the time of the unpacking: one fixed time gives every machine the same keys
+      find /tmp/site/humming/include -type f -exec touch -d @946684800 {} + || exit 1
+    fi
+    if [ -f /tmp/stage/jit.tgz ] && [ ! -d /tmp/jit ]; then   # staged from an earlier machine's `jit`
+      tar xzf /tmp/stage/jit.tgz -C /tmp && echo "jit cache carried: $(find /tmp/jit -name '*.cubin' | wc -l) humming cubins, $(du -sh /tmp/jit | cut -f1)"
     fi
     rm -rf /tmp/m3site
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/m3site . || exit 1
@@ -110,6 +121,9 @@ PY
   speed)     # one line per arm as it ends; M3_STEP_S (s) stops it in time for `back` to bring the finished arms
     timeout "${M3_STEP_S:-560}" python3 bench/serve_bench.py "$RES/speed" "$@" 2>&1 | grep --line-buffered -v "^\s*$"
     ;;
+  jit)       # the compiled kernels as $OUT/jit.tgz: keep it here as .stage/jit.tgz and stage it with the parts
+    tar czf "$OUT/jit.tgz" -C /tmp jit && echo "jit.tgz $(du -h "$OUT/jit.tgz" | cut -f1): $(find /tmp/jit -name '*.cubin' | wc -l) humming cubins"
+    exit 0 ;;
   compare)
     python3 gpu/serve_check.py compare "$RES"
     ;;
