@@ -189,8 +189,10 @@ def test_serving_compiles_a_bounded_set():
 def test_align_takes_topk_ids_as_vllm_reads_them():
     """vLLM 0.33's moe_align_block_size reads topk_ids as [tokens, top_k]: the flat row ids the tiled kernel once
     gave it stopped it on an H100 ("Dimension out of range", 2026-12-07, gpu/README.md). The torch version the
-    CPU tests align with refuses a flat tensor too (so the interpreted tiled cases above catch one), the GPU
-    wrapper refuses it before reaching vLLM, and [rows, 1] aligns the rows as [tokens, top_k] does."""
+    CPU tests align with refuses a flat tensor too (so the interpreted tiled cases above catch one: without the
+    reshape in wmix.tiled they fail), and the GPU wrapper refuses it before reaching vLLM. That vLLM's op aligns
+    [rows, 1] as the flat rows is the H100's finding (the tiled kernel at 512 tokens at the bf16 floor,
+    gpu/results/issue24-2026-12-07/kernels_moe.json); here only the torch version's own sorting is pinned."""
     need_vllm()
     from m3_convert.serve import compat, wmix
     ids = torch.tensor([[3, 1], [0, 3], [1, 1]], dtype=torch.int32)

@@ -260,6 +260,8 @@ def expert_of(sublayer: str, slot: int) -> tuple:
 #: average, gemv. Measured since (gpu/results/issue25-2026-12-07b, H100, uniform 4-bit): gemv at 32 tokens (128
 #: rows) 1341 us, the tiled kernel ("fields") at 64 tokens 2664-2741 us (two calls). If gemv doubles with the rows
 #: (an extrapolation: gemv at 64 tokens was not timed) the two meet near 64 tokens; one row per expert stands.
+#: At the same size since (gpu/results/issue24-2026-12-07, H100, vLLM 0.33's Triton 3.8, mixed layer, 32 tokens):
+#: gemv 1328.3 us, the tiled kernel at 16 x 64 with three stages (the sweep's tile; decide's has one) 2012.8.
 WMIX_GEMV_ROWS_PER_EXPERT = 1
 
 
