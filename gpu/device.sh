@@ -14,7 +14,9 @@
 #                           float32 reference (gpu/image_ref.json, made on a CPU) and a planted vision bug (issue 24)
 #   speed [ARGS]            bench/serve_bench.py: native vs promoted vs bf16 at the real M3 widths (issue 15)
 #   compare                 the comparison table of everything under /tmp/gpures (and gpu/results)
-#   jit                     the kernels compiled so far as $OUT/jit.tgz (staged as .stage/jit.tgz, `install` unpacks it)
+#   jit                     the kernels compiled so far as $OUT/jit.tgz.NN (joined here as .stage/jit.tgz and staged;
+#                           `install` unpacks it)
+#   wmixdiag PHASE ...      gpu/wmix_diag.py (rows, unrouted, graph): the wmix failures seen inside vLLM, outside it
 # kernels and speed print each result as it ends and stop after M3_STEP_S seconds (default 560), so that a call's
 # finished results come back (gpures.tgz) before the call's own limit: set M3_STEP_S below the call's timeout.
 # The transformers reference of issue 8 (serve_check.py hf) needs transformers 5.19 carried (gpu/README.md).
@@ -121,9 +123,16 @@ PY
   speed)     # one line per arm as it ends; M3_STEP_S (s) stops it in time for `back` to bring the finished arms
     timeout "${M3_STEP_S:-560}" python3 bench/serve_bench.py "$RES/speed" "$@" 2>&1 | grep --line-buffered -v "^\s*$"
     ;;
-  jit)       # the compiled kernels as $OUT/jit.tgz: keep it here as .stage/jit.tgz and stage it with the parts
-    tar czf "$OUT/jit.tgz" -C /tmp jit && echo "jit.tgz $(du -h "$OUT/jit.tgz" | cut -f1): $(find /tmp/jit -name '*.cubin' | wc -l) humming cubins"
+  jit)       # the compiled kernels as $OUT/jit.tgz.NN (15 MiB pieces: a file over 16 MiB does not come back); here
+             # `cat jit.tgz.* > .stage/jit.tgz`, staged as one file with the parts
+    tar czf /tmp/jit.tgz -C /tmp jit && split -b 15M -d /tmp/jit.tgz "$OUT/jit.tgz." || exit 1
+    echo "jit.tgz $(du -h /tmp/jit.tgz | cut -f1) in $(ls "$OUT"/jit.tgz.* | wc -l) pieces, sha256 $(sha256sum /tmp/jit.tgz | cut -c1-16): $(find /tmp/jit -name '*.cubin' | wc -l) humming cubins"
     exit 0 ;;
+  wmixdiag)  # gpu/wmix_diag.py: the phases named (rows, unrouted, graph), each in its own process (a fault ends one)
+    for ph in "$@"; do
+      timeout 240 python3 gpu/wmix_diag.py "$RES/wmix_diag_$ph.json" "$ph" 2>&1 | grep --line-buffered -v "^\s*$" | grep --line-buffered -v "Warning\|warn(" | cut -c1-600
+    done
+    ;;
   compare)
     python3 gpu/serve_check.py compare "$RES"
     ;;

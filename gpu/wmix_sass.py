@@ -110,7 +110,7 @@ def _args(sub: str, tokens: int) -> tuple:
     dst = torch.empty(1, halves * n, dtype=torch.bfloat16)
     common = dict(x_ptr=x, x_stride=k, in_div=in_div, qw_ptr=slots, sc_ptr=offs.half(), bits_ptr=slots,
                   qoff_ptr=offs, soff_ptr=offs, out_ptr=dst, out_stride=halves * n, N=n, K=k)
-    gemv = dict(common, ids_ptr=ids, part_ptr=torch.empty(1, dtype=torch.float32))
+    gemv = dict(common, ids_ptr=ids, part_ptr=torch.empty(1, dtype=torch.float32), E=128)
     tiled = dict(common, sorted_ptr=ids, eids_ptr=ids, ntp_ptr=ids, rows_valid=rows)
     return gemv, tiled
 
@@ -165,7 +165,7 @@ def local_in_loops(sass: str) -> int:
 
 def launches(tokens: int = 1):
     """Every kernel and option of one MoE layer, as (name, kernel, args, constexprs, config): gemv at ``tokens``
-    tokens with decide's K split, prefetch off and on; the reduce; the tiled kernel at both of decide's tiles, with
+    tokens with decide's K split, prefetch off and on; the reduce; the tiled kernel at decide's tile, with
     each of wmix.TILED_LOADS (for tests/test_wmix.py: each must compile; not what one batch launches: :func:`serving`)."""
     out = []
     for sub in SUBLAYERS:
@@ -174,11 +174,10 @@ def launches(tokens: int = 1):
         out.append((f"{sub} gemv", *_gemv_launch(sub, gargs, gcfg)))
         out.append((f"{sub} gemv prefetch", *_gemv_launch(sub, gargs, dataclasses.replace(gcfg, prefetch=True))))
         out.append((f"{sub} reduce", *_reduce_launch(sub, gargs, dataclasses.replace(gcfg, split=max(gcfg.split, 2)))))
-        for rows_t in (TOPK * 256, TOPK * 8192):          # the small tile (decode batches) and the large (prefill)
-            for load in wmix.TILED_LOADS:
-                tag = "" if load == wmix.TiledConfig.load else f" {load}"
-                tcfg = dataclasses.replace(wmix.TiledConfig(*decide.wmix_tile(rows_t, 128)), load=load)
-                out.append((f"{sub} tiled {tcfg.block_m}x{tcfg.block_n}{tag}", *_tiled_launch(sub, targs, tcfg)))
+        for load in wmix.TILED_LOADS:                     # decide's tile (one for every batch size)
+            tag = "" if load == wmix.TiledConfig.load else f" {load}"
+            tcfg = dataclasses.replace(wmix.TiledConfig(*decide.wmix_tile(TOPK * 8192, 128)), load=load)
+            out.append((f"{sub} tiled {tcfg.block_m}x{tcfg.block_n}{tag}", *_tiled_launch(sub, targs, tcfg)))
     return out
 
 

@@ -226,7 +226,7 @@ def test_wmix_split_fills_the_sms(rows, n, halves, sms, split):
 def test_wmix_path_is_a_function_of_the_rows_per_expert():
     assert decide.wmix_path(1, 128) == decide.wmix_path(128, 128) == decide.wmix_path(8, 8) == "gemv"
     assert decide.wmix_path(129, 128) == decide.wmix_path(9, 8) == "tiled"
-    assert decide.wmix_tile(128, 128) == (16, 64, 4, 1) and decide.wmix_tile(8192, 128) == (64, 64, 4, 2)
+    assert decide.wmix_tile(128, 128) == decide.wmix_tile(8192, 128) == decide.wmix_tile(64, 8) == (16, 64, 4, 1)
 
 
 def test_wmix_slot_table_refuses_a_slot_no_part_holds():

@@ -141,12 +141,23 @@ def test_wmix_zero_is_the_symmetric_constant(results):
     assert results["zero"] == {f"{b}/{k}": True for b in (2, 3, 4, 8) for k in ("gemv", "tiled")}
 
 
+def test_wmix_rows_routed_to_no_expert_give_zeros(results):
+    """A row whose expert id is outside [0, experts) (the layer's count, past it, -1) is read from no slot and gives
+    zeros in both kernels (vLLM's align leaves such rows out of the tiled kernel's blocks; gemv once indexed the
+    slot table with them: a read past its end), and the other rows are unchanged. An unwritten row would stay NaN
+    (``run`` fills the output with NaN first)."""
+    for kernel in ("gemv", "tiled"):
+        zeros, err = results["unrouted"][kernel]
+        assert zeros, kernel
+        assert err <= TOL, (kernel, err)
+
+
 def test_wmix_compiles_for_hopper():
-    """Every wmix kernel and option (gemv with decide's K split at one token, prefetch off and on; both tiled
-    tiles, with each of wmix.TILED_LOADS), specialised as a launch at M3's MoE shapes is, compiles for sm_90 with Triton's own
+    """Every wmix kernel and option (gemv with decide's K split at one token, prefetch off and on; the tiled
+    kernel at decide's tile, with each of wmix.TILED_LOADS), specialised as a launch at M3's MoE shapes is, compiles for sm_90 with Triton's own
     compiler (no GPU needed; gpu/wmix_sass.py): the interpreter runs programs the compiler refuses (a Python global
-    inside a kernel did). Each fits an SM's shared memory (decide's large tile once did not: it did not launch on
-    the H100), no kernel spills to local memory inside a loop (gpu/wmix_sass.local_in_loops; w13's tiled "fields"
+    inside a kernel did). Each fits an SM's shared memory (a large tile of decide's once did not: it did not launch
+    on the H100), no kernel spills to local memory inside a loop (gpu/wmix_sass.local_in_loops; w13's tiled "fields"
     kernel saves two registers once, before its loops), gemv reads its words 16 bytes at a time (the slot
     offsets' alignment, SlotTable.align, reaches the compiler: without it gemv spilled 2 KB and read 4 bytes), and
     the default tiled kernel at the decode tile leaves an SM at least 16 warps (28; "words" and "gather" leave 8)."""
@@ -165,16 +176,15 @@ def test_wmix_compiles_for_hopper():
         if name.endswith("tiled 16x64"):          # the default load at decide's decode tile: latency hidden by warps
             warps = cfg.warps * wmix_sass.occupancy(r["regs"], kernel.metadata.shared, cfg.warps)
             assert warps >= 16, (name, r["regs"], kernel.metadata.shared, warps)
-    kinds = ("gemv", "gemv prefetch", "reduce") + tuple(f"tiled {t}{load}" for t in ("16x64", "64x64")
-                                                       for load in ("", " words", " gather"))
+    kinds = ("gemv", "gemv prefetch", "reduce") + tuple(f"tiled 16x64{load}" for load in ("", " words", " gather"))
     assert seen == {f"{s} {k}": 0 for s in ("w13", "w2") for k in kinds}, seen
 
 
 def test_serving_compiles_a_bounded_set():
     """A first start compiles the wmix kernels once per specialisation Triton keys its cache by (gpu/wmix_sass.py
     ``variants``, which specialises as Triton's JIT does): over every batch from 1 to 8192 tokens that is gemv at
-    splits 4, 2, 1 (decide's, 132 SMs), their reduces, and the tiled kernel at decide's two tiles, per sublayer:
-    14, whatever the depth of the model or the mix of widths (a slot's width is data the kernel reads). The batch's
+    splits 4, 2, 1 (decide's, 132 SMs), their reduces, and the tiled kernel at decide's tile, per sublayer:
+    12, whatever the depth of the model or the mix of widths (a slot's width is data the kernel reads). The batch's
     row count is not specialised on (``do_not_specialize``): it would split each tile in two by its divisibility
     by 16."""
     need_vllm()
@@ -182,7 +192,7 @@ def test_serving_compiles_a_bounded_set():
     import wmix_sass
     names = sorted(v[0] for v in wmix_sass.variants(8192).values())
     want = [f"{s} {k}" for s in ("w13", "w2") for k in ("gemv split 1", "gemv split 2", "gemv split 4",
-                                                        "reduce split 2", "reduce split 4", "tiled 16x64", "tiled 64x64")]
+                                                        "reduce split 2", "reduce split 4", "tiled 16x64")]
     assert names == sorted(want), names
 
 
@@ -230,10 +240,32 @@ def zero_case(wmix):
     return res
 
 
+def unrouted_case(wmix):
+    """Rows whose id names no expert of the layer (the layer's expert count, -1): {kernel: (those rows all 0, the
+    other rows' error against the exact decode)}."""
+    bits, n, k, group, halves = [2, 3, 4, 8, 8, 4, 3, 2], 96, 256, 128, 2
+    table, qw, sc, ws = make_slots(wmix, bits, n, k, group, halves, seed=11)
+    experts = len(bits) // halves
+    gen = torch.Generator().manual_seed(7)
+    tokens, topk = 6, 2
+    x = torch.randn(tokens, k, generator=gen).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:topk] for _ in range(tokens)]).to(torch.int32).reshape(-1)
+    bad = torch.tensor([1, 6, 11])
+    ids[bad] = torch.tensor([experts, -1, experts + 5], dtype=torch.int32)
+    good = torch.ones(ids.numel(), dtype=torch.bool)
+    good[bad] = False
+    ref = truth(x, torch.where(good, ids, 0), topk, ws, halves, n)[good]
+    res = {}
+    for kernel, cfg in (("gemv", wmix.GemvConfig(rows=8, block_n=32, split=2)), ("tiled", wmix.TiledConfig(16, 32))):
+        y = run(wmix, kernel, table, qw, sc, x, ids, topk, cfg)
+        res[kernel] = [bool(torch.equal(y[bad], torch.zeros_like(y[bad]))), rel(y[good], ref)]
+    return res
+
+
 if __name__ == "__main__":
     from m3_convert.serve import wmix as W
     assert W.interpreting()
-    print(json.dumps({"cases": [case(W, *c) for c in CASES], "zero": zero_case(W)}))
+    print(json.dumps({"cases": [case(W, *c) for c in CASES], "zero": zero_case(W), "unrouted": unrouted_case(W)}))
 
 
 def test_wmix_bench_runs_on_the_cpu(tmp_path):

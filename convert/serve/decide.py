@@ -293,14 +293,15 @@ SM90_SHARED = 232448
 
 
 def wmix_tile(rows: int, experts: int) -> tuple:
-    """The tiled kernel's (block_m, block_n, warps, pipeline stages): (16, 64, 4, 1) while an expert gets a few rows
-    on average, (64, 64, 4, 2) from 32 rows per expert. Both fit SM90_SHARED (tests/test_wmix.py builds them for
-    sm_90; (64, 128, 8, 3) needed 344 KiB on the H100 and did not launch). Measured on an H100 (gpu/results/
-    issue25-2026-12-07b, mixed layer, 64 tokens = 2 rows per expert, "fields" load): one stage beat two at 16 x 64
-    by 10% (w13 1702.8 against 1887.0 us, w2 849.7 against 938.9), bit for bit the same output; 16 x 64 beat every
-    other tile of the sweep there (16 x 32, 32 x 64, 64 x 64, 64 x 32: 2423-5229 us for w13). The
-    large tile is a first guess, not measured at its sizes (1024 tokens and up)."""
-    return (64, 64, 4, 2) if rows >= 32 * experts else (16, 64, 4, 1)
+    """The tiled kernel's (block_m, block_n, warps, pipeline stages): 16 x 64, one stage, at every size. Measured on
+    an H100 (gpu/results/issue25-2026-12-07b, mixed layer, 64 tokens = 2 rows per expert, "fields" load): one stage
+    beat two at 16 x 64 by 10% (w13 1702.8 against 1887.0 us, w2 849.7 against 938.9), bit for bit the same output;
+    16 x 64 beat every other tile of the sweep there (16 x 32, 32 x 64, 64 x 64, 64 x 32: 2423-5229 us for w13); at
+    512 tokens (gpu/results/issue24-2026-12-07/kernels_moe.json, mixed) 16 x 64 at three stages took 5025.4 us, 64 x 64
+    at two 6870.2. The 64 x 64 tile once chosen from 32 rows per expert on (a guess, never measured at its sizes) is
+    gone: the tiny mixed model served with it left the bf16 reference at one prompt position (gpu/README.md, sixth
+    session). ``rows`` and ``experts`` stay in the signature: the tile is the place a size-dependent choice would go."""
+    return (16, 64, 4, 1)
 
 
 # ---------------------------------------------------------------- GPU bytes (weights: codes + scales)

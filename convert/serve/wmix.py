@@ -245,11 +245,13 @@ def _gemv_3(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT: tl.constexpr, G: tl.co
 
 @triton.jit
 def _gemv(x_ptr, x_stride, ids_ptr, in_div, qw_ptr, sc_ptr, bits_ptr, qoff_ptr, soff_ptr, out_ptr, out_stride,
-          part_ptr, N, K, HALVES: tl.constexpr, SPLIT: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+          part_ptr, N, K, E, HALVES: tl.constexpr, SPLIT: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
           BN: tl.constexpr, ALIGN: tl.constexpr, PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     p = pid // HALVES
-    slot = tl.load(ids_ptr + p).to(tl.int32) * HALVES + pid % HALVES
+    e = tl.load(ids_ptr + p).to(tl.int32)
+    valid = (e >= 0) & (e < E)          # a row routed to no expert of this layer reads slot 0 and gives 0 (as the
+    slot = tl.where(valid, e, 0) * HALVES + pid % HALVES    # tiled path, whose align leaves such rows out)
     b = tl.load(bits_ptr + slot)
     qw = qw_ptr + tl.multiple_of(tl.load(qoff_ptr + slot), ALIGN)        # SlotTable.align
     sc = sc_ptr + tl.multiple_of(tl.load(soff_ptr + slot), ALIGN)
@@ -267,7 +269,7 @@ def _gemv(x_ptr, x_stride, ids_ptr, in_div, qw_ptr, sc_ptr, bits_ptr, qoff_ptr, 
         acc = _gemv_pow2(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT, 2, G, R, BN, PREFETCH)
     else:
         acc = _gemv_3(acc, x, qw, sc, n, nmask, N, K, s, rz, SPLIT, G, R, BN, PREFETCH)
-    y = tl.sum(acc, 0)
+    y = tl.where(valid, tl.sum(acc, 0), 0.0)
     if SPLIT == 1:
         col = (pid % HALVES) * N + n
         tl.store(out_ptr + p.to(tl.int64) * out_stride + col, y.to(out_ptr.dtype.element_ty), mask=nmask)
@@ -290,15 +292,16 @@ def _reduce(part_ptr, out_ptr, out_stride, N, HALVES: tl.constexpr, SPLIT: tl.co
 
 def gemv(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: GemvConfig = GemvConfig()):
     """``out[p, h*N:(h+1)*N] = x[p // in_div] @ W_slot^T`` for every row ``p`` of ``ids`` (flattened) and half ``h``,
-    ``slot = ids[p] * halves + h``. ``out`` [rows, halves*N] in the activations' dtype."""
+    ``slot = ids[p] * halves + h``. ``out`` [rows, halves*N] in the activations' dtype. A row whose id names no
+    expert (outside [0, experts)) reads no slot of its own and gives zeros (:func:`tiled` too)."""
     rows = ids.numel()
     grid = (rows * table.halves, triton.cdiv(table.n, cfg.block_n), cfg.split)
     part = out
     if cfg.split > 1:
         part = torch.empty(cfg.split, rows * table.halves, table.n, dtype=torch.float32, device=out.device)
     _gemv[grid](x, x.stride(0), ids, in_div, qweight, scales, table.bits, table.qoff, table.soff, out, out.stride(0),
-                part, table.n, table.k, HALVES=table.halves, SPLIT=cfg.split, G=table.group, R=cfg.rows,
-                BN=cfg.block_n, ALIGN=table.align, PREFETCH=cfg.prefetch, num_warps=cfg.warps,
+                part, table.n, table.k, table.bits.numel() // table.halves, HALVES=table.halves, SPLIT=cfg.split,
+                G=table.group, R=cfg.rows, BN=cfg.block_n, ALIGN=table.align, PREFETCH=cfg.prefetch, num_warps=cfg.warps,
                 num_stages=cfg.stages)
     if cfg.split > 1:
         _reduce[grid[:2]](part, out, out.stride(0), table.n, HALVES=table.halves, SPLIT=cfg.split,
@@ -460,6 +463,7 @@ def tiled(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: Tile
                          "takes 'words' there)")
     experts = table.bits.numel() // table.halves
     sorted_ids, eids, ntp = align(ids.view(-1, 1), cfg.block_m, experts)
+    out.zero_()         # the rows the align leaves out (ids outside [0, experts)) are zeros, as in gemv
     grid = (eids.numel(), triton.cdiv(table.n, cfg.block_n) * table.halves)
     _tiled[grid](x, x.stride(0), sorted_ids, eids, ntp, ids.numel(), in_div, qweight, scales, table.bits,
                  table.qoff, table.soff, out, out.stride(0), table.n, table.k, HALVES=table.halves, G=table.group,

