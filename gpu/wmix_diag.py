@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """The two wmix failures seen inside vLLM 0.33 on an H100 (2026-12-07, sixth session), pinned outside vLLM.
 
-    python3 gpu/wmix_diag.py OUT_JSON rows|graph|unrouted
+    python3 gpu/wmix_diag.py OUT_JSON rows|graph|unrouted|kernels
+
+(``kernels`` needs no vLLM: ``mkdir -p /tmp/m3p && ln -sfn $PWD/convert /tmp/m3p/m3_convert && PYTHONPATH=/tmp/m3p
+python3 gpu/wmix_diag.py $OUT/k.json kernels`` on the bare image.)
 
 * ``rows``: gpu_mixed served with ``M3_MOE_KERNEL=wmix`` gave the 700-token prompt's position 393 a logprob 2.7
   away from both the humming path and the exact bf16 de-quantization (every other position within 0.25). Here a
@@ -17,6 +20,9 @@
 * ``unrouted``: rows routed to no expert of the layer (ids E and -1) at gemv and tiled sizes: those rows must
   add nothing (the output equals the one with those rows' weights 0 and their ids 0), and nothing faults.
 
+* ``kernels``: the ``rows`` question without vLLM: wmix.tiled alone on each sublayer of a gpu_mixed-sized layer,
+  every row against the exact decode, at 199 / 699 / 984 tokens x top-8, per tile.
+
 Each phase prints a line per case as it ends (a fault ends the process: the last line says where).
 """
 from __future__ import annotations
@@ -30,9 +36,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import kernel_check as K  # noqa: E402  (MoeConfig, MoeLayer, random_gptq, decode, constants)
+import kernel_check as K  # noqa: E402  (MoeConfig, MoeLayer, random_gptq, decode, constants; imports no vLLM)
 
-from m3_convert.serve import decide, moe, wmix  # noqa: E402
+from m3_convert.serve import decide, wmix  # noqa: E402  (no vLLM: the kernels phase runs without it)
 
 SMOKE = os.environ.get("M3_DIAG_CPU") == "1"   # a CPU run under TRITON_INTERPRET=1, small shapes (no graph phase)
 if SMOKE:
@@ -46,6 +52,7 @@ TILES = {"decide": None, "64x64x2": (64, 64, 4, 2), "64x64x1": (64, 64, 4, 1)}
 def build(E, hidden, inter, per, gen, k, exact=True):
     """The plugin's wmix method on a stand-in layer with random GPTQ experts (``per[e]`` = bits of w1, w3, w2);
     with ``exact`` also every expert's exact float32 decode (W13 [2I, H], W2 [H, I])."""
+    from m3_convert.serve import moe
     from m3_convert.serve.methods import M3HummingMoEMethod
     prefix = "p"
     modules = {f"{prefix}.{e}.{s}": {"bits": b, "group_size": K.G} for e in range(E) for s, b in zip(("w1", "w3", "w2"), per[e])}
@@ -106,6 +113,8 @@ def per_token(y, ref):
 
 def forced(tile, align):
     """Context for one variant: the tiled kernel's tile (None: decide's) and the align (None: vLLM's op)."""
+    from m3_convert.serve import moe
+
     class Ctx:
         def __enter__(self):
             self.saved = wmix.tiled_config, moe.wmix_align
@@ -143,6 +152,58 @@ def rows_phase(gen):
                        "worst_token": int(e.argmax()), "floor_max": round(float(floor.max()), 5),
                        "bad_tokens": bad[:12], "n_bad": len(bad), "repeat_identical": bool(torch.equal(y, y2)),
                        "finite": bool(torch.isfinite(y).all())}
+                print(json.dumps(row), flush=True)
+                out.append(row)
+    return out
+
+
+def kernels_phase(gen):
+    """No vLLM (the image's torch and Triton): wmix.tiled alone, each sublayer of a gpu_mixed-sized layer (8
+    experts, every slot its own width, K = N = 256, group 128), every row of the batch against ``x @ W^T`` of the
+    exact decode, at each tile, aligned by wmix.align_reference (the torch version, on the host)."""
+    import numpy as np
+
+    from m3_convert import gptq
+    rng = np.random.default_rng(7)
+    E, n, k, group = 8, 256, 256, 128
+    out = []
+    for sub, halves, in_div in (("w13", 2, 8), ("w2", 1, 1)):
+        bits = [decide.QUANT_BITS[(3 * i + 1) % 4] for i in range(E * halves)]
+        qws, scs, ws, qoff, soff, oq, os_ = [], [], [], [], [], 0, 0
+        for b in bits:
+            qw = gptq.pack_qweight(rng.integers(0, 1 << b, size=(k, n)), b)
+            qz = gptq.pack_qzeros(np.full((k // group, n), (1 << (b - 1)) - 1), b)
+            sc = ((rng.random((k // group, n)) + 0.5) / ((1 << (b - 1)) * np.sqrt(k))
+                  * rng.choice([-1.0, 1.0], size=(k // group, n))).astype(np.float16)
+            ws.append(torch.from_numpy(gptq.dequantize(qw, qz, sc)).float().to(DEV))
+            qws.append(torch.from_numpy(qw.reshape(-1).copy()))
+            scs.append(torch.from_numpy(sc.reshape(-1).copy()))
+            qoff.append(oq)
+            soff.append(os_)
+            oq, os_ = oq + qw.size, os_ + sc.size
+        table = wmix.SlotTable(torch.tensor(bits, dtype=torch.int32, device=DEV), torch.tensor(qoff, device=DEV),
+                               torch.tensor(soff, device=DEV), n, k, group, halves)
+        qw, sc = torch.cat(qws).to(DEV), torch.cat(scs).to(DEV)
+        align = lambda i, b, e: tuple(t.to(i.device) for t in wmix.align_reference(i.cpu(), b, e))  # noqa: E731
+        for m in (199, 699, 984):
+            ids = torch.rand(m, E, device=DEV, generator=gen).topk(8, dim=-1).indices.to(torch.int32).reshape(-1)
+            x = torch.randn(m * 8 // in_div, k, device=DEV, generator=gen).to(torch.bfloat16)
+            ref = torch.empty(ids.numel(), halves * n, device=DEV)
+            for h in range(halves):
+                for e in range(E):
+                    rows = (ids == e).nonzero().flatten()
+                    ref[rows, h * n:(h + 1) * n] = x[rows // in_div].float() @ ws[e * halves + h].T
+            first = None
+            for tname, tile in (("16x64x1", (16, 64, 4, 1)), ("64x64x2", (64, 64, 4, 2)), ("64x64x1", (64, 64, 4, 1))):
+                y = torch.full((ids.numel(), halves * n), float("nan"), dtype=torch.bfloat16, device=DEV)
+                wmix.tiled(table, qw, sc, x, ids, in_div, y, wmix.TiledConfig(*tile), align)
+                sync()
+                e_ = per_token(y, ref)
+                bad = (e_ > 0.02).nonzero().flatten().tolist()
+                first = y if first is None else first
+                row = {"phase": "kernels", "sublayer": sub, "m": m, "rows": ids.numel(), "tile": tname,
+                       "worst": round(float(e_.max()), 5), "n_bad": len(bad), "bad_rows": bad[:12],
+                       "nan_rows": int(torch.isnan(y.float()).any(1).sum()), "equal_to_16x64": bool(torch.equal(y, first))}
                 print(json.dumps(row), flush=True)
                 out.append(row)
     return out
@@ -235,7 +296,7 @@ def main():
     gen = torch.Generator(device=DEV)
     gen.manual_seed(20261207)
     t0 = time.time()
-    rows = {"rows": rows_phase, "graph": graph_phase, "unrouted": unrouted_phase}[phase](gen)
+    rows = {"rows": rows_phase, "graph": graph_phase, "unrouted": unrouted_phase, "kernels": kernels_phase}[phase](gen)
     res = {"gpu": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "torch": torch.__version__, "phase": phase, "rows": rows,
            "seconds": round(time.time() - t0, 1)}
     json.dump(res, open(out, "w"), indent=1)
