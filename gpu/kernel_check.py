@@ -83,20 +83,27 @@ def errs(y, ref):
             "finite": bool(torch.isfinite(y).all())}
 
 
-def timed(fn, n=20):
-    """Median time (us) of ``fn`` captured in a CUDA graph and replayed, as vLLM serves decode: the device time
-    without Python's launch overhead (eager calls of these kernels are host-bound: ~100 us)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
+def capture(fn, pool=None):
+    """``fn`` run once on a side stream (as torch asks before a capture) and captured in a CUDA graph (in ``pool``
+    where given): (the graph, the output its replays write)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, pool=pool):
+        out = fn()
+    return g, out
+
+
+def timed(fn, n=20):
+    """Median time (us) of ``fn`` captured in a CUDA graph and replayed, as vLLM serves decode: the device time
+    without Python's launch overhead (eager calls of these kernels are host-bound: ~100 us)."""
+    for _ in range(3):
         fn()
+    torch.cuda.synchronize()
+    g, _ = capture(fn)
     g.replay()
     torch.cuda.synchronize()
     ts = []
@@ -307,14 +314,7 @@ def graph_case(gen, kernel="humming", m=8):
     ids = torch.rand(m, E, device=DEV, generator=gen).topk(k, dim=-1).indices.to(torch.int32)
     w = torch.rand(m, k, device=DEV, generator=gen)
     method.apply(layer, x, w, ids, None, None)            # warm-up (JIT) before capture
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        method.apply(layer, x, w, ids, None, None)
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        out = method.apply(layer, x, w, ids, None, None)
+    g, out = capture(lambda: method.apply(layer, x, w, ids, None, None))
     res = []
     for _ in range(3):
         x.copy_(torch.randn(m, hidden, device=DEV, generator=gen).to(torch.bfloat16))

@@ -231,14 +231,7 @@ def graph_phase(gen):
         x, ids, w = inputs(m, E, H, k, gen)
         method.apply(layer, x, w, ids, None, None)
         torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            method.apply(layer, x, w, ids, None, None)
-        torch.cuda.current_stream().wait_stream(s)
-        with torch.cuda.graph(g, pool=pool):
-            y = method.apply(layer, x, w, ids, None, None)
+        g, y = K.capture(lambda: method.apply(layer, x, w, ids, None, None), pool)
         torch.cuda.synchronize()
         graphs.append((m, g, x, ids, w, y))
         print(json.dumps({"phase": "graph", "captured": m, "path": decide.wmix_path(m * k, E)}), flush=True)

@@ -144,8 +144,8 @@ def test_wmix_zero_is_the_symmetric_constant(results):
 def test_wmix_rows_routed_to_no_expert_give_zeros(results):
     """A row whose expert id is outside [0, experts) (the layer's count, past it, -1) is read from no slot and gives
     zeros in both kernels (vLLM's align leaves such rows out of the tiled kernel's blocks; gemv once indexed the
-    slot table with them: a read past its end), and the other rows are unchanged. An unwritten row would stay NaN
-    (``run`` fills the output with NaN first)."""
+    slot table with them: a read past its end, which stopped the interpreted child with SIGSEGV before 732ab7b),
+    and the other rows are unchanged. An unwritten row would stay NaN (``run`` fills the output with NaN first)."""
     for kernel in ("gemv", "tiled"):
         zeros, err = results["unrouted"][kernel]
         assert zeros, kernel

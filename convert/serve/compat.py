@@ -233,9 +233,9 @@ MOE_KERNELS = ("humming", "wmix")
 def moe_kernel() -> str:
     """The kernel of a mixed-width MoE layer on a GPU: ``humming`` (one humming launch per width part, the parts on
     side streams; the default: measured on GPUs inside vLLM) or ``wmix`` (m3_convert.serve.wmix: one Triton launch
-    per sublayer reading every expert at its width; its kernels ran alone on an H100, exact, not yet inside vLLM, and
-    its tiled kernel is slow at 32 tokens and up: issue 25). ``M3_MOE_KERNEL`` chooses; any other value is
-    refused."""
+    per sublayer reading every expert at its width; its kernels ran alone on an H100, exact; inside vLLM 0.33 one
+    prompt position came out wrong and CUDA graphs faulted, and its tiled kernel is slow at 32 tokens and up:
+    issue 25, gpu/README.md). ``M3_MOE_KERNEL`` chooses; any other value is refused."""
     v = os.environ.get("M3_MOE_KERNEL", "humming").lower()
     if v not in MOE_KERNELS:
         raise ValueError(f"M3_MOE_KERNEL={v!r}: expected one of {', '.join(MOE_KERNELS)}")

@@ -299,8 +299,10 @@ def wmix_tile(rows: int, experts: int) -> tuple:
     16 x 64 beat every other tile of the sweep there (16 x 32, 32 x 64, 64 x 64, 64 x 32: 2423-5229 us for w13); at
     512 tokens (gpu/results/issue24-2026-12-07/kernels_moe.json, mixed) 16 x 64 at three stages took 5025.4 us, 64 x 64
     at two 6870.2. The 64 x 64 tile once chosen from 32 rows per expert on (a guess, never measured at its sizes) is
-    gone: the tiny mixed model served with it left the bf16 reference at one prompt position (gpu/README.md, sixth
-    session). ``rows`` and ``experts`` stay in the signature: the tile is the place a size-dependent choice would go."""
+    gone: slower where measured, and the tiny mixed model served with it (every prefill batch took it: 8 experts)
+    left the bf16 reference at one prompt position (gpu/README.md, sixth session; whether the tile caused that is
+    not measured yet: gpu/wmix_diag.py ``kernels``). ``rows`` and ``experts`` stay in the signature: the tile is the
+    place a size-dependent choice would go."""
     return (16, 64, 4, 1)
 
 

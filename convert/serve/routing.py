@@ -38,8 +38,18 @@ class CudaPlatform:
         from .methods import M3HummingMoEMethod, M3MarlinMoEMethod
         from .moe import HummingMoEKernel, WmixMoEKernel
         if d.kernel == decide.HUMMING:
-            return M3HummingMoEMethod(d, moe, WmixMoEKernel() if compat.moe_kernel() == "wmix" else HummingMoEKernel())
+            if compat.moe_kernel() == "wmix":
+                _wmix_warning()
+                return M3HummingMoEMethod(d, moe, WmixMoEKernel())
+            return M3HummingMoEMethod(d, moe, HummingMoEKernel())
         return M3MarlinMoEMethod(d, compat.marlin_moe_config(moe))
+
+
+@functools.lru_cache(maxsize=1)
+def _wmix_warning():
+    log.warning("m3_gptq: M3_MOE_KERNEL=wmix is for measuring, not serving: on vLLM 0.33 (H100, 2026-12-07) it served "
+                "one prompt position of the mixed test model far from the exact reference and faulted under vLLM's "
+                "CUDA-graph memory profile (gpu/README.md, issue 25)")
 
 
 @functools.lru_cache(maxsize=1)
