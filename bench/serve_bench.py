@@ -254,9 +254,23 @@ def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
 REAL_LAYERS, REAL_DENSE, REAL_VOCAB, HIDDEN = 60, 3, 200064, 6144
 
 
+#: a batch-1 step whose GPU is busy less than this share of it is host-bound (vLLM's CPU work per step sets it: on an
+#: H100 with vLLM 0.33, 2026-12-07, every arm at 4 layers ran 1.66-1.77 ms steps with the GPU busy 1.0-1.5 ms), so
+#: the step time's growth with depth understates a layer there
+HOST_BOUND = 0.9
+
+
+def _slope(xs, ys):
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
 def project(rows: list[dict], allreduce_us: float) -> list[dict]:
-    """Per arm with runs at two or more depths (same call): the step time's cost per added MoE layer (least squares
-    over the depths; the bench model is L0 dense + MoE layers) and batch-1 decode of the real 60-layer model:
+    """Per arm with runs at two or more depths (same call): the cost per added MoE layer (least squares over the
+    depths; the bench model is L0 dense + MoE layers) -- of the step time, or, where a depth's step is host-bound
+    (its profile's GPU-busy time under HOST_BOUND of the step) and every depth was profiled, of the GPU-busy time
+    (``slope_from`` says which; a host-bound arm without profiles keeps the step time's, flagged in
+    ``host_bound_depths``) -- and batch-1 decode of the real 60-layer model:
     deepest run + the missing MoE layers at that cost + the two more dense layers counted as MoE layers (their
     active bytes are alike: a 4-bit dense MLP 12288 wide against top-4 experts and the shared expert at ~3.2 bits)
     + the larger lm_head's extra bf16 bytes at the copy bandwidth measured in the run. TP 2: each layer's and the
@@ -269,8 +283,12 @@ def project(rows: list[dict], allreduce_us: float) -> list[dict]:
         if len({p[0] for p in pts}) < 2:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        busy = [(p[2].get("profile_bs1") or {}).get("gpu_busy_ms_per_step") for p in pts]
+        host_bound = [x for x, y, b in zip(xs, ys, busy) if b is not None and b < HOST_BOUND * y]
+        slope = step_slope = _slope(xs, ys)
+        slope_from = "step_time"
+        if host_bound and None not in busy:
+            slope, slope_from = _slope(xs, busy), "gpu_busy"
         deep_layers, deep_ms, deep = pts[-1]
         head_ms = (REAL_VOCAB - deep["vocab"]) * HIDDEN * 2 / deep["copy_bandwidth_Bps"] * 1e3
         tp1 = deep_ms + (REAL_LAYERS - deep_layers) * slope + head_ms
@@ -278,7 +296,9 @@ def project(rows: list[dict], allreduce_us: float) -> list[dict]:
         small_head_ms = deep["vocab"] * HIDDEN * 2 / deep["copy_bandwidth_Bps"] * 1e3
         tp2 = fixed - small_head_ms + (REAL_LAYERS * slope + small_head_ms + head_ms) / 2 \
             + REAL_LAYERS * 2 * allreduce_us / 1e3
-        out.append({"arm": arm, "depths": xs, "ms_per_moe_layer": round(slope, 4), "fixed_ms": round(fixed, 3),
+        out.append({"arm": arm, "depths": xs, "ms_per_moe_layer": round(slope, 4), "slope_from": slope_from,
+                    "step_ms_per_moe_layer": round(step_slope, 4), "host_bound_depths": host_bound,
+                    "fixed_ms": round(fixed, 3),
                     "head_extra_ms": round(head_ms, 3), "tp1_ms": round(tp1, 3), "tp1_tok_s": round(1e3 / tp1, 1),
                     "tp2_ms": round(tp2, 3), "tp2_tok_s": round(1e3 / tp2, 1), "allreduce_us": allreduce_us})
     return out
@@ -324,7 +344,8 @@ def main():
               f"{100 * r['decode_bs1_fraction_of_datasheet_hbm']:.0f}%; {100 * r['decode_bs1_fraction_of_measured_copy']:.0f}% |")
 
     for p in proj:
-        print(f"{p['arm']}: {1e3 * p['ms_per_moe_layer']:.1f} us per added MoE layer at batch 1 (depths {p['depths']}); "
+        print(f"{p['arm']}: {1e3 * p['ms_per_moe_layer']:.1f} us per added MoE layer at batch 1 (depths {p['depths']}, "
+              f"from the {p['slope_from'].replace('_', ' ')}; host-bound at {p['host_bound_depths'] or 'none'}); "
               f"60 layers: TP 1 {p['tp1_ms']} ms = {p['tp1_tok_s']} tok/s, TP 2 {p['tp2_ms']} ms = {p['tp2_tok_s']} "
               f"tok/s (all-reduce {p['allreduce_us']} us, assumed; head +{p['head_extra_ms']} ms at the copy bandwidth)")
 

@@ -136,3 +136,25 @@ def test_serve_bench_projects_the_real_depth_from_the_cost_per_layer():
     assert p["tp2_ms"] == pytest.approx(fixed - small_head + (60 * per_layer + head + small_head) / 2 + 60 * 2 * 0.010,
                                         abs=1e-3)
     assert p["tp1_tok_s"] == pytest.approx(1e3 / p["tp1_ms"], rel=1e-3)
+
+
+def test_serve_bench_takes_the_gpu_busy_slope_where_a_depth_is_host_bound():
+    """At 4 layers every arm's batch-1 step was held by vLLM's host work (H100, 2026-12-07: promoted 1.772 ms steps
+    with the GPU busy 1.035 ms; 1.993 / 1.988 at 8 layers), so the step time grew 55 us per added MoE layer where
+    the GPU's work grew 238 us. With every depth profiled the projection takes the GPU-busy slope and says so; without
+    profiles it keeps the step time's and names the host-bound depths only where it can tell (none here)."""
+    sb = _load(ROOT / "bench" / "serve_bench.py")
+    prof = lambda b: {"gpu_busy_ms_per_step": b}  # noqa: E731
+    rows = [dict(arm="promoted", layers=4, vocab=32768, decode_bs1_ms_per_step=1.772, copy_bandwidth_Bps=3e12,
+                 profile_bs1=prof(1.035)),
+            dict(arm="promoted", layers=8, vocab=32768, decode_bs1_ms_per_step=1.993, copy_bandwidth_Bps=3e12,
+                 profile_bs1=prof(1.988))]
+    (p,) = sb.project(rows, allreduce_us=10.0)
+    assert p["slope_from"] == "gpu_busy" and p["host_bound_depths"] == [4]
+    assert p["ms_per_moe_layer"] == pytest.approx((1.988 - 1.035) / 4, abs=1e-4)       # rounded to 0.1 us
+    assert p["step_ms_per_moe_layer"] == pytest.approx((1.993 - 1.772) / 4, abs=1e-4)
+    head = (200064 - 32768) * 6144 * 2 / 3e12 * 1e3
+    assert p["tp1_ms"] == pytest.approx(1.993 + 52 * (1.988 - 1.035) / 4 + head, abs=1e-3)
+    (q,) = sb.project([{k: v for k, v in r.items() if k != "profile_bs1"} for r in rows], allreduce_us=10.0)
+    assert q["slope_from"] == "step_time" and q["host_bound_depths"] == []
+    assert q["ms_per_moe_layer"] == pytest.approx((1.993 - 1.772) / 4, abs=1e-4)
