@@ -32,8 +32,9 @@ With ``M3_BENCH_PROFILE=1`` each arm also profiles one batch-1 generation (:func
 time per step, kernels per step, top kernels, launches outside CUDA graphs).
 
 With several depths (``--layers 4,8``), every arm runs at each depth in the same call, and the summary adds each
-arm's cost per added MoE layer (the difference of two depths' step times over the layers added) and the 60-layer
-projection of :func:`project` (issue 25 item 4), with its assumptions printed beside it.
+arm's cost per added MoE layer (the growth of the step time over the layers added, or of the GPU-busy time where a
+shallow depth's step is host-bound: :func:`project`) and the 60-layer projection of :func:`project` (issue 25 item
+4), with its assumptions printed beside it.
 
 Per arm: GPU bytes of the weights, decode tokens/s at batch 1 and 32 (CUDA graphs on unless ``--eager``),
 prefill tokens/s of a 2048-token prompt, and for batch-1 decode the bytes of weights one token reads (every
@@ -266,12 +267,13 @@ def _slope(xs, ys):
 
 
 def project(rows: list[dict], allreduce_us: float) -> list[dict]:
-    """Per arm with runs at two or more depths (same call): the cost per added MoE layer (least squares over the
+    """Per arm with runs at two or more depths: the cost per added MoE layer (least squares over the
     depths; the bench model is L0 dense + MoE layers) -- of the step time, or, where a depth's step is host-bound
     (its profile's GPU-busy time under HOST_BOUND of the step) and every depth was profiled, of the GPU-busy time
     (``slope_from`` says which; a host-bound arm without profiles keeps the step time's, flagged in
     ``host_bound_depths``) -- and batch-1 decode of the real 60-layer model:
-    deepest run + the missing MoE layers at that cost + the two more dense layers counted as MoE layers (their
+    deepest run (its step time; its GPU-busy time where the slope is the GPU-busy one: the 60-layer model is
+    GPU-bound) + the missing MoE layers at that cost + the two more dense layers counted as MoE layers (their
     active bytes are alike: a 4-bit dense MLP 12288 wide against top-4 experts and the shared expert at ~3.2 bits)
     + the larger lm_head's extra bf16 bytes at the copy bandwidth measured in the run. TP 2: each layer's and the
     head's time halves (bandwidth-bound: each GPU reads half the weights), plus two all-reduces a layer of
@@ -290,6 +292,8 @@ def project(rows: list[dict], allreduce_us: float) -> list[dict]:
         if host_bound and None not in busy:
             slope, slope_from = _slope(xs, busy), "gpu_busy"
         deep_layers, deep_ms, deep = pts[-1]
+        if slope_from == "gpu_busy":
+            deep_ms = busy[-1]
         head_ms = (REAL_VOCAB - deep["vocab"]) * HIDDEN * 2 / deep["copy_bandwidth_Bps"] * 1e3
         tp1 = deep_ms + (REAL_LAYERS - deep_layers) * slope + head_ms
         fixed = deep_ms - deep_layers * slope            # what does not grow with depth: the bench's head, sampling, ...

@@ -71,7 +71,7 @@ PY
       find /tmp/site/humming/include -type f -exec touch -d @946684800 {} + || exit 1
     fi
     if [ -f /tmp/stage/jit.tgz ] && [ ! -d /tmp/jit ]; then   # staged from an earlier machine's `jit`
-      tar xzf /tmp/stage/jit.tgz -C /tmp && echo "jit cache carried: $(find /tmp/jit -name '*.cubin' | wc -l) humming cubins, $(du -sh /tmp/jit | cut -f1)"
+      tar xzf /tmp/stage/jit.tgz -C /tmp && echo "jit cache carried: $(find /tmp/jit/humming -name '*.cubin' | wc -l) humming cubins, $(find /tmp/jit/triton -name '*.cubin' | wc -l) Triton's, $(du -sh /tmp/jit | cut -f1)"
     fi
     rm -rf /tmp/m3site
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/m3site . || exit 1
@@ -126,11 +126,11 @@ PY
   jit)       # the compiled kernels as $OUT/jit.tgz.NN (15 MiB pieces: a file over 16 MiB does not come back); here
              # `cat jit.tgz.* > .stage/jit.tgz`, staged as one file with the parts
     tar czf /tmp/jit.tgz -C /tmp jit && split -b 15M -d /tmp/jit.tgz "$OUT/jit.tgz." || exit 1
-    echo "jit.tgz $(du -h /tmp/jit.tgz | cut -f1) in $(ls "$OUT"/jit.tgz.* | wc -l) pieces, sha256 $(sha256sum /tmp/jit.tgz | cut -c1-16): $(find /tmp/jit -name '*.cubin' | wc -l) humming cubins"
+    echo "jit.tgz $(du -h /tmp/jit.tgz | cut -f1) in $(ls "$OUT"/jit.tgz.* | wc -l) pieces, sha256 $(sha256sum /tmp/jit.tgz | cut -c1-16): $(find /tmp/jit/humming -name '*.cubin' | wc -l) humming cubins, $(find /tmp/jit/triton -name '*.cubin' | wc -l) Triton's"
     exit 0 ;;
   wmixdiag)  # gpu/wmix_diag.py: the phases named (rows, unrouted, graph), each in its own process (a fault ends one)
     for ph in "$@"; do
-      timeout 240 python3 gpu/wmix_diag.py "$RES/wmix_diag_$ph.json" "$ph" 2>&1 | grep --line-buffered -v "^\s*$" | grep --line-buffered -v "Warning\|warn(" | cut -c1-600
+      timeout 240 python3 gpu/wmix_diag.py "$RES/wmix_diag_$ph.json" "$ph" 2>&1 | grep --line-buffered -v "^\s*$" | grep --line-buffered -v "UserWarning\|warn(" | cut -c1-600
     done
     ;;
   compare)

@@ -161,30 +161,15 @@ def kernels_phase(gen):
     """No vLLM (the image's torch and Triton): wmix.tiled alone, each sublayer of a gpu_mixed-sized layer (8
     experts, every slot its own width, K = N = 256, group 128), every row of the batch against ``x @ W^T`` of the
     exact decode, at each tile, aligned by wmix.align_reference (the torch version, on the host)."""
-    import numpy as np
-
-    from m3_convert import gptq
-    rng = np.random.default_rng(7)
+    from wmix_slots import make_slots
     E, n, k, group = 8, 256, 256, 128
     out = []
     for sub, halves, in_div in (("w13", 2, 8), ("w2", 1, 1)):
         bits = [decide.QUANT_BITS[(3 * i + 1) % 4] for i in range(E * halves)]
-        qws, scs, ws, qoff, soff, oq, os_ = [], [], [], [], [], 0, 0
-        for b in bits:
-            qw = gptq.pack_qweight(rng.integers(0, 1 << b, size=(k, n)), b)
-            qz = gptq.pack_qzeros(np.full((k // group, n), (1 << (b - 1)) - 1), b)
-            sc = ((rng.random((k // group, n)) + 0.5) / ((1 << (b - 1)) * np.sqrt(k))
-                  * rng.choice([-1.0, 1.0], size=(k // group, n))).astype(np.float16)
-            ws.append(torch.from_numpy(gptq.dequantize(qw, qz, sc)).float().to(DEV))
-            qws.append(torch.from_numpy(qw.reshape(-1).copy()))
-            scs.append(torch.from_numpy(sc.reshape(-1).copy()))
-            qoff.append(oq)
-            soff.append(os_)
-            oq, os_ = oq + qw.size, os_ + sc.size
-        table = wmix.SlotTable(torch.tensor(bits, dtype=torch.int32, device=DEV), torch.tensor(qoff, device=DEV),
-                               torch.tensor(soff, device=DEV), n, k, group, halves)
-        qw, sc = torch.cat(qws).to(DEV), torch.cat(scs).to(DEV)
-        align = lambda i, b, e: tuple(t.to(i.device) for t in wmix.align_reference(i.cpu(), b, e))  # noqa: E731
+        t, qw, sc, ws = make_slots(wmix, bits, n, k, group, halves, seed=7)
+        table = wmix.SlotTable(t.bits.to(DEV), t.qoff.to(DEV), t.soff.to(DEV), n, k, group, halves)
+        qw, sc, ws = qw.to(DEV), sc.to(DEV), [w.float().to(DEV) for w in ws]
+        align = lambda i, b, e: tuple(a.to(i.device) for a in wmix.align_reference(i.cpu(), b, e))  # noqa: E731
         for m in (199, 699, 984):
             ids = torch.rand(m, E, device=DEV, generator=gen).topk(8, dim=-1).indices.to(torch.int32).reshape(-1)
             x = torch.randn(m * 8 // in_div, k, device=DEV, generator=gen).to(torch.bfloat16)
@@ -270,9 +255,9 @@ def unrouted_phase(gen):
         bad = torch.zeros_like(ids, dtype=torch.bool)
         bad[0, 0] = True
         bad[-1, -1] = True
-        # -1 only where gemv reads the ids: vLLM's align kernel (the tiled path) indexes its counts with them
-        worst = [[E, -1, E + 7, -1]] if decide.wmix_path(m * k, E) == "gemv" else [[E, E + 1, E + 7, E + 2]]
-        ids_bad = torch.where(bad, torch.tensor(worst, device=DEV, dtype=torch.int32)[:, :k], ids)
+        # past the experts and -1 (wmix.tiled turns a negative id into the expert count before vLLM's align, which
+        # indexes its counts with a negative one)
+        ids_bad = torch.where(bad, torch.tensor([[E, -1, E + 7, -1]], device=DEV, dtype=torch.int32)[:, :k], ids)
         y = method.apply(layer, x, w, ids_bad, None, None)
         y0 = method.apply(layer, x, torch.where(bad, 0.0, w), torch.where(bad, 0, ids), None, None)
         sync()

@@ -141,7 +141,8 @@ def test_serve_bench_projects_the_real_depth_from_the_cost_per_layer():
 def test_serve_bench_takes_the_gpu_busy_slope_where_a_depth_is_host_bound():
     """At 4 layers every arm's batch-1 step was held by vLLM's host work (H100, 2026-12-07: promoted 1.772 ms steps
     with the GPU busy 1.035 ms; 1.993 / 1.988 at 8 layers), so the step time grew 55 us per added MoE layer where
-    the GPU's work grew 238 us. With every depth profiled the projection takes the GPU-busy slope and says so; without
+    the GPU's work grew 238 us. With every depth profiled the projection takes the GPU-busy slope, from the deepest
+    run's GPU-busy time, and says so; without
     profiles it keeps the step time's and names the host-bound depths only where it can tell (none here)."""
     sb = _load(ROOT / "bench" / "serve_bench.py")
     prof = lambda b: {"gpu_busy_ms_per_step": b}  # noqa: E731
@@ -154,7 +155,7 @@ def test_serve_bench_takes_the_gpu_busy_slope_where_a_depth_is_host_bound():
     assert p["ms_per_moe_layer"] == pytest.approx((1.988 - 1.035) / 4, abs=1e-4)       # rounded to 0.1 us
     assert p["step_ms_per_moe_layer"] == pytest.approx((1.993 - 1.772) / 4, abs=1e-4)
     head = (200064 - 32768) * 6144 * 2 / 3e12 * 1e3
-    assert p["tp1_ms"] == pytest.approx(1.993 + 52 * (1.988 - 1.035) / 4 + head, abs=1e-3)
+    assert p["tp1_ms"] == pytest.approx(1.988 + 52 * (1.988 - 1.035) / 4 + head, abs=1e-3)   # from the GPU busy
     (q,) = sb.project([{k: v for k, v in r.items() if k != "profile_bs1"} for r in rows], allreduce_us=10.0)
     assert q["slope_from"] == "step_time" and q["host_bound_depths"] == []
     assert q["ms_per_moe_layer"] == pytest.approx((1.993 - 1.772) / 4, abs=1e-4)
@@ -178,3 +179,19 @@ def test_serve_check_moe_check_holds_a_forward_context():
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.split()[-3:] == ["True", "True", "False"], p.stdout
+
+
+def test_wmix_diag_runs_its_unrouted_phase_on_the_cpu(tmp_path):
+    """gpu/wmix_diag.py, the next GPU call's diagnosis script, run on the CPU (M3_DIAG_CPU=1, the interpreter, small
+    shapes) through the plugin's wmix method: its ``unrouted`` phase finds that rows routed to no expert (the
+    expert count, past it, -1) add nothing at a gemv size and at tiled sizes. A crash here would cost a device start."""
+    need_vllm()
+    out = tmp_path / "u.json"
+    env = dict(os.environ, M3_DIAG_CPU="1", TRITON_INTERPRET="1", PYTHONPATH=str(ROOT / "verify" / "_cpu_site"))
+    p = subprocess.run([sys.executable, str(ROOT / "gpu" / "wmix_diag.py"), str(out), "unrouted"], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    import json
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["path"] for r in rows] == ["gemv", "tiled", "tiled"]
+    assert all(r["adds_nothing"] and r["finite"] for r in rows), rows

