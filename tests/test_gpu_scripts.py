@@ -161,6 +161,7 @@ def test_serve_bench_takes_the_gpu_busy_slope_where_a_depth_is_host_bound():
     assert q["ms_per_moe_layer"] == pytest.approx((1.993 - 1.772) / 4, abs=1e-4)
 
 
+@pytest.mark.vllm
 def test_serve_check_moe_check_holds_a_forward_context():
     """gpu/serve_check.py's per-layer MoE check calls each layer's method outside a forward; vLLM 0.33's own experts
     (the stock target's HummingIndexedExperts) read the forward context ("Forward context is not set" on the H100,
@@ -181,6 +182,7 @@ def test_serve_check_moe_check_holds_a_forward_context():
     assert p.stdout.split()[-3:] == ["True", "True", "False"], p.stdout
 
 
+@pytest.mark.vllm
 def test_wmix_diag_runs_its_unrouted_phase_on_the_cpu(tmp_path):
     """gpu/wmix_diag.py, the next GPU call's diagnosis script, run on the CPU (M3_DIAG_CPU=1, the interpreter, small
     shapes) through the plugin's wmix method: its ``unrouted`` phase finds that rows routed to no expert (the
