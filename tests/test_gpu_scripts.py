@@ -139,11 +139,11 @@ def test_serve_bench_projects_the_real_depth_from_the_cost_per_layer():
 
 
 def test_serve_bench_takes_the_gpu_busy_slope_where_a_depth_is_host_bound():
-    """At 4 layers every arm's batch-1 step was held by vLLM's host work (H100, 2026-12-07: promoted 1.772 ms steps
-    with the GPU busy 1.035 ms; 1.993 / 1.988 at 8 layers), so the step time grew 55 us per added MoE layer where
+    """At 4 layers every arm's batch-1 step left the GPU idle part of the time (host-bound, inferred; H100,
+    2026-12-07: promoted 1.772 ms steps with the GPU busy 1.035 ms; 1.993 / 1.988 at 8 layers), so the step time grew 55 us per added MoE layer where
     the GPU's work grew 238 us. With every depth profiled the projection takes the GPU-busy slope, from the deepest
-    run's GPU-busy time, and says so; without
-    profiles it keeps the step time's and names the host-bound depths only where it can tell (none here)."""
+    run's GPU-busy time, and says so; without profiles it keeps the step time's and names the host-bound depths only
+    where it can tell (none here)."""
     sb = _load(ROOT / "bench" / "serve_bench.py")
     prof = lambda b: {"gpu_busy_ms_per_step": b}  # noqa: E731
     rows = [dict(arm="promoted", layers=4, vocab=32768, decode_bs1_ms_per_step=1.772, copy_bandwidth_Bps=3e12,

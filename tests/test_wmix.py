@@ -124,9 +124,10 @@ def test_wmix_zero_is_the_symmetric_constant(results):
 
 def test_wmix_rows_routed_to_no_expert_give_zeros(results):
     """A row whose expert id is outside [0, experts) (the layer's count, past it, -1) is read from no slot and gives
-    zeros in both kernels (vLLM's align leaves such rows out of the tiled kernel's blocks; gemv once indexed the
-    slot table with them: a read past its end, which stopped the interpreted child with SIGSEGV before 732ab7b),
-    and the other rows are unchanged. An unwritten row would stay NaN (``run`` fills the output with NaN first)."""
+    zeros in both kernels (vLLM's align leaves ids past the experts out of the tiled kernel's blocks; the tiled path
+    turns a negative one into the expert count first, as the torch align, like vLLM's, cannot take it; gemv once
+    indexed the slot table with them: a read past its end, which stopped the interpreted child with SIGSEGV before
+    732ab7b), and the other rows are unchanged. An unwritten row would stay NaN (``run`` fills the output with NaN first)."""
     for kernel in ("gemv", "tiled"):
         zeros, err = results["unrouted"][kernel]
         assert zeros, kernel
@@ -193,6 +194,8 @@ def test_align_takes_topk_ids_as_vllm_reads_them():
     got = wmix.align_reference(ids, 4, 4)
     assert [t.tolist() for t in got] == [[2, 6, 6, 6, 1, 4, 5, 6, 0, 3, 6, 6] + [6] * 8, [0, 1, 3, -1, -1], [12]]
     assert all(torch.equal(a, b) for a, b in zip(got, wmix.align_reference(ids.view(-1, 1), 4, 4)))
+    with pytest.raises(ValueError, match="negative expert id"):
+        wmix.align_reference(torch.tensor([[1], [-1]], dtype=torch.int32), 4, 4)
 
 
 def test_slot_table_promises_16_alignment_only_when_every_offset_has_it():

@@ -494,10 +494,14 @@ def interpreting() -> bool:
 def align_reference(ids, block_m: int, experts: int):
     """vLLM's moe_align_block_size in torch, for the CPU (host-synchronising: tests only): rows sorted by expert
     (stable), each expert's padded to a multiple of ``block_m`` with ``ids.numel()``, at the same maximal sizes.
-    ``ids`` as vLLM's op takes them, [tokens, top_k] (flat rows as [rows, 1]; compat.check_topk_ids)."""
+    ``ids`` as vLLM's op takes them, [tokens, top_k] (flat rows as [rows, 1]; compat.check_topk_ids), none negative:
+    vLLM's op leaves out ids past the experts but indexes its counts with a negative one, so this version refuses
+    one (the CPU tests then catch a negative id reaching the align)."""
     from .compat import check_topk_ids
     check_topk_ids(ids)
     flat = ids.reshape(-1).to(torch.int64)
+    if bool((flat < 0).any()):
+        raise ValueError("align: a negative expert id; vLLM's moe_align_block_size would index its counts with it")
     total = flat.numel()
     cap = total + experts * (block_m - 1)
     cap = -(-cap // block_m) * block_m
