@@ -368,36 +368,54 @@ PAIRS = [  # (run, reference, what it measures)
 ]
 
 
-def distance(a, b):
-    """greedy: shared prefix of the 32 generated tokens per prompt; prompt logprobs: |diff| per position."""
+def distance(a, b, ties=None):
+    """greedy: shared prefix of the 32 generated tokens per prompt; prompt logprobs: |diff| per position. ``ties``
+    (gpu/indexer_ties.py's output for these prompts): the maximum outside the positions whose sparse-attention
+    block choice is a near-tie is reported beside the maximum (``max_untied``), where the prompt lengths match."""
     import statistics
     agree, total, per_prompt = 0, 0, []
-    for x, y in zip(a["rows"], b["rows"]):
+    for j, (x, y) in enumerate(zip(a["rows"], b["rows"])):
         n = min(len(x["tokens"]), len(y["tokens"]))
         same = next((i for i in range(n) if x["tokens"][i] != y["tokens"][i]), n)
         agree += same
         total += n
         m = min(len(x["prompt_logprobs"]), len(y["prompt_logprobs"]))
         d = [abs(p - q) for p, q in zip(x["prompt_logprobs"][-m:], y["prompt_logprobs"][-m:])]
-        per_prompt.append({"prompt_len": m + 1, "greedy_prefix": same, "max": round(max(d), 4),
-                           "median": round(statistics.median(d), 4), "positions_over_1": sum(v > 1 for v in d)})
-    return {"greedy_prefix_agreement": f"{agree}/{total}",
-            "max_abs_prompt_logprob_diff": max(p["max"] for p in per_prompt),
-            "median_abs_prompt_logprob_diff": round(statistics.median(p["median"] for p in per_prompt), 4),
-            "per_prompt": per_prompt}
+        row = {"prompt_len": m + 1, "greedy_prefix": same, "max": round(max(d), 4),
+               "median": round(statistics.median(d), 4), "positions_over_1": sum(v > 1 for v in d)}
+        tp = ties["prompts"][j] if ties and j < len(ties["prompts"]) else None
+        if tp is not None and tp["len"] == m + 1:        # index i = the logprob of token i + 1 = query i
+            tied = set(tp["near_tie_queries"])
+            row["max_untied"] = round(max(v for i, v in enumerate(d) if i not in tied), 4)
+            row["worst_position"] = max(range(m), key=d.__getitem__)
+            row["worst_is_near_tie"] = row["worst_position"] in tied
+        per_prompt.append(row)
+    out = {"greedy_prefix_agreement": f"{agree}/{total}",
+           "max_abs_prompt_logprob_diff": max(p["max"] for p in per_prompt),
+           "median_abs_prompt_logprob_diff": round(statistics.median(p["median"] for p in per_prompt), 4),
+           "per_prompt": per_prompt}
+    untied = [p.get("max_untied", p["max"]) for p in per_prompt]
+    if any("max_untied" in p for p in per_prompt):
+        out["max_abs_prompt_logprob_diff_untied"] = max(untied)
+    return out
 
 
-def compare(out):
+def compare(out, ties_file=None):
+    """Every pair of PAIRS whose runs are in ``out``; with ``ties_file`` (gpu/indexer_ties.py's output, e.g.
+    gpu/results/indexer_ties_gpu_mixed.json) also each pair's maximum outside the near-tie positions of its prompts."""
+    ties = json.load(open(ties_file)) if ties_file else None
     runs = {f[:-5]: json.load(open(os.path.join(out, f))) for f in os.listdir(out)
             if f.endswith(".json") and f != "summary.json"}
     summary = {}
     for a, b, what in PAIRS:
         if a in runs and b in runs:
-            summary[f"{a} vs {b}"] = {"what": what, **distance(runs[a], runs[b])}
+            summary[f"{a} vs {b}"] = {"what": what, **distance(runs[a], runs[b], ties)}
     json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
     for k, v in summary.items():
+        untied = v.get("max_abs_prompt_logprob_diff_untied")
         print(f"{k:14s} greedy {v['greedy_prefix_agreement']:>8s}  max {v['max_abs_prompt_logprob_diff']:8.4f}  "
-              f"median {v['median_abs_prompt_logprob_diff']:7.4f}  per prompt (prefix/max/median): "
+              + (f"max outside near-ties {untied:8.4f}  " if untied is not None else "")
+              + f"median {v['median_abs_prompt_logprob_diff']:7.4f}  per prompt (prefix/max/median): "
               + " ".join(f"{p['greedy_prefix']}/{p['max']:.3g}/{p['median']:.3g}" for p in v["per_prompt"]))
 
 
@@ -408,6 +426,6 @@ if __name__ == "__main__":
     elif mode == "hf":
         run_hf(*sys.argv[2:8])
     elif mode == "compare":
-        compare(sys.argv[2])
+        compare(*sys.argv[2:4])
     else:
         raise SystemExit(__doc__)

@@ -6,17 +6,21 @@
 (``kernels`` needs no vLLM: ``mkdir -p /tmp/m3p && ln -sfn $PWD/convert /tmp/m3p/m3_convert && PYTHONPATH=/tmp/m3p
 python3 gpu/wmix_diag.py $OUT/k.json kernels`` on the bare image.)
 
+What they turned out to be (seventh session, gpu/README.md): the graph fault was gemv reading the slot table at
+id -1, which vLLM's routers give every padding token (every token of a CUDA-graph capture); the one far position
+is a near-tie of the sparse-attention block choice (gpu/indexer_ties.py), no kernel's error: every row below is
+at the bf16 floor at every size, tile and align.
+
 * ``rows``: gpu_mixed served with ``M3_MOE_KERNEL=wmix`` gave the 700-token prompt's position 393 a logprob 2.7
-  away from both the humming path and the exact bf16 de-quantization (every other position within 0.25). Here a
-  layer of gpu_mixed's size (8 experts, 256 -> 2 x 256 -> 256, top-8, group 128, widths mixed within an expert),
-  at that run's batch sizes, every token's output against ``x @ W^T`` of the exact decode (per token: max |error| /
-  max |reference|, beside the bf16 path's), for each tiled tile (decide's, and the 64 x 64 tile decide chose
-  from 32 rows per expert until then) and each align (vLLM's op; wmix.align_reference, the CPU tests' torch
-  version, on the GPU's ids).
+  away from both the humming path and the exact bf16 de-quantization. Here a layer of gpu_mixed's size (8
+  experts, 256 -> 2 x 256 -> 256, top-8, group 128, widths mixed within an expert), at that run's batch sizes,
+  every token's output against ``x @ W^T`` of the exact decode (per token: max |error| / max |reference|, beside
+  the bf16 path's), for each tiled tile (decide's, and 64 x 64 with the default load at two and one stages) and
+  each align (vLLM's op; wmix.align_reference, the CPU tests' torch version, on the GPU's ids).
 * ``graph``: ``bench/serve_bench.py``'s native_wmix arm stopped with an illegal memory access in vLLM's CUDA-graph
   memory profile (eager ran). Here the mixed layer at M3's shapes (128 experts, 6144 -> 2 x 3072 -> 6144, top-4)
   captured at every size vLLM captures and larger, all in one pool, then replayed on new inputs against eager;
-  and at prefill sizes the outputs of decide's tile and the 64 x 64 tile compared bit for bit.
+  and at prefill sizes the outputs of decide's tile and the 64 x 64 tiles compared bit for bit.
 * ``unrouted``: rows routed to no expert of the layer (ids E and -1) at gemv and tiled sizes: those rows must
   add nothing (the output equals the one with those rows' weights 0 and their ids 0), and nothing faults.
 

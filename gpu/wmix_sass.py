@@ -165,8 +165,9 @@ def local_in_loops(sass: str) -> int:
 
 def launches(tokens: int = 1):
     """Every kernel and option of one MoE layer, as (name, kernel, args, constexprs, config): gemv at ``tokens``
-    tokens with decide's K split, prefetch off and on; the reduce; the tiled kernel at decide's tile, with
-    each of wmix.TILED_LOADS (for tests/test_wmix.py: each must compile; not what one batch launches: :func:`serving`)."""
+    tokens with decide's K split, prefetch off and on; the reduce; the tiled kernel at decide's small tile, with
+    each of wmix.TILED_LOADS, and at its prefill tile with its load (for tests/test_wmix.py: each must compile; not
+    what one batch launches: :func:`serving`)."""
     out = []
     for sub in SUBLAYERS:
         gargs, targs = _args(sub, tokens)
@@ -174,9 +175,9 @@ def launches(tokens: int = 1):
         out.append((f"{sub} gemv", *_gemv_launch(sub, gargs, gcfg)))
         out.append((f"{sub} gemv prefetch", *_gemv_launch(sub, gargs, dataclasses.replace(gcfg, prefetch=True))))
         out.append((f"{sub} reduce", *_reduce_launch(sub, gargs, dataclasses.replace(gcfg, split=max(gcfg.split, 2)))))
-        for load in wmix.TILED_LOADS:                     # decide's tile (one for every batch size)
-            tag = "" if load == wmix.TiledConfig.load else f" {load}"
-            tcfg = dataclasses.replace(wmix.TiledConfig(*decide.wmix_tile(TOPK * 8192, 128)), load=load)
+        small, large = (wmix.TiledConfig(*decide.wmix_tile(TOPK * t, 128)) for t in (64, 8192))
+        for tcfg in [dataclasses.replace(small, load=load) for load in wmix.TILED_LOADS] + [large]:
+            tag = "" if tcfg.load == wmix.TiledConfig.load else f" {tcfg.load}"    # decide's two tiles
             out.append((f"{sub} tiled {tcfg.block_m}x{tcfg.block_n}{tag}", *_tiled_launch(sub, targs, tcfg)))
     return out
 

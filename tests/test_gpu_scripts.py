@@ -197,3 +197,35 @@ def test_wmix_diag_runs_its_unrouted_phase_on_the_cpu(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["path"] for r in rows] == ["gemv", "tiled", "tiled"]
     assert all(r["adds_nothing"] and r["finite"] for r in rows), rows
+
+
+def test_serve_check_reports_the_maximum_outside_indexer_near_ties():
+    """gpu/serve_check.py ``compare`` with gpu/indexer_ties.py's output: each pair's maximum |Δ logprob| outside the
+    positions whose sparse-attention block choice is a near-tie in float32 (margin under indexer_ties.TIE), beside
+    the maximum. On the committed H100 runs of gpu_mixed (vLLM 0.33, 2026-12-07): wmix's one large difference
+    from the exact bf16 reference (2.70, the 700-token prompt's position 393) is such a position (forcing the
+    runner-up block there in float32 gives -3.650; wmix gave -3.588), and outside them wmix is as close to the
+    reference as humming's path (0.236 against 0.218) while the planted bug stays far (2.92, its worst position no
+    tie). A difference at a position that is no tie is kept."""
+    sc = _load(ROOT / "gpu" / "serve_check.py")
+    import json
+    res = ROOT / "gpu" / "results"
+    ties = json.load(open(res / "indexer_ties_gpu_mixed.json"))
+    run = lambda p: json.load(open(res / p))           # noqa: E731
+    bf16 = run("issue24-2026-12-07/mixed_bf16.json")
+    wmix = sc.distance(run("issue25-2026-12-07d/mixed_wmix.json"), bf16, ties)
+    humming = sc.distance(run("issue25-2026-12-07d/mixed.json"), bf16, ties)
+    bug = sc.distance(run("issue24-2026-12-07/mixed_bug.json"), bf16, ties)
+    assert wmix["max_abs_prompt_logprob_diff"] > 2.5
+    assert wmix["per_prompt"][3]["worst_position"] == 393 and wmix["per_prompt"][3]["worst_is_near_tie"]
+    assert wmix["max_abs_prompt_logprob_diff_untied"] < 0.3
+    assert humming["max_abs_prompt_logprob_diff_untied"] < 0.3
+    assert bug["max_abs_prompt_logprob_diff_untied"] > 2.5
+    assert 393 in ties["prompts"][3]["near_tie_queries"]
+    flip = next(f for f in ties["flips"] if f["query"] == 393 and f["margin"] < ties["tie"])
+    assert abs(flip["logprob_runner_up_forced"] - (-3.588)) < 0.1
+    # a spike outside the near-ties stays in the untied maximum
+    spiked = json.loads(json.dumps(bf16))
+    q = next(i for i in range(699) if i not in set(ties["prompts"][3]["near_tie_queries"]))
+    spiked["rows"][3]["prompt_logprobs"][q] += 5.0
+    assert sc.distance(spiked, bf16, ties)["max_abs_prompt_logprob_diff_untied"] == 5.0

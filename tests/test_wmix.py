@@ -77,6 +77,7 @@ CASES = [
     ("tiled", 2, [2, 3, 4, 8, 8, 4, 3, 2], 96, 256, 128, dict(block_m=16, block_n=32, load="words")),
     ("tiled", 2, [2, 3, 4, 8, 8, 4, 3, 2], 96, 256, 128, dict(block_m=16, block_n=32, load="gather")),
     ("tiled", 1, [3, 8, 2, 4], 160, 128, 64, dict(block_m=16, block_n=64)),
+    ("tiled", 2, [2, 3, 4, 8, 8, 4, 3, 2], 96, 256, 128, dict(block_m=64, block_n=64, load="words")),   # decide's prefill tile
 ]
 
 
@@ -136,7 +137,7 @@ def test_wmix_rows_routed_to_no_expert_give_zeros(results):
 
 def test_wmix_compiles_for_hopper():
     """Every wmix kernel and option (gemv with decide's K split at one token, prefetch off and on; the tiled
-    kernel at decide's tile, with each of wmix.TILED_LOADS), specialised as a launch at M3's MoE shapes is, compiles for sm_90 with Triton's own
+    kernel at decide's small tile, with each of wmix.TILED_LOADS, and at its prefill tile), specialised as a launch at M3's MoE shapes is, compiles for sm_90 with Triton's own
     compiler (no GPU needed; gpu/wmix_sass.py): the interpreter runs programs the compiler refuses (a Python global
     inside a kernel did). Each fits an SM's shared memory (a large tile of decide's once did not: it did not launch
     on the H100), no kernel spills to local memory inside a loop (gpu/wmix_sass.local_in_loops; w13's tiled "fields"
@@ -158,15 +159,16 @@ def test_wmix_compiles_for_hopper():
         if name.endswith("tiled 16x64"):          # the default load at decide's decode tile: latency hidden by warps
             warps = cfg.warps * wmix_sass.occupancy(r["regs"], kernel.metadata.shared, cfg.warps)
             assert warps >= 16, (name, r["regs"], kernel.metadata.shared, warps)
-    kinds = ("gemv", "gemv prefetch", "reduce") + tuple(f"tiled 16x64{load}" for load in ("", " words", " gather"))
+    kinds = ("gemv", "gemv prefetch", "reduce", "tiled 64x64 words") + tuple(f"tiled 16x64{load}"
+                                                                            for load in ("", " words", " gather"))
     assert seen == {f"{s} {k}": 0 for s in ("w13", "w2") for k in kinds}, seen
 
 
 def test_serving_compiles_a_bounded_set():
     """A first start compiles the wmix kernels once per specialisation Triton keys its cache by (gpu/wmix_sass.py
     ``variants``, which specialises as Triton's JIT does): over every batch from 1 to 8192 tokens that is gemv at
-    splits 4, 2, 1 (decide's, 132 SMs), their reduces, and the tiled kernel at decide's tile, per sublayer:
-    12, whatever the depth of the model or the mix of widths (a slot's width is data the kernel reads). The batch's
+    splits 4, 2, 1 (decide's, 132 SMs), their reduces, and the tiled kernel at decide's two tiles, per sublayer:
+    14, whatever the depth of the model or the mix of widths (a slot's width is data the kernel reads). The batch's
     row count is not specialised on (``do_not_specialize``): it would split each tile in two by its divisibility
     by 16."""
     need_vllm()
@@ -174,7 +176,8 @@ def test_serving_compiles_a_bounded_set():
     import wmix_sass
     names = sorted(v[0] for v in wmix_sass.variants(8192).values())
     want = [f"{s} {k}" for s in ("w13", "w2") for k in ("gemv split 1", "gemv split 2", "gemv split 4",
-                                                        "reduce split 2", "reduce split 4", "tiled 16x64")]
+                                                        "reduce split 2", "reduce split 4", "tiled 16x64",
+                                                        "tiled 64x64")]
     assert names == sorted(want), names
 
 

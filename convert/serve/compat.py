@@ -232,10 +232,10 @@ MOE_KERNELS = ("humming", "wmix")
 
 def moe_kernel() -> str:
     """The kernel of a mixed-width MoE layer on a GPU: ``humming`` (one humming launch per width part, the parts on
-    side streams; the default: measured on GPUs inside vLLM) or ``wmix`` (m3_convert.serve.wmix: one Triton launch
-    per sublayer reading every expert at its width; its kernels ran alone on an H100, exact; inside vLLM 0.33 one
-    prompt position came out wrong and CUDA graphs faulted, and its tiled kernel is slow at 32 tokens and up:
-    issue 25, gpu/README.md). ``M3_MOE_KERNEL`` chooses; any other value is refused."""
+    side streams; the default) or ``wmix`` (m3_convert.serve.wmix: one Triton launch per sublayer reading every
+    expert at its width; served by vLLM 0.33 on an H100 as exactly as humming, with CUDA graphs; faster at batch 1,
+    slower at batch 32 and in prefill: issue 25, gpu/README.md). ``M3_MOE_KERNEL`` chooses; any other value is
+    refused."""
     v = os.environ.get("M3_MOE_KERNEL", "humming").lower()
     if v not in MOE_KERNELS:
         raise ValueError(f"M3_MOE_KERNEL={v!r}: expected one of {', '.join(MOE_KERNELS)}")

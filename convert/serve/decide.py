@@ -293,17 +293,19 @@ SM90_SHARED = 232448
 
 
 def wmix_tile(rows: int, experts: int) -> tuple:
-    """The tiled kernel's (block_m, block_n, warps, pipeline stages): 16 x 64, one stage, at every size. Measured on
-    an H100 (gpu/results/issue25-2026-12-07b, mixed layer, 64 tokens = 2 rows per expert, "fields" load): one stage
-    beat two at 16 x 64 by 10% (w13 1702.8 against 1887.0 us, w2 849.7 against 938.9), bit for bit the same output;
-    16 x 64 beat every other tile of the sweep there (16 x 32, 32 x 64, 64 x 64, 64 x 32: 2423-5229 us for w13); at
-    512 tokens (gpu/results/issue24-2026-12-07/kernels_moe.json, mixed) 16 x 64 at three stages took 5025.4 us, 64 x 64
-    at two 6870.2. The 64 x 64 tile once chosen from 32 rows per expert on (a guess, never measured at its sizes) is
-    gone: slower where measured, and the tiny mixed model served with it (every prefill batch took it: 8 experts)
-    left the bf16 reference at one prompt position (gpu/README.md, sixth session; whether the tile caused that is
-    not measured yet: gpu/wmix_diag.py ``kernels``). ``rows`` and ``experts`` stay in the signature: the tile is the
-    place a size-dependent choice would go."""
-    return (16, 64, 4, 1)
+    """The tiled kernel's (block_m, block_n, warps, pipeline stages, load): 16 x 64, one stage, "fields" below 32 rows
+    per expert; 64 x 64, two stages, "words" from 32 rows per expert (prefill). Measured on an H100 (mixed layer at
+    M3's shapes, every tile and load of ``gpu/wmix_bench.py --sweep``): at 64 tokens (2 rows per expert;
+    gpu/results/issue25-2026-12-07b) 16 x 64 one stage "fields" beat every other tile (w13 1702.8 us; two stages
+    1887.0; 32 x 64, 64 x 64, 64 x 32: 2423-5229); at 1024 tokens (32 rows per expert; gpu/results/issue25-2026-12-07d)
+    64 x 64 two stages "words" took w13 3711.1 / w2 1964.8 us against 5134.3 / 2592.2 for the small tile, at 2048
+    (64 rows per expert) 5433.4 / 3140.3 against 9256.0 / 4676.2; between 2 and 32 rows per expert (512 tokens) the
+    64 x 64 tile was slower (6870.2 against 5025.4 us, "fields", gpu/results/issue24-2026-12-07). Every tile gives the
+    same output as decide's up to float32 summation order (wmix_diag.py ``rows``/``graph``: equal at 512-2048 tokens
+    for the same load)."""
+    if rows >= 32 * max(experts, 1):
+        return (64, 64, 4, 2, "words")
+    return (16, 64, 4, 1, "fields")
 
 
 # ---------------------------------------------------------------- GPU bytes (weights: codes + scales)

@@ -105,8 +105,8 @@ def gemv_config(rows: int, table: "SlotTable", sms: int) -> GemvConfig:
 def tiled_config(rows: int, table: "SlotTable") -> TiledConfig:
     """The tiled kernel's tile for ``rows`` rows of this sublayer (decide.wmix_tile)."""
     from .decide import wmix_tile
-    bm, bn, warps, stages = wmix_tile(rows, table.bits.numel() // table.halves)
-    load = "fields" if table.group in FIELD_GROUPS else "words"
+    bm, bn, warps, stages, load = wmix_tile(rows, table.bits.numel() // table.halves)
+    load = load if load != "fields" or table.group in FIELD_GROUPS else "words"
     return TiledConfig(block_m=bm, block_n=bn, warps=warps, stages=stages, load=load)
 
 
@@ -293,7 +293,9 @@ def _reduce(part_ptr, out_ptr, out_stride, N, HALVES: tl.constexpr, SPLIT: tl.co
 def gemv(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: GemvConfig = GemvConfig()):
     """``out[p, h*N:(h+1)*N] = x[p // in_div] @ W_slot^T`` for every row ``p`` of ``ids`` (flattened) and half ``h``,
     ``slot = ids[p] * halves + h``. ``out`` [rows, halves*N] in the activations' dtype. A row whose id names no
-    expert (outside [0, experts)) reads no slot of its own and gives zeros (:func:`tiled` too)."""
+    expert (outside [0, experts)) reads no slot of its own and gives zeros (:func:`tiled` too). vLLM 0.33 gives
+    such rows: its routers write id -1 for the tokens it marks as padding (``VLLM_MOE_SKIP_PADDING``, on by
+    default), every token of a CUDA-graph capture and the tokens a batch is padded with to a captured size."""
     rows = ids.numel()
     grid = (rows * table.halves, triton.cdiv(table.n, cfg.block_n), cfg.split)
     part = out
