@@ -28,8 +28,9 @@ Arms, each in its own process (one CUDA context each), same GPU, one run:
 * ``native_streamk`` (not in the default arms): ``native`` with humming's default stream-K kernels
                 (M3_HUMMING_EXACT=0: not batch-invariant; 2026-12-02 on an H200: 1.02x native's decode), for comparison.
 
-With ``M3_BENCH_PROFILE=1`` each arm also profiles one batch-1 generation (:func:`profile_decode`: wall vs GPU-busy
-time per step, kernels per step, top kernels, launches outside CUDA graphs).
+With ``M3_BENCH_PROFILE=1`` each arm also profiles one batch-1 and one batch-32 generation (:func:`profile_decode`:
+wall vs GPU-busy time per step, kernels per step, top kernels, launches outside CUDA graphs; ``profile_bs1``,
+``profile_bs32``: issue 25, where wmix loses at batch 32 and the kernel alone does not say why).
 
 With several depths (``--layers 4,8``), every arm runs at each depth in the same call, and the summary adds each
 arm's cost per added MoE layer (the growth of the step time over the layers added, or of the GPU-busy time where a
@@ -153,7 +154,7 @@ def weight_bytes(model):
 
 
 def profile_decode(run, steps: int) -> dict:
-    """torch.profiler over one batch-1 generation of ``steps`` decode steps (issue 25): wall time per step, GPU-busy
+    """torch.profiler over one generation of ``steps`` decode steps (issue 25): wall time per step, GPU-busy
     time per step (the union of kernel intervals), kernels per step and the top kernels by GPU time, and the CPU-side
     launches: ``cudaLaunchKernel``-like calls outside CUDA graphs (the decode steps should have none) against
     ``cudaGraphLaunch`` calls."""
@@ -235,6 +236,7 @@ def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
         res[f"decode_bs{bs}_ms_per_step"] = round(per_step * 1e3, 3)
     if os.environ.get("M3_BENCH_PROFILE"):
         res["profile_bs1"] = profile_decode(lambda: gen(1, 8, 33), steps=32)
+        res["profile_bs32"] = profile_decode(lambda: gen(32, 8, 33), steps=32)
     pf = [gen(1, 2048, 1) for _ in range(3)]
     res["prefill_2k_tok_s"] = round(2048 / statistics.median(pf), 0)
     bw = copy_bandwidth()

@@ -3,23 +3,25 @@
 float32 on the unconverted checkpoint, de-quantized exactly as serve_check.load_hf does).
 
     PYTHONPATH=gpu python3 gpu/indexer_ties.py tests/fixtures/data/gpu_mixed gpu/prompts_gpu_mixed.json OUT.json \\
-        [--flip PROMPT:QUERY ...]
+        [--bf16] [--flip PROMPT:QUERY ...]
 
 Why: a sparse layer's indexer scores each 128-token key block per query (the maximum over the block's keys of the
 indexer head's q.k, causal), forces the query's own (local) block in and attends the top-k blocks. Where the last
 chosen block and the best unchosen one score nearly the same, any other rounding (a bf16 engine, another kernel's
 summation order) may attend the other block, and that one query's logprob moves by up to several nats for a reason
 that is no kernel's error. On gpu_mixed (2026-12-07, gpu/README.md) the wmix MoE kernels gave the 700-token
-prompt's position 393 a logprob 2.7 from the exact bf16 reference; the margin there is 0.081 (block scores ~28,
-the 6th smallest of 443 at layer 3), and forcing the runner-up block in float32 gives -3.650 where wmix gave -3.588.
+prompt's position 393 a logprob 2.7 from the exact bf16 reference; the margin there is 0.081 (block scores 27.87
+and 27.79, the 6th smallest at layer 3 of the 443 contested queries with a prompt logprob), and forcing the
+runner-up block in float32 gives -3.650 where wmix gave -3.588.
 
 Output: per prompt and sparse layer, every competing query's margin (last chosen minus best unchosen block score,
-float32), the queries under ``TIE`` (serve_check.py ``compare`` reports each pair's maximum outside them too),
-and for each ``--flip P:Q`` (prompt index, query index = prompt-logprob index: the logprob of token Q+1) the float32
+float32), the queries under ``TIE`` at some layer (serve_check.py ``compare`` reports each pair's maximum outside
+them too), with ``--bf16`` the (layer, query) choices transformers' bf16 run makes otherwise than float32 (with
+their float32 margins: how far a bf16 rounding reaches), and for each ``--flip P:Q`` (prompt index, query index = prompt-logprob index: the logprob of token Q+1) the float32
 logprob with the runner-up block forced at Q in each sparse layer where Q competes.
 
 The scores are computed here from the indexer's own modules (q/k projections, norms, transformers' rotary) and the
-selection they imply is checked equal to the module's output at every query, so a misreading of the indexer stops
+selection they imply is checked equal to the module's output at every contested query, so a misreading of the indexer stops
 the script instead of listing wrong margins. Needs transformers 5.19 (as cpu_floor.py); ~1 min per prompt set.
 """
 from __future__ import annotations
@@ -32,9 +34,10 @@ for _m in ("torchvision", "torchaudio", "torchcodec"):     # the local CPU torch
     sys.modules.setdefault(_m, None)
 import torch  # noqa: E402
 
-#: a margin under this (float32 block-score units) is a near-tie: bf16 rounding moves block scores by ~0.3 (median
-#: |bf16 - float32| over gpu_mixed's blocks, 2026-12-07) and flipped 13 of 43 queries under 0.3 there, 4 of 103 at
-#: 0.3-1 and none of 489 at 3 or more
+#: a margin under this (float32 block-score units) is a near-tie: on gpu_mixed's 700-token prompt transformers' bf16
+#: run chose otherwise than float32 at 13 of the 43 contested (layer, query) pairs under 0.3, 4 of 103 at 0.3-1, 2 of
+#: 252 at 1-3 (the largest margin flipped: 1.075) and none of the 490 at 3 or more (``--bf16``; 2026-12-07,
+#: gpu/results/indexer_ties_gpu_mixed.json)
 TIE = 0.3
 
 
@@ -64,6 +67,9 @@ def competition(ix, q: int):
 def margins(ix, scores, selected):
     """{head: {query: (margin, chosen block last in, runner-up)}} for every query with a contest; checks that the
     scores give the module's own selection."""
+    if scores.shape[0] != 1:
+        raise SystemExit(f"indexer_ties: layer {ix.layer_idx} has {scores.shape[0]} indexer heads; margins and flips "
+                         "are read for one head (M3's and the fixtures' configs have one)")
     out = {}
     for h in range(scores.shape[0]):
         per = {}
@@ -78,7 +84,8 @@ def margins(ix, scores, selected):
             if got != chosen:
                 raise SystemExit(f"indexer_ties: layer {ix.layer_idx} query {q}: the module selected {got}, these "
                                  f"scores give {chosen}: the indexer is not read as it computes")
-            per[q] = (round(float(s[order[slots - 1]] - s[order[slots]]), 5), cand[order[slots - 1]], cand[order[slots]])
+            per[q] = (round(float(s[order[slots - 1]] - s[order[slots]]), 5), cand[order[slots - 1]], cand[order[slots]],
+                      chosen)
         out[h] = per
     return out
 
@@ -116,7 +123,7 @@ def logprobs(model, p):
 
 def main():
     src, prompts_file, out = sys.argv[1:4]
-    flips = [tuple(int(v) for v in a.split(":")) for a in sys.argv[4:] if a != "--flip"]
+    flips = [tuple(int(v) for v in a.split(":")) for a in sys.argv[4:] if not a.startswith("--")]
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import serve_check as sc
     torch.set_num_threads(os.cpu_count() or 1)
@@ -139,7 +146,7 @@ def main():
         for L, per in res["prompts"][pi]["layers"].items():
             if str(q) not in per:
                 continue
-            margin, last, runner = per[str(q)]
+            margin, last, runner, _ = per[str(q)]
             probe.force = (int(L), q, last, runner)
             lp = logprobs(model, p)[q]
             probe.force = None
@@ -147,7 +154,28 @@ def main():
                    "logprob": res["prompts"][pi]["logprobs"][q], "logprob_runner_up_forced": round(lp, 5)}
             res["flips"].append(row)
             print(json.dumps(row), flush=True)
+    if "--bf16" in sys.argv:
+        res["bf16_flips"] = bf16_flips(src, prompts, res)
     json.dump(res, open(out, "w"), indent=1)
+
+
+def bf16_flips(src, prompts, res):
+    """The (prompt, layer, query) whose block choice transformers' bf16 model makes otherwise than float32's, with
+    the float32 margin there."""
+    import serve_check as sc
+    model, _ = sc.load_hf(src, "bfloat16", "cpu")
+    probe = Probe(model)
+    flips = []
+    for pi, p in enumerate(prompts):
+        probe.rec.clear()
+        logprobs(model, p)
+        for L, per in probe.rec.items():
+            f32 = res["prompts"][pi]["layers"][str(L)]
+            for q, m in per[0].items():
+                if sorted(m[3]) != sorted(f32[str(q)][3]):
+                    flips.append({"prompt": pi, "layer": L, "query": q, "margin_f32": f32[str(q)][0]})
+    print(f"bf16 flips: {len(flips)}", flush=True)
+    return flips
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Runs ON the lent GPU machine (see gpu/README.md for the device calls):
     python3 gpu/serve_check.py hf   SRC TAG OUT [DTYPE [DEVICE [cache|nocache]]]
                                                      # the same from transformers' MiniMax-M3-VL on the
                                                      # unconverted AutoRound checkpoint, de-quantized
-    python3 gpu/serve_check.py compare OUT           # the table
+    python3 gpu/serve_check.py compare OUT [TIES]    # the table; TIES (gpu/indexer_ties.py's output, e.g.
+                                                     # gpu/results/indexer_ties_gpu_mixed.json): each pair's maximum
+                                                     # outside the sparse-attention near-ties too
 
 Prompts are fixed token-id lists (no tokenizer), one longer than the sparse layers' top-k window.
 """
@@ -371,7 +373,8 @@ PAIRS = [  # (run, reference, what it measures)
 def distance(a, b, ties=None):
     """greedy: shared prefix of the 32 generated tokens per prompt; prompt logprobs: |diff| per position. ``ties``
     (gpu/indexer_ties.py's output for these prompts): the maximum outside the positions whose sparse-attention
-    block choice is a near-tie is reported beside the maximum (``max_untied``), where the prompt lengths match."""
+    block choice is a near-tie is reported beside the maximum (``max_untied``) for a prompt both runs served as the
+    ties file's float32 model did (:func:`same_prompt`): ties of another model or prompt are never applied."""
     import statistics
     agree, total, per_prompt = 0, 0, []
     for j, (x, y) in enumerate(zip(a["rows"], b["rows"])):
@@ -384,9 +387,9 @@ def distance(a, b, ties=None):
         row = {"prompt_len": m + 1, "greedy_prefix": same, "max": round(max(d), 4),
                "median": round(statistics.median(d), 4), "positions_over_1": sum(v > 1 for v in d)}
         tp = ties["prompts"][j] if ties and j < len(ties["prompts"]) else None
-        if tp is not None and tp["len"] == m + 1:        # index i = the logprob of token i + 1 = query i
+        if tp is not None and same_prompt(x, tp) and same_prompt(y, tp):   # index i: token i + 1's logprob = query i
             tied = set(tp["near_tie_queries"])
-            row["max_untied"] = round(max(v for i, v in enumerate(d) if i not in tied), 4)
+            row["max_untied"] = round(max((v for i, v in enumerate(d) if i not in tied), default=0.0), 4)
             row["worst_position"] = max(range(m), key=d.__getitem__)
             row["worst_is_near_tie"] = row["worst_position"] in tied
         per_prompt.append(row)
@@ -398,6 +401,15 @@ def distance(a, b, ties=None):
     if any("max_untied" in p for p in per_prompt):
         out["max_abs_prompt_logprob_diff_untied"] = max(untied)
     return out
+
+
+def same_prompt(row, tp, tol=0.1) -> bool:
+    """Whether a run's prompt logprobs are those of gpu/indexer_ties.py's prompt ``tp`` (its float32 model's): same
+    length and a median |difference| under ``tol`` (gpu_mixed served on an H100: 0.005-0.013 per prompt; its
+    planted bug 0.06-0.37; gpu_tiny on gpu_mixed's ties, the same prompt lengths: 0.46-1.8)."""
+    import statistics
+    a, b = row["prompt_logprobs"], tp["logprobs"]
+    return len(a) == len(b) and statistics.median(abs(p - q) for p, q in zip(a, b)) < tol
 
 
 def compare(out, ties_file=None):

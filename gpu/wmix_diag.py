@@ -6,21 +6,23 @@
 (``kernels`` needs no vLLM: ``mkdir -p /tmp/m3p && ln -sfn $PWD/convert /tmp/m3p/m3_convert && PYTHONPATH=/tmp/m3p
 python3 gpu/wmix_diag.py $OUT/k.json kernels`` on the bare image.)
 
-What they turned out to be (seventh session, gpu/README.md): the graph fault was gemv reading the slot table at
-id -1, which vLLM's routers give every padding token (every token of a CUDA-graph capture); the one far position
-is a near-tie of the sparse-attention block choice (gpu/indexer_ties.py), no kernel's error: every row below is
-at the bf16 floor at every size, tile and align.
+What they turned out to be (seventh session, gpu/README.md): the graph fault, inferred, was gemv reading the slot
+table at id -1, which vLLM's routers give the tokens it marks as padding (every token of a CUDA-graph capture);
+with the guard the captures ran. The one far position is a near-tie of the sparse-attention block choice
+(gpu/indexer_ties.py), no kernel's error: ``rows`` finds no token past 4x the bf16 path's worst at any size,
+tile or align.
 
 * ``rows``: gpu_mixed served with ``M3_MOE_KERNEL=wmix`` gave the 700-token prompt's position 393 a logprob 2.7
   away from both the humming path and the exact bf16 de-quantization. Here a layer of gpu_mixed's size (8
   experts, 256 -> 2 x 256 -> 256, top-8, group 128, widths mixed within an expert), at that run's batch sizes,
   every token's output against ``x @ W^T`` of the exact decode (per token: max |error| / max |reference|, beside
-  the bf16 path's), for each tiled tile (decide's, and 64 x 64 with the default load at two and one stages) and
+  the bf16 path's), for each tiled tile (decide's, and 64 x 64 "words" at two and one stages; the runs of 2026-12-07 had the
+  64 x 64 tiles with the "fields" load) and
   each align (vLLM's op; wmix.align_reference, the CPU tests' torch version, on the GPU's ids).
 * ``graph``: ``bench/serve_bench.py``'s native_wmix arm stopped with an illegal memory access in vLLM's CUDA-graph
   memory profile (eager ran). Here the mixed layer at M3's shapes (128 experts, 6144 -> 2 x 3072 -> 6144, top-4)
   captured at every size vLLM captures and larger, all in one pool, then replayed on new inputs against eager;
-  and at prefill sizes the outputs of decide's tile and the 64 x 64 tiles compared bit for bit.
+  and at prefill sizes the outputs of decide's tile and the 64 x 64 tiles compared.
 * ``unrouted``: rows routed to no expert of the layer (ids E and -1) at gemv and tiled sizes: those rows must
   add nothing (the output equals the one with those rows' weights 0 and their ids 0), and nothing faults.
 
@@ -50,7 +52,7 @@ if SMOKE:
 DEV = K.DEV
 ROWS_MS = [16, 199, 285, 699, 984, 2048] if not SMOKE else [16, 40]
 GRAPH_MS = [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 128, 256, 512]
-TILES = {"decide": None, "64x64x2": (64, 64, 4, 2), "64x64x1": (64, 64, 4, 1)}
+TILES = {"decide": None, "64x64x2": (64, 64, 4, 2, "words"), "64x64x1": (64, 64, 4, 1, "words")}   # decide's prefill load
 
 
 def build(E, hidden, inter, per, gen, k, exact=True):
@@ -211,7 +213,8 @@ def graph_phase(gen):
                "finite": bool(torch.isfinite(y).all())}
         print(json.dumps(row), flush=True)
         out.append(row)
-    for m in (512, 1024, 2048):              # prefill sizes: decide's tile against the 64 x 64 tile, bit for bit
+    for m in (512, 1024, 2048):              # prefill sizes: decide's tile against the 64 x 64 tiles (equal bit for bit
+                                             # where the load is the same; up to float32 summation order otherwise)
         x, ids, w = inputs(m, E, H, k, gen)
         ys = {}
         for tname, tile in TILES.items():

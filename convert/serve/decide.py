@@ -297,12 +297,13 @@ def wmix_tile(rows: int, experts: int) -> tuple:
     per expert; 64 x 64, two stages, "words" from 32 rows per expert (prefill). Measured on an H100 (mixed layer at
     M3's shapes, every tile and load of ``gpu/wmix_bench.py --sweep``): at 64 tokens (2 rows per expert;
     gpu/results/issue25-2026-12-07b) 16 x 64 one stage "fields" beat every other tile (w13 1702.8 us; two stages
-    1887.0; 32 x 64, 64 x 64, 64 x 32: 2423-5229); at 1024 tokens (32 rows per expert; gpu/results/issue25-2026-12-07d)
-    64 x 64 two stages "words" took w13 3711.1 / w2 1964.8 us against 5134.3 / 2592.2 for the small tile, at 2048
-    (64 rows per expert) 5433.4 / 3140.3 against 9256.0 / 4676.2; between 2 and 32 rows per expert (512 tokens) the
-    64 x 64 tile was slower (6870.2 against 5025.4 us, "fields", gpu/results/issue24-2026-12-07). Every tile gives the
-    same output as decide's up to float32 summation order (wmix_diag.py ``rows``/``graph``: equal at 512-2048 tokens
-    for the same load)."""
+    1887.0; 16 x 32, 32 x 64, 64 x 64, 64 x 32: 2423-5229); at 1024 tokens (32 rows per expert;
+    gpu/results/issue25-2026-12-07d) 64 x 64 two stages "words" took w13 3711.1 / w2 1964.8 us against 5134.3 / 2592.2
+    for the small tile (64 x 64 "fields": 5023.4 / 2577.3), at 2048 (64 rows per expert) 5433.4 / 3140.3 against
+    9256.0 / 4676.2. Between 2 and 32 rows per expert the 64 x 64 "words" tile is not measured: at 512 tokens (16
+    rows per expert) 64 x 64 "fields" two stages took 6870.2 us against 16 x 64 "fields" three stages' 5025.4
+    (gpu/results/issue24-2026-12-07), so the threshold's lower side is a guess. Every tile gives the same output
+    as decide's up to float32 summation order (bit for bit at the same load: wmix_diag.py ``graph``)."""
     if rows >= 32 * max(experts, 1):
         return (64, 64, 4, 2, "words")
     return (16, 64, 4, 1, "fields")
