@@ -8,7 +8,9 @@ width 3072, top-4, one shared expert of 3072, dense MLP 12288, indexer 4 x 128) 
 attention + dense MLP as the real L0-L2, the rest sparse attention + MoE as the real L3-L59), written as an
 m3-convert output (config.json with the m3_gptq per-module map; no weight files: vLLM's ``load_format="dummy"``
 fills every parameter, which is all a speed and memory measurement needs). Bits, seeded: attention o_proj,
-dense-layer q/k/v and the dense MLP 4-bit (Machete), the shared expert 3-bit (humming's dense GEMM; promoted: 4),
+dense-layer q/k/v and the dense MLP 4-bit (Machete), the shared expert 4-bit (Machete; ../shared/SPEC.md's table
+gives the checkpoint's shared experts 4/8 bits; ``M3_BENCH_SHARED_BITS=3`` reproduces the runs up to 2026-12-07,
+whose 3-bit shared expert ran on humming's dense GEMM at ~76 us a layer at batch 1 on an H100, promoted: 4),
 sparse-layer q/k/v bf16 (as m3-convert writes them); every routed expert module drawn from 2/3/4/8 with weights
 0.35/0.45/0.12/0.08 (3.2 bits on average; gate and up drawn apart, so every MoE layer has 8 width parts).
 The vocabulary is reduced (default 32768 instead of 200064) so that the bf16 lm_head does not dominate the
@@ -80,6 +82,12 @@ def text_config(layers: int, vocab: int) -> dict:
     return tc
 
 
+def shared_bits() -> int:
+    """The shared expert's width: 4 (the checkpoint's 4/8, SPEC.md), or ``M3_BENCH_SHARED_BITS`` (3: the runs up to
+    2026-12-07)."""
+    return int(os.environ.get("M3_BENCH_SHARED_BITS", "4"))
+
+
 def quant_modules(tc: dict, seed: int = 0) -> dict:
     from m3_convert import names
     rng = random.Random(seed)
@@ -96,7 +104,7 @@ def quant_modules(tc: dict, seed: int = 0) -> dict:
             elif m.role == names.EXPERT:
                 bits = rng.choices(widths, weights)[0]
             elif dst.split(".")[3] == "block_sparse_moe":
-                bits = 3                        # shared expert: humming's dense GEMM
+                bits = shared_bits()            # shared expert
             else:
                 bits = 4                        # Machete
             mods[dst] = {"bits": bits, "group_size": 128} if bits else {"bits": None}
@@ -115,7 +123,7 @@ def write_model(d: str, arm: str, layers: int, vocab: int) -> dict:
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     bits = [v["bits"] for k, v in mods.items() if ".experts." in k]
-    return {"expert_mean_bits": round(sum(bits) / len(bits), 3), "modules": len(mods)}
+    return {"expert_mean_bits": round(sum(bits) / len(bits), 3), "modules": len(mods), "shared_expert_bits": shared_bits()}
 
 
 def copy_bandwidth():

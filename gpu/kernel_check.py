@@ -13,6 +13,11 @@ stand-in layers holding random GPTQ tensors (random codes, the symmetric v1 zero
   experts mix all four (gate and up of one expert differing), M = 1, 32, 512 tokens routed at random: the
   method's apply vs sum_k w_k * W2_e(swiglu_oai(W13_e x)) in float32 from the exact decode, beside the same
   computed with bf16 weights and bf16 intermediates (the floor);
+* ``--phases=dense-tiles`` (issue 25): a 3-bit dense layer (humming serves 2/3-bit linears) at the shared expert's
+  shapes at one GPU and at TP 2 (N x K = 6144 x 6144, 6144 x 3072, 3072 x 6144, 6144 x 1536), humming's batch-invariant default for up to 8 rows (block N 256: 24
+  tiles of 132 SMs at N 6144) against hand-made entries with more tiles (:data:`SMALL_M_TILES`), at 1 and 8 rows:
+  time, equal bit for bit to the default at the same rows, and each row equal to that row inside a 512-row batch
+  (batch invariance; served decode must not depend on the batch it shares);
 * the time of each call (CUDA events, median of 20 after warm-up, L2 not flushed); for MoE also with the width parts
   run one after another (``us_serial``, M3_MOE_STREAMS=0) beside the default (parts at once on side streams, issue
   25), and whether both give the same bits (``serial_identical``).
@@ -148,6 +153,68 @@ def dense_case(bits, n, k, ms, gen):
                      "weight_bytes_humming": sum(p.numel() * p.element_size() for n_, p in layer.named_parameters()),
                      "prepare_s": round(prep, 1)})
         print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+#: hand-made humming entries for up to 8 rows of a dense layer (issue 25: the batch-invariant default's block N
+#: 256 leaves N/256 tiles, 24 of 132 SMs at N 6144, 12 at TP 2's 3072): the fields each changes in the default's
+#: entry. WGMMA 128-wide keeps the MMA type and K tile of the larger-M entries (humming's batch-invariance test
+#: compares such lists bit for bit); the MMA ones reach more SMs but are another MMA path (equality measured here)
+SMALL_M_TILES = {
+    "wgmma 8x128 s4": {"block_shape": [8, 128, 64], "warp_shape": [8, 32, 64]},
+    "wgmma 8x128 s8": {"block_shape": [8, 128, 64], "warp_shape": [8, 32, 64], "num_stages": 8},
+    "wgmma 8x128 s12": {"block_shape": [8, 128, 64], "warp_shape": [8, 32, 64], "num_stages": 12},
+    "wgmma 8x128 s4 2cta": {"block_shape": [8, 128, 64], "warp_shape": [8, 32, 64], "num_ctas_per_sm": 2},
+    "mma 8x64 s4": {"block_shape": [8, 64, 64], "warp_shape": [8, 32, 64], "mma_type": "mma", "use_warp_spec": False,
+                    "use_tma": False},
+    "mma 8x64 s8": {"block_shape": [8, 64, 64], "warp_shape": [8, 32, 64], "mma_type": "mma", "use_warp_spec": False,
+                    "use_tma": False, "num_stages": 8},
+    "mma 8x32 s8": {"block_shape": [8, 32, 64], "warp_shape": [8, 32, 64], "mma_type": "mma", "use_warp_spec": False,
+                    "use_tma": False, "num_stages": 8},
+}
+
+
+def small_m_tuning(default: list, patch: dict, rows: int = 8) -> list:
+    """humming's tuning list ``[[lo, hi, cfg], ...]`` with the sizes up to ``rows`` served by the default's entry for
+    them changed by ``patch`` (every larger size as before)."""
+    first = next(c for lo, hi, c in default if lo < 1 <= hi)
+    out = [[0, rows, {**first, **patch}]]
+    for lo, hi, c in default:
+        if hi > rows:
+            out.append([max(lo, rows), hi, c])
+    return out
+
+
+def dense_tiles_case(bits, n, k, gen):
+    """Each SMALL_M_TILES entry against humming's default on one layer (see the module docstring)."""
+    from m3_convert.serve.linear import HummingLinearKernel, LinearShape
+    qw, qz, sc = random_gptq((), n, k, bits, gen)
+    layer = DenseLayer()
+    for name, t in (("qweight", qw), ("qzeros", qz), ("scales", sc)):
+        layer.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
+    layer.m3_gptq = LinearShape(bits, G, n, k, torch.bfloat16)
+    kern = HummingLinearKernel()
+    kern.prepare(layer)
+    default = json.loads(layer.m3_tuning)
+    big = torch.randn(512, k, device=DEV, generator=gen).to(torch.bfloat16)
+    y_big = kern.apply(layer, big)
+    base = {m: kern.apply(layer, big[:m]) for m in (1, 8)}
+    rows = []
+    for name, patch in [("default", {})] + list(SMALL_M_TILES.items()):
+        layer.m3_tuning = json.dumps(small_m_tuning(default, patch) if patch else default)
+        row = {"bits": bits, "n": n, "k": k, "tile": name, "entry": small_m_tuning(default, patch)[0][2]}
+        try:
+            for m in (1, 8):
+                y = kern.apply(layer, big[:m])
+                row[f"m{m}"] = {"us": round(timed(lambda: kern.apply(layer, big[:m])), 1),
+                                "equal_default": bool(torch.equal(y, base[m])),
+                                "equal_in_512_batch": bool(torch.equal(y, y_big[:m])),
+                                "repeat_identical": bool(torch.equal(y, kern.apply(layer, big[:m])))}
+        except Exception as e:          # a tile humming refuses or cannot compile: reported, not fatal
+            row["error"] = repr(e)[:300]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    layer.m3_tuning = json.dumps(default)
     return rows
 
 
@@ -353,7 +420,7 @@ def main():
     gen = torch.Generator(device=DEV)
     gen.manual_seed(20261202)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "humming": compat.humming_version(),
-           "humming_problem": compat.humming_problem(), "dense": [], "moe": [], "graph": []}
+           "humming_problem": compat.humming_problem(), "dense": [], "moe": [], "graph": [], "dense_tiles": []}
     t0 = time.time()
     phases = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--phases=")), "graph,dense,moe").split(",")
     widths = [int(b) for b in next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--moe-widths=")), "2,3,4,8").split(",")]
@@ -363,6 +430,8 @@ def main():
     for bits in decide.QUANT_BITS if "dense" in phases else ():
         for n, k in shapes:
             res["dense"] += dense_case(bits, n, k, [1, 32, 512], gen)
+    for n, k in ((6144, 6144), (6144, 3072), (3072, 6144), (6144, 1536)) if "dense-tiles" in phases else ():
+        res["dense_tiles"] += dense_tiles_case(3, n, k, gen)
     E, H, I, K = 128, 6144, 3072, 4
     for bits in widths if "moe" in phases else ():
         res["moe"] += moe_case(f"uniform{bits}", [(bits, bits, bits)] * E, H, I, E, K, MOE_MS, gen)

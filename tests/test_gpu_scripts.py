@@ -4,7 +4,7 @@
   project's one GPTQ module (m3_convert.gptq.dequantize) exactly, at every width, on the real producer's tensors.
 * bench/serve_bench.py writes the config of the model it times: it must be what m3-convert writes, and the
   plugin's decisions on it those the benchmark's docstring states (every MoE layer in 8 width parts on humming,
-  the 3-bit shared expert on humming, 4-bit linears on vLLM's GPTQ kernels).
+  4-bit shared expert and linears on vLLM's GPTQ kernels).
 """
 import importlib.util
 import os
@@ -88,7 +88,7 @@ def test_serve_bench_model_gets_the_decisions_it_states(tmp_path):
         assert d.kernel == decide.HUMMING and len(d.parts) == 8, (L, d.parts)
         shared = decide.select_linear(f"model.layers.{L}.block_sparse_moe.shared_experts.gate_up_proj", qc["modules"],
                                       fused_shards())
-        assert (shared.kernel, shared.width) == (decide.HUMMING, 3)
+        assert (shared.kernel, shared.width) == (decide.GPTQ, 4)          # SPEC.md: shared experts are 4/8-bit
     dense = decide.select_linear("model.layers.0.mlp.gate_up_proj", qc["modules"], fused_shards())
     assert (dense.kernel, dense.width) == (decide.GPTQ, 4)
     # the schema m3-convert writes (a real conversion of gpu_mixed, the same group size): every field but the source
@@ -233,3 +233,21 @@ def test_serve_check_reports_the_maximum_outside_indexer_near_ties():
     q = next(i for i in range(699) if i not in set(ties["prompts"][3]["near_tie_queries"]))
     spiked["rows"][3]["prompt_logprobs"][q] += 5.0
     assert sc.distance(spiked, bf16, ties)["max_abs_prompt_logprob_diff_untied"] == 5.0
+
+
+def test_kernel_check_small_m_tuning_changes_only_the_small_rows():
+    """gpu/kernel_check.py ``dense-tiles`` (issue 25) tries hand-made humming entries for up to 8 rows of the shared
+    expert's GEMMs: the list it hands humming keeps every larger size's entry, and the small entry is the default's
+    with only the patched fields changed (so a measured difference is the tile's)."""
+    kc = _load(ROOT / "gpu" / "kernel_check.py")
+    small = {"block_shape": [8, 256, 64], "warp_shape": [8, 32, 64], "use_stream_k": False, "num_stages": 4,
+             "mma_type": "wgmma", "use_warp_spec": True, "use_tma": True}
+    mid, big = dict(small, block_shape=[32, 256, 64]), dict(small, block_shape=[128, 256, 64])
+    default = [[0, 8, small], [8, 32, mid], [32, 1 << 30, big]]
+    for name, patch in kc.SMALL_M_TILES.items():
+        got = kc.small_m_tuning(default, patch)
+        assert got[1:] == default[1:], name
+        assert got[0][:2] == [0, 8] and got[0][2] == {**small, **patch}, name
+        assert all(got[0][2][k] == small[k] for k in small if k not in patch), name
+    wide = [[0, 1 << 30, small]]           # one entry for every size: the small rows split off, the rest kept
+    assert kc.small_m_tuning(wide, {"num_stages": 8}) == [[0, 8, dict(small, num_stages=8)], [8, 1 << 30, small]]
