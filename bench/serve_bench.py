@@ -10,17 +10,18 @@ m3-convert output (config.json with the m3_gptq per-module map; no weight files:
 fills every parameter, which is all a speed and memory measurement needs). Bits, seeded: attention o_proj,
 dense-layer q/k/v and the dense MLP 4-bit (Machete), the shared expert 4-bit (Machete; ../shared/SPEC.md's table
 gives the checkpoint's shared experts 4/8 bits; ``M3_BENCH_SHARED_BITS=3`` reproduces the runs up to 2026-12-07,
-whose 3-bit shared expert ran on humming's dense GEMM at ~76 us a layer at batch 1 on an H100, promoted: 4),
+whose 3-bit shared expert ran on humming's dense GEMM at ~74 us a layer at batch 1 on an H100, promoted: 4),
 sparse-layer q/k/v bf16 (as m3-convert writes them); every routed expert module drawn from 2/3/4/8 with weights
 0.35/0.45/0.12/0.08 (3.2 bits on average; gate and up drawn apart, so every MoE layer has 8 width parts).
 The vocabulary is reduced (default 32768 instead of 200064) so that the bf16 lm_head does not dominate the
 per-token bytes of so few layers.
 
 Arms, each in its own process (one CUDA context each), same GPU, one run:
-* ``native``:   the plugin, every GPTQ layer at its stored width (humming-kernels for 2/3-bit linears and for the
-                mixed-width MoE parts, vLLM's Machete/Marlin for the 4/8-bit linears);
-* ``promoted``: the plugin with ``M3_GPTQ_KERNELS=promote`` (every MoE layer at its widest width, 2/3-bit linears
-                at 4 bits: the plugin before issue 15);
+* ``native``:   the plugin, every GPTQ layer at its stored width (humming-kernels for the mixed-width MoE parts
+                and any 2/3-bit linear -- the shared expert with ``M3_BENCH_SHARED_BITS=3`` --, vLLM's
+                Machete/Marlin for the 4/8-bit linears);
+* ``promoted``: the plugin with ``M3_GPTQ_KERNELS=promote`` (every MoE layer at its widest width, any 2/3-bit
+                linear at 4 bits: the plugin before issue 15);
 * ``bf16``:     no quantization at all;
 * ``native_wmix`` (not in the default arms): ``native`` with the mixed MoE layers on the wmix kernels
                 (M3_MOE_KERNEL=wmix: one Triton launch per sublayer, every expert at its width: issue 25) instead
@@ -284,7 +285,7 @@ def project(rows: list[dict], allreduce_us: float) -> list[dict]:
     ``host_bound_depths``) -- and batch-1 decode of the real 60-layer model:
     deepest run (its step time; its GPU-busy time where the slope is the GPU-busy one: the 60-layer model is
     GPU-bound) + the missing MoE layers at that cost + the two more dense layers counted as MoE layers (their
-    active bytes are alike: a 4-bit dense MLP 12288 wide against top-4 experts and the shared expert at ~3.2 bits)
+    active bytes are alike: a 4-bit dense MLP 12288 wide against top-4 experts at ~3.2 bits and the shared expert)
     + the larger lm_head's extra bf16 bytes at the copy bandwidth measured in the run. TP 2: each layer's and the
     head's time halves (bandwidth-bound: each GPU reads half the weights), plus two all-reduces a layer of
     ``allreduce_us`` each (vLLM's custom all-reduce of one token's hidden state; an assumption, not measured here);

@@ -65,8 +65,8 @@ def competition(ix, q: int):
 
 
 def margins(ix, scores, selected):
-    """{head: {query: (margin, chosen block last in, runner-up)}} for every query with a contest; checks that the
-    scores give the module's own selection."""
+    """{head: {query: (margin, chosen block last in, runner-up, chosen blocks, last chosen's score, runner-up's
+    score)}} for every query with a contest; checks that the scores give the module's own selection."""
     if scores.shape[0] != 1:
         raise SystemExit(f"indexer_ties: layer {ix.layer_idx} has {scores.shape[0]} indexer heads; margins and flips "
                          "are read for one head (M3's and the fixtures' configs have one)")
@@ -84,8 +84,9 @@ def margins(ix, scores, selected):
             if got != chosen:
                 raise SystemExit(f"indexer_ties: layer {ix.layer_idx} query {q}: the module selected {got}, these "
                                  f"scores give {chosen}: the indexer is not read as it computes")
-            per[q] = (round(float(s[order[slots - 1]] - s[order[slots]]), 5), cand[order[slots - 1]], cand[order[slots]],
-                      chosen)
+            kth, best = float(s[order[slots - 1]]), float(s[order[slots]])
+            per[q] = (round(kth - best, 5), cand[order[slots - 1]], cand[order[slots]], chosen, round(kth, 4),
+                      round(best, 4))
         out[h] = per
     return out
 
@@ -146,7 +147,7 @@ def main():
         for L, per in res["prompts"][pi]["layers"].items():
             if str(q) not in per:
                 continue
-            margin, last, runner, _ = per[str(q)]
+            margin, last, runner = per[str(q)][:3]
             probe.force = (int(L), q, last, runner)
             lp = logprobs(model, p)[q]
             probe.force = None

