@@ -241,6 +241,24 @@ class MoeLayer(torch.nn.Module):
         self.swiglu_limit, self.swiglu_alpha, self.swiglu_beta = LIMIT, ALPHA, BETA
 
 
+def moe_reference(x, ids, w, W13, W2, inter, dtype=torch.float32):
+    """sum_k w_k * W2_e(swiglu_oai(W13_e x)) per token [tokens, hidden], float32: from the exact decode in float32
+    (``dtype`` float32), or as a bf16 engine computes it (bfloat16: bf16 weights, GEMM outputs and activation, the
+    activation's formula in float32; the floor any bf16 kernel lives with). ``W13[e]`` [2I, H] (gate then up),
+    ``W2[e]`` [H, I], float32; a row whose id names no expert adds nothing. The one reference of moe_case and
+    gpu/wmix_diag.py."""
+    out = torch.zeros(x.shape[0], W2[0].shape[0], device=x.device)
+    for e in ids.unique().tolist():
+        if not 0 <= e < len(W13):
+            continue
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        h = (x[tok].to(dtype) @ W13[e].to(dtype).T).float()
+        g_, u_ = h[:, :inter].clamp(max=LIMIT), h[:, inter:].clamp(-LIMIT, LIMIT)
+        a = (g_ * torch.sigmoid(ALPHA * g_) * (u_ + BETA)).to(dtype)
+        out.index_add_(0, tok, (a @ W2[e].to(dtype).T).float() * w[tok, slot, None])
+    return out
+
+
 def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
     """per_bits[e] = (w1, w3, w2) bits."""
     from m3_convert.serve.methods import M3HummingMoEMethod
@@ -269,8 +287,6 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
             ws[s] = decode(qw, sc, b)                      # exact float32 (29 GB for 128 real-size experts)
         W13.append(torch.cat([ws["w1"], ws["w3"]]))
         W2.append(ws["w2"])
-    W13b = [t.to(torch.bfloat16) for t in W13]            # the weights a bf16 engine would hold
-    W2b = [t.to(torch.bfloat16) for t in W2]
     for s_ in ("w13", "w2"):
         for leaf in ("qweight", "qzeros", "scales"):
             getattr(wlayer, f"{s_}_{leaf}").data.copy_(getattr(layer, f"{s_}_{leaf}").data)
@@ -289,19 +305,8 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
         w = torch.rand(m, k, device=DEV, generator=gen)
         w = (w / w.sum(-1, keepdim=True) * 2.0).float()
         y = method.apply(layer, x, w, ids, None, None)
-        ref = torch.zeros(m, hidden, device=DEV)
-        refb = torch.zeros(m, hidden, device=DEV)
-        for e in ids.unique().tolist():
-            tok, slot = (ids == e).nonzero(as_tuple=True)
-            xe = x[tok]
-            h = xe.float() @ W13[e].T                # float32 throughout, from the exact decode ...
-            g_, u_ = h[:, :inter].clamp(max=LIMIT), h[:, inter:].clamp(-LIMIT, LIMIT)
-            a = g_ * torch.sigmoid(ALPHA * g_) * (u_ + BETA)
-            ref.index_add_(0, tok, (a @ W2[e].T) * w[tok, slot, None])
-            hb = xe @ W13b[e].T                      # ... and the bf16 path a bf16 engine would take
-            gb, ub = hb[:, :inter].float().clamp(max=LIMIT), hb[:, inter:].float().clamp(-LIMIT, LIMIT)
-            ab = (gb * torch.sigmoid(ALPHA * gb) * (ub + BETA)).to(torch.bfloat16)
-            refb.index_add_(0, tok, (ab @ W2b[e].T).float() * w[tok, slot, None])
+        ref = moe_reference(x, ids, w, W13, W2, inter)                      # float32 from the exact decode
+        refb = moe_reference(x, ids, w, W13, W2, inter, torch.bfloat16)     # the bf16 path
         streams, layer.m3_streams = layer.m3_streams, []      # the parts one after another (M3_MOE_STREAMS=0)
         y_serial = method.apply(layer, x, w, ids, None, None)
         us_serial = round(timed(lambda: method.apply(layer, x, w, ids, None, None)), 1)
@@ -315,7 +320,7 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
                      "gpu_bytes": held, "gptq_bytes": ckpt_bytes, "prepare_s": round(prep, 1)})
         rows[-1].update(wmix_row(wmethod, wlayer, x, w, ids, ref, wheld, wprep))
         print(json.dumps(rows[-1]), flush=True)
-    W13 = W2 = W13b = W2b = layer = wlayer = None      # freed before the next case
+    W13 = W2 = layer = wlayer = None      # freed before the next case
     torch.cuda.empty_cache()
     return rows
 

@@ -68,22 +68,6 @@ def build(E, hidden, inter, per, gen, k, exact=True):
     return K.mixed_moe(E, hidden, inter, k, per, gen, kernel, exact)
 
 
-def reference(x, ids, w, W13, W2, inter, dtype):
-    """sum_k w_k * W2_e(swiglu_oai(W13_e x)) per token, in float32 from the exact decode (dtype float32) or with
-    bf16 weights and intermediates (dtype bf16: the floor)."""
-    out = torch.zeros(x.shape[0], W2[0].shape[0], device=DEV)
-    for e in ids.unique().tolist():
-        if not 0 <= e < len(W13):
-            continue
-        tok, slot = (ids == e).nonzero(as_tuple=True)
-        xe = x[tok].to(dtype)
-        h = (xe @ W13[e].to(dtype).T).float()
-        g_, u_ = h[:, :inter].clamp(max=K.LIMIT), h[:, inter:].clamp(-K.LIMIT, K.LIMIT)
-        a = (g_ * torch.sigmoid(K.ALPHA * g_) * (u_ + K.BETA)).to(dtype)
-        out.index_add_(0, tok, (a @ W2[e].to(dtype).T).float() * w[tok, slot, None])
-    return out
-
-
 def sync():
     if DEV.type == "cuda":
         torch.cuda.synchronize()
@@ -119,8 +103,8 @@ def rows_phase(gen):
         x = torch.randn(m, H, device=DEV, generator=gen).to(torch.bfloat16)
         ids = torch.rand(m, E, device=DEV, generator=gen).topk(k, dim=-1).indices.to(torch.int32)
         w = torch.rand(m, k, device=DEV, generator=gen)
-        ref = reference(x, ids, w, W13, W2, I, torch.float32)
-        floor = per_token(reference(x, ids, w, W13, W2, I, torch.bfloat16), ref)
+        ref = K.moe_reference(x, ids, w, W13, W2, I)
+        floor = per_token(K.moe_reference(x, ids, w, W13, W2, I, torch.bfloat16), ref)
         for tname, tile in TILES.items():
             for align in ("vllm", "reference"):
                 with forced(tile, align):

@@ -260,3 +260,33 @@ def test_kernel_check_small_m_tuning_changes_only_the_small_rows():
     split = [[0, 1, small], [1, 8, dict(small, num_stages=3)], [8, 1 << 30, big]]   # two tiles up to 8 rows: refused
     with pytest.raises(ValueError, match="more than one entry"):
         kc.small_m_tuning(split, {"num_stages": 8})
+
+
+def test_kernel_check_moe_reference_routes_and_weights_every_row():
+    """gpu/kernel_check.moe_reference (the one MoE reference of kernel_check's MoE cases and gpu/wmix_diag.py): per
+    token, sum over its top-k of w * W2_e(swiglu_oai(W13_e x)), each (token, slot) at its own expert and weight, a
+    row routed to no expert (-1, the expert count) adding nothing -- against a token-by-token float64 loop; its bf16
+    path sits near it but not on it (the floor it stands for)."""
+    kc = _load(ROOT / "gpu" / "kernel_check.py")
+    gen = torch.Generator().manual_seed(3)
+    E, H, inter, T, k = 5, 64, 32, 7, 3
+    W13 = [torch.randn(2 * inter, H, generator=gen) / 8 for _ in range(E)]
+    W2 = [torch.randn(H, inter, generator=gen) / 6 for _ in range(E)]
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).to(torch.int32)
+    ids[2, 1], ids[5, 0] = -1, E
+    w = torch.rand(T, k, generator=gen)
+    want = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for j in range(k):
+            e = int(ids[t, j])
+            if not 0 <= e < E:
+                continue
+            h = W13[e].double() @ x[t].double()
+            g, u = h[:inter].clamp(max=kc.LIMIT), h[inter:].clamp(-kc.LIMIT, kc.LIMIT)
+            want[t] += float(w[t, j]) * (W2[e].double() @ (g * torch.sigmoid(kc.ALPHA * g) * (u + kc.BETA)))
+    got = kc.moe_reference(x, ids, w, W13, W2, inter)
+    assert got.dtype == torch.float32 and got.shape == (T, H)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
+    floor = (kc.moe_reference(x, ids, w, W13, W2, inter, torch.bfloat16).double() - want).abs().max() / want.abs().max()
+    assert 1e-5 < floor < 3e-2, floor
