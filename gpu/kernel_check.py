@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Per-width kernel check at the real MiniMax-M3 shapes, on the GPU (issue 15).
 
-    python3 gpu/kernel_check.py OUT_JSON [--quick]
+    python3 gpu/kernel_check.py OUT_JSON [--quick] [--phases=graph,dense,moe] [--moe-widths=2,3,4,8] [--moe-ms=1,32]
+
+``--moe-widths=`` (empty) runs the mixed MoE layer only; ``--moe-ms`` replaces MOE_MS (the token counts).
 
 The plugin's own classes (m3_convert.serve: HummingLinearKernel, M3HummingMoEMethod + HummingMoEKernel) on
 stand-in layers holding random GPTQ tensors (random codes, the symmetric v1 zeros, signed fp16 scales):
@@ -433,7 +435,8 @@ def main():
            "humming_problem": compat.humming_problem(), "dense": [], "moe": [], "graph": [], "dense_tiles": []}
     t0 = time.time()
     phases = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--phases=")), "graph,dense,moe").split(",")
-    widths = [int(b) for b in next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--moe-widths=")), "2,3,4,8").split(",")]
+    widths = [int(b) for b in next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--moe-widths=")), "2,3,4,8").split(",") if b]
+    moe_ms = [int(m) for m in next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--moe-ms=")), "").split(",") if m] or MOE_MS
     if "graph" in phases:
         res["graph"] = graph_case(gen) + [r for m in (1, 8, 64) for r in graph_case(gen, "wmix", m)]
     shapes = [(6144, 6144), (6144, 3072)] if not quick else [(6144, 3072)]
@@ -445,10 +448,10 @@ def main():
         json.dump(res, open(out, "w"), indent=1)       # each shape's rows kept should a hand-made tile fault
     E, H, I, K = 128, 6144, 3072, 4
     for bits in widths if "moe" in phases else ():
-        res["moe"] += moe_case(f"uniform{bits}", [(bits, bits, bits)] * E, H, I, E, K, MOE_MS, gen)
+        res["moe"] += moe_case(f"uniform{bits}", [(bits, bits, bits)] * E, H, I, E, K, moe_ms, gen)
     mixed = [(decide.QUANT_BITS[e % 4], decide.QUANT_BITS[(e // 4) % 4], decide.QUANT_BITS[(e // 16) % 4]) for e in range(E)]
     if "moe" in phases:
-        res["moe"] += moe_case("mixed", mixed, H, I, E, K, MOE_MS, gen)
+        res["moe"] += moe_case("mixed", mixed, H, I, E, K, moe_ms, gen)
     res["seconds"] = round(time.time() - t0, 1)
     json.dump(res, open(out, "w"), indent=1)
     worst_d = max((r["humming"]["max_rel"] / max(r["torch_bf16"]["max_rel"], 1e-9) for r in res["dense"]), default=None)

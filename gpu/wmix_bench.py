@@ -6,7 +6,9 @@
 
 Options: ``--ms=1,8,32`` (token counts), ``--depth=N`` (also time N distinct layers in turn: no L2 reuse; default
 4), ``--sweep`` with ``--sweep-ms=1,32`` (other tile configs of each GEMM at those sizes, each checked against
-decide's), ``--prefetch`` (decide's gemv configs with GemvConfig.prefetch on).
+decide's), ``--tiles=64x64x4x2,128x128x8x2`` (the tiled sweep's bm x bn x warps x stages instead of TILED_SWEEP),
+``--loads=words,fields`` (the tiled sweep's loads instead of every wmix.TILED_LOADS), ``--prefetch`` (decide's gemv
+configs with GemvConfig.prefetch on).
 
 Needs torch and triton only (the GPU image's). 128 experts, hidden 6144, expert width 3072, top-4, group 128; one
 layer of uniform 4-bit experts and one mixing 2/3/4/8 bits per expert and per gate/up/down (kernel_check's mix),
@@ -166,6 +168,10 @@ GEMV_SWEEP = [(16, 64, 4, False), (16, 64, 4, True), (32, 64, 4, False), (32, 64
 #: against 12-33 KiB); "fields" leaves 28 at 2 stages (20 KiB): which hides HBM latency best is what this measures
 TILED_SWEEP = [(16, 64, 4, 2), (16, 64, 4, 1), (16, 32, 4, 1), (16, 32, 4, 3), (32, 64, 4, 1), (32, 64, 4, 2),
                (64, 64, 4, 1), (64, 64, 4, 2), (64, 32, 4, 1)]
+_TILES = next((a[8:] for a in sys.argv if a.startswith("--tiles=")), "")
+if _TILES:
+    TILED_SWEEP = [tuple(int(v) for v in t.split("x")) for t in _TILES.split(",")]
+SWEEP_LOADS = tuple(next((a[8:] for a in sys.argv if a.startswith("--loads=")), ",".join(wmix.TILED_LOADS)).split(","))
 
 
 def sweep(L, x, ids, act, gu, down, m):
@@ -181,7 +187,7 @@ def sweep(L, x, ids, act, gu, down, m):
             cfgs = [wmix.GemvConfig(r, bn, sp, wa, 2, pf) for r, bn, wa, pf in GEMV_SWEEP for sp in (1, 2, 4, 8)]
             call = lambda c, o: wmix.gemv(t, qw, sc, xin, ids, in_div, o, c)  # noqa: E731
         else:
-            cfgs = [wmix.TiledConfig(bm, bn, wa, st, ld) for bm, bn, wa, st in TILED_SWEEP for ld in wmix.TILED_LOADS]
+            cfgs = [wmix.TiledConfig(bm, bn, wa, st, ld) for bm, bn, wa, st in TILED_SWEEP for ld in SWEEP_LOADS]
 
             aligned = {c.block_m: tuple(a.to(DEV) for a in wmix.align_reference(ids.cpu().view(-1, 1), c.block_m, E))
                        for c in cfgs}          # before any capture (a copy from the CPU cannot be captured)

@@ -73,8 +73,8 @@ class GemvConfig:
 #:   field: every step elementwise on the loaded words, so the decoded codes need no pass through shared memory
 #:   (sm_90, 16 x 64: 72 registers and 28 warps an SM; 2.5 KiB at one stage, decide's, 20 KiB at two;
 #:   gpu/wmix_sass.py); groups of 32, 64 or 128 (FIELD_GROUPS);
-#: "words": 2/4/8 bits read each word once and unpack it in registers; 3 bits as "gather" (16 x 64, one stage: 125
-#:   registers, 20 KiB, 16 warps an SM);
+#: "words": each word read once and unpacked in registers (3 bits: a triplet's words as two 64-bit halves of 16
+#:   codes, :func:`_triplets`; until 2026-12-07 3 bits took "gather" here);
 #: "gather": each code's word read per code (4 bytes a code through shared memory; the first H100 run's path).
 #: On an H100 (gpu/results/issue25-2026-12-07b, mixed layer, 64 tokens, 16 x 64 tiles) "fields" took w13 1702.8 us
 #: at one stage against 2099.8 ("words") and 2202.8 ("gather"), and 1887.0 / 2642.4 / 2892.3 at two stages.
@@ -331,12 +331,14 @@ def _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G: 
     PACK: tl.constexpr = 32 // BITS
     for g in range(K // G):
         xt = tl.load(xr + g * G + k[None, :], mask=rm[:, None], other=0.0)
-        if CROSS or not PACKED:     # each code's word gathered (4 bytes a code through shared memory)
+        if not PACKED:      # each code's word gathered (4 bytes a code through shared memory)
             wp = qw + (g * GWORDS + word)[:, None] * N + n[None, :]
             v = tl.load(wp, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True) >> shift[:, None]
             if CROSS:
                 hi = tl.load(wp + N, mask=cross[:, None] & nmask[None, :], other=0).to(tl.uint32, bitcast=True)
                 v = v | (hi << shl[:, None])
+        elif CROSS:         # 3 bits, each word read once: :func:`_triplets`
+            v = _triplets(qw + g * GWORDS * N, n, nmask, N, G)
         else:               # each word read once: [words, BN] -> [words, PACK, BN] codes -> [G, BN] (k = word*PACK + j)
             wr = tl.arange(0, GWORDS)
             jsh = (tl.arange(0, PACK) * BITS).to(tl.uint32)
@@ -350,6 +352,25 @@ def _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G: 
         scale = tl.load(sc + g * N + n, mask=nmask, other=0.0).to(tl.float32)
         acc += d * scale[None, :]
     return acc
+
+
+@triton.jit
+def _triplets(qw, n, nmask, N, G: tl.constexpr):
+    """A 3-bit group's G codes as [G, BN] uint32 (code k at bit 0; higher bits not cleared: :func:`_signed` masks),
+    each of its words read once: triplet t's words w0, w1, w2 (rows 3t..3t+2, 32 codes in 96 bits, little end first)
+    as two 64-bit halves, ``w0 | w1 << 32`` (codes 0-15 at bits 3j: bits 0-47) and ``w1 >> 16 | w2 << 16`` (codes
+    16-31 at bits 3(j-16): triplet bits 48-95), so that every code is one 64-bit shift of its half (no code straddles
+    a half), kept to its low 32 bits."""
+    GT: tl.constexpr = G // 32
+    t = tl.arange(0, GT)
+    wp = qw + (3 * t)[:, None] * N + n[None, :]
+    w0 = tl.load(wp, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+    w1 = tl.load(wp + N, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+    w2 = tl.load(wp + 2 * N, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+    halves = tl.permute(tl.join(w0 | (w1 << 32), (w1 >> 16) | (w2 << 16)), (0, 2, 1))      # [GT, 2, BN]
+    sh = (tl.arange(0, 16) * 3).to(tl.uint64)
+    codes = (halves[:, :, None, :] >> sh[None, None, :, None]).to(tl.uint32)           # [GT, 2, 16, BN]
+    return tl.reshape(codes, [G, codes.shape[3]])                                    # k = 32t + 16h + j
 
 
 @triton.jit
