@@ -31,14 +31,16 @@ Arms, each in its own process (one CUDA context each), same GPU, one run:
 * ``native_streamk`` (not in the default arms): ``native`` with humming's default stream-K kernels
                 (M3_HUMMING_EXACT=0: not batch-invariant; 2026-12-02 on an H200: 1.02x native's decode), for comparison.
 
-Routing: the weights are vLLM's dummy ones (every float parameter uniform in +-1e-3, the same seed for each), under
-which the model's own router sends nearly every token to the same few experts of each layer (the score bias, +-1e-3,
-outweighs logits of ~3e-5: :func:`dummy_router_spread`), so batch 32 and prefill read ~5 experts a layer where the
-real, load-balanced router reads ~80 (32 tokens) or all 128 (2k). Every arm therefore routes through vLLM's own
-routing simulation for performance tests (``VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random``: top-k of uniform
-random scores, distinct experts per token, weights 1) unless ``M3_BENCH_ROUTING=model`` (the runs up to 2026-12-07
-used the model's router); each arm records the routing it ran (``routing``) and, from vLLM's routed-experts capture
-hook on a 2k prefill, how many experts each MoE layer's rows reached (``routing_spread``).
+Routing: the weights are vLLM's dummy ones (every float parameter uniform in +-1e-3; integer ones, GPTQ codes among
+them, left as allocated), so the model's own router routes whatever hidden states those weights make, not the
+load-balanced routing of the trained model; the arms that read an expert once for all its rows (humming, Marlin,
+bf16) ran batch 32 about twice as fast under it as under uniform routing (promoted, 4 layers: 11,649 against 5,944
+tok/s, two H100s, 2026-12-07), as if rows crowded onto few experts (not measured then). Every arm therefore routes
+through vLLM's own routing simulation for performance tests (``VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random``:
+top-k of uniform random scores, distinct experts per token, weights 1) unless ``M3_BENCH_ROUTING=model`` (the runs up
+to 2026-12-07's seventh session used the model's router); each arm records the routing it ran (``routing``) and,
+from vLLM's routed-experts capture hook on a 2k prefill, how many experts each MoE layer's rows reached
+(``routing_spread``; with ``M3_BENCH_ROUTING=model`` that measures the dummy model's crowding).
 
 With ``M3_BENCH_PROFILE=1`` each arm also profiles one batch-1 and one batch-32 generation (:func:`profile_decode`:
 wall vs GPU-busy time per step, kernels per step, top kernels, launches outside CUDA graphs; ``profile_bs1``,
@@ -133,25 +135,15 @@ def routing() -> str:
     return r
 
 
-def dummy_router_spread(tokens: int, hidden: int = 6144, experts: int = 128, top_k: int = 4, seed: int = 0) -> dict:
-    """What the model's router does with vLLM's dummy weights (its own initialize_single_dummy_weight, the seed it
-    gives every parameter): sigmoid(x @ gate^T) + score bias, top-k, for ``tokens`` hidden states of random
-    direction after the MoE's RMSNorm (unit RMS times the dummy norm weight; the most diverse inputs it can get).
-    Returns the distinct experts reached and the rows of the busiest ones (CPU; no model)."""
-    import torch
-    from vllm.model_executor.model_loader.weight_utils import initialize_single_dummy_weight
-    gate, bias, norm = torch.empty(experts, hidden, dtype=torch.bfloat16), torch.empty(experts), \
-        torch.empty(hidden, dtype=torch.bfloat16)
-    for t in (gate, bias, norm):
-        initialize_single_dummy_weight(t)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, hidden, generator=g)
-    h = (x / x.pow(2).mean(-1, keepdim=True).sqrt() * norm.float()).bfloat16().float()
-    logits = h @ gate.float().T
-    ids = (torch.sigmoid(logits) + bias).topk(top_k, dim=-1).indices
-    rows = torch.bincount(ids.reshape(-1), minlength=experts).sort(descending=True).values
-    return {"tokens": tokens, "distinct_experts": int((rows > 0).sum()), "busiest_rows": rows[:top_k + 2].tolist(),
-            "logit_std": float(logits.std()), "bias_std": float(bias.std())}
+def set_routing_env(env=os.environ) -> str:
+    """Put the bench's routing into vLLM's variable (read when an engine builds its routers: before ``LLM()``, in the
+    arm's own process); returns the routing."""
+    r = routing()
+    if ROUTINGS[r]:
+        env["VLLM_MOE_ROUTING_SIMULATION_STRATEGY"] = ROUTINGS[r]
+    else:
+        env.pop("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", None)
+    return r
 
 
 _ROUTED: dict = {}
@@ -187,6 +179,19 @@ def routed_spread(experts: int = 128) -> dict:
         return {"layers": 0}
     d, b, t = zip(*per)
     return {"layers": len(per), "tokens": max(t), "distinct_experts": [min(d), max(d)], "busiest_rows": [min(b), max(b)]}
+
+
+def serve_code_hash() -> str:
+    """sha256 (16 hex digits) of the plugin's serving sources as run (m3_convert/serve/*.py, sorted by name): which
+    kernel code a result came from, on a machine without the repository's history."""
+    import hashlib
+    from m3_convert import serve
+    h = hashlib.sha256()
+    root = os.path.dirname(serve.__file__)
+    for name in sorted(f for f in os.listdir(root) if f.endswith(".py")):
+        with open(os.path.join(root, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()[:16]
 
 
 def write_model(d: str, arm: str, layers: int, vocab: int) -> dict:
@@ -286,11 +291,7 @@ def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
         os.environ.update(M3_MOE_KERNEL="humming", M3_MOE_STREAMS="0")
     if arm == "native_wmix":          # the wmix kernels: one launch per MoE sublayer (issue 25)
         os.environ["M3_MOE_KERNEL"] = "wmix"
-    strategy = ROUTINGS[routing()]
-    if strategy:
-        os.environ["VLLM_MOE_ROUTING_SIMULATION_STRATEGY"] = strategy
-    else:
-        os.environ.pop("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", None)
+    set_routing_env()
     d = f"/tmp/m3bench/{arm}"
     info = write_model(d, "bf16" if arm == "bf16" else "native", layers, vocab)
     from m3_convert import vllm_plugin
@@ -334,6 +335,9 @@ def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
     gen(1, 2048, 1)
     llm.apply_model(lambda m: capture_routing(m, False))
     res["routing_spread"] = dict(routed_spread(), routers=bound)
+    if res["routing_spread"]["layers"] == 0 or res["routing_spread"].get("tokens") != 2048:
+        print(f"WARNING: routing_spread saw no 2048-token forward ({res['routing_spread']}): the hook runs in this "
+              "process only (VLLM_ENABLE_V1_MULTIPROCESSING=0) and not in a CUDA graph's replay", flush=True)
     _ROUTED.clear()
     pf = [gen(1, 2048, 1) for _ in range(3)]
     res["prefill_2k_tok_s"] = round(2048 / statistics.median(pf), 0)
@@ -342,6 +346,8 @@ def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
     res["copy_bandwidth_Bps"] = round(bw / 1e9, 1) * 1e9
     res["decode_bs1_bytes_per_s"] = round(active / step / 1e9, 1) * 1e9
     res["gpu"] = __import__("torch").cuda.get_device_name()
+    res["vllm"] = __import__("vllm").__version__
+    res["serve_code"] = serve_code_hash()
     res["datasheet_Bps"] = datasheet_bps()
     res["decode_bs1_fraction_of_datasheet_hbm"] = round(active / step / res["datasheet_Bps"], 3)
     res["decode_bs1_fraction_of_measured_copy"] = round(active / step / bw, 3)

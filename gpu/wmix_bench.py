@@ -163,9 +163,10 @@ SWEEP_MS = tuple(int(v) for v in next((a[11:] for a in sys.argv if a.startswith(
                                         "1,2,8,32,512").split(","))
 GEMV_SWEEP = [(16, 64, 4, False), (16, 64, 4, True), (32, 64, 4, False), (32, 64, 4, True), (8, 128, 4, False),
               (8, 128, 4, True)]                                    # rows, block_n, warps, prefetch
-#: bm, bn, warps, stages, each with every wmix.TILED_LOADS. With the "words" and "gather" loads one stage (no
-#: pipelined loads) leaves an SM 16-24 warps where 2 stages leave 8 (wmix_sass.py: 86-115 KiB of shared memory
-#: against 12-33 KiB); "fields" leaves 28 at 2 stages (20 KiB): which hides HBM latency best is what this measures
+#: bm, bn, warps, stages, each with every wmix.TILED_LOADS. With the "gather" load (and "words" before 2026-12-07's
+#: eighth session, which gathered 3 bits too) one stage (no pipelined loads) leaves an SM 16-24 warps where 2 stages
+#: leave 8 (wmix_sass.py: 86-115 KiB of shared memory against 12-33 KiB); "fields" leaves 28 at 2 stages (20 KiB);
+#: "words" with wmix._triplets at 64 x 64, 2 stages: 56 KiB, 16 warps: which hides HBM latency best is what this measures
 TILED_SWEEP = [(16, 64, 4, 2), (16, 64, 4, 1), (16, 32, 4, 1), (16, 32, 4, 3), (32, 64, 4, 1), (32, 64, 4, 2),
                (64, 64, 4, 1), (64, 64, 4, 2), (64, 32, 4, 1)]
 _TILES = next((a[8:] for a in sys.argv if a.startswith("--tiles=")), "")

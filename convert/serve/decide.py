@@ -303,7 +303,10 @@ def wmix_tile(rows: int, experts: int) -> tuple:
     9256.0 / 4676.2. Between 2 and 32 rows per expert the 64 x 64 "words" tile is not measured: at 512 tokens (16
     rows per expert) 64 x 64 "fields" two stages took 6870.2 us against 16 x 64 "fields" three stages' 5025.4
     (gpu/results/issue24-2026-12-07), so the threshold's lower side is a guess. Every tile gives the same output
-    as decide's up to float32 summation order (bit for bit at the same load: wmix_diag.py ``graph``)."""
+    as decide's up to float32 summation order (bit for bit at the same load: wmix_diag.py ``graph``). Every "words"
+    figure here had its 3-bit slots gathered a word per code; since 2026-12-07's eighth session "words" reads a 3-bit
+    triplet's words once (wmix._triplets: on sm_90 the 64 x 64 tile takes 128 registers and 56 KiB of shared memory
+    where it took 229 and 112, gpu/wmix_sass.py), not yet timed."""
     if rows >= 32 * max(experts, 1):
         return (64, 64, 4, 2, "words")
     return (16, 64, 4, 1, "fields")

@@ -77,7 +77,8 @@ class GemvConfig:
 #:   codes, :func:`_triplets`; until 2026-12-07 3 bits took "gather" here);
 #: "gather": each code's word read per code (4 bytes a code through shared memory; the first H100 run's path).
 #: On an H100 (gpu/results/issue25-2026-12-07b, mixed layer, 64 tokens, 16 x 64 tiles) "fields" took w13 1702.8 us
-#: at one stage against 2099.8 ("words") and 2202.8 ("gather"), and 1887.0 / 2642.4 / 2892.3 at two stages.
+#: at one stage against 2099.8 ("words") and 2202.8 ("gather"), and 1887.0 / 2642.4 / 2892.3 at two stages; every
+#: "words" figure to 2026-12-07's seventh session had 3 bits gathered (before :func:`_triplets`).
 TILED_LOADS = ("fields", "words", "gather")
 FIELD_GROUPS = (32, 64, 128)      # 16 fields of G/16 codes: at most 32 bits each, or 64 (8 bits at 128)
 
@@ -316,9 +317,10 @@ def gemv(table: SlotTable, qweight, scales, x, ids, in_div: int, out, cfg: GemvC
 def _tiled_loop(acc, xr, rm, qw, sc, n, nmask, N, K, rz, BITS: tl.constexpr, G: tl.constexpr, DOT_F32: tl.constexpr,
                 PACKED: tl.constexpr):
     """acc += x rows @ (codes - zero) * scale over K, one group of G codes at a time, the width a constant: code k of
-    a group starts at bit k*BITS of the group's words; a code that straddles two words (3 bits: 10 and 21 of each
-    triplet) also reads the next word. Codes become floats as in gemv (:func:`_signed`), then bf16: small integers,
-    exact."""
+    a group starts at bit k*BITS of the group's words. ``PACKED`` ("words"): each word read once (3 bits by
+    :func:`_triplets`); else ("gather") each code's word read per code, and a code that straddles two words (3 bits:
+    10 and 21 of each triplet) also reads the next word. Codes become floats as in gemv (:func:`_signed`), then bf16:
+    small integers, exact."""
     k = tl.arange(0, G)
     bit = k * BITS
     word = bit >> 5
