@@ -4,6 +4,7 @@
     python3 gpu/wmix_sass.py                  # every kernel at M3's shapes: registers, spills, instructions per weight
     python3 gpu/wmix_sass.py --sass OUT_DIR   # also write each kernel's SASS
     python3 gpu/wmix_sass.py --jit 8192       # what serving compiles for every batch up to 8192 tokens, timed cold
+    python3 gpu/wmix_sass.py --per-width      # the tiled kernel's K loop per width and load: instructions per code
 
 Triton compiles a kernel for a target it is told (``GPUTarget("cuda", 90, 32)``) down to a cubin with the ptxas
 its wheel ships; nothing runs. The arguments are specialised as Triton's JIT specialises a real launch (pointers
@@ -28,6 +29,7 @@ import warnings
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -142,6 +144,13 @@ def local_in_loops(sass: str) -> int:
     """Local-memory instructions (spills) inside a loop of ``sass`` (nvdisasm's text): a loop runs from a label to a
     branch back to it. A register saved once before the loops and restored after them costs nothing that
     matters; one inside a loop costs at every iteration."""
+    lines, loops = _loops(sass)
+    return sum(1 for addr, line in lines if re.search(r"\b(LDL|STL)\b", line)
+               and any(lo <= addr <= hi for lo, hi in loops))
+
+
+def _loops(sass: str) -> tuple:
+    """(every instruction as (address, line), every loop as (first, last) address) of nvdisasm's text."""
     at, label, lines = {}, None, []
     for line in sass.splitlines():
         m = re.match(r"\s*(\.L_x_\d+):", line)
@@ -159,8 +168,44 @@ def local_in_loops(sass: str) -> int:
         b = re.search(r"BRA\W+\(?(\.L_x_\d+)", line)
         if b and b.group(1) in at and at[b.group(1)] <= addr:
             loops.append((at[b.group(1)], addr))
-    return sum(1 for addr, line in lines if re.search(r"\b(LDL|STL)\b", line)
-               and any(lo <= addr <= hi for lo, hi in loops))
+    return lines, loops
+
+
+@triton.jit
+def _one_width(x_ptr, x_stride, qw_ptr, sc_ptr, out_ptr, out_stride, N, K, BITS: tl.constexpr, G: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, LOAD: tl.constexpr):
+    """The tiled kernel's K loop at one width, alone (wmix._group_loop over BM rows and one output tile): in
+    wmix._tiled the width is data, so its four loops share one kernel; here each is its own (:func:`per_width`)."""
+    rows = tl.arange(0, BM)
+    xr = x_ptr + rows.to(tl.int64)[:, None] * x_stride
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    rz = tl.load(qw_ptr) >> 4            # as wmix._tiled's rz (a width >> 4): a value the compiler cannot fold
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc = wmix._group_loop(acc, xr, rows < BM, qw_ptr, sc_ptr, n, n < N, N, K, rz, BITS, G, False, LOAD)
+    tl.store(out_ptr + rows[:, None] * out_stride + n[None, :], acc.to(out_ptr.dtype.element_ty))
+
+
+def per_width(tile: tuple, load: str, bits: int) -> dict:
+    """The tiled kernel's K loop for one (block_m, block_n, warps, stages) tile, load and width, compiled for sm_90
+    at w13's shapes (:func:`_one_width`): its SASS instructions per iteration (one group of GROUP codes by block_n
+    outputs) and per code per thread (the issue slots dequantizing a code costs; the tensor cores' share is the
+    HGMMA count), by opcode; registers and shared memory."""
+    bm, bn, warps, stages = tile
+    n, k = INTER, HIDDEN
+    x, qw = torch.empty(1, k, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.int32)
+    args = dict(x_ptr=x, x_stride=k, qw_ptr=qw, sc_ptr=torch.zeros(1, dtype=torch.float16), out_ptr=x, out_stride=k,
+                N=n, K=k)
+    kernel = build(_one_width, args, dict(BITS=bits, G=GROUP, BM=bm, BN=bn, LOAD=load), warps, stages)
+    r = resources(kernel)
+    lines, loops = _loops(r["sass"])
+    lo, hi = max(loops, key=lambda ab: ab[1] - ab[0])          # the K loop: the longest (the only one but prologue's)
+    ops = collections.Counter(m.group(1) for a, line in lines if lo <= a <= hi
+                              for m in [re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]+)", line)] if m)
+    body = sum(1 for a, _ in lines if lo <= a <= hi)
+    return {"tile": "x".join(map(str, tile)), "load": load, "bits": bits, "regs": r["regs"],
+            "shared": kernel.metadata.shared, "loop_instructions": body,
+            "per_code": round(body / (GROUP * bn / (32 * warps)), 2), "mma": ops["HGMMA"] + ops["HMMA"],
+            "top": dict(ops.most_common(6))}
 
 
 def launches(tokens: int = 1):
@@ -266,6 +311,12 @@ if __name__ == "__main__":
             print(json.dumps(row))
         print(json.dumps({"max_tokens": most, "compilations": len(out),
                           "compile_s": round(sum(r["compile_s"] for r in out), 1), "cpus": os.cpu_count()}))
+        sys.exit(0)
+    if "--per-width" in sys.argv:          # the tiled kernel's K loop per width and load, at decide's two tiles
+        for tile in ((16, 64, 4, 1), (64, 64, 4, 2)):
+            for load in wmix.TILED_LOADS:
+                for bits in decide.QUANT_BITS:
+                    print(json.dumps(per_width(tile, load, bits)), flush=True)
         sys.exit(0)
     d = sys.argv[sys.argv.index("--sass") + 1] if "--sass" in sys.argv else None
     if d:
