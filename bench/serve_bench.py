@@ -33,9 +33,9 @@ Arms, each in its own process (one CUDA context each), same GPU, one run:
 
 Routing: the weights are vLLM's dummy ones (every float parameter uniform in +-1e-3; integer ones, GPTQ codes among
 them, left as allocated), so the model's own router routes whatever hidden states those weights make, not the
-load-balanced routing of the trained model; the arms that read an expert once for all its rows (humming, Marlin,
-bf16) ran batch 32 about twice as fast under it as under uniform routing (promoted, 4 layers: 11,649 against 5,944
-tok/s, two H100s, 2026-12-07), as if rows crowded onto few experts (not measured then). Every arm therefore routes
+load-balanced routing of the trained model; the arms that read an expert once for all its rows ran batch 32 about
+twice as fast under it as under uniform routing (4 layers, H100s of 2026-12-07: promoted 11,649 against 5,944 tok/s,
+humming 14,481 against 7,393; different machines), as if rows crowded onto few experts (not measured then). Every arm therefore routes
 through vLLM's own routing simulation for performance tests (``VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random``:
 top-k of uniform random scores, distinct experts per token, weights 1) unless ``M3_BENCH_ROUTING=model`` (the runs up
 to 2026-12-07's seventh session used the model's router); each arm records the routing it ran (``routing``) and,
@@ -194,6 +194,21 @@ def serve_code_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def measure_spread(llm, prefill) -> dict:
+    """:func:`routed_spread` of one ``prefill()`` (2048 tokens) with the capture hook bound around it; warns when it
+    saw no such forward (the hook runs in this process only, VLLM_ENABLE_V1_MULTIPROCESSING=0, and not in a CUDA
+    graph's replay)."""
+    _ROUTED.clear()
+    bound, = llm.apply_model(lambda m: capture_routing(m, True))
+    prefill()
+    llm.apply_model(lambda m: capture_routing(m, False))
+    spread = dict(routed_spread(), routers=bound)
+    _ROUTED.clear()
+    if spread["layers"] == 0 or spread.get("tokens") != 2048:
+        print(f"WARNING: routing_spread saw no 2048-token forward ({spread})", flush=True)
+    return spread
+
+
 def write_model(d: str, arm: str, layers: int, vocab: int) -> dict:
     os.makedirs(d, exist_ok=True)
     tc = text_config(layers, vocab)
@@ -330,15 +345,7 @@ def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
     if os.environ.get("M3_BENCH_PROFILE"):
         res["profile_bs1"] = profile_decode(lambda: gen(1, 8, 33), steps=32)
         res["profile_bs32"] = profile_decode(lambda: gen(32, 8, 33), steps=32)
-    _ROUTED.clear()
-    bound, = llm.apply_model(lambda m: capture_routing(m, True))
-    gen(1, 2048, 1)
-    llm.apply_model(lambda m: capture_routing(m, False))
-    res["routing_spread"] = dict(routed_spread(), routers=bound)
-    if res["routing_spread"]["layers"] == 0 or res["routing_spread"].get("tokens") != 2048:
-        print(f"WARNING: routing_spread saw no 2048-token forward ({res['routing_spread']}): the hook runs in this "
-              "process only (VLLM_ENABLE_V1_MULTIPROCESSING=0) and not in a CUDA graph's replay", flush=True)
-    _ROUTED.clear()
+    res["routing_spread"] = measure_spread(llm, lambda: gen(1, 2048, 1))
     pf = [gen(1, 2048, 1) for _ in range(3)]
     res["prefill_2k_tok_s"] = round(2048 / statistics.median(pf), 0)
     bw = copy_bandwidth()

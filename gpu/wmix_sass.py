@@ -171,17 +171,19 @@ def _loops(sass: str) -> tuple:
     return lines, loops
 
 
-@triton.jit
-def _one_width(x_ptr, x_stride, qw_ptr, sc_ptr, out_ptr, out_stride, N, K, BITS: tl.constexpr, G: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr, LOAD: tl.constexpr):
+@triton.jit(do_not_specialize=["rows_valid"])
+def _one_width(x_ptr, x_stride, qw_ptr, sc_ptr, out_ptr, out_stride, rows_valid, N, K, BITS: tl.constexpr,
+               G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, LOAD: tl.constexpr):
     """The tiled kernel's K loop at one width, alone (wmix._group_loop over BM rows and one output tile): in
-    wmix._tiled the width is data, so its four loops share one kernel; here each is its own (:func:`per_width`)."""
+    wmix._tiled the width is data, so its four loops share one kernel; here each is its own (:func:`per_width`).
+    As in _tiled, the rows' mask is known at run time only (``rows_valid``); the rows are contiguous here, gathered
+    there (outside the K loop)."""
     rows = tl.arange(0, BM)
     xr = x_ptr + rows.to(tl.int64)[:, None] * x_stride
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     rz = tl.load(qw_ptr) >> 4            # as wmix._tiled's rz (a width >> 4): a value the compiler cannot fold
     acc = tl.zeros([BM, BN], tl.float32)
-    acc = wmix._group_loop(acc, xr, rows < BM, qw_ptr, sc_ptr, n, n < N, N, K, rz, BITS, G, False, LOAD)
+    acc = wmix._group_loop(acc, xr, rows < rows_valid, qw_ptr, sc_ptr, n, n < N, N, K, rz, BITS, G, False, LOAD)
     tl.store(out_ptr + rows[:, None] * out_stride + n[None, :], acc.to(out_ptr.dtype.element_ty))
 
 
@@ -194,7 +196,7 @@ def per_width(tile: tuple, load: str, bits: int) -> dict:
     n, k = INTER, HIDDEN
     x, qw = torch.empty(1, k, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.int32)
     args = dict(x_ptr=x, x_stride=k, qw_ptr=qw, sc_ptr=torch.zeros(1, dtype=torch.float16), out_ptr=x, out_stride=k,
-                N=n, K=k)
+                rows_valid=bm, N=n, K=k)
     kernel = build(_one_width, args, dict(BITS=bits, G=GROUP, BM=bm, BN=bn, LOAD=load), warps, stages)
     r = resources(kernel)
     lines, loops = _loops(r["sass"])
@@ -313,7 +315,7 @@ if __name__ == "__main__":
                           "compile_s": round(sum(r["compile_s"] for r in out), 1), "cpus": os.cpu_count()}))
         sys.exit(0)
     if "--per-width" in sys.argv:          # the tiled kernel's K loop per width and load, at decide's two tiles
-        for tile in ((16, 64, 4, 1), (64, 64, 4, 2)):
+        for tile in (decide.wmix_tile(TOPK * t, 128)[:4] for t in (64, 8192)):
             for load in wmix.TILED_LOADS:
                 for bits in decide.QUANT_BITS:
                     print(json.dumps(per_width(tile, load, bits)), flush=True)

@@ -168,7 +168,7 @@ def test_tiled_words_reads_3_bits_in_fewer_instructions_than_gather():
     """The tiled kernel's K loop at 3 bits, compiled for sm_90 (gpu/wmix_sass.py ``per_width``) at decide's prefill
     tile: "words" (a triplet's three words read once, wmix._triplets) takes fewer instructions per code and less
     shared memory than "gather" (a word per code), and its loop still feeds the tensor cores (HGMMA). Measured
-    2026-12-07: 8.39 against 10.83 instructions a code per thread, 51 against 112 KiB."""
+    2026-12-07: 8.91 against 11.17 instructions a code per thread, 51 against 112 KiB."""
     need_vllm()
     sys.path.insert(0, str(Path(__file__).parents[1] / "gpu"))
     import wmix_sass
