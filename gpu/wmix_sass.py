@@ -80,6 +80,11 @@ def build(fn, args: dict, const: dict, warps: int, stages: int):
         return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
 
 
+def opcodes(sass: str) -> collections.Counter:
+    """SASS instructions of nvdisasm's text by opcode (a predicate guard skipped)."""
+    return collections.Counter(m.group(1) for m in re.finditer(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]+)", sass))
+
+
 def resources(kernel) -> dict:
     """Registers, stack bytes, and the SASS instruction counts (by opcode) of a compiled kernel."""
     import tempfile
@@ -91,7 +96,7 @@ def resources(kernel) -> dict:
         sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
                               check=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", res)
-    ops = collections.Counter(m2.group(1) for m2 in re.finditer(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]+)", sass))
+    ops = opcodes(sass)
     return {"regs": int(m[1]), "stack": int(m[2]), "local": ops["LDL"] + ops["STL"],
             "local_in_loops": local_in_loops(sass), "ops": ops, "sass": sass}
 
@@ -201,8 +206,7 @@ def per_width(tile: tuple, load: str, bits: int) -> dict:
     r = resources(kernel)
     lines, loops = _loops(r["sass"])
     lo, hi = max(loops, key=lambda ab: ab[1] - ab[0])          # the K loop: the longest (the only one but prologue's)
-    ops = collections.Counter(m.group(1) for a, line in lines if lo <= a <= hi
-                              for m in [re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]+)", line)] if m)
+    ops = opcodes("\n".join(line for a, line in lines if lo <= a <= hi))
     body = sum(1 for a, _ in lines if lo <= a <= hi)
     return {"tile": "x".join(map(str, tile)), "load": load, "bits": bits, "regs": r["regs"],
             "shared": kernel.metadata.shared, "loop_instructions": body,

@@ -354,7 +354,7 @@ def test_plugin_refuses_act_order_and_other_conventions(monkeypatch):
 
 def test_moe_kernel_choice_defaults_to_humming_and_refuses_unknown(monkeypatch):
     monkeypatch.delenv("M3_MOE_KERNEL", raising=False)
-    assert compat.moe_kernel() == "humming"          # wmix opts in: slower at batch 32 and in prefill (issue 25)
+    assert compat.moe_kernel() == "humming"          # wmix opts in: slower in prefill (issue 25)
     monkeypatch.setenv("M3_MOE_KERNEL", "WMIX")
     assert compat.moe_kernel() == "wmix"
     monkeypatch.setenv("M3_MOE_KERNEL", "triton")

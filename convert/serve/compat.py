@@ -234,7 +234,7 @@ def moe_kernel() -> str:
     """The kernel of a mixed-width MoE layer on a GPU: ``humming`` (one humming launch per width part, the parts on
     side streams; the default) or ``wmix`` (m3_convert.serve.wmix: one Triton launch per sublayer reading every
     expert at its width; served by vLLM 0.33 on an H100 as exactly as humming, with CUDA graphs; faster at batch 1,
-    slower at batch 32 and in prefill: issue 25, gpu/README.md). ``M3_MOE_KERNEL`` chooses; any other value is
+    on a par at batch 32 under uniform routing, slower in prefill: issue 25, gpu/README.md). ``M3_MOE_KERNEL`` chooses; any other value is
     refused."""
     v = os.environ.get("M3_MOE_KERNEL", "humming").lower()
     if v not in MOE_KERNELS:
