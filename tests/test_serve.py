@@ -227,8 +227,8 @@ def test_wmix_path_is_a_function_of_the_rows_per_expert():
     assert decide.wmix_path(1, 128) == decide.wmix_path(128, 128) == decide.wmix_path(8, 8) == "gemv"
     assert decide.wmix_path(129, 128) == decide.wmix_path(9, 8) == "tiled"
     small, large = (16, 64, 4, 1, "fields"), (64, 64, 4, 2, "words")
-    assert decide.wmix_tile(129, 128) == decide.wmix_tile(4095, 128) == decide.wmix_tile(255, 8) == small
-    assert decide.wmix_tile(4096, 128) == decide.wmix_tile(32768, 128) == decide.wmix_tile(256, 8) == large
+    assert decide.wmix_tile(129, 128) == decide.wmix_tile(2047, 128) == decide.wmix_tile(127, 8) == small
+    assert decide.wmix_tile(2048, 128) == decide.wmix_tile(32768, 128) == decide.wmix_tile(128, 8) == large
 
 
 def test_wmix_slot_table_refuses_a_slot_no_part_holds():

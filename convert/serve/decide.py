@@ -293,21 +293,25 @@ SM90_SHARED = 232448
 
 
 def wmix_tile(rows: int, experts: int) -> tuple:
-    """The tiled kernel's (block_m, block_n, warps, pipeline stages, load): 16 x 64, one stage, "fields" below 32 rows
-    per expert; 64 x 64, two stages, "words" from 32 rows per expert (prefill). Measured on an H100 (mixed layer at
-    M3's shapes, every tile and load of ``gpu/wmix_bench.py --sweep``): at 64 tokens (2 rows per expert;
-    gpu/results/issue25-2026-12-07b) 16 x 64 one stage "fields" beat every other tile (w13 1702.8 us; two stages
-    1887.0; 16 x 32, 32 x 64, 64 x 64, 64 x 32: 2423-5229); at 1024 tokens (32 rows per expert;
-    gpu/results/issue25-2026-12-07d) 64 x 64 two stages "words" took w13 3711.1 / w2 1964.8 us against 5134.3 / 2592.2
-    for the small tile (64 x 64 "fields": 5023.4 / 2577.3), at 2048 (64 rows per expert) 5433.4 / 3140.3 against
-    9256.0 / 4676.2. Between 2 and 32 rows per expert the 64 x 64 "words" tile is not measured: at 512 tokens (16
-    rows per expert) 64 x 64 "fields" two stages took 6870.2 us against 16 x 64 "fields" three stages' 5025.4
-    (gpu/results/issue24-2026-12-07), so the threshold's lower side is a guess. Every tile gives the same output
-    as decide's up to float32 summation order (bit for bit at the same load: wmix_diag.py ``graph``). Every "words"
-    figure here had its 3-bit slots gathered a word per code; since 2026-12-07's eighth session "words" reads a 3-bit
-    triplet's words once (wmix._triplets: on sm_90 the 64 x 64 tile takes 128 registers and 56 KiB of shared memory
-    where it took 229 and 112, gpu/wmix_sass.py), not yet timed."""
-    if rows >= 32 * max(experts, 1):
+    """The tiled kernel's (block_m, block_n, warps, pipeline stages, load): 16 x 64, one stage, "fields" below 16 rows
+    per expert; 64 x 64, two stages, "words" from 16 rows per expert (prefill). Measured on an H100 (mixed layer at
+    M3's shapes, ``gpu/wmix_bench.py --sweep``, each tile checked against decide's output), under vLLM 0.33's Triton
+    3.8.0 (gpu/results/issue25-2026-12-08/kernels/wb_triton38_*.json: what serving compiles with):
+
+    tokens (rows per expert)   16 x 64 "fields", w13 / w2   64 x 64 "words"   32 x 64 "words"
+    64 (2)                     1528.2 / 779.0 us            2245.7 / 1141.4   2188.4 / 1117.2
+    256 (8)                    1975.7 / 1013.0              2725.2 / 1365.4   2654.3 / 1368.4
+    512 (16)                   2947.0 / 1499.4              2677.3 / 1389.2   2606.6 / 1375.5
+    2048 (64)                  9299.2 / 4811.8 ("words")    4016.6 / 2421.1
+
+    At 16 rows per expert the small tile takes 1.10x / 1.08x the time of 64 x 64 "words" (32 x 64 is within 3% of
+    64 x 64: not taken, it would be a third tile to compile); under the image's Triton 3.6.0 the same
+    comparison was 2678.4 / 1400.3 against 4762.2 / 2393.8 (1.78x). Until 2026-12-08 the threshold was 32 rows per
+    expert, a guess on its lower side. Every tile gives the same output as decide's up to float32 summation order
+    (bit for bit at the same load: wmix_diag.py ``graph``). "words" reads a 3-bit triplet's words once
+    (wmix._triplets): the mixed layer at 2048 tokens took 7477.9 us against 9662.9 with 3 bits gathered a word per
+    code (the code of 5602a64, one call, Triton 3.6.0, kernels/wb_old.json and wb_new.json)."""
+    if rows >= 16 * max(experts, 1):
         return (64, 64, 4, 2, "words")
     return (16, 64, 4, 1, "fields")
 

@@ -48,9 +48,8 @@ class CudaPlatform:
 @functools.lru_cache(maxsize=1)
 def _wmix_note():
     log.info("m3_gptq: M3_MOE_KERNEL=wmix: the mixed MoE layers on the wmix kernels, for batch-1 latency: on an "
-             "H100 with vLLM 0.33 (2026-12-07, M3's widths, uniform routing, 4 layers, one call) 0.75x humming's GPU "
-             "time per batch-1 step and 0.98x its batch-32 throughput, but 0.49x its 2k prefill (gpu/README.md, "
-             "issue 25)")
+             "H100 with vLLM 0.33 (2026-12-08, M3's widths, uniform routing, 8 layers) 1.40x humming's batch-1 "
+             "tok/s and on a par at batch 32 (one call), but 0.62x its 2k prefill (gpu/README.md, issue 25)")
 
 
 @functools.lru_cache(maxsize=1)
