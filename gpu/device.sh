@@ -17,6 +17,7 @@
 #   jit                     the kernels compiled so far as $OUT/jit.tgz.NN (joined here as .stage/jit.tgz and staged;
 #                           `install` unpacks it)
 #   wmixdiag PHASE ...      gpu/wmix_diag.py (rows, unrouted, graph): the wmix failures seen inside vLLM, outside it
+#   hlayout                 gpu/humming_layout.py --gpu: humming's MoE weight layout read back (issue 25)
 # kernels and speed print each result as it ends and stop after M3_STEP_S seconds (default 560), so that a call's
 # finished results come back (gpures.tgz) before the call's own limit: set M3_STEP_S below the call's timeout.
 # The transformers reference of issue 8 (serve_check.py hf) needs transformers 5.19 carried (gpu/README.md).
@@ -132,6 +133,9 @@ PY
     for ph in "$@"; do
       timeout 240 python3 gpu/wmix_diag.py "$RES/wmix_diag_$ph.json" "$ph" 2>&1 | grep --line-buffered -v "^\s*$" | grep --line-buffered -v "UserWarning\|warn(" | cut -c1-600
     done
+    ;;
+  hlayout)   # gpu/humming_layout.py: humming's repack (as the plugin calls it) read back by our decoder (issue 25)
+    timeout 300 python3 gpu/humming_layout.py --gpu "$RES/humming_layout.json" 2>&1 | grep --line-buffered -v "UserWarning\|warn("
     ;;
   compare)
     python3 gpu/serve_check.py compare "$RES"

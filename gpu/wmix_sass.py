@@ -196,7 +196,7 @@ def per_width(tile: tuple, load: str, bits: int) -> dict:
     """The tiled kernel's K loop for one (block_m, block_n, warps, stages) tile, load and width, compiled for sm_90
     at w13's shapes (:func:`_one_width`): its SASS instructions per iteration (one group of GROUP codes by block_n
     outputs) and per code per thread (the issue slots dequantizing a code costs; the tensor cores' share is the
-    HGMMA count), by opcode; registers and shared memory."""
+    HGMMA count), by opcode, and its memory barriers; registers and shared memory."""
     bm, bn, warps, stages = tile
     n, k = INTER, HIDDEN
     x, qw = torch.empty(1, k, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.int32)
@@ -211,6 +211,7 @@ def per_width(tile: tuple, load: str, bits: int) -> dict:
     return {"tile": "x".join(map(str, tile)), "load": load, "bits": bits, "regs": r["regs"],
             "shared": kernel.metadata.shared, "loop_instructions": body,
             "per_code": round(body / (GROUP * bn / (32 * warps)), 2), "mma": ops["HGMMA"] + ops["HMMA"],
+            "membar": ops["MEMBAR"],          # memory barriers per iteration (a fence before the tensor cores' read)
             "top": dict(ops.most_common(6))}
 
 

@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""humming-kernels 0.1.19's MoE weight layout, read back (issue 25: the groundwork for a decode kernel that reads
+the weights humming holds, so that decode need not keep a second copy).
+
+    python3 gpu/humming_layout.py --cpu              # the decoder against a transcription of humming's repack
+    python3 gpu/humming_layout.py --gpu OUT_JSON     # the decoder against humming's own repack, run as the plugin
+                                                     # runs it (GPU machine, after the vLLM staging and install)
+
+What the plugin keeps per width part (convert/serve/moe.py ``HummingMoEKernel.prepare``; compat.humming_schema_tensors:
+GPTQ symmetric, no zero point, scales cast to bf16): ``{part}_weight`` int32 [S, Kp/16, Np*b/2] and
+``{part}_weight_scale`` bf16 [S, Kp/128, Np], N padded to Np (a multiple of 256, decide.HUMMING_PAD_N), K to Kp (a
+multiple of 128). For bf16 activations and 2/3/4/8-bit weights on sm_90 humming's transform calls its CUDA repack
+(``weight_repack_nk`` in humming/include/humming/kernel/process.cuh, ``interleave_mode=3``, humming/transform.py): the words of code (n, k) of slot e
+lie in the block [e][k // 16][n // 64] of 32 lanes x b words (an MMA m16n8k16 B fragment), with, for nl = n % 64 and
+kl = k % 16, lane = 4 (nl % 8) + (kl % 8) // 2 and the code's place in the lane's words given by i3 = nl // 16,
+i4 = (nl // 8) % 2, i5 = kl // 8, i6 = kl % 2 (:func:`decode_codes`). 8-bit codes are stored as t = c - 128 (c >= 128)
+or 255 - c; 3-bit lanes merge four 4-bit words into three. A scale (n, group g) is at [e, g, 64 (n // 64) +
+8 (n % 8) + (n % 64) // 8] (humming/transform.py ``transform_humming_weight_scale``). Value = (code - 2^(b-1)) x scale.
+
+Read from humming 0.1.19's source (wheel of the staging); :func:`emulate_repack` transcribes its repack kernel line by
+line for the CPU check. ``--gpu`` is the check against the real kernel: until it has run, the layout is inferred
+from source, not confirmed on a GPU.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+
+def _p2(b: int) -> int:
+    return 1 << (b - 1).bit_length()
+
+
+def gptq_rows(codes, b: int):
+    """codes [N, K] -> one bitstream along K per output, uint32 [N, K*b/32] (code k at bit k*b; GPTQ's qweight is
+    its transpose, humming's schema transposes it back)."""
+    n, k = codes.shape
+    out = np.zeros((n, k * b // 32), np.uint64)
+    for i in range(k):
+        w, o = divmod(i * b, 32)
+        v = codes[:, i].astype(np.uint64)
+        out[:, w] |= (v << np.uint64(o)) & np.uint64(0xffffffff)
+        if o + b > 32:
+            out[:, w + 1] |= v >> np.uint64(32 - o)
+    return out.astype(np.uint32)
+
+
+def _extract(row, idx: int, b: int) -> int:
+    w, o = divmod(idx * b, 32)
+    v = int(row[w]) >> o
+    if o + b > 32:
+        v |= int(row[w + 1]) << (32 - o)
+    return v & ((1 << b) - 1)
+
+
+def _pack_lane(tmp: list, b: int) -> list:
+    """humming_pack_weight (interleave mode 3, 16-bit activations): a lane's 128 codes into 4 x P words (P = b
+    rounded up to a power of two), 3 bits then merged four words into three."""
+    p = _p2(b)
+    out = [0] * (4 * p)
+    per = 32 // p
+    g = per // 2
+    hi, lo = 1 << (b - 1), (1 << (b - 1)) - 1
+    for i in range(4):
+        for j in range(p):
+            val = 0
+            for k in range(per):
+                c = tmp[i * 32 + j * per + (k % g) * 2 + k // g]
+                val |= ((c & lo) | (c & hi)) << (k * p)
+            out[i * p + j] = val & 0xffffffff
+    if b == 3:
+        o = out
+        for i in range(4):
+            o[3 * i + 0] = (o[4 * i + 0] & 0x77777777) | ((o[4 * i + 1] & 0x44444444) << 1) & 0xffffffff
+            o[3 * i + 1] = (o[4 * i + 1] & 0x33333333) | ((o[4 * i + 2] & 0x66666666) << 1) & 0xffffffff
+            o[3 * i + 2] = (o[4 * i + 2] & 0x11111111) | ((o[4 * i + 3] & 0x77777777) << 1) & 0xffffffff
+    return out
+
+
+def _lane_codes(sm, lane: int, b: int) -> list:
+    """The 128 codes a lane of one 64 x 64 block packs, in the kernel's order (8-bit codes shifted by 128 and
+    folded, as humming prepares them for its integer-to-float conversion)."""
+    tmp = [0] * 128
+    for i in range(8):
+        row = sm[i * 8 + lane // 4]
+        for j in range(8):
+            for k in range(2):
+                v = _extract(row, j * 8 + (lane % 4) * 2 + k, b)
+                if b == 8:
+                    v = v - 128 if v >= 128 else 255 - v
+                tmp[(j // 2) * 32 + (i % 8 // 2) * 8 + (i % 2) * 4 + (j % 2) * 2 + k] = v
+    return tmp
+
+
+def emulate_repack(codes, b: int):
+    """codes [S, N, K] (N a multiple of 64, K of 64) -> humming's repacked words [S, K/16, N*b/2], by transcribing
+    ``weight_repack_nk`` (grid N/64 x K/64 x S, 32 lanes). Slow (Python loops): small shapes only."""
+    s_, n, k = codes.shape
+    out = np.zeros((s_, k // 16, n * b // 2), np.uint32)
+    for z in range(s_):
+        rows = gptq_rows(codes[z], b)
+        flat = out[z].reshape(-1)
+        for bx in range(n // 64):
+            for by in range(k // 64):
+                sm = rows[bx * 64:(bx + 1) * 64, by * 2 * b:(by + 1) * 2 * b]
+                for lane in range(32):
+                    packed = _pack_lane(_lane_codes(sm, lane, b), b)
+                    for i in range(4):
+                        base = (by * 4 + i) * (16 * n * b // 32) + 16 * 64 * bx * b // 32 + lane * b
+                        flat[base:base + b] = packed[i * b:(i + 1) * b]
+    return out
+
+
+def _virtual_words(words, b: int) -> list:
+    """A lane's stored words as its P words before the 3-bit merge (as stored for 2/4/8 bits)."""
+    if b != 3:
+        return [words[..., j] for j in range(b)]
+    w0, w1, w2 = words[..., 0], words[..., 1], words[..., 2]
+    return [w0 & 0x77777777, (w1 & 0x33333333) | ((w0 & 0x88888888) >> 1),
+            ((w1 & 0xCCCCCCCC) >> 1) | (w2 & 0x11111111), (w2 >> 1) & 0x77777777]
+
+
+def decode_codes(words, b: int, n: int, k: int):
+    """humming's repacked words [S, Kp/16, Np*b/2] -> codes [S, n, k] (the GPTQ codes, 0 .. 2^b - 1)."""
+    words = np.asarray(words).astype(np.int64) & 0xffffffff
+    s_, k16, np_ = words.shape[0], words.shape[1], words.shape[2] * 2 // b
+    w = words.reshape(s_, k16, np_ // 64, 32, b)
+    codes = np.zeros((s_, np_, k16 * 16), np.int64)
+    p = _p2(b)
+    per = 32 // p
+    for lane in range(32):
+        q, r = lane >> 2, lane & 3
+        virt = _virtual_words(w[:, :, :, lane, :], b)
+        for j in range(len(virt)):
+            for s in range(per):
+                e = j * per + (s % (per // 2)) * 2 + s // (per // 2)
+                i3, i4, i5, i6 = e >> 3, (e >> 2) & 1, (e >> 1) & 1, e & 1
+                v = (virt[j] >> (s * p)) & ((1 << b) - 1)
+                if b == 8:
+                    v = np.where(v < 128, v + 128, 255 - v)
+                nl, kl = 16 * i3 + 8 * i4 + q, 8 * i5 + 2 * r + i6
+                codes[:, nl::64, kl::16] = v.transpose(0, 2, 1)          # [S, N/64, K/16]
+    return codes[:, :n, :k]
+
+
+def scale_position(n):
+    """Where humming keeps output n's scale within its group row: 64 (n // 64) + 8 (n % 8) + (n % 64) // 8."""
+    n = np.asarray(n)
+    return 64 * (n // 64) + 8 * (n % 8) + (n % 64) // 8
+
+
+def decode_scales(stored, n: int):
+    """humming's scales [S, Kp/128, Np] -> [S, Kp/128, n] in output order (GPTQ's scales layout)."""
+    stored = np.asarray(stored)
+    return stored[:, :, scale_position(np.arange(n))]
+
+
+def emulate_scales(scales):
+    """GPTQ's scales [S, G, N] (N a multiple of 64) as humming keeps them: ``transform_humming_weight_scale``'s
+    permutation of each 64 outputs (position p holds output 8 (p % 8) + p // 8)."""
+    perm = [8 * (p % 8) + p // 8 for p in range(64)]
+    s = np.asarray(scales)
+    return s.reshape(-1, 64)[:, perm].reshape(s.shape)
+
+
+def cpu_check(slots: int = 2, n: int = 128, k: int = 128, seed: int = 0) -> dict:
+    """Per width: the decoder inverts the transcribed repack (codes) and the scale permutation, and the repack
+    is not the plain bitstream (the check has something to undo)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for b in (2, 3, 4, 8):
+        codes = rng.integers(0, 1 << b, size=(slots, n, k))
+        words = emulate_repack(codes, b)
+        plain = np.stack([gptq_rows(codes[s], b).reshape(-1) for s in range(slots)])
+        scales = rng.standard_normal((slots, max(k // 128, 1), n)).astype(np.float32)
+        out[b] = {"codes": bool(np.array_equal(decode_codes(words, b, n, k), codes)),
+                  "scales": bool(np.array_equal(decode_scales(emulate_scales(scales), n), scales)),
+                  "repacked": not np.array_equal(words.reshape(slots, -1), plain)}
+    return out
+
+
+def _humming_part(codes, scales, b: int, name: str):
+    """humming's tensors for one width part, made as the plugin makes them (compat.humming_schema_tensors,
+    HummingMethod's prepare_layer_meta and transform_humming_layer, as in moe.py), on the GPU."""
+    import torch
+    from humming.layer import HummingMethod
+
+    from m3_convert.serve import compat, decide
+    slots, n, k = codes.shape
+    qw = np.stack([gptq_rows(codes[s], b).T for s in range(slots)]).view(np.int32)          # [S, K*b/32, N]
+    layer = torch.nn.Module()
+    qweight = torch.from_numpy(np.ascontiguousarray(qw)).cuda()
+    sc = torch.from_numpy(scales).to(torch.float16).cuda()                                   # [S, K/128, N]
+    schema, tensors = compat.humming_schema_tensors(b, 128, qweight, sc, torch.bfloat16)
+    for key, t in tensors.items():
+        HummingMethod.may_set_param(layer, f"{name}_{key}", t.cuda())
+    HummingMethod.prepare_layer_meta(layer=layer, shape_n=n, shape_k=k, weight_schema=schema, num_experts=slots,
+                                     pad_n_to_multiple=decide.HUMMING_PAD_N, pad_k_to_multiple=128,
+                                     torch_dtype=torch.bfloat16, sublayer_name=name)
+    HummingMethod.transform_humming_layer(layer, sublayer_name=name)
+    torch.cuda.synchronize()
+    return getattr(layer, f"{name}_weight").cpu().numpy(), getattr(layer, f"{name}_weight_scale").float().cpu().numpy()
+
+
+def gpu_check(shapes=((3, 256, 256), (2, 384, 256)), seed: int = 0) -> list:
+    """Per width and shape (slots, N, K; N = 384 is padded to 512, as w13 at TP 8): humming's real repack read
+    back by :func:`decode_codes` / :func:`decode_scales` equals the codes and the bf16 scales, and equals the
+    transcription where nothing is padded."""
+    import torch
+    rng = np.random.default_rng(seed)
+    rows = []
+    for slots, n, k in shapes:
+        for b in (2, 3, 4, 8):
+            codes = rng.integers(0, 1 << b, size=(slots, n, k))
+            scales = (rng.standard_normal((slots, k // 128, n)) * 1e-2).astype(np.float16).astype(np.float32)
+            row = {"bits": b, "slots": slots, "n": n, "k": k}
+            try:
+                words, sc = _humming_part(codes, scales, b, f"t{b}_{n}")
+                bf16 = torch.from_numpy(scales).to(torch.bfloat16).float().numpy()
+                row.update(shape=list(words.shape), scale_shape=list(sc.shape),
+                           codes=bool(np.array_equal(decode_codes(words, b, n, k), codes)),
+                           scales=bool(np.array_equal(decode_scales(sc, n), bf16)))
+                if n % 256 == 0:
+                    row["transcription"] = bool(np.array_equal(words.view(np.uint32), emulate_repack(codes, b)))
+            except Exception as e:          # reported, not fatal: the other widths still run
+                row["error"] = repr(e)[:300]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def main():
+    if "--gpu" in sys.argv:
+        rows = gpu_check()
+        json.dump(rows, open(sys.argv[sys.argv.index("--gpu") + 1], "w"), indent=1)
+        ok = all(r.get("codes") and r.get("scales") and r.get("transcription", True) for r in rows)
+    else:
+        res = cpu_check()
+        print(json.dumps(res))
+        ok = all(all(v.values()) for v in res.values())
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
