@@ -13,9 +13,13 @@ multiple of 128). For bf16 activations and 2/3/4/8-bit weights on sm_90 humming'
 (``weight_repack_nk`` in humming/include/humming/kernel/process.cuh, ``interleave_mode=3``, humming/transform.py): the words of code (n, k) of slot e
 lie in the block [e][k // 16][n // 64] of 32 lanes x b words (an MMA m16n8k16 B fragment), with, for nl = n % 64 and
 kl = k % 16, lane = 4 (nl % 8) + (kl % 8) // 2 and the code's place in the lane's words given by i3 = nl // 16,
-i4 = (nl // 8) % 2, i5 = kl // 8, i6 = kl % 2 (:func:`decode_codes`). 8-bit codes are stored as t = c - 128 (c >= 128)
-or 255 - c; 3-bit lanes merge four 4-bit words into three. A scale (n, group g) is at [e, g, 64 (n // 64) +
-8 (n % 8) + (n % 64) // 8] (humming/transform.py ``transform_humming_weight_scale``). Value = (code - 2^(b-1)) x scale.
+i4 = (nl // 8) % 2, i5 = kl // 8, i6 = kl % 2 (:func:`decode_codes`). With bf16 activations (the plugin's) 8-bit codes
+are stored as t = c - 128 (c >= 128) or 255 - c (humming/transform.py folds them for bf16 only); 3-bit lanes merge
+four 4-bit words into three. A scale (n, group g) is at [e, g, 64 (n // 64) + 8 (n % 8) + (n % 64) // 8]
+(``transform_humming_weight_scale``), in bf16: rounded from the checkpoint's fp16 (compat casts them), so a kernel
+reading humming's copy would not take the fp16 scales exactly as wmix does. humming's kernels take the value as
+(code - 2^(b-1)) x scale (its dequant headers; read, not checked here: the checks below are of where each code and
+scale sits).
 
 Read from humming 0.1.19's source (wheel of the staging); :func:`emulate_repack` transcribes its repack kernel line by
 line for the CPU check. ``--gpu`` is the check against the real kernel: until it has run, the layout is inferred
@@ -122,8 +126,11 @@ def _virtual_words(words, b: int) -> list:
             ((w1 & 0xCCCCCCCC) >> 1) | (w2 & 0x11111111), (w2 >> 1) & 0x77777777]
 
 
-def decode_codes(words, b: int, n: int, k: int):
-    """humming's repacked words [S, Kp/16, Np*b/2] -> codes [S, n, k] (the GPTQ codes, 0 .. 2^b - 1)."""
+def decode_codes(words, b: int, n: int, k: int, act: str = "bf16"):
+    """humming's repacked words [S, Kp/16, Np*b/2] -> codes [S, n, k] (the GPTQ codes, 0 .. 2^b - 1), for the
+    activation dtype the plugin serves (bf16: humming folds 8-bit codes for it only; another is refused)."""
+    if act != "bf16":
+        raise ValueError(f"decode_codes reads humming's layout for bf16 activations, not {act}")
     words = np.asarray(words).astype(np.int64) & 0xffffffff
     s_, k16, np_ = words.shape[0], words.shape[1], words.shape[2] * 2 // b
     w = words.reshape(s_, k16, np_ // 64, 32, b)
@@ -165,7 +172,7 @@ def emulate_scales(scales):
     return s.reshape(-1, 64)[:, perm].reshape(s.shape)
 
 
-def cpu_check(slots: int = 2, n: int = 128, k: int = 128, seed: int = 0) -> dict:
+def cpu_check(slots: int = 2, n: int = 128, k: int = 256, seed: int = 0) -> dict:
     """Per width: the decoder inverts the transcribed repack (codes) and the scale permutation, and the repack
     is not the plain bitstream (the check has something to undo)."""
     rng = np.random.default_rng(seed)
@@ -174,7 +181,7 @@ def cpu_check(slots: int = 2, n: int = 128, k: int = 128, seed: int = 0) -> dict
         codes = rng.integers(0, 1 << b, size=(slots, n, k))
         words = emulate_repack(codes, b)
         plain = np.stack([gptq_rows(codes[s], b).reshape(-1) for s in range(slots)])
-        scales = rng.standard_normal((slots, max(k // 128, 1), n)).astype(np.float32)
+        scales = rng.standard_normal((slots, k // 128, n)).astype(np.float32)          # two groups: the group axis
         out[b] = {"codes": bool(np.array_equal(decode_codes(words, b, n, k), codes)),
                   "scales": bool(np.array_equal(decode_scales(emulate_scales(scales), n), scales)),
                   "repacked": not np.array_equal(words.reshape(slots, -1), plain)}

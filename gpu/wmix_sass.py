@@ -192,11 +192,23 @@ def _one_width(x_ptr, x_stride, qw_ptr, sc_ptr, out_ptr, out_stride, rows_valid,
     tl.store(out_ptr + rows[:, None] * out_stride + n[None, :], acc.to(out_ptr.dtype.element_ty))
 
 
+def _store_bytes(lines) -> int:
+    """Bytes a thread stores to shared memory in these SASS lines (STS.U8/.U16/.64/.128: 1/2/8/16; plain STS: 4)."""
+    sizes = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
+    total = 0
+    for line in lines:
+        m = re.search(r"\bSTS((?:\.\w+)*)", line)
+        if m:
+            total += next((sizes[x] for x in m.group(1).split(".")[1:] if x in sizes), 4)
+    return total
+
+
 def per_width(tile: tuple, load: str, bits: int) -> dict:
     """The tiled kernel's K loop for one (block_m, block_n, warps, stages) tile, load and width, compiled for sm_90
     at w13's shapes (:func:`_one_width`): its SASS instructions per iteration (one group of GROUP codes by block_n
     outputs) and per code per thread (the issue slots dequantizing a code costs; the tensor cores' share is the
-    HGMMA count), by opcode, and its memory barriers; registers and shared memory."""
+    HGMMA count), by opcode, its memory barriers, shared-memory stores and ldmatrix loads; registers and shared
+    memory."""
     bm, bn, warps, stages = tile
     n, k = INTER, HIDDEN
     x, qw = torch.empty(1, k, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.int32)
@@ -212,6 +224,8 @@ def per_width(tile: tuple, load: str, bits: int) -> dict:
             "shared": kernel.metadata.shared, "loop_instructions": body,
             "per_code": round(body / (GROUP * bn / (32 * warps)), 2), "mma": ops["HGMMA"] + ops["HMMA"],
             "membar": ops["MEMBAR"],          # memory barriers per iteration (a fence before the tensor cores' read)
+            "sts": ops["STS"], "sts_bytes": _store_bytes(line for a, line in lines if lo <= a <= hi),
+            "ldsm": ops["LDSM"],                        # shared-memory stores (and bytes a thread) and ldmatrix loads
             "top": dict(ops.most_common(6))}
 
 

@@ -307,7 +307,8 @@ def wmix_tile(rows: int, experts: int) -> tuple:
     At 16 rows per expert the small tile takes 1.10x / 1.08x the time of 64 x 64 "words" (32 x 64 was 2.6% / 1.0%
     faster than 64 x 64 here and 1.39x / 1.35x slower at 1024 tokens under 3.6: not taken, a third tile to compile);
     under the image's Triton 3.6.0 the same comparison was 2678.4 / 1400.3 against 4762.2 / 2393.8 (1.78x / 1.71x), and
-    at 8 rows per expert 64 x 64 won there too (2677.2 / 1382.2 against 2884.2 / 1449.3): the threshold follows 3.8. Until 2026-12-08 the threshold was 32 rows per
+    at 8 rows per expert 64 x 64 beat the small tile there too (2677.2 / 1382.2 against 2884.2 / 1449.3; 16 x 64 "words"
+    beat both, 2297.8 / 1193.0): the threshold follows 3.8. Until 2026-12-08 the threshold was 32 rows per
     expert, a guess on its lower side. Every tile gives the same output as decide's up to float32 summation order
     (bit for bit at the same load: wmix_diag.py ``graph``). "words" reads a 3-bit triplet's words once
     (wmix._triplets): the mixed layer at 2048 tokens took 7477.9 us against 9662.9 with 3 bits gathered a word per
