@@ -152,6 +152,34 @@ def decode_codes(words, b: int, n: int, k: int, act: str = "bf16"):
     return codes[:, :n, :k]
 
 
+def repack_codes(codes, b: int):
+    """codes [S, N, K] (N a multiple of 64, K of 16) -> humming's repacked words [S, K/16, N*b/2] uint32, vectorised
+    (the inverse of :func:`decode_codes`; equal to :func:`emulate_repack`, tests/test_humming_layout.py): for real
+    shapes, where the transcription is too slow."""
+    codes = np.asarray(codes).astype(np.uint64)
+    s_, n, k = codes.shape
+    if b == 8:                                    # humming's fold for bf16 activations
+        codes = np.where(codes >= 128, codes - 128, 255 - codes)
+    blocks = codes.reshape(s_, n // 64, 64, k // 16, 16)
+    p = _p2(b)
+    per = 32 // p
+    q, r = np.arange(8), np.arange(4)
+    virt = [np.zeros((s_, k // 16, n // 64, 32), np.uint64) for _ in range(4 if b == 3 else b)]
+    for j in range(len(virt)):
+        for s in range(per):
+            e = j * per + (s % (per // 2)) * 2 + s // (per // 2)
+            i3, i4, i5, i6 = e >> 3, (e >> 2) & 1, (e >> 1) & 1, e & 1
+            v = blocks[:, :, 16 * i3 + 8 * i4 + q][:, :, :, :, 8 * i5 + 2 * r + i6]      # [S, N/64, 8 q, K/16, 4 r]
+            virt[j] |= v.transpose(0, 3, 1, 2, 4).reshape(s_, k // 16, n // 64, 32) << np.uint64(s * p)
+    if b == 3:          # four 4-bit words into three (humming_pack_weight)
+        v0, v1, v2, v3 = virt
+        virt = [(v0 & 0x77777777) | ((v1 & 0x44444444) << np.uint64(1)),
+                (v1 & 0x33333333) | ((v2 & 0x66666666) << np.uint64(1)),
+                (v2 & 0x11111111) | ((v3 & 0x77777777) << np.uint64(1))]
+    words = np.stack(virt, axis=-1) & np.uint64(0xffffffff)                         # [S, K/16, N/64, 32, b]
+    return words.astype(np.uint32).reshape(s_, k // 16, n * b // 2)
+
+
 def scale_position(n):
     """Where humming keeps output n's scale within its group row: 64 (n // 64) + 8 (n % 8) + (n % 64) // 8."""
     n = np.asarray(n)

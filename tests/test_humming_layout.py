@@ -32,3 +32,11 @@ def test_padded_outputs_are_cut():
     padded = np.concatenate([codes, np.zeros((1, 128, 64), np.int64)], axis=1)
     words = hl.emulate_repack(padded, 4)
     assert np.array_equal(hl.decode_codes(words, 4, 128, 64), codes)
+
+
+def test_vectorised_repack_equals_the_transcription():
+    """repack_codes (for real shapes) makes the transcription's words, every width."""
+    rng = np.random.default_rng(4)
+    for b in (2, 3, 4, 8):
+        codes = rng.integers(0, 1 << b, size=(2, 128, 128))
+        assert np.array_equal(hl.repack_codes(codes, b), hl.emulate_repack(codes, b)), b
