@@ -6,7 +6,7 @@ the weights humming holds, so that decode need not keep a second copy).
     python3 gpu/humming_layout.py --gpu OUT_JSON     # the decoder against humming's own repack, run as the plugin
                                                      # runs it (GPU machine, after the vLLM staging and install)
 
-What the plugin keeps per width part (convert/serve/moe.py ``HummingMoEKernel.prepare``; compat.humming_schema_tensors:
+What the plugin keeps per width part (convert/serve/moe.py ``HummingMoEKernel.prepare``, compat.humming_layer:
 GPTQ symmetric, no zero point, scales cast to bf16): ``{part}_weight`` int32 [S, Kp/16, Np*b/2] and
 ``{part}_weight_scale`` bf16 [S, Kp/128, Np], N padded to Np (a multiple of 256, decide.HUMMING_PAD_N), K to Kp (a
 multiple of 128). For bf16 activations and 2/3/4/8-bit weights on sm_90 humming's transform calls its CUDA repack
@@ -32,23 +32,17 @@ import sys
 
 import numpy as np
 
+from m3_convert import gptq
+
 
 def _p2(b: int) -> int:
     return 1 << (b - 1).bit_length()
 
 
 def gptq_rows(codes, b: int):
-    """codes [N, K] -> one bitstream along K per output, uint32 [N, K*b/32] (code k at bit k*b; GPTQ's qweight is
-    its transpose, humming's schema transposes it back)."""
-    n, k = codes.shape
-    out = np.zeros((n, k * b // 32), np.uint64)
-    for i in range(k):
-        w, o = divmod(i * b, 32)
-        v = codes[:, i].astype(np.uint64)
-        out[:, w] |= (v << np.uint64(o)) & np.uint64(0xffffffff)
-        if o + b > 32:
-            out[:, w + 1] |= v >> np.uint64(32 - o)
-    return out.astype(np.uint32)
+    """codes [N, K] -> one bitstream along K per output, uint32 [N, K*b/32] (code k at bit k*b): GPTQ's qweight
+    (m3_convert.gptq.pack_qweight) transposed, as humming's schema hands it to the repack."""
+    return gptq.pack_qweight(np.asarray(codes).T, b).T.view(np.uint32)
 
 
 def _extract(row, idx: int, b: int) -> int:
@@ -117,6 +111,18 @@ def emulate_repack(codes, b: int):
     return out
 
 
+def _places(b: int):
+    """Each code a lane holds, as (word j before the 3-bit merge, place s in it, nl - q, kl - 2r): the code at bits
+    [s*P, s*P + b) of word j is output 64 (n // 64) + nl and input 16 (k // 16) + kl of lane 4q + r (P = b rounded up
+    to a power of two; the order of humming_pack_weight's interleave mode 3)."""
+    per = 32 // _p2(b)
+    for j in range(4 if b == 3 else b):
+        for s in range(per):
+            e = j * per + (s % (per // 2)) * 2 + s // (per // 2)
+            i3, i4, i5, i6 = e >> 3, (e >> 2) & 1, (e >> 1) & 1, e & 1
+            yield j, s, 16 * i3 + 8 * i4, 8 * i5 + i6
+
+
 def _virtual_words(words, b: int) -> list:
     """A lane's stored words as its P words before the 3-bit merge (as stored for 2/4/8 bits)."""
     if b != 3:
@@ -136,19 +142,14 @@ def decode_codes(words, b: int, n: int, k: int, act: str = "bf16"):
     w = words.reshape(s_, k16, np_ // 64, 32, b)
     codes = np.zeros((s_, np_, k16 * 16), np.int64)
     p = _p2(b)
-    per = 32 // p
     for lane in range(32):
         q, r = lane >> 2, lane & 3
         virt = _virtual_words(w[:, :, :, lane, :], b)
-        for j in range(len(virt)):
-            for s in range(per):
-                e = j * per + (s % (per // 2)) * 2 + s // (per // 2)
-                i3, i4, i5, i6 = e >> 3, (e >> 2) & 1, (e >> 1) & 1, e & 1
-                v = (virt[j] >> (s * p)) & ((1 << b) - 1)
-                if b == 8:
-                    v = np.where(v < 128, v + 128, 255 - v)
-                nl, kl = 16 * i3 + 8 * i4 + q, 8 * i5 + 2 * r + i6
-                codes[:, nl::64, kl::16] = v.transpose(0, 2, 1)          # [S, N/64, K/16]
+        for j, s, n0, k0 in _places(b):
+            v = (virt[j] >> (s * p)) & ((1 << b) - 1)
+            if b == 8:
+                v = np.where(v < 128, v + 128, 255 - v)
+            codes[:, n0 + q::64, k0 + 2 * r::16] = v.transpose(0, 2, 1)          # [S, N/64, K/16]
     return codes[:, :n, :k]
 
 
@@ -162,15 +163,11 @@ def repack_codes(codes, b: int):
         codes = np.where(codes >= 128, codes - 128, 255 - codes)
     blocks = codes.reshape(s_, n // 64, 64, k // 16, 16)
     p = _p2(b)
-    per = 32 // p
     q, r = np.arange(8), np.arange(4)
     virt = [np.zeros((s_, k // 16, n // 64, 32), np.uint64) for _ in range(4 if b == 3 else b)]
-    for j in range(len(virt)):
-        for s in range(per):
-            e = j * per + (s % (per // 2)) * 2 + s // (per // 2)
-            i3, i4, i5, i6 = e >> 3, (e >> 2) & 1, (e >> 1) & 1, e & 1
-            v = blocks[:, :, 16 * i3 + 8 * i4 + q][:, :, :, :, 8 * i5 + 2 * r + i6]      # [S, N/64, 8 q, K/16, 4 r]
-            virt[j] |= v.transpose(0, 3, 1, 2, 4).reshape(s_, k // 16, n // 64, 32) << np.uint64(s * p)
+    for j, s, n0, k0 in _places(b):
+        v = blocks[:, :, n0 + q][:, :, :, :, k0 + 2 * r]                             # [S, N/64, 8 q, K/16, 4 r]
+        virt[j] |= v.transpose(0, 3, 1, 2, 4).reshape(s_, k // 16, n // 64, 32) << np.uint64(s * p)
     if b == 3:          # four 4-bit words into three (humming_pack_weight)
         v0, v1, v2, v3 = virt
         virt = [(v0 & 0x77777777) | ((v1 & 0x44444444) << np.uint64(1)),
@@ -217,24 +214,17 @@ def cpu_check(slots: int = 2, n: int = 128, k: int = 256, seed: int = 0) -> dict
 
 
 def _humming_part(codes, scales, b: int, name: str):
-    """humming's tensors for one width part, made as the plugin makes them (compat.humming_schema_tensors,
-    HummingMethod's prepare_layer_meta and transform_humming_layer, as in moe.py), on the GPU."""
+    """humming's tensors for one width part, made by the plugin's own function (compat.humming_layer, which
+    moe.py's width parts and linear.py's dense layers call), on the GPU."""
     import torch
-    from humming.layer import HummingMethod
 
-    from m3_convert.serve import compat, decide
+    from m3_convert.serve import compat
     slots, n, k = codes.shape
     qw = np.stack([gptq_rows(codes[s], b).T for s in range(slots)]).view(np.int32)          # [S, K*b/32, N]
     layer = torch.nn.Module()
     qweight = torch.from_numpy(np.ascontiguousarray(qw)).cuda()
     sc = torch.from_numpy(scales).to(torch.float16).cuda()                                   # [S, K/128, N]
-    schema, tensors = compat.humming_schema_tensors(b, 128, qweight, sc, torch.bfloat16)
-    for key, t in tensors.items():
-        HummingMethod.may_set_param(layer, f"{name}_{key}", t.cuda())
-    HummingMethod.prepare_layer_meta(layer=layer, shape_n=n, shape_k=k, weight_schema=schema, num_experts=slots,
-                                     pad_n_to_multiple=decide.HUMMING_PAD_N, pad_k_to_multiple=128,
-                                     torch_dtype=torch.bfloat16, sublayer_name=name)
-    HummingMethod.transform_humming_layer(layer, sublayer_name=name)
+    compat.humming_layer(layer, b, 128, qweight, sc, n, k, torch.bfloat16, qweight.device, name, slots)
     torch.cuda.synchronize()
     return getattr(layer, f"{name}_weight").cpu().numpy(), getattr(layer, f"{name}_weight_scale").float().cpu().numpy()
 

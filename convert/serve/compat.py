@@ -208,6 +208,26 @@ def humming_schema_tensors(bits: int, group: int, qweight, scales, dtype):
     return schema.convert_humming({"qweight": qweight, "scales": scales}, [n], [k], dtype, **kw)
 
 
+def humming_layer(layer, bits: int, group: int, qweight, scales, n: int, k: int, dtype, device, name: str = "",
+                  experts: int | None = None):
+    """A GPTQ (sym) weight put on ``layer`` in humming's layout, as humming's own layer method does it: the tensors of
+    :func:`humming_schema_tensors` set as ``{name}_weight`` / ``{name}_weight_scale`` (``weight`` / ``weight_scale``
+    without a name), the layer's meta (N padded to decide.HUMMING_PAD_N, K to 128; ``experts`` slots for a MoE part)
+    and humming's transform (its CUDA repack). One home for the dense layers (linear.py), the MoE width parts
+    (moe.py) and gpu/humming_layout.py's check of the layout."""
+    from humming.layer import HummingMethod
+
+    from .decide import HUMMING_PAD_N
+    schema, tensors = humming_schema_tensors(bits, group, qweight, scales, dtype)
+    for key, t in tensors.items():
+        HummingMethod.may_set_param(layer, f"{name}_{key}" if name else key, t.to(device))
+    meta = {} if experts is None else {"num_experts": experts}
+    HummingMethod.prepare_layer_meta(layer=layer, shape_n=n, shape_k=k, weight_schema=schema,
+                                     pad_n_to_multiple=HUMMING_PAD_N, pad_k_to_multiple=128, torch_dtype=dtype,
+                                     sublayer_name=name, **meta)
+    HummingMethod.transform_humming_layer(layer, sublayer_name=name)
+
+
 def humming_locks(device):
     """The per-module lock buffer humming's kernels use (0.1.19 checks its size against the grid)."""
     import torch

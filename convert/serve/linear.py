@@ -65,18 +65,13 @@ class HummingLinearKernel:
 
     def prepare(self, layer):
         import torch
-        from humming.layer import HummingMethod
         shape = layer.m3_gptq
         bits, group, n, k, dtype = shape.bits, shape.group, shape.n, shape.k, shape.dtype
         dev = layer.qweight.device
-        schema, tensors = compat.humming_schema_tensors(bits, group, layer.qweight.data, layer.scales.data.to(dtype), dtype)
+        qweight, scales = layer.qweight.data, layer.scales.data.to(dtype)
         for name in ("qweight", "qzeros", "scales"):
             delattr(layer, name)
-        for name, t in tensors.items():
-            HummingMethod.may_set_param(layer, name, t.to(dev))
-        HummingMethod.prepare_layer_meta(layer=layer, shape_n=n, shape_k=k, weight_schema=schema, pad_n_to_multiple=256,
-                                         pad_k_to_multiple=128, torch_dtype=dtype)
-        HummingMethod.transform_humming_layer(layer)
+        compat.humming_layer(layer, bits, group, qweight, scales, n, k, dtype, dev)
         layer.register_buffer("locks", compat.humming_locks(dev), persistent=False)
         layer.m3_cc = compat.humming_compute_config("dense")
         layer.m3_tuning = compat.json.dumps(compat.humming_tuning(layer, "", "dense"))

@@ -110,7 +110,6 @@ class HummingMoEKernel:
 
     def prepare(self, layer):
         import torch
-        from humming.layer import HummingMethod
         d = layer.m3_moe
         dims = layer.m3_dims
         hidden, inter, E, dtype = dims.hidden, dims.inter, dims.num_experts, dims.dtype
@@ -120,13 +119,7 @@ class HummingMoEKernel:
             n, k = (inter, hidden) if part.sublayer == "w13" else (hidden, inter)
             qw = part_view(layer, part, "qweight")
             sc = part_view(layer, part, "scales")
-            schema, tensors = compat.humming_schema_tensors(part.bits, d.group, qw, sc, dtype)
-            for name, t in tensors.items():
-                HummingMethod.may_set_param(layer, f"{part.name}_{name}", t.to(dev))
-            HummingMethod.prepare_layer_meta(layer=layer, shape_n=n, shape_k=k, weight_schema=schema,
-                                             num_experts=len(part.slots), pad_n_to_multiple=decide.HUMMING_PAD_N,
-                                             pad_k_to_multiple=128, torch_dtype=dtype, sublayer_name=part.name)
-            HummingMethod.transform_humming_layer(layer, sublayer_name=part.name)
+            compat.humming_layer(layer, part.bits, d.group, qw, sc, n, k, dtype, dev, part.name, len(part.slots))
             slots = 2 * E if part.sublayer == "w13" else E
             emap = torch.full((slots,), -1, dtype=torch.int32)
             emap[list(part.slots)] = torch.arange(len(part.slots), dtype=torch.int32)
