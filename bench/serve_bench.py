@@ -26,6 +26,9 @@ Arms, each in its own process (one CUDA context each), same GPU, one run:
 * ``native_wmix`` (not in the default arms): ``native`` with the mixed MoE layers on the wmix kernels
                 (M3_MOE_KERNEL=wmix: one Triton launch per sublayer, every expert at its width: issue 25) instead
                 of humming's per-width parts;
+* ``native_hgemv`` (not in the default arms): ``native`` (humming's parts, the same weights) with decode batches, up
+                to a row per expert, on m3_convert.serve.hgemv (M3_MOE_KERNEL=hgemv: one launch per sublayer over
+                humming's tensors: issue 25);
 * ``native_serial`` (not in the default arms): ``native`` with the width parts run one after another
                 (M3_MOE_STREAMS=0), as before issue 25;
 * ``native_streamk`` (not in the default arms): ``native`` with humming's default stream-K kernels
@@ -306,6 +309,8 @@ def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
         os.environ.update(M3_MOE_KERNEL="humming", M3_MOE_STREAMS="0")
     if arm == "native_wmix":          # the wmix kernels: one launch per MoE sublayer (issue 25)
         os.environ["M3_MOE_KERNEL"] = "wmix"
+    if arm == "native_hgemv":         # humming's parts, decode by hgemv over their tensors (issue 25)
+        os.environ["M3_MOE_KERNEL"] = "hgemv"
     set_routing_env()
     d = f"/tmp/m3bench/{arm}"
     info = write_model(d, "bf16" if arm == "bf16" else "native", layers, vocab)

@@ -7,6 +7,7 @@
 #   serve [RUN ...]         gpu/serve_check.py vLLM runs, each in its own process (fixtures converted here, on
 #                           the device); RUN: tiny mixed mixed-promoted mixed-bf16 mixed-bug (default: these),
 #                           mixed-wmix (the mixed MoE layers on the wmix kernels, M3_MOE_KERNEL=wmix: issue 25),
+#                           mixed-hgemv (humming's parts, decode by hgemv over them, M3_MOE_KERNEL=hgemv: issue 25),
 #                           tiny-promoted tiny-bf16 tiny-bug (issue 8's pair), vl vlmtp (--keep-vision --keep-mtp
 #                           output served text-only, with/without MTP) stock4 (--target stock-vllm: vLLM alone,
 #                           the package off the path)
@@ -17,7 +18,7 @@
 #   jit                     the kernels compiled so far as $OUT/jit.tgz.NN (joined here as .stage/jit.tgz and staged;
 #                           `install` unpacks it)
 #   wmixdiag PHASE ...      gpu/wmix_diag.py (rows, unrouted, graph): the wmix failures seen inside vLLM, outside it
-#   hlayout                 gpu/humming_layout.py --gpu: humming's MoE weight layout read back (issue 25)
+#   hlayout                 gpu/humming_layout.py --gpu: humming's MoE weight layout read back, and hgemv over it (issue 25)
 # kernels and speed print each result as it ends and stop after M3_STEP_S seconds (default 560), so that a call's
 # finished results come back (gpures.tgz) before the call's own limit: set M3_STEP_S below the call's timeout.
 # The transformers reference of issue 8 (serve_check.py hf) needs transformers 5.19 carried (gpu/README.md).
@@ -109,6 +110,7 @@ PY
           vlmtp) M3_LM_ONLY=1 M3_MTP=1 python3 gpu/serve_check.py vllm "$W/vl" vlmtp "$RES" ;;
           stock4) PYTHONPATH=$SITE M3_NO_PLUGIN=1 python3 gpu/serve_check.py vllm "$W/stock4" stock4 "$RES" ;;
           mixed-wmix) M3_MOE_KERNEL=wmix M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/mixed" mixed_wmix "$RES" ;;
+          mixed-hgemv) M3_MOE_KERNEL=hgemv M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/mixed" mixed_hgemv "$RES" ;;
           mixed-promoted) M3_GPTQ_KERNELS=promote M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/mixed" mixed_promoted "$RES" ;;
           mixed*) M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/$r" "${r//-/_}" "$RES" ;;
         esac 2>&1 | grep -v "^\s*$" | grep -E "^(native|mixed|quant|bf16|bug|vl|stock)|loaded in|per-layer|MoE layers|GPU bytes|Error|error|Traceback|assert" | cut -c1-2000 | tail -12

@@ -4,7 +4,8 @@ the weights humming holds, so that decode need not keep a second copy).
 
     python3 gpu/humming_layout.py --cpu              # the decoder against a transcription of humming's repack
     python3 gpu/humming_layout.py --gpu OUT_JSON     # the decoder against humming's own repack, run as the plugin
-                                                     # runs it (GPU machine, after the vLLM staging and install)
+                                                     # runs it, and m3_convert.serve.hgemv over what it made (GPU
+                                                     # machine, after the vLLM staging and install)
 
 What the plugin keeps per width part (convert/serve/moe.py ``HummingMoEKernel.prepare``, compat.humming_layer:
 GPTQ symmetric, no zero point, scales cast to bf16): ``{part}_weight`` int32 [S, Kp/16, Np*b/2] and
@@ -213,6 +214,40 @@ def cpu_check(slots: int = 2, n: int = 128, k: int = 256, seed: int = 0) -> dict
     return out
 
 
+def emulate_part(codes, scales, b: int):
+    """What humming holds for one width part, made here (:func:`repack_codes`, :func:`emulate_scales`; the layout
+    checked against humming's own repack by ``--gpu``): codes [S, Np, Kp] (padded), the checkpoint's float16 scales
+    [S, Kp/G, Np] -> (``{part}_weight`` int32 [S, Kp/16, Np*b/2], ``{part}_weight_scale`` bf16 [S, Kp/G, Np]),
+    torch tensors on the CPU."""
+    import torch
+    words = torch.from_numpy(repack_codes(codes, b).view(np.int32).copy())
+    bf16 = torch.from_numpy(np.asarray(scales, np.float16)).to(torch.bfloat16)
+    return words, torch.from_numpy(emulate_scales(bf16.float().numpy())).to(torch.bfloat16).contiguous()
+
+
+def random_parts(widths: dict, n: int, k: int, group: int, seed: int, pad_n: int = 256, pad_k: int = 128):
+    """Random GPTQ slots held as humming's width parts: ``widths`` {bits: [slots]} -> ([(bits, slots, weight,
+    weight_scale)], {slot: float64 [n, k]}): per slot the weights humming computes with, (code - zero) x the bf16
+    scale (rounded from random signed float16 ones, ~ +-[0.5, 1.5] / (2^(b-1) sqrt(k)), as tests/wmix_slots makes
+    them); N padded to ``pad_n``, K to ``pad_k`` (humming's), the padding zero codes."""
+    import torch
+    rng = np.random.default_rng(seed)
+    np_, kp = -(-n // pad_n) * pad_n, -(-k // pad_k) * pad_k
+    parts, weights = [], {}
+    for b, slots in sorted(widths.items()):
+        codes = np.zeros((len(slots), np_, kp), np.int64)
+        codes[:, :n, :k] = rng.integers(0, 1 << b, size=(len(slots), n, k))
+        mag = (rng.random((len(slots), kp // group, np_)) + 0.5) / ((1 << (b - 1)) * np.sqrt(k))
+        scales = (mag * rng.choice([-1.0, 1.0], size=mag.shape)).astype(np.float16)
+        words, stored = emulate_part(codes, scales, b)
+        parts.append((b, list(slots), words, stored))
+        bf16 = torch.from_numpy(scales).to(torch.bfloat16).double()
+        for i, slot in enumerate(slots):
+            s = bf16[i].repeat_interleave(group, 0).T                                           # [Np, Kp]
+            weights[slot] = ((torch.from_numpy(codes[i]).double() - (1 << (b - 1))) * s)[:n, :k]
+    return parts, weights
+
+
 def _humming_part(codes, scales, b: int, name: str):
     """humming's tensors for one width part, made by the plugin's own function (compat.humming_layer, which
     moe.py's width parts and linear.py's dense layers call), on the GPU."""
@@ -226,7 +261,23 @@ def _humming_part(codes, scales, b: int, name: str):
     sc = torch.from_numpy(scales).to(torch.float16).cuda()                                   # [S, K/128, N]
     compat.humming_layer(layer, b, 128, qweight, sc, n, k, torch.bfloat16, qweight.device, name, slots)
     torch.cuda.synchronize()
-    return getattr(layer, f"{name}_weight").cpu().numpy(), getattr(layer, f"{name}_weight_scale").float().cpu().numpy()
+    return getattr(layer, f"{name}_weight"), getattr(layer, f"{name}_weight_scale")
+
+
+def hgemv_on(words, scales, codes, bf16, b: int) -> float:
+    """m3_convert.serve.hgemv over one part as humming made it (one row per slot, K split 2) against x @ W^T in
+    float64, W = (code - zero) x the bf16 scale: the largest error relative to the largest output."""
+    import torch
+
+    from m3_convert.serve import hgemv
+    slots, n, k = codes.shape
+    table = hgemv.humming_table([(b, list(range(slots)), words, scales)], n, k, 128, 1, slots)
+    x = torch.randn(slots, k, device=words.device).to(torch.bfloat16)
+    ids = torch.arange(slots, dtype=torch.int32, device=words.device)
+    y = hgemv.gemv(table, x, ids, 1, torch.empty(slots, n, dtype=torch.float32, device=words.device), 2).double().cpu()
+    w = (torch.from_numpy(codes).double() - (1 << (b - 1))) * torch.from_numpy(bf16).double().repeat_interleave(128, 1).transpose(1, 2)
+    ref = torch.einsum("sk,snk->sn", x.double().cpu(), w)
+    return float((y - ref).abs().max() / ref.abs().max())
 
 
 def gpu_check(shapes=((3, 256, 256), (2, 384, 256)), seed: int = 0) -> list:
@@ -242,8 +293,10 @@ def gpu_check(shapes=((3, 256, 256), (2, 384, 256)), seed: int = 0) -> list:
             scales = (rng.standard_normal((slots, k // 128, n)) * 1e-2).astype(np.float16).astype(np.float32)
             row = {"bits": b, "slots": slots, "n": n, "k": k}
             try:
-                words, sc = _humming_part(codes, scales, b, f"t{b}_{n}")
+                words_t, sc_t = _humming_part(codes, scales, b, f"t{b}_{n}")
+                words, sc = words_t.cpu().numpy(), sc_t.float().cpu().numpy()
                 bf16 = torch.from_numpy(scales).to(torch.bfloat16).float().numpy()
+                row["hgemv"] = hgemv_on(words_t, sc_t, codes, bf16, b)
                 row.update(shape=list(words.shape), scale_shape=list(sc.shape),
                            codes=bool(np.array_equal(decode_codes(words, b, n, k), codes)),
                            scales=bool(np.array_equal(decode_scales(sc, n), bf16)))
@@ -260,7 +313,8 @@ def main():
     if "--gpu" in sys.argv:
         rows = gpu_check()
         json.dump(rows, open(sys.argv[sys.argv.index("--gpu") + 1], "w"), indent=1)
-        ok = all(r.get("codes") and r.get("scales") and r.get("transcription", True) for r in rows)
+        ok = all(r.get("codes") and r.get("scales") and r.get("transcription", True) and r.get("hgemv", 1) <= 1e-6
+                 for r in rows)
     else:
         res = cpu_check()
         print(json.dumps(res))

@@ -270,7 +270,8 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
     d = decide.select_moe(prefix, modules, E, hidden, inter, frozenset({decide.HUMMING}))   # humming at every width
     cfg = MoeConfig(hidden, inter, E, k)
     layer, wlayer = MoeLayer(cfg), MoeLayer(cfg)
-    method = M3HummingMoEMethod(d, cfg, HummingMoEKernel())
+    kern = HummingMoEKernel(decode="hgemv")         # decode "parts" for humming's rows, "hgemv" for hgemv's
+    method = M3HummingMoEMethod(d, cfg, kern)
     wmethod = M3HummingMoEMethod(d, cfg, WmixMoEKernel())
     with torch.device(DEV):
         method.create_weights(layer, E, hidden, inter, torch.bfloat16)
@@ -306,6 +307,7 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
         ids = torch.rand(m, E, device=DEV, generator=gen).topk(k, dim=-1).indices.to(torch.int32)
         w = torch.rand(m, k, device=DEV, generator=gen)
         w = (w / w.sum(-1, keepdim=True) * 2.0).float()
+        kern.decode = "parts"
         y = method.apply(layer, x, w, ids, None, None)
         ref = moe_reference(x, ids, w, W13, W2, inter)                      # float32 from the exact decode
         refb = moe_reference(x, ids, w, W13, W2, inter, torch.bfloat16)     # the bf16 path
@@ -321,6 +323,7 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
                      "us_humming": round(timed(lambda: method.apply(layer, x, w, ids, None, None)), 1),
                      "gpu_bytes": held, "gptq_bytes": ckpt_bytes, "prepare_s": round(prep, 1)})
         rows[-1].update(wmix_row(wmethod, wlayer, x, w, ids, ref, wheld, wprep))
+        rows[-1].update(hgemv_row(method, layer, x, w, ids, ref, y))
         print(json.dumps(rows[-1]), flush=True)
     W13 = W2 = layer = wlayer = None      # freed before the next case
     torch.cuda.empty_cache()
@@ -330,6 +333,23 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
 GEMV_SWEEP = [(16, 64, None, 4, 2), (8, 128, None, 4, 3), (32, 128, None, 8, 2), (16, 128, 1, 4, 2)]
 TILED_SWEEP = [(16, 64, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2)]      # tiles that fit sm_90's shared memory
 GEMV_SWEEP_MS, TILED_SWEEP_MS = (1, 8, 32), (8, 32, 512)      # each config is a Triton compile (seconds): few sizes
+
+
+def hgemv_row(method, layer, x, w, ids, ref, y_parts):
+    """M3_MOE_KERNEL=hgemv on the same layer (humming's tensors): errors against the checkpoint's exact decode (fp16
+    scales; hgemv, like humming, computes with the bf16 scales humming holds), repeat, time. Where decide.wmix_path
+    takes gemv hgemv runs, else humming's parts (then the same bits as ``y_parts``)."""
+    from m3_convert.serve import decide as D
+    kern = method.kernel
+    kern.decode = "hgemv"
+    try:
+        run = lambda: method.apply(layer, x, w, ids, None, None)  # noqa: E731
+        y = run()
+        path = "hgemv" if D.wmix_path(ids.numel(), layer.m3_dims.num_experts) == "gemv" else "parts"
+        return {"hgemv": errs(y, ref), "hgemv_path": path, "hgemv_repeat_identical": bool(torch.equal(y, run())),
+                "hgemv_equals_parts": bool(torch.equal(y, y_parts)), "us_hgemv": round(timed(run), 1)}
+    finally:
+        kern.decode = "parts"
 
 
 def wmix_row(method, layer, x, w, ids, ref, held, prep):
@@ -406,7 +426,8 @@ def graph_case(gen, kernel="humming", m=8):
     from m3_convert.serve.moe import HummingMoEKernel, WmixMoEKernel
     E, hidden, inter, k = 16, 1024, 512, 4
     per = [(decide.QUANT_BITS[e % 4], decide.QUANT_BITS[(e + 1) % 4], decide.QUANT_BITS[(e + 2) % 4]) for e in range(E)]
-    method, layer, _, _ = mixed_moe(E, hidden, inter, k, per, gen, WmixMoEKernel() if kernel == "wmix" else HummingMoEKernel())
+    kern = {"wmix": WmixMoEKernel, "hgemv": lambda: HummingMoEKernel(decode="hgemv")}.get(kernel, HummingMoEKernel)()
+    method, layer, _, _ = mixed_moe(E, hidden, inter, k, per, gen, kern)
     x = torch.randn(m, hidden, device=DEV, generator=gen).to(torch.bfloat16)
     ids = torch.rand(m, E, device=DEV, generator=gen).topk(k, dim=-1).indices.to(torch.int32)
     w = torch.rand(m, k, device=DEV, generator=gen)
@@ -438,7 +459,8 @@ def main():
     widths = [int(b) for b in next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--moe-widths=")), "2,3,4,8").split(",") if b]
     moe_ms = [int(m) for m in next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--moe-ms=")), "").split(",") if m] or MOE_MS
     if "graph" in phases:
-        res["graph"] = graph_case(gen) + [r for m in (1, 8, 64) for r in graph_case(gen, "wmix", m)]
+        res["graph"] = graph_case(gen) + [r for m in (1, 8, 64) for r in graph_case(gen, "wmix", m)] + \
+            [r for m in (1, 4) for r in graph_case(gen, "hgemv", m)]
     shapes = [(6144, 6144), (6144, 3072)] if not quick else [(6144, 3072)]
     for bits in decide.QUANT_BITS if "dense" in phases else ():
         for n, k in shapes:
@@ -457,6 +479,9 @@ def main():
     worst_d = max((r["humming"]["max_rel"] / max(r["torch_bf16"]["max_rel"], 1e-9) for r in res["dense"]), default=None)
     worst_m = max((r["humming"]["norm_rel"] / max(r["bf16_path"]["norm_rel"], 1e-9) for r in res["moe"]), default=None)
     worst_w = max((r["wmix"]["norm_rel"] / max(r["bf16_path"]["norm_rel"], 1e-9) for r in res["moe"]), default=None)
+    worst_h = max((r["hgemv"]["norm_rel"] / max(r["bf16_path"]["norm_rel"], 1e-9) for r in res["moe"]), default=None)
+    print(f"hgemv: worst hgemv/bf16 error ratio {worst_h}; " + "; ".join(
+        f"{r['case']} m{r['m']}: hgemv {r['us_hgemv']} us ({r['hgemv_path']})" for r in res["moe"]))
     print(f"wmix: worst wmix/bf16 error ratio {worst_w}; " + "; ".join(
         f"{r['case']} m{r['m']}: humming {r['us_humming']} us, wmix {r['us_wmix']} us ({r['wmix_path']})" for r in res["moe"]))
     print(f"kernel check: {len(res['dense'])} dense, {len(res['moe'])} MoE cases in {res['seconds']} s; worst humming/bf16 "

@@ -202,18 +202,20 @@ def moe_errors(model, model_dir, vllm_config=None):
                 m = f"{prefix}.{e}.{s}"
                 dec[e, s] = torch.from_numpy(gptq.dequantize(tensor(m + ".qweight"), tensor(m + ".qzeros"), tensor(m + ".scales"))).cuda()
         res = {}
-        for k in sorted({min(2, E), mod.top_k}):
-            x = torch.randn(16, H, device="cuda", generator=gen).to(torch.bfloat16)
-            ids = torch.rand(16, E, device="cuda", generator=gen).topk(k, dim=-1).indices.to(torch.int32)
-            w = torch.rand(16, k, device="cuda", generator=gen)
+        # 16 tokens, and one (k rows: at most a row per expert, the decode path of M3_MOE_KERNEL=wmix / hgemv)
+        for k, m in [(k, m) for k in sorted({min(2, E), mod.top_k}) for m in (16, 1)]:
+            key = f"top{k}" if m == 16 else f"top{k}_1token"
+            x = torch.randn(m, H, device="cuda", generator=gen).to(torch.bfloat16)
+            ids = torch.rand(m, E, device="cuda", generator=gen).topk(k, dim=-1).indices.to(torch.int32)
+            w = torch.rand(m, k, device="cuda", generator=gen)
             try:
                 with torch.no_grad(), forward_context(vllm_config):
                     y = qm.apply(mod, x, w, ids, None, None).float()
             except Exception as e:    # e.g. a vLLM experts class that needs a forward context: this layer only
-                res[f"top{k}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                res[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 continue
-            ref = torch.zeros(16, H, device="cuda")
-            refb = torch.zeros(16, H, device="cuda")
+            ref = torch.zeros(m, H, device="cuda")
+            refb = torch.zeros(m, H, device="cuda")
             for e in ids.unique().tolist():
                 tok, slot = (ids == e).nonzero(as_tuple=True)
                 for path, acc, dt in (("f32", ref, torch.float32), ("bf16", refb, torch.bfloat16)):
@@ -222,7 +224,7 @@ def moe_errors(model, model_dir, vllm_config=None):
                     u_ = (xe @ dec[e, "w3"].to(dt).T).float().clamp(-lim, lim)
                     a = (g_ * torch.sigmoid(al * g_) * (u_ + be)).to(dt)
                     acc.index_add_(0, tok, (a @ dec[e, "w2"].to(dt).T).float() * w[tok, slot, None])
-            res[f"top{k}"] = {"norm_rel": round(float((y - ref).norm() / ref.norm()), 5),
+            res[key] = {"norm_rel": round(float((y - ref).norm() / ref.norm()), 5),
                               "max_rel": round(float((y - ref).abs().max() / ref.abs().max()), 5),
                               "bf16_path_norm_rel": round(float((refb - ref).norm() / ref.norm()), 5),
                               "finite": bool(torch.isfinite(y).all())}
@@ -356,6 +358,8 @@ PAIRS = [  # (run, reference, what it measures)
     ("mixed_bug", "mixed_bf16", "control: gpu_mixed with one 3-bit expert's scales made positive vs de-quantized"),
     ("mixed_wmix", "mixed_bf16", "issue 25: gpu_mixed on the wmix MoE kernels (M3_MOE_KERNEL=wmix) vs exactly de-quantized"),
     ("mixed_wmix", "mixed", "issue 25: the wmix MoE kernels vs humming's width parts"),
+    ("mixed_hgemv", "mixed_bf16", "issue 25: gpu_mixed, decode by hgemv over humming's weights (M3_MOE_KERNEL=hgemv) vs exactly de-quantized"),
+    ("mixed_hgemv", "mixed", "issue 25: hgemv decode vs humming's width parts (prefill the same kernels)"),
     ("stock4", "bf16", "issue 24: --target stock-vllm served by vLLM alone vs gpu_tiny exactly de-quantized"),
     ("quant", "bf16", "(a) quantized kernels + shim vs the same checkpoint exactly de-quantized, same vLLM"),
     ("quant", "hf", "(b) the whole path: vLLM + shim vs transformers on the unconverted checkpoint"),

@@ -5,8 +5,9 @@
 #     WHEEL_LIST  pinned wheel list (default gpu/vllm-0.33.0-wheels.txt: vLLM 0.33.0, torch 2.14.0 and what the
 #                 torch 2.11.0+cu130 image lacks or holds at an incompatible version; for vLLM 0.26.0 use
 #                 gpu/vllm-0.26.0-wheels.txt)
-#     PART_MIB    size of one part (default: 62 MiB minus what travels with every call: the tracked and untracked
-#                 files of the checkout; a staging call carries nothing else)
+#     PART_MIB    size of one part (default 62 MiB: the staging calls run under `gpu/quiet_tree.sh on`, so nothing of
+#                 the checkout travels beside the part; vLLM 0.33's list makes 21 parts. Until 2026-12-08 the default
+#                 took the checkout's files off, ~40 MiB, as if they travelled too: 58 parts of 23 MiB)
 #
 # The wheels travel as they are (zip deflate), in one tar split into .stage/pNN, minus files serving MiniMax-M3 on
 # Hopper never loads (STRIP below: vLLM's FlashAttention-2 library, 308 MB unpacked: FA3 serves Hopper; its Rust
@@ -55,12 +56,7 @@ for rule in "${STRIP[@]}"; do
   done
 done
 rm -f .stage/p*
-if [ -z "${2:-}" ]; then
-  carried=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
-  part=$(( (62 << 20) - carried ))
-else
-  part=$(( $2 << 20 ))
-fi
+part=$(( ${2:-62} << 20 ))
 tar chf - -C "$work" wheels | split -b "$part" -d - .stage/p
 echo "$(ls .stage/p* | wc -l) parts of $((part >> 20)) MiB: $(du -shL "$work/wheels" | cut -f1) of wheels"
 ls -la .stage

@@ -33,7 +33,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from m3_convert.serve import decide, wmix
+from m3_convert.serve import decide, hgemv, wmix
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -229,6 +229,56 @@ def per_width(tile: tuple, load: str, bits: int) -> dict:
             "top": dict(ops.most_common(6))}
 
 
+@triton.jit
+def _hgemv_one_width(x_ptr, w_ptr, s_ptr, out_ptr, NP, K, BITS: tl.constexpr, G: tl.constexpr):
+    """hgemv's K loop at one width, alone (hgemv._width over one block column): in hgemv._hgemv the width is data,
+    so its four loops share one kernel; here each is its own (:func:`hgemv_per_width`)."""
+    nb = tl.program_id(1)
+    rz = tl.load(w_ptr) >> 4             # as hgemv's rz (a width >> 4): a value the compiler cannot fold
+    groups = K // G
+    y = hgemv._width(x_ptr, w_ptr, s_ptr, tl.program_id(0) * groups, groups, nb, NP // 64, NP, rz, BITS, G)
+    n = 64 * nb + 8 * tl.arange(0, 8)[None, :] + tl.arange(0, 8)[:, None]
+    tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty))
+
+
+def _hgemv_args(sub: str) -> dict:
+    n, k, halves, in_div = SUBLAYERS[sub]
+    x, ids, offs = torch.empty(1, k, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
+    return dict(x_ptr=x, x_stride=k, ids_ptr=ids, in_div=in_div, w_ptr=ids, s_ptr=torch.zeros(1, dtype=torch.bfloat16),
+                bits_ptr=ids, qoff_ptr=offs, soff_ptr=offs, out_ptr=torch.empty(1, dtype=torch.bfloat16),
+                out_stride=halves * n, part_ptr=torch.empty(1, dtype=torch.float32), N=n, NP=n, K=k, E=128)
+
+
+def hgemv_launches(tokens: int = 1, sms: int = SMS):
+    """hgemv (m3_convert.serve.hgemv) of both sublayers at ``tokens`` tokens with the K split the plugin takes
+    (moe.hgemv_gemm: decide.wmix_split), as (name, kernel, args, constexprs, warps): what M3_MOE_KERNEL=hgemv
+    compiles for decode."""
+    out = []
+    for sub, (n, _, halves, _) in SUBLAYERS.items():
+        split = decide.wmix_split(tokens * TOPK, n, hgemv.BLOCK_N, halves, sms)
+        out.append((f"{sub} hgemv split {split}", hgemv._hgemv, _hgemv_args(sub),
+                    dict(HALVES=halves, SPLIT=split, G=GROUP, ALIGN=16), 4))
+    return out
+
+
+def hgemv_per_width(sub: str, bits: int) -> dict:
+    """hgemv's K loop at one width for ``sub``'s shapes (:func:`_hgemv_one_width`), compiled for sm_90: SASS
+    instructions per iteration (one group: G/16 blocks of 16 inputs x 64 outputs) and per code per thread, by
+    opcode, the bytes each global load reads (LDG.E.128: 16), registers."""
+    n, k, _, _ = SUBLAYERS[sub]
+    args = dict(x_ptr=torch.empty(1, k, dtype=torch.bfloat16), w_ptr=torch.zeros(1, dtype=torch.int32),
+                s_ptr=torch.zeros(1, dtype=torch.bfloat16), out_ptr=torch.empty(1, dtype=torch.bfloat16), NP=n, K=k)
+    kernel = build(_hgemv_one_width, args, dict(BITS=bits, G=GROUP), 4, 2)
+    r = resources(kernel)
+    lines, loops = _loops(r["sass"])
+    lo, hi = max(loops, key=lambda ab: ab[1] - ab[0])
+    body = [line for a, line in lines if lo <= a <= hi]
+    ops = opcodes("\n".join(body))
+    loads = collections.Counter(m.group(0) for line in body for m in re.finditer(r"\bLDG[.\w]*", line))
+    return {"sublayer": sub, "bits": bits, "regs": r["regs"], "local": r["local"], "loop_instructions": len(body),
+            "per_code": round(len(body) / (GROUP * 64 / 128), 2), "loads": dict(loads), "top": dict(ops.most_common(8))}
+
+
 def launches(tokens: int = 1):
     """Every kernel and option of one MoE layer, as (name, kernel, args, constexprs, config): gemv at ``tokens``
     tokens with decide's K split, prefetch off and on; the reduce; the tiled kernel at decide's small tile, with
@@ -332,6 +382,17 @@ if __name__ == "__main__":
             print(json.dumps(row))
         print(json.dumps({"max_tokens": most, "compilations": len(out),
                           "compile_s": round(sum(r["compile_s"] for r in out), 1), "cpus": os.cpu_count()}))
+        sys.exit(0)
+    if "--hgemv" in sys.argv:              # hgemv (M3_MOE_KERNEL=hgemv's decode): the launches, then each width's loop
+        for name, fn, args, const, warps in hgemv_launches():
+            kernel = build(fn, args, const, warps, 2)
+            r = resources(kernel)
+            print(json.dumps({"kernel": name, "regs": r["regs"], "local": r["local"], "local_in_loops": r["local_in_loops"],
+                              "shared": kernel.metadata.shared, "blocks_per_sm": occupancy(r["regs"], kernel.metadata.shared, warps),
+                              "instructions": sum(r["ops"].values())}), flush=True)
+        for sub in SUBLAYERS:
+            for bits in decide.QUANT_BITS:
+                print(json.dumps(hgemv_per_width(sub, bits)), flush=True)
         sys.exit(0)
     if "--per-width" in sys.argv:          # the tiled kernel's K loop per width and load, at decide's two tiles
         for tile in (decide.wmix_tile(TOPK * t, 128)[:4] for t in (64, 8192)):

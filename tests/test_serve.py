@@ -357,6 +357,8 @@ def test_moe_kernel_choice_defaults_to_humming_and_refuses_unknown(monkeypatch):
     assert compat.moe_kernel() == "humming"          # wmix opts in: slower in prefill (issue 25)
     monkeypatch.setenv("M3_MOE_KERNEL", "WMIX")
     assert compat.moe_kernel() == "wmix"
+    monkeypatch.setenv("M3_MOE_KERNEL", "hgemv")      # humming's weights, decode by hgemv: not yet run on a GPU
+    assert compat.moe_kernel() == "hgemv"
     monkeypatch.setenv("M3_MOE_KERNEL", "triton")
     with pytest.raises(ValueError, match="M3_MOE_KERNEL='triton'"):
         compat.moe_kernel()

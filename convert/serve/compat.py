@@ -247,15 +247,16 @@ def humming_compute_config(gemm_type: str) -> str:
     return json.dumps({"use_batch_invariant": humming_exact(), "use_f16_accum": False, "gemm_type": gemm_type})
 
 
-MOE_KERNELS = ("humming", "wmix")
+MOE_KERNELS = ("humming", "wmix", "hgemv")
 
 
 def moe_kernel() -> str:
     """The kernel of a mixed-width MoE layer on a GPU: ``humming`` (one humming launch per width part, the parts on
     side streams; the default) or ``wmix`` (m3_convert.serve.wmix: one Triton launch per sublayer reading every
     expert at its width; served by vLLM 0.33 on an H100 as exactly as humming, with CUDA graphs; faster at batch 1,
-    on a par at batch 32 under uniform routing, slower in prefill: issue 25, gpu/README.md). ``M3_MOE_KERNEL`` chooses; any other value is
-    refused."""
+    on a par at batch 32 under uniform routing, slower in prefill: issue 25, gpu/README.md) or ``hgemv`` (humming's
+    layers, with decode batches on m3_convert.serve.hgemv over the same weights: one launch per sublayer; CPU-tested,
+    not yet run on a GPU). ``M3_MOE_KERNEL`` chooses; any other value is refused."""
     v = os.environ.get("M3_MOE_KERNEL", "humming").lower()
     if v not in MOE_KERNELS:
         raise ValueError(f"M3_MOE_KERNEL={v!r}: expected one of {', '.join(MOE_KERNELS)}")

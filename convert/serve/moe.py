@@ -105,8 +105,17 @@ class HummingMoEKernel:
     """Each part a humming MoE layer (indexed GEMM, batch-invariant); the forward runs every w13 part over the
     rows routed to its virtual experts into one gate/up buffer, vLLM's SwiGLU-OAI on it, every w2 part over its
     rows into one down buffer, and the weighted sum over top-k. No host synchronisation, no data-dependent
-    Python: capturable by CUDA graphs."""
+    Python: capturable by CUDA graphs.
+
+    ``decode="hgemv"`` (``M3_MOE_KERNEL=hgemv``): batches of up to a row per expert (decide.wmix_path's "gemv")
+    run :mod:`.hgemv` instead, one launch per sublayer over the same tensors humming holds (no second copy);
+    larger ones run the parts as above. bf16 activations only (the layout hgemv reads is humming's for them)."""
     name = "humming-parts"
+
+    def __init__(self, decode: str = "parts"):
+        if decode not in ("parts", "hgemv"):
+            raise ValueError(f"HummingMoEKernel(decode={decode!r}): 'parts' or 'hgemv'")
+        self.decode = decode
 
     def prepare(self, layer):
         import torch
@@ -135,10 +144,15 @@ class HummingMoEKernel:
         layer.m3_cc = compat.humming_compute_config("indexed")
         layer.m3_act = compat.swiglu(layer)
         layer.m3_streams = compat.moe_streams(dev, max(len(layer.m3_w13), len(layer.m3_w2)) - 1)
+        if self.decode == "hgemv":
+            layer.m3_hgemv = hgemv_tables(layer)
+            layer.m3_sms = torch.cuda.get_device_properties(dev).multi_processor_count
         torch.cuda.synchronize(dev)
 
     def apply(self, layer, x, topk_weights, topk_ids):
         import torch
+        if self.decode == "hgemv" and decide.wmix_path(topk_ids.numel(), layer.m3_dims.num_experts) == "gemv":
+            return routed_apply(layer, x, topk_weights, topk_ids, hgemv_gemm, compat.swiglu_oai, compat.weighted_sum)
         out, M, k, hidden, inter = routed_buffers(layer, x, topk_ids)
         if M == 0:
             return out
@@ -218,18 +232,7 @@ class WmixMoEKernel:
                  dims.num_experts, "+".join(f"{p.name}x{len(p.slots)}" for p in d.parts))
 
     def apply(self, layer, x, topk_weights, topk_ids):
-        import torch
-        out, M, k, hidden, inter = routed_buffers(layer, x, topk_ids)
-        if M == 0:
-            return out
-        ids = topk_ids.reshape(-1).to(torch.int32)        # a no-op for vLLM's int32 ids
-        gate_up = torch.empty(M * k, 2 * inter, dtype=x.dtype, device=x.device)
-        self._gemm(layer, "w13", x, ids, k, gate_up)
-        act = torch.empty(M * k, inter, dtype=x.dtype, device=x.device)
-        self.act(act, gate_up, *layer.m3_act)
-        down = torch.empty(M * k, hidden, dtype=x.dtype, device=x.device)
-        self._gemm(layer, "w2", act, ids, 1, down)
-        return self.wsum(down.view(M, k, hidden), topk_weights, out)
+        return routed_apply(layer, x, topk_weights, topk_ids, self._gemm, self.act, self.wsum)
 
     @staticmethod
     def _gemm(layer, sublayer, x, ids, in_div, out):
@@ -242,6 +245,51 @@ class WmixMoEKernel:
             return wmix.gemv(t, qw, sc, x, ids, in_div, out, cfg)
         cfg = wmix.tiled_config(rows, t)
         return wmix.tiled(t, qw, sc, x, ids, in_div, out, cfg, wmix_align)
+
+
+def routed_apply(layer, x, topk_weights, topk_ids, gemm, act, wsum):
+    """The forward over flat (token, expert) rows that wmix and hgemv share: ``gemm(layer, sublayer, inputs, ids,
+    in_div, out)`` writes ``out[p, h*N:(h+1)*N]`` for every row p and half h (w13: gate, up into one buffer, the
+    input row p // top-k), ``act`` (SwiGLU-OAI) between the sublayers, ``wsum`` the weighted sum over top-k."""
+    import torch
+    out, M, k, hidden, inter = routed_buffers(layer, x, topk_ids)
+    if M == 0:
+        return out
+    ids = topk_ids.reshape(-1).to(torch.int32)        # a no-op for vLLM's int32 ids
+    gate_up = torch.empty(M * k, 2 * inter, dtype=x.dtype, device=x.device)
+    gemm(layer, "w13", x, ids, k, gate_up)
+    a = torch.empty(M * k, inter, dtype=x.dtype, device=x.device)
+    act(a, gate_up, *layer.m3_act)
+    down = torch.empty(M * k, hidden, dtype=x.dtype, device=x.device)
+    gemm(layer, "w2", a, ids, 1, down)
+    return wsum(down.view(M, k, hidden), topk_weights, out)
+
+
+def hgemv_tables(layer) -> dict:
+    """Per sublayer the :class:`~m3_convert.serve.hgemv.HummingTable` of the width parts humming holds on ``layer``
+    (``{part}_weight`` / ``{part}_weight_scale``, made by :meth:`HummingMoEKernel.prepare`)."""
+    import torch
+    from . import hgemv
+    d, dims = layer.m3_moe, layer.m3_dims
+    if dims.dtype != torch.bfloat16:
+        raise decide.ServeError(f"m3_gptq: {d.prefix}: M3_MOE_KERNEL=hgemv reads humming's layout for bf16 "
+                                f"activations, not {dims.dtype}")
+    tables = {}
+    for s, halves in (("w13", 2), ("w2", 1)):
+        n, k = (dims.inter, dims.hidden) if s == "w13" else (dims.hidden, dims.inter)
+        parts = [(p.bits, p.slots, getattr(layer, f"{p.name}_weight"), getattr(layer, f"{p.name}_weight_scale"))
+                 for p in d.parts if p.sublayer == s]
+        tables[s] = hgemv.humming_table(parts, n, k, d.group, halves, dims.num_experts)
+    return tables
+
+
+def hgemv_gemm(layer, sublayer, x, ids, in_div, out):
+    """One sublayer by :func:`m3_convert.serve.hgemv.gemv` over humming's tensors, K split as decide.wmix_split
+    says for the rows (its programs-per-SM aim, measured for wmix's gemv)."""
+    from . import hgemv
+    t = layer.m3_hgemv[sublayer]
+    split = decide.wmix_split(ids.numel(), t.slots.n, hgemv.BLOCK_N, t.slots.halves, layer.m3_sms)
+    return hgemv.gemv(t, x, ids, in_div, out, split)
 
 
 def wmix_align(ids, block_m, experts):

@@ -38,9 +38,13 @@ class CudaPlatform:
         from .methods import M3HummingMoEMethod, M3MarlinMoEMethod
         from .moe import HummingMoEKernel, WmixMoEKernel
         if d.kernel == decide.HUMMING:
-            if compat.moe_kernel() == "wmix":
+            kernel = compat.moe_kernel()
+            if kernel == "wmix":
                 _wmix_note()
                 return M3HummingMoEMethod(d, moe, WmixMoEKernel())
+            if kernel == "hgemv":
+                _hgemv_note()
+                return M3HummingMoEMethod(d, moe, HummingMoEKernel(decode="hgemv"))
             return M3HummingMoEMethod(d, moe, HummingMoEKernel())
         return M3MarlinMoEMethod(d, compat.marlin_moe_config(moe))
 
@@ -50,6 +54,13 @@ def _wmix_note():
     log.info("m3_gptq: M3_MOE_KERNEL=wmix: the mixed MoE layers on the wmix kernels, for batch-1 latency: on an "
              "H100 with vLLM 0.33 (2026-12-08, M3's widths, uniform routing, 8 layers) 1.40x humming's batch-1 "
              "tok/s and on a par at batch 32 (one call), but 0.62x its 2k prefill (gpu/README.md, issue 25)")
+
+
+@functools.lru_cache(maxsize=1)
+def _hgemv_note():
+    log.info("m3_gptq: M3_MOE_KERNEL=hgemv: the mixed MoE layers on humming's weights, decode (up to a row per "
+             "expert) by one hgemv launch per sublayer, larger batches by humming's width parts; exact on the CPU "
+             "(tests/test_hgemv.py), not yet run on a GPU (issue 25)")
 
 
 @functools.lru_cache(maxsize=1)
