@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Device-side steps of the GPU checks. Each step is one `run` call of the device tool, back to back on one warm
-# machine (it goes back 30 s after a call). Staging first (gpu/stage.sh made .stage/pNN here):
-#   stage NN                carry [".stage/pNN"]   copy one part of the vLLM build to /tmp/stage
+# machine (it goes back 30 s after a call). Staging first (gpu/stage.sh made .stage/pNN here), each part its own call
+# under `bash gpu/quiet_tree.sh on` here, so that a 62 MiB part travels alone (this script does not travel then):
+#   carry [".stage/pNN"], command `mkdir -p /tmp/stage && cp .stage/pNN /tmp/stage/`; then `quiet_tree.sh off`
 #   install                 unpack it to /tmp/site (once per machine), install this package, check humming
 #   kernels                 gpu/kernel_check.py: every width's kernel vs the exact decode at M3 shapes (issue 15)
 #   serve [RUN ...]         gpu/serve_check.py vLLM runs, each in its own process (fixtures converted here, on
 #                           the device); RUN: tiny mixed mixed-promoted mixed-bf16 mixed-bug (default: these),
 #                           mixed-wmix (the mixed MoE layers on the wmix kernels, M3_MOE_KERNEL=wmix: issue 25),
-#                           mixed-hgemv (humming's parts, decode by hgemv over them, M3_MOE_KERNEL=hgemv: issue 25),
+#                           mixed-hgemv (humming's parts, decode by hgemv over them, M3_MOE_KERNEL=hgemv, served one
+#                           sequence at a time so that decode steps take hgemv's path: issue 25),
 #                           tiny-promoted tiny-bf16 tiny-bug (issue 8's pair), vl vlmtp (--keep-vision --keep-mtp
 #                           output served text-only, with/without MTP) stock4 (--target stock-vllm: vLLM alone,
 #                           the package off the path)
@@ -45,8 +47,6 @@ export HUMMING_CACHE_DIR=/tmp/jit/humming TRITON_CACHE_DIR=/tmp/jit/triton
 back() { tar czf "$OUT/gpures.tgz" -C "$RES" . 2>/dev/null; echo "back: gpures.tgz $(tar tzf "$OUT/gpures.tgz" | grep -c json) json files"; }
 step=$1; shift
 case "$step" in
-  stage)
-    mkdir -p /tmp/stage && cp ".stage/p$1" /tmp/stage/ && ls -la /tmp/stage | tail -3; exit 0 ;;
   install)
     if [ ! -d /tmp/site/vllm ]; then
       t=$(date +%s)
@@ -110,7 +110,7 @@ PY
           vlmtp) M3_LM_ONLY=1 M3_MTP=1 python3 gpu/serve_check.py vllm "$W/vl" vlmtp "$RES" ;;
           stock4) PYTHONPATH=$SITE M3_NO_PLUGIN=1 python3 gpu/serve_check.py vllm "$W/stock4" stock4 "$RES" ;;
           mixed-wmix) M3_MOE_KERNEL=wmix M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/mixed" mixed_wmix "$RES" ;;
-          mixed-hgemv) M3_MOE_KERNEL=hgemv M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/mixed" mixed_hgemv "$RES" ;;
+          mixed-hgemv) M3_MOE_KERNEL=hgemv M3_MAX_SEQS=1 M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/mixed" mixed_hgemv "$RES" ;;
           mixed-promoted) M3_GPTQ_KERNELS=promote M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/mixed" mixed_promoted "$RES" ;;
           mixed*) M3_PROMPTS=prompts_gpu_mixed.json python3 gpu/serve_check.py vllm "$W/$r" "${r//-/_}" "$RES" ;;
         esac 2>&1 | grep -v "^\s*$" | grep -E "^(native|mixed|quant|bf16|bug|vl|stock)|loaded in|per-layer|MoE layers|GPU bytes|Error|error|Traceback|assert" | cut -c1-2000 | tail -12

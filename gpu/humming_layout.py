@@ -19,8 +19,9 @@ are stored as t = c - 128 (c >= 128) or 255 - c (humming/transform.py folds them
 four 4-bit words into three. A scale (n, group g) is at [e, g, 64 (n // 64) + 8 (n % 8) + (n % 64) // 8]
 (``transform_humming_weight_scale``), in bf16: rounded from the checkpoint's fp16 (compat casts them), so a kernel
 reading humming's copy would not take the fp16 scales exactly as wmix does. humming's kernels take the value as
-(code - 2^(b-1)) x scale (its dequant headers; read, not checked here: the checks below are of where each code and
-scale sits).
+(code - 2^(b-1)) x scale, for bf16 activations rounded to bf16 before the tensor cores (its dequant headers and
+include/humming/arith/mainloop_arith.cuh ``may_apply_bs_and_zp_on_b``; read, not checked here: the checks below are
+of where each code and scale sits).
 
 Read from humming 0.1.19's source (wheel of the staging); :func:`emulate_repack` transcribes its repack kernel line by
 line for the CPU check. ``--gpu`` is the check against the real kernel: until it has run, the layout is inferred
@@ -225,22 +226,25 @@ def emulate_part(codes, scales, b: int):
     return words, torch.from_numpy(emulate_scales(bf16.float().numpy())).to(torch.bfloat16).contiguous()
 
 
-def random_parts(widths: dict, n: int, k: int, group: int, seed: int, pad_n: int = 256, pad_k: int = 128):
+def random_parts(widths: dict, n: int, k: int, group: int, seed: int, pad_n: int = 256, pad_k: int = 128,
+                 guard: bool = False):
     """Random GPTQ slots held as humming's width parts: ``widths`` {bits: [slots]} -> ([(bits, slots, weight,
-    weight_scale)], {slot: float64 [n, k]}): per slot the weights humming computes with, (code - zero) x the bf16
-    scale (rounded from random signed float16 ones, ~ +-[0.5, 1.5] / (2^(b-1) sqrt(k)), as tests/wmix_slots makes
-    them); N padded to ``pad_n``, K to ``pad_k`` (humming's), the padding zero codes."""
+    weight_scale)], {slot: float64 [n, k]}): per slot the weights (code - zero) x the bf16 scale (rounded from random
+    signed float16 ones, ~ +-[0.5, 1.5] / (2^(b-1) sqrt(k)), as gpu/wmix_slots.py makes them); N padded to ``pad_n``,
+    K to ``pad_k`` (humming's), the padding zero codes. ``guard``: each part's tensors are views of one more random
+    slot's, so that a planted error reading up to a slot's size past a part's end reads defined bytes."""
     import torch
     rng = np.random.default_rng(seed)
     np_, kp = -(-n // pad_n) * pad_n, -(-k // pad_k) * pad_k
     parts, weights = [], {}
     for b, slots in sorted(widths.items()):
-        codes = np.zeros((len(slots), np_, kp), np.int64)
-        codes[:, :n, :k] = rng.integers(0, 1 << b, size=(len(slots), n, k))
-        mag = (rng.random((len(slots), kp // group, np_)) + 0.5) / ((1 << (b - 1)) * np.sqrt(k))
+        held = len(slots) + guard
+        codes = np.zeros((held, np_, kp), np.int64)
+        codes[:, :n, :k] = rng.integers(0, 1 << b, size=(held, n, k))
+        mag = (rng.random((held, kp // group, np_)) + 0.5) / ((1 << (b - 1)) * np.sqrt(k))
         scales = (mag * rng.choice([-1.0, 1.0], size=mag.shape)).astype(np.float16)
         words, stored = emulate_part(codes, scales, b)
-        parts.append((b, list(slots), words, stored))
+        parts.append((b, list(slots), words[:len(slots)], stored[:len(slots)]))
         bf16 = torch.from_numpy(scales).to(torch.bfloat16).double()
         for i, slot in enumerate(slots):
             s = bf16[i].repeat_interleave(group, 0).T                                           # [Np, Kp]
@@ -264,29 +268,41 @@ def _humming_part(codes, scales, b: int, name: str):
     return getattr(layer, f"{name}_weight"), getattr(layer, f"{name}_weight_scale")
 
 
-def hgemv_on(words, scales, codes, bf16, b: int) -> float:
-    """m3_convert.serve.hgemv over one part as humming made it (one row per slot, K split 2) against x @ W^T in
-    float64, W = (code - zero) x the bf16 scale: the largest error relative to the largest output."""
+def hgemv_on(parts, halves: int, split: int, seed: int = 0) -> float:
+    """m3_convert.serve.hgemv over width parts as humming made them, ``parts`` [(bits, slots, weight, weight_scale,
+    codes [S, n, k], the bf16 scales as float32 [S, k/128, n])], one row per expert (``halves`` slots each), K split
+    ``split``, against x @ W^T in float64, W = (code - zero) x the bf16 scale: the largest error relative to the
+    largest output."""
     import torch
 
     from m3_convert.serve import hgemv
-    slots, n, k = codes.shape
-    table = hgemv.humming_table([(b, list(range(slots)), words, scales)], n, k, 128, 1, slots)
-    x = torch.randn(slots, k, device=words.device).to(torch.bfloat16)
-    ids = torch.arange(slots, dtype=torch.int32, device=words.device)
-    y = hgemv.gemv(table, x, ids, 1, torch.empty(slots, n, dtype=torch.float32, device=words.device), 2).double().cpu()
-    w = (torch.from_numpy(codes).double() - (1 << (b - 1))) * torch.from_numpy(bf16).double().repeat_interleave(128, 1).transpose(1, 2)
-    ref = torch.einsum("sk,snk->sn", x.double().cpu(), w)
-    return float((y - ref).abs().max() / ref.abs().max())
+    total = sum(len(p[1]) for p in parts)
+    n, k = parts[0][4].shape[1:]
+    table = hgemv.humming_table([p[:4] for p in parts], n, k, 128, halves, total // halves)
+    dev = parts[0][2].device
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(total // halves, k, generator=gen).to(torch.bfloat16)
+    ids = torch.arange(total // halves, dtype=torch.int32)
+    y = hgemv.gemv(table, x.to(dev), ids.to(dev), 1, torch.empty(total // halves, halves * n, device=dev), split)
+    weights = {}
+    for b, slots, _, _, codes, bf16 in parts:
+        w = (torch.from_numpy(codes).double() - (1 << (b - 1))) * \
+            torch.from_numpy(bf16).double().repeat_interleave(128, 1).transpose(1, 2)
+        weights.update(zip(slots, w))
+    ref = torch.cat([torch.stack([x[e].double() @ weights[e * halves + h].T for e in range(total // halves)])
+                     for h in range(halves)], dim=1)
+    return float((y.double().cpu() - ref).abs().max() / ref.abs().max())
 
 
-def gpu_check(shapes=((3, 256, 256), (2, 384, 256)), seed: int = 0) -> list:
+def gpu_check(out: str, shapes=((3, 256, 256), (2, 384, 256)), seed: int = 0) -> list:
     """Per width and shape (slots, N, K; N = 384 is padded to 512, as w13 at TP 8): humming's real repack read
     back by :func:`decode_codes` / :func:`decode_scales` equals the codes and the bf16 scales, and equals the
-    transcription where nothing is padded."""
+    transcription where nothing is padded (written to ``out`` first); then hgemv over each part alone, and over the
+    four widths' parts of the first shape as one w13-like table (two halves an expert, slots in four allocations:
+    offsets across them) at K splits 1 and 8 (:func:`hgemv_on`)."""
     import torch
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, made = [], {}
     for slots, n, k in shapes:
         for b in (2, 3, 4, 8):
             codes = rng.integers(0, 1 << b, size=(slots, n, k))
@@ -296,25 +312,40 @@ def gpu_check(shapes=((3, 256, 256), (2, 384, 256)), seed: int = 0) -> list:
                 words_t, sc_t = _humming_part(codes, scales, b, f"t{b}_{n}")
                 words, sc = words_t.cpu().numpy(), sc_t.float().cpu().numpy()
                 bf16 = torch.from_numpy(scales).to(torch.bfloat16).float().numpy()
-                row["hgemv"] = hgemv_on(words_t, sc_t, codes, bf16, b)
                 row.update(shape=list(words.shape), scale_shape=list(sc.shape),
                            codes=bool(np.array_equal(decode_codes(words, b, n, k), codes)),
                            scales=bool(np.array_equal(decode_scales(sc, n), bf16)))
                 if n % 256 == 0:
                     row["transcription"] = bool(np.array_equal(words.view(np.uint32), emulate_repack(codes, b)))
+                made[slots, n, b] = (words_t, sc_t, codes, bf16)
             except Exception as e:          # reported, not fatal: the other widths still run
                 row["error"] = repr(e)[:300]
             print(json.dumps(row), flush=True)
             rows.append(row)
+    json.dump(rows, open(out, "w"), indent=1)         # the layout's rows kept should hgemv fault below
+    checks = [([(b, list(range(sl)), *t)], 1, 2, f"{b}-bit part, N {n}") for (sl, n, b), t in made.items()]
+    first = [(b, list(range(3 * i, 3 * i + 3)), *made[(3, 256, b)]) for i, b in enumerate((2, 3, 4, 8))
+             if (3, 256, b) in made]
+    checks += [(first, 2, split, f"mixed table, 2 halves, split {split}") for split in (1, 8) if len(first) == 4]
+    for parts, halves, split, what in checks:
+        row = {"hgemv": what}
+        try:
+            row["error_rel"] = hgemv_on(parts, halves, split)
+        except Exception as e:
+            row["error"] = repr(e)[:300]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
 
 
 def main():
     if "--gpu" in sys.argv:
-        rows = gpu_check()
-        json.dump(rows, open(sys.argv[sys.argv.index("--gpu") + 1], "w"), indent=1)
-        ok = all(r.get("codes") and r.get("scales") and r.get("transcription", True) and r.get("hgemv", 1) <= 1e-6
-                 for r in rows)
+        out = sys.argv[sys.argv.index("--gpu") + 1]
+        rows = gpu_check(out)
+        json.dump(rows, open(out, "w"), indent=1)
+        ok = all(r.get("error_rel", 1) <= 1e-6 if "hgemv" in r else
+                 r.get("codes") and r.get("scales") and r.get("transcription", True) for r in rows)
+        ok = ok and sum("hgemv" in r for r in rows) == 10
     else:
         res = cpu_check()
         print(json.dumps(res))

@@ -2,8 +2,11 @@
 """Per-width kernel check at the real MiniMax-M3 shapes, on the GPU (issue 15).
 
     python3 gpu/kernel_check.py OUT_JSON [--quick] [--phases=graph,dense,moe] [--moe-widths=2,3,4,8] [--moe-ms=1,32]
+                                         [--no-wmix-sweep]
 
-``--moe-widths=`` (empty) runs the mixed MoE layer only; ``--moe-ms`` replaces MOE_MS (the token counts).
+``--moe-widths=`` (empty) runs the mixed MoE layer only; ``--moe-ms`` replaces MOE_MS (the token counts);
+``--no-wmix-sweep`` leaves out wmix's tile sweeps (each config a compile). Every MoE row also times
+M3_MOE_KERNEL=hgemv on humming's layer (``hgemv_row``); hgemv's CUDA-graph captures run after the MoE phase.
 
 The plugin's own classes (m3_convert.serve: HummingLinearKernel, M3HummingMoEMethod + HummingMoEKernel) on
 stand-in layers holding random GPTQ tensors (random codes, the symmetric v1 zeros, signed fp16 scales):
@@ -270,8 +273,7 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
     d = decide.select_moe(prefix, modules, E, hidden, inter, frozenset({decide.HUMMING}))   # humming at every width
     cfg = MoeConfig(hidden, inter, E, k)
     layer, wlayer = MoeLayer(cfg), MoeLayer(cfg)
-    kern = HummingMoEKernel(decode="hgemv")         # decode "parts" for humming's rows, "hgemv" for hgemv's
-    method = M3HummingMoEMethod(d, cfg, kern)
+    method = M3HummingMoEMethod(d, cfg, HummingMoEKernel())     # hgemv's tables added after prepare (hgemv_prepare)
     wmethod = M3HummingMoEMethod(d, cfg, WmixMoEKernel())
     with torch.device(DEV):
         method.create_weights(layer, E, hidden, inter, torch.bfloat16)
@@ -296,6 +298,7 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
     t0 = time.time()
     method.process_weights_after_loading(layer)
     prep = time.time() - t0
+    hgemv_problem = hgemv_prepare(layer)
     t0 = time.time()
     wmethod.process_weights_after_loading(wlayer)
     wprep = time.time() - t0
@@ -307,7 +310,6 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
         ids = torch.rand(m, E, device=DEV, generator=gen).topk(k, dim=-1).indices.to(torch.int32)
         w = torch.rand(m, k, device=DEV, generator=gen)
         w = (w / w.sum(-1, keepdim=True) * 2.0).float()
-        kern.decode = "parts"
         y = method.apply(layer, x, w, ids, None, None)
         ref = moe_reference(x, ids, w, W13, W2, inter)                      # float32 from the exact decode
         refb = moe_reference(x, ids, w, W13, W2, inter, torch.bfloat16)     # the bf16 path
@@ -323,8 +325,9 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
                      "us_humming": round(timed(lambda: method.apply(layer, x, w, ids, None, None)), 1),
                      "gpu_bytes": held, "gptq_bytes": ckpt_bytes, "prepare_s": round(prep, 1)})
         rows[-1].update(wmix_row(wmethod, wlayer, x, w, ids, ref, wheld, wprep))
-        rows[-1].update(hgemv_row(method, layer, x, w, ids, ref, y))
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps(rows[-1]), flush=True)           # humming's and wmix's figures out before hgemv runs
+        rows[-1].update(hgemv_row(method, layer, x, w, ids, ref, y, hgemv_problem))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith("hgemv") or k == "us_hgemv"}), flush=True)
     W13 = W2 = layer = wlayer = None      # freed before the next case
     torch.cuda.empty_cache()
     return rows
@@ -335,11 +338,26 @@ TILED_SWEEP = [(16, 64, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2)]      # tiles that
 GEMV_SWEEP_MS, TILED_SWEEP_MS = (1, 8, 32), (8, 32, 512)      # each config is a Triton compile (seconds): few sizes
 
 
-def hgemv_row(method, layer, x, w, ids, ref, y_parts):
+def hgemv_prepare(layer):
+    """M3_MOE_KERNEL=hgemv's tables on a layer prepared with humming's parts (what HummingMoEKernel(decode="hgemv")
+    adds to prepare), apart, so that a failure leaves humming's and wmix's rows: None, or what went wrong."""
+    from m3_convert.serve import moe
+    try:
+        layer.m3_hgemv = moe.hgemv_tables(layer)
+        layer.m3_sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"[:400]
+
+
+def hgemv_row(method, layer, x, w, ids, ref, y_parts, problem):
     """M3_MOE_KERNEL=hgemv on the same layer (humming's tensors): errors against the checkpoint's exact decode (fp16
-    scales; hgemv, like humming, computes with the bf16 scales humming holds), repeat, time. Where decide.wmix_path
-    takes gemv hgemv runs, else humming's parts (then the same bits as ``y_parts``)."""
+    scales; hgemv computes with humming's bf16 scales, products and sums in float32, while humming rounds each
+    weight times its scale to bf16 before its tensor cores: mainloop_arith.cuh), its difference from humming's parts
+    (0 where decide.wmix_path takes the parts), repeat, time. A failure is recorded, not raised."""
     from m3_convert.serve import decide as D
+    if problem:
+        return {"hgemv_error": problem}
     kern = method.kernel
     kern.decode = "hgemv"
     try:
@@ -347,7 +365,9 @@ def hgemv_row(method, layer, x, w, ids, ref, y_parts):
         y = run()
         path = "hgemv" if D.wmix_path(ids.numel(), layer.m3_dims.num_experts) == "gemv" else "parts"
         return {"hgemv": errs(y, ref), "hgemv_path": path, "hgemv_repeat_identical": bool(torch.equal(y, run())),
-                "hgemv_equals_parts": bool(torch.equal(y, y_parts)), "us_hgemv": round(timed(run), 1)}
+                "hgemv_vs_parts": errs(y, y_parts), "us_hgemv": round(timed(run), 1)}
+    except Exception as e:
+        return {"hgemv_error": f"{type(e).__name__}: {e}"[:400]}
     finally:
         kern.decode = "parts"
 
@@ -427,6 +447,7 @@ def graph_case(gen, kernel="humming", m=8):
     E, hidden, inter, k = 16, 1024, 512, 4
     per = [(decide.QUANT_BITS[e % 4], decide.QUANT_BITS[(e + 1) % 4], decide.QUANT_BITS[(e + 2) % 4]) for e in range(E)]
     kern = {"wmix": WmixMoEKernel, "hgemv": lambda: HummingMoEKernel(decode="hgemv")}.get(kernel, HummingMoEKernel)()
+    # E 16, top-4: hgemv's path (decide.wmix_path, at most a row per expert) at m = 1 and 4
     method, layer, _, _ = mixed_moe(E, hidden, inter, k, per, gen, kern)
     x = torch.randn(m, hidden, device=DEV, generator=gen).to(torch.bfloat16)
     ids = torch.rand(m, E, device=DEV, generator=gen).topk(k, dim=-1).indices.to(torch.int32)
@@ -458,9 +479,12 @@ def main():
     phases = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--phases=")), "graph,dense,moe").split(",")
     widths = [int(b) for b in next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--moe-widths=")), "2,3,4,8").split(",") if b]
     moe_ms = [int(m) for m in next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--moe-ms=")), "").split(",") if m] or MOE_MS
+    if "--no-wmix-sweep" in sys.argv:          # wmix's tile sweeps off (each config a compile): for a short call
+        global GEMV_SWEEP_MS, TILED_SWEEP_MS
+        GEMV_SWEEP_MS, TILED_SWEEP_MS = (), ()
     if "graph" in phases:
-        res["graph"] = graph_case(gen) + [r for m in (1, 8, 64) for r in graph_case(gen, "wmix", m)] + \
-            [r for m in (1, 4) for r in graph_case(gen, "hgemv", m)]
+        res["graph"] = graph_case(gen) + [r for m in (1, 8, 64) for r in graph_case(gen, "wmix", m)]
+        json.dump(res, open(out, "w"), indent=1)
     shapes = [(6144, 6144), (6144, 3072)] if not quick else [(6144, 3072)]
     for bits in decide.QUANT_BITS if "dense" in phases else ():
         for n, k in shapes:
@@ -471,17 +495,28 @@ def main():
     E, H, I, K = 128, 6144, 3072, 4
     for bits in widths if "moe" in phases else ():
         res["moe"] += moe_case(f"uniform{bits}", [(bits, bits, bits)] * E, H, I, E, K, moe_ms, gen)
+        json.dump(res, open(out, "w"), indent=1)
     mixed = [(decide.QUANT_BITS[e % 4], decide.QUANT_BITS[(e // 4) % 4], decide.QUANT_BITS[(e // 16) % 4]) for e in range(E)]
     if "moe" in phases:
         res["moe"] += moe_case("mixed", mixed, H, I, E, K, moe_ms, gen)
+        json.dump(res, open(out, "w"), indent=1)
+    for m in (1, 4) if "graph" in phases else ():      # hgemv's captures last: a fault there leaves the rows above
+        try:
+            res["graph"] += graph_case(gen, "hgemv", m)
+        except Exception as e:
+            res["graph"].append({"case": "cuda_graph_replay_equals_eager", "kernel": "hgemv", "m": m,
+                                 "error": f"{type(e).__name__}: {e}"[:400]})
+            print(json.dumps(res["graph"][-1]), flush=True)
     res["seconds"] = round(time.time() - t0, 1)
     json.dump(res, open(out, "w"), indent=1)
     worst_d = max((r["humming"]["max_rel"] / max(r["torch_bf16"]["max_rel"], 1e-9) for r in res["dense"]), default=None)
     worst_m = max((r["humming"]["norm_rel"] / max(r["bf16_path"]["norm_rel"], 1e-9) for r in res["moe"]), default=None)
     worst_w = max((r["wmix"]["norm_rel"] / max(r["bf16_path"]["norm_rel"], 1e-9) for r in res["moe"]), default=None)
-    worst_h = max((r["hgemv"]["norm_rel"] / max(r["bf16_path"]["norm_rel"], 1e-9) for r in res["moe"]), default=None)
-    print(f"hgemv: worst hgemv/bf16 error ratio {worst_h}; " + "; ".join(
-        f"{r['case']} m{r['m']}: hgemv {r['us_hgemv']} us ({r['hgemv_path']})" for r in res["moe"]))
+    on_h = [r for r in res["moe"] if r.get("hgemv_path") == "hgemv"]
+    worst_h = max((r["hgemv"]["norm_rel"] / max(r["bf16_path"]["norm_rel"], 1e-9) for r in on_h), default=None)
+    print(f"hgemv: worst hgemv/bf16 error ratio {worst_h} (rows on its path); " + "; ".join(
+        f"{r['case']} m{r['m']}: " + (f"hgemv {r['us_hgemv']} us ({r['hgemv_path']})" if "us_hgemv" in r else
+                                      f"hgemv error {r.get('hgemv_error')}") for r in res["moe"]))
     print(f"wmix: worst wmix/bf16 error ratio {worst_w}; " + "; ".join(
         f"{r['case']} m{r['m']}: humming {r['us_humming']} us, wmix {r['us_wmix']} us ({r['wmix_path']})" for r in res["moe"]))
     print(f"kernel check: {len(res['dense'])} dense, {len(res['moe'])} MoE cases in {res['seconds']} s; worst humming/bf16 "

@@ -58,12 +58,15 @@ def run_vllm(model_dir, tag, out):
         extra["language_model_only"] = True
     if os.environ.get("M3_MTP"):          # speculative decoding with the checkpoint's MTP block (--keep-mtp)
         extra["speculative_config"] = {"method": "mtp", "num_speculative_tokens": int(os.environ["M3_MTP"])}
+    if os.environ.get("M3_MAX_SEQS"):     # one sequence at a time: decode steps of one token (M3_MOE_KERNEL=hgemv's path)
+        extra["max_num_seqs"] = int(os.environ["M3_MAX_SEQS"])
     llm = LLM(model=model_dir, dtype="bfloat16", block_size=128, enforce_eager=True, max_model_len=1024,
               gpu_memory_utilization=0.3, skip_tokenizer_init=True, seed=0, **extra)
     t_load = time.time() - t0
     if vllm_plugin is None:   # the engine is built without the plugin; the checks below decode with m3_convert
         sys.path.append(os.environ.get("M3_SITE", "/tmp/m3site"))
-    sp = SamplingParams(temperature=0.0, max_tokens=N_NEW, prompt_logprobs=0, detokenize=False, ignore_eos=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=N_NEW, prompt_logprobs=0, logprobs=0, detokenize=False,
+                        ignore_eos=True)
     res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts()], sp)
     rows = []
     for r, p in zip(res, prompts()):
@@ -72,7 +75,9 @@ def run_vllm(model_dir, tag, out):
             if d is None:
                 continue
             plp.append(d[p[pos]].logprob)
-        rows.append({"tokens": list(r.outputs[0].token_ids), "prompt_logprobs": plp})
+        out_ = r.outputs[0]
+        dlp = [d[t].logprob for t, d in zip(out_.token_ids, out_.logprobs or [])]     # each generated token's
+        rows.append({"tokens": list(out_.token_ids), "prompt_logprobs": plp, "decode_logprobs": dlp})
     kernels = {}
     try:
         def probe(model):
@@ -83,6 +88,8 @@ def run_vllm(model_dir, tag, out):
                     continue
                 k = getattr(qm, "kernel", None)
                 kind = type(qm).__name__ + (f"/{type(k).__name__}" if k is not None else "")
+                if getattr(k, "decode", "parts") != "parts":                 # HummingMoEKernel(decode="hgemv")
+                    kind += f"[decode={k.decode}]"
                 ek = getattr(qm, "experts_cls", None) or getattr(qm, "fused_experts", None)
                 if ek is not None:
                     kind += f"/{getattr(ek, '__name__', type(ek).__name__)}"
@@ -187,6 +194,8 @@ def moe_errors(model, model_dir, vllm_config=None):
     out = {}
     gen = torch.Generator(device="cuda")
     gen.manual_seed(5)
+    gen1 = torch.Generator(device="cuda")
+    gen1.manual_seed(6)
     for name, mod in model.named_modules():
         qm = getattr(mod, "quant_method", None)
         if qm is None or not hasattr(mod, "global_num_experts") or "Unquantized" in type(qm).__name__:
@@ -202,12 +211,13 @@ def moe_errors(model, model_dir, vllm_config=None):
                 m = f"{prefix}.{e}.{s}"
                 dec[e, s] = torch.from_numpy(gptq.dequantize(tensor(m + ".qweight"), tensor(m + ".qzeros"), tensor(m + ".scales"))).cuda()
         res = {}
-        # 16 tokens, and one (k rows: at most a row per expert, the decode path of M3_MOE_KERNEL=wmix / hgemv)
+        # 16 tokens (the draws of the runs before 2026-12-08), and one token from a generator of its own (k rows: at
+        # most a row per expert, the decode path of M3_MOE_KERNEL=wmix / hgemv)
         for k, m in [(k, m) for k in sorted({min(2, E), mod.top_k}) for m in (16, 1)]:
-            key = f"top{k}" if m == 16 else f"top{k}_1token"
-            x = torch.randn(m, H, device="cuda", generator=gen).to(torch.bfloat16)
-            ids = torch.rand(m, E, device="cuda", generator=gen).topk(k, dim=-1).indices.to(torch.int32)
-            w = torch.rand(m, k, device="cuda", generator=gen)
+            key, g = (f"top{k}", gen) if m == 16 else (f"top{k}_1token", gen1)
+            x = torch.randn(m, H, device="cuda", generator=g).to(torch.bfloat16)
+            ids = torch.rand(m, E, device="cuda", generator=g).topk(k, dim=-1).indices.to(torch.int32)
+            w = torch.rand(m, k, device="cuda", generator=g)
             try:
                 with torch.no_grad(), forward_context(vllm_config):
                     y = qm.apply(mod, x, w, ids, None, None).float()
@@ -358,8 +368,10 @@ PAIRS = [  # (run, reference, what it measures)
     ("mixed_bug", "mixed_bf16", "control: gpu_mixed with one 3-bit expert's scales made positive vs de-quantized"),
     ("mixed_wmix", "mixed_bf16", "issue 25: gpu_mixed on the wmix MoE kernels (M3_MOE_KERNEL=wmix) vs exactly de-quantized"),
     ("mixed_wmix", "mixed", "issue 25: the wmix MoE kernels vs humming's width parts"),
-    ("mixed_hgemv", "mixed_bf16", "issue 25: gpu_mixed, decode by hgemv over humming's weights (M3_MOE_KERNEL=hgemv) vs exactly de-quantized"),
-    ("mixed_hgemv", "mixed", "issue 25: hgemv decode vs humming's width parts (prefill the same kernels)"),
+    ("mixed_hgemv", "mixed_bf16", "issue 25: gpu_mixed, decode by hgemv over humming's weights (M3_MOE_KERNEL=hgemv; "
+     "one sequence at a time, M3_MAX_SEQS=1, so that decode takes hgemv's path) vs exactly de-quantized"),
+    ("mixed_hgemv", "mixed", "issue 25: hgemv decode (one sequence at a time) vs humming's width parts (batch 4); "
+     "prompt logprobs are prefill, humming's parts in both"),
     ("stock4", "bf16", "issue 24: --target stock-vllm served by vLLM alone vs gpu_tiny exactly de-quantized"),
     ("quant", "bf16", "(a) quantized kernels + shim vs the same checkpoint exactly de-quantized, same vLLM"),
     ("quant", "hf", "(b) the whole path: vLLM + shim vs transformers on the unconverted checkpoint"),
@@ -390,6 +402,9 @@ def distance(a, b, ties=None):
         d = [abs(p - q) for p, q in zip(x["prompt_logprobs"][-m:], y["prompt_logprobs"][-m:])]
         row = {"prompt_len": m + 1, "greedy_prefix": same, "max": round(max(d), 4),
                "median": round(statistics.median(d), 4), "positions_over_1": sum(v > 1 for v in d)}
+        if x.get("decode_logprobs") and y.get("decode_logprobs"):     # over the tokens both generated alike
+            dd = [abs(p - q) for p, q in zip(x["decode_logprobs"][:same], y["decode_logprobs"][:same])]
+            row["decode_max"] = round(max(dd, default=0.0), 4)
         tp = ties["prompts"][j] if ties and j < len(ties["prompts"]) else None
         if tp is not None and same_prompt(x, tp) and same_prompt(y, tp):   # index i: token i + 1's logprob = query i
             tied = set(tp["near_tie_queries"])
@@ -401,6 +416,8 @@ def distance(a, b, ties=None):
            "max_abs_prompt_logprob_diff": max(p["max"] for p in per_prompt),
            "median_abs_prompt_logprob_diff": round(statistics.median(p["median"] for p in per_prompt), 4),
            "per_prompt": per_prompt}
+    if all("decode_max" in p for p in per_prompt):
+        out["max_abs_decode_logprob_diff"] = max(p["decode_max"] for p in per_prompt)
     untied = [p.get("max_untied", p["max"]) for p in per_prompt]
     if any("max_untied" in p for p in per_prompt):
         out["max_abs_prompt_logprob_diff_untied"] = max(untied)

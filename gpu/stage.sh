@@ -15,9 +15,11 @@
 # profiling libraries). Recompressing does not pay: xz -9 takes a 200 MB slice of torch's libtorch_cuda.so to
 # 131 MB in 169 s on 2 cores, gzip -6 to 138 MB in 7 s (2026-12-06), and the wheels already hold it deflated.
 #
-# Device side (each line one `run` call, back to back: the machine goes back 30 s after a call):
-#   carry [".stage/pNN"]:  bash gpu/device.sh stage NN          (copies the part to /tmp/stage)
-#   then any step of gpu/device.sh, whose `install` joins the parts and unpacks every wheel into /tmp/site.
+# Device side (each line one `run` call, back to back: the machine goes back 30 s after a call), with
+# `bash gpu/quiet_tree.sh on` here around the staging calls (nothing of the checkout, gpu/device.sh included, travels):
+#   carry [".stage/pNN"]:  mkdir -p /tmp/stage && cp .stage/pNN /tmp/stage/
+#   then `bash gpu/quiet_tree.sh off` and any step of gpu/device.sh, whose `install` joins the parts and unpacks every
+#   wheel into /tmp/site.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 list=${1:-gpu/vllm-0.33.0-wheels.txt}

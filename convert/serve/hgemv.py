@@ -21,9 +21,12 @@ Per program: one (token, expert) row, one half (gate / up in w13), one block of 
 (G / 16 blocks) the codes become float32 exactly (:func:`.wmix._signed`), x's inputs are read two at a time (a
 4-byte word holds the bf16 pair k, k + 1 a lane needs; bf16 to float32 is a shift), products and sums in float32,
 the group's bf16 scale applied to each word's partial sum. A fixed K split summed in order (:func:`.wmix._reduce`):
-deterministic. The weights it computes with are humming's (bf16 scales, rounded from the checkpoint's fp16 when
-humming's layer was made), so decode and prefill use the same weights. Runs on the CPU under ``TRITON_INTERPRET=1``
-(tests/test_hgemv.py, against the decode of the same layout).
+deterministic. It takes humming's codes and bf16 scales (rounded from the checkpoint's fp16 when humming's layer was
+made) and rounds no weight. humming's own kernels, for bf16 activations, round each weight (code - zero) x scale to
+bf16 before the tensor cores (humming 0.1.19, include/humming/arith/mainloop_arith.cuh, may_apply_bs_and_zp_on_b):
+so decode here and prefill there take the same weights exactly at 2 bits (every such product is a bf16) and within
+half a bf16 unit a weight at 3, 4 and 8 bits. Runs on the CPU under ``TRITON_INTERPRET=1`` (tests/test_hgemv.py,
+against the decode of the same layout).
 """
 from __future__ import annotations
 
@@ -192,6 +195,8 @@ def gemv(table: HummingTable, x, ids, in_div: int, out, split: int = 1):
     id names no expert give zeros; ``split`` K splits summed in order (decide.wmix_split)."""
     t = table.slots
     rows = ids.numel()
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"hgemv reads bf16 activations (humming's layout for them), not {x.dtype}")
     if x.stride(-1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:    # the kernel reads x's bf16 pairs as words
         x = x.clone(memory_format=torch.contiguous_format)
     grid = (rows * t.halves, triton.cdiv(t.n, BLOCK_N), split)

@@ -109,13 +109,17 @@ class HummingMoEKernel:
 
     ``decode="hgemv"`` (``M3_MOE_KERNEL=hgemv``): batches of up to a row per expert (decide.wmix_path's "gemv")
     run :mod:`.hgemv` instead, one launch per sublayer over the same tensors humming holds (no second copy);
-    larger ones run the parts as above. bf16 activations only (the layout hgemv reads is humming's for them)."""
+    larger ones run the parts as above. bf16 activations only (the layout hgemv reads is humming's for them); a
+    layer hgemv cannot read (:func:`hgemv_tables` says why) keeps the parts, with a warning. ``act`` and ``wsum``:
+    the activation and the sum (compat's GPU ops; on a CPU, tests/test_hgemv.py's)."""
     name = "humming-parts"
 
-    def __init__(self, decode: str = "parts"):
+    def __init__(self, decode: str = "parts", act=None, wsum=None):
         if decode not in ("parts", "hgemv"):
             raise ValueError(f"HummingMoEKernel(decode={decode!r}): 'parts' or 'hgemv'")
         self.decode = decode
+        self.act = act or compat.swiglu_oai
+        self.wsum = wsum or compat.weighted_sum
 
     def prepare(self, layer):
         import torch
@@ -145,14 +149,18 @@ class HummingMoEKernel:
         layer.m3_act = compat.swiglu(layer)
         layer.m3_streams = compat.moe_streams(dev, max(len(layer.m3_w13), len(layer.m3_w2)) - 1)
         if self.decode == "hgemv":
-            layer.m3_hgemv = hgemv_tables(layer)
-            layer.m3_sms = torch.cuda.get_device_properties(dev).multi_processor_count
+            try:
+                layer.m3_hgemv = hgemv_tables(layer)
+                layer.m3_sms = torch.cuda.get_device_properties(dev).multi_processor_count
+            except decide.ServeError as e:
+                log.warning("%s; this layer decodes on humming's width parts", e)
         torch.cuda.synchronize(dev)
 
     def apply(self, layer, x, topk_weights, topk_ids):
         import torch
-        if self.decode == "hgemv" and decide.wmix_path(topk_ids.numel(), layer.m3_dims.num_experts) == "gemv":
-            return routed_apply(layer, x, topk_weights, topk_ids, hgemv_gemm, compat.swiglu_oai, compat.weighted_sum)
+        if self.decode == "hgemv" and getattr(layer, "m3_hgemv", None) \
+                and decide.wmix_path(topk_ids.numel(), layer.m3_dims.num_experts) == "gemv":
+            return routed_apply(layer, x, topk_weights, topk_ids, hgemv_gemm, self.act, self.wsum)
         out, M, k, hidden, inter = routed_buffers(layer, x, topk_ids)
         if M == 0:
             return out
@@ -161,10 +169,10 @@ class HummingMoEKernel:
         gate_up = torch.empty(M * k, 2 * inter, dtype=x.dtype, device=x.device)
         self._parts(layer, layer.m3_w13, x, gate_up.view(M * 2 * k, inter), vids, 2 * k)
         act = torch.empty(M * k, inter, dtype=x.dtype, device=x.device)
-        compat.swiglu_oai(act, gate_up, *layer.m3_act)
+        self.act(act, gate_up, *layer.m3_act)
         down = torch.empty(M * k, hidden, dtype=x.dtype, device=x.device)
         self._parts(layer, layer.m3_w2, act, down, ids, 1)
-        return compat.weighted_sum(down.view(M, k, hidden), topk_weights, out)
+        return self.wsum(down.view(M, k, hidden), topk_weights, out)
 
     def _parts(self, layer, parts, inputs, outputs, ids, top_k):
         """Every part of one sublayer over its rows. Parts write disjoint rows of ``outputs`` and read only
@@ -280,6 +288,9 @@ def hgemv_tables(layer) -> dict:
         parts = [(p.bits, p.slots, getattr(layer, f"{p.name}_weight"), getattr(layer, f"{p.name}_weight_scale"))
                  for p in d.parts if p.sublayer == s]
         tables[s] = hgemv.humming_table(parts, n, k, d.group, halves, dims.num_experts)
+        if tables[s].slots.align == 1 and tables[s].words.is_cuda:
+            log.warning("m3_gptq: %s: %s slots not 16-element aligned: hgemv reads their words 4 bytes at a time",
+                        d.prefix, s)
     return tables
 
 
