@@ -364,7 +364,8 @@ def run_arm(arm: str, out: str, layers: int, vocab: int, eager: bool):
     res["decode_bs1_fraction_of_datasheet_hbm"] = round(active / step / res["datasheet_Bps"], 3)
     res["decode_bs1_fraction_of_measured_copy"] = round(active / step / bw, 3)
     res["methods"] = dict(vllm_plugin.CHOICES) if arm != "bf16" else {}
-    res["moe_kernel"] = os.environ.get("M3_MOE_KERNEL", "humming")        # what the mixed MoE layers ran on
+    if arm.startswith("native"):            # what the mixed MoE layers ran on (promoted: Marlin; bf16: none)
+        res["moe_kernel"] = os.environ.get("M3_MOE_KERNEL", "humming")
     with open(os.path.join(out, f"speed_{arm}_L{layers}.json"), "w") as f:
         json.dump(res, f, indent=1)
     print("RESULT " + json.dumps({k: v for k, v in res.items() if k != "methods"}), flush=True)

@@ -226,7 +226,7 @@ def emulate_part(codes, scales, b: int):
     return words, torch.from_numpy(emulate_scales(bf16.float().numpy())).to(torch.bfloat16).contiguous()
 
 
-def random_parts(widths: dict, n: int, k: int, group: int, seed: int, pad_n: int = 256, pad_k: int = 128,
+def random_parts(widths: dict, n: int, k: int, group: int, seed: int, pad_n: int | None = None, pad_k: int = 128,
                  guard: bool = False):
     """Random GPTQ slots held as humming's width parts: ``widths`` {bits: [slots]} -> ([(bits, slots, weight,
     weight_scale)], {slot: float64 [n, k]}): per slot the weights (code - zero) x the bf16 scale (rounded from random
@@ -234,6 +234,9 @@ def random_parts(widths: dict, n: int, k: int, group: int, seed: int, pad_n: int
     K to ``pad_k`` (humming's), the padding zero codes. ``guard``: each part's tensors are views of one more random
     slot's, so that a planted error reading up to a slot's size past a part's end reads defined bytes."""
     import torch
+
+    from m3_convert.serve.decide import HUMMING_PAD_N
+    pad_n = pad_n or HUMMING_PAD_N
     rng = np.random.default_rng(seed)
     np_, kp = -(-n // pad_n) * pad_n, -(-k // pad_k) * pad_k
     parts, weights = [], {}
@@ -294,7 +297,18 @@ def hgemv_on(parts, halves: int, split: int, seed: int = 0) -> float:
     return float((y.double().cpu() - ref).abs().max() / ref.abs().max())
 
 
-def gpu_check(out: str, shapes=((3, 256, 256), (2, 384, 256)), seed: int = 0) -> list:
+#: the (slots, N, K) of ``--gpu``'s check (N = 384 is padded to 512, as w13 at TP 8), and the bound of hgemv's error
+#: there (float32 sums against float64, relative to the largest output)
+GPU_SHAPES = ((3, 256, 256), (2, 384, 256))
+HGEMV_BOUND = 1e-6
+
+
+def hgemv_checks(shapes=GPU_SHAPES) -> int:
+    """How many hgemv rows :func:`gpu_check` writes: one per width and shape, and the mixed table at two splits."""
+    return 4 * len(shapes) + 2
+
+
+def gpu_check(out: str, shapes=GPU_SHAPES, seed: int = 0) -> list:
     """Per width and shape (slots, N, K; N = 384 is padded to 512, as w13 at TP 8): humming's real repack read
     back by :func:`decode_codes` / :func:`decode_scales` equals the codes and the bf16 scales, and equals the
     transcription where nothing is padded (written to ``out`` first); then hgemv over each part alone, and over the
@@ -343,9 +357,9 @@ def main():
         out = sys.argv[sys.argv.index("--gpu") + 1]
         rows = gpu_check(out)
         json.dump(rows, open(out, "w"), indent=1)
-        ok = all(r.get("error_rel", 1) <= 1e-6 if "hgemv" in r else
+        ok = all(r.get("error_rel", 1) <= HGEMV_BOUND if "hgemv" in r else
                  r.get("codes") and r.get("scales") and r.get("transcription", True) for r in rows)
-        ok = ok and sum("hgemv" in r for r in rows) == 10
+        ok = ok and sum("hgemv" in r for r in rows) == hgemv_checks()
     else:
         res = cpu_check()
         print(json.dumps(res))

@@ -298,7 +298,10 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
     t0 = time.time()
     method.process_weights_after_loading(layer)
     prep = time.time() - t0
-    hgemv_problem = hgemv_prepare(layer)
+    try:           # what HummingMoEKernel(decode="hgemv") adds to prepare, apart: a failure leaves humming's rows
+        hgemv_problem = method.kernel.add_hgemv(layer)
+    except Exception as e:
+        hgemv_problem = f"{type(e).__name__}: {e}"[:400]
     t0 = time.time()
     wmethod.process_weights_after_loading(wlayer)
     wprep = time.time() - t0
@@ -327,7 +330,7 @@ def moe_case(tag, per_bits, hidden, inter, E, k, ms, gen):
         rows[-1].update(wmix_row(wmethod, wlayer, x, w, ids, ref, wheld, wprep))
         print(json.dumps(rows[-1]), flush=True)           # humming's and wmix's figures out before hgemv runs
         rows[-1].update(hgemv_row(method, layer, x, w, ids, ref, y, hgemv_problem))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith("hgemv") or k == "us_hgemv"}), flush=True)
+        print(json.dumps({k: v for k, v in rows[-1].items() if k in ("case", "m") or "hgemv" in k}), flush=True)
     W13 = W2 = layer = wlayer = None      # freed before the next case
     torch.cuda.empty_cache()
     return rows
@@ -338,24 +341,11 @@ TILED_SWEEP = [(16, 64, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2)]      # tiles that
 GEMV_SWEEP_MS, TILED_SWEEP_MS = (1, 8, 32), (8, 32, 512)      # each config is a Triton compile (seconds): few sizes
 
 
-def hgemv_prepare(layer):
-    """M3_MOE_KERNEL=hgemv's tables on a layer prepared with humming's parts (what HummingMoEKernel(decode="hgemv")
-    adds to prepare), apart, so that a failure leaves humming's and wmix's rows: None, or what went wrong."""
-    from m3_convert.serve import moe
-    try:
-        layer.m3_hgemv = moe.hgemv_tables(layer)
-        layer.m3_sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-        return None
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"[:400]
-
-
 def hgemv_row(method, layer, x, w, ids, ref, y_parts, problem):
     """M3_MOE_KERNEL=hgemv on the same layer (humming's tensors): errors against the checkpoint's exact decode (fp16
     scales; hgemv computes with humming's bf16 scales, products and sums in float32, while humming rounds each
     weight times its scale to bf16 before its tensor cores: mainloop_arith.cuh), its difference from humming's parts
-    (0 where decide.wmix_path takes the parts), repeat, time. A failure is recorded, not raised."""
-    from m3_convert.serve import decide as D
+    (0 where HummingMoEKernel.decode_path takes the parts), repeat, time. A failure is recorded, not raised."""
     if problem:
         return {"hgemv_error": problem}
     kern = method.kernel
@@ -363,8 +353,8 @@ def hgemv_row(method, layer, x, w, ids, ref, y_parts, problem):
     try:
         run = lambda: method.apply(layer, x, w, ids, None, None)  # noqa: E731
         y = run()
-        path = "hgemv" if D.wmix_path(ids.numel(), layer.m3_dims.num_experts) == "gemv" else "parts"
-        return {"hgemv": errs(y, ref), "hgemv_path": path, "hgemv_repeat_identical": bool(torch.equal(y, run())),
+        return {"hgemv": errs(y, ref), "hgemv_path": kern.decode_path(layer, ids.numel()),
+                "hgemv_repeat_identical": bool(torch.equal(y, run())),
                 "hgemv_vs_parts": errs(y, y_parts), "us_hgemv": round(timed(run), 1)}
     except Exception as e:
         return {"hgemv_error": f"{type(e).__name__}: {e}"[:400]}
@@ -447,7 +437,6 @@ def graph_case(gen, kernel="humming", m=8):
     E, hidden, inter, k = 16, 1024, 512, 4
     per = [(decide.QUANT_BITS[e % 4], decide.QUANT_BITS[(e + 1) % 4], decide.QUANT_BITS[(e + 2) % 4]) for e in range(E)]
     kern = {"wmix": WmixMoEKernel, "hgemv": lambda: HummingMoEKernel(decode="hgemv")}.get(kernel, HummingMoEKernel)()
-    # E 16, top-4: hgemv's path (decide.wmix_path, at most a row per expert) at m = 1 and 4
     method, layer, _, _ = mixed_moe(E, hidden, inter, k, per, gen, kern)
     x = torch.randn(m, hidden, device=DEV, generator=gen).to(torch.bfloat16)
     ids = torch.rand(m, E, device=DEV, generator=gen).topk(k, dim=-1).indices.to(torch.int32)
@@ -463,6 +452,8 @@ def graph_case(gen, kernel="humming", m=8):
         eager = method.apply(layer, x, w, ids, None, None)
         res.append(bool(torch.equal(out, eager)))
     row = {"case": "cuda_graph_replay_equals_eager", "kernel": kernel, "m": m, "replays": res}
+    if kernel == "hgemv":                 # the path the capture took (a layer hgemv cannot read keeps the parts)
+        row["path"] = method.kernel.decode_path(layer, ids.numel())
     print(json.dumps(row), flush=True)
     return [row]
 

@@ -89,7 +89,8 @@ def run_vllm(model_dir, tag, out):
                 k = getattr(qm, "kernel", None)
                 kind = type(qm).__name__ + (f"/{type(k).__name__}" if k is not None else "")
                 if getattr(k, "decode", "parts") != "parts":                 # HummingMoEKernel(decode="hgemv")
-                    kind += f"[decode={k.decode}]"
+                    made = getattr(mod, "m3_hgemv", None) is not None           # else it fell back to the parts
+                    kind += f"[decode={k.decode}]" if made else f"[decode={k.decode}: fell back to parts]"
                 ek = getattr(qm, "experts_cls", None) or getattr(qm, "fused_experts", None)
                 if ek is not None:
                     kind += f"/{getattr(ek, '__name__', type(ek).__name__)}"
@@ -371,7 +372,7 @@ PAIRS = [  # (run, reference, what it measures)
     ("mixed_hgemv", "mixed_bf16", "issue 25: gpu_mixed, decode by hgemv over humming's weights (M3_MOE_KERNEL=hgemv; "
      "one sequence at a time, M3_MAX_SEQS=1, so that decode takes hgemv's path) vs exactly de-quantized"),
     ("mixed_hgemv", "mixed", "issue 25: hgemv decode (one sequence at a time) vs humming's width parts (batch 4); "
-     "prompt logprobs are prefill, humming's parts in both"),
+     "prompt logprobs are prefill on humming's parts in both, but of one prompt at a time against four together"),
     ("stock4", "bf16", "issue 24: --target stock-vllm served by vLLM alone vs gpu_tiny exactly de-quantized"),
     ("quant", "bf16", "(a) quantized kernels + shim vs the same checkpoint exactly de-quantized, same vLLM"),
     ("quant", "hf", "(b) the whole path: vLLM + shim vs transformers on the unconverted checkpoint"),

@@ -149,17 +149,36 @@ class HummingMoEKernel:
         layer.m3_act = compat.swiglu(layer)
         layer.m3_streams = compat.moe_streams(dev, max(len(layer.m3_w13), len(layer.m3_w2)) - 1)
         if self.decode == "hgemv":
-            try:
-                layer.m3_hgemv = hgemv_tables(layer)
-                layer.m3_sms = torch.cuda.get_device_properties(dev).multi_processor_count
-            except decide.ServeError as e:
-                log.warning("%s; this layer decodes on humming's width parts", e)
+            problem = self.add_hgemv(layer)
+            if problem:
+                log.warning("m3_gptq: hgemv error, this layer decodes on humming's width parts: %s", problem)
         torch.cuda.synchronize(dev)
+
+    @staticmethod
+    def add_hgemv(layer):
+        """hgemv's tables (:func:`hgemv_tables`) and the SM count its K split aims at (132 off a GPU, as wmix) put
+        on a layer humming's parts are on: None, or why hgemv cannot read this layer (it then keeps the parts)."""
+        import torch
+        try:
+            layer.m3_hgemv = hgemv_tables(layer)
+        except decide.ServeError as e:
+            return str(e)
+        dev = layer.m3_hgemv["w13"].words.device
+        layer.m3_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+        return None
+
+    def decode_path(self, layer, rows: int) -> str:
+        """"hgemv" where this kernel decodes ``rows`` (token, expert) rows by hgemv (decode "hgemv", the layer's
+        tables made, at most a row per expert: decide.wmix_path's "gemv"; shape-only, fixed per CUDA graph), else
+        "parts"."""
+        if self.decode == "hgemv" and getattr(layer, "m3_hgemv", None) \
+                and decide.wmix_path(rows, layer.m3_dims.num_experts) == "gemv":
+            return "hgemv"
+        return "parts"
 
     def apply(self, layer, x, topk_weights, topk_ids):
         import torch
-        if self.decode == "hgemv" and getattr(layer, "m3_hgemv", None) \
-                and decide.wmix_path(topk_ids.numel(), layer.m3_dims.num_experts) == "gemv":
+        if self.decode_path(layer, topk_ids.numel()) == "hgemv":
             return routed_apply(layer, x, topk_weights, topk_ids, hgemv_gemm, self.act, self.wsum)
         out, M, k, hidden, inter = routed_buffers(layer, x, topk_ids)
         if M == 0:
@@ -316,7 +335,7 @@ def slot_table(layer, sublayer, device):
     """The :class:`~m3_convert.serve.wmix.SlotTable` of one sublayer: each slot's width and element offsets in the
     flat ``<sublayer>_qweight`` / ``<sublayer>_scales`` (decide.flat_layout); every slot must be held."""
     import torch
-    from .wmix import SlotTable
+    from .wmix import SlotTable, unknown_widths
     d, dims = layer.m3_moe, layer.m3_dims
     halves = 2 if sublayer == "w13" else 1
     slots = halves * dims.num_experts
@@ -333,7 +352,7 @@ def slot_table(layer, sublayer, device):
     missing = [i for i, b in enumerate(bits) if not b]
     if missing:
         raise decide.ServeError(f"m3_gptq: {d.prefix}: {sublayer} slots {missing[:8]} are held by no part")
-    odd = sorted({b for b in bits if b not in decide.QUANT_BITS})
+    odd = unknown_widths(bits)
     if odd:                                  # wmix's kernels take every width they do not know for 3 bits
         raise decide.ServeError(f"m3_gptq: {d.prefix}: {sublayer} has {odd}-bit parts; wmix reads {decide.QUANT_BITS}")
     n, k = (dims.inter, dims.hidden) if sublayer == "w13" else (dims.hidden, dims.inter)

@@ -96,6 +96,13 @@ class TiledConfig:
             raise ValueError(f"TiledConfig.load {self.load!r}: one of {TILED_LOADS}")
 
 
+def unknown_widths(bits) -> list:
+    """The widths in ``bits`` that the kernels here (and hgemv's, which shares their code-to-float step) have no
+    branch for: each reads a width it does not know as 3 bits, so a table must hold none."""
+    from .decide import QUANT_BITS
+    return sorted({int(b) for b in bits} - set(QUANT_BITS))
+
+
 def gemv_config(rows: int, table: "SlotTable", sms: int) -> GemvConfig:
     """The gemv tile for ``rows`` rows of this sublayer: default chunking, the K split from decide.wmix_split."""
     from .decide import wmix_split
