@@ -279,7 +279,6 @@ def apply_case():
     layer, weights = stand_in_layer()
     kern = moe.HummingMoEKernel(decode="hgemv", act=swiglu_oai, wsum=compat.weighted_sum)
     limit, alpha, beta = layer.m3_act
-    inter = layer.m3_dims.inter
     gen = torch.Generator().manual_seed(4)
     errs = {}
     for m in (1, 2):

@@ -156,15 +156,13 @@ class HummingMoEKernel:
 
     @staticmethod
     def add_hgemv(layer):
-        """hgemv's tables (:func:`hgemv_tables`) and the SM count its K split aims at (132 off a GPU, as wmix) put
-        on a layer humming's parts are on: None, or why hgemv cannot read this layer (it then keeps the parts)."""
-        import torch
+        """hgemv's tables (:func:`hgemv_tables`) and the SM count its K split aims at (:func:`sm_count`) put on a
+        layer humming's parts are on: None, or why hgemv cannot read this layer (it then keeps the parts)."""
         try:
             layer.m3_hgemv = hgemv_tables(layer)
         except decide.ServeError as e:
             return str(e)
-        dev = layer.m3_hgemv["w13"].words.device
-        layer.m3_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+        layer.m3_sms = sm_count(layer.m3_hgemv["w13"].words.device)
         return None
 
     def decode_path(self, layer, rows: int) -> str:
@@ -245,7 +243,6 @@ class WmixMoEKernel:
         self.wsum = wsum or compat.weighted_sum
 
     def prepare(self, layer):
-        import torch
         d = layer.m3_moe
         dims = layer.m3_dims
         dev = layer.w13_qweight.device
@@ -253,8 +250,7 @@ class WmixMoEKernel:
         for s in ("w13", "w2"):
             delattr(layer, f"{s}_qzeros")
         layer.m3_act = compat.swiglu(layer)
-        # the K split follows the SM count; on a CPU (the interpreter) an H100/H200's 132, so it splits as they do
-        layer.m3_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+        layer.m3_sms = sm_count(dev)
         log.info("m3_gptq: %s: wmix over %d w13 + %d w2 slots (%s)", d.prefix, 2 * dims.num_experts,
                  dims.num_experts, "+".join(f"{p.name}x{len(p.slots)}" for p in d.parts))
 
@@ -272,6 +268,13 @@ class WmixMoEKernel:
             return wmix.gemv(t, qw, sc, x, ids, in_div, out, cfg)
         cfg = wmix.tiled_config(rows, t)
         return wmix.tiled(t, qw, sc, x, ids, in_div, out, cfg, wmix_align)
+
+
+def sm_count(device) -> int:
+    """The SMs wmix's and hgemv's K split aims at: the GPU's; on a CPU (the interpreter) an H100/H200's 132, so that
+    it splits as they do."""
+    import torch
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def routed_apply(layer, x, topk_weights, topk_ids, gemm, act, wsum):
